@@ -1,0 +1,65 @@
+"""The `aurora-lite` command: argparse subcommands for every process and verb.
+
+Subcommands are registered in ``build_parser``; each lives in the module that implements
+it and is imported lazily, so `aurora-lite version` does not pay for grpc or lmdb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import engine
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from engine import materialiser
+
+    print(f"aurora-lite {engine.__version__}")
+    print(f"materialiser: {materialiser.IMPLEMENTATION}")
+    return 0
+
+
+def cmd_storage_node(args: argparse.Namespace) -> int:
+    from storage_node.server import main as storage_main
+
+    return storage_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aurora-lite",
+        description="A teaching reimplementation of Amazon Aurora's storage layer.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("version", help="print the version and the active materialiser")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("storage-node", help="run one storage node process")
+    p.add_argument("--node-id", required=True, help="node name, e.g. sn1")
+    p.add_argument("--az", required=True, help="availability zone, e.g. az-a")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
+    p.add_argument("--data-dir", required=True, help="directory for this node's LMDB environment")
+    p.add_argument("--peers", default="", help="comma-separated peer addresses host:port for gossip")
+    p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.set_defaults(func=cmd_storage_node)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
