@@ -44,3 +44,46 @@ class PageOrderError(FormatError):
 
 class WrongPageTypeError(FormatError):
     """A record was applied to a page of the wrong type (e.g. COMMIT to a leaf)."""
+
+
+# --- Database errors: what a client may see ----------------------------------------------
+
+
+class DatabaseError(AuroraError):
+    """Base of the errors the database service and the client library raise."""
+
+
+class KeyNotFound(DatabaseError, KeyError):
+    """The key is not in the table (or the table does not exist)."""
+
+
+class TableNotFound(DatabaseError):
+    """No table of that name."""
+
+
+class ConflictError(DatabaseError):
+    """Another transaction committed a write to a key this transaction wrote; retry."""
+
+
+class TooLargeError(DatabaseError):
+    """A key or value exceeds the documented maximum size."""
+
+
+class UnavailableError(DatabaseError):
+    """The database cannot serve the request right now (storage or instance down)."""
+
+
+class WriteQuorumUnavailable(UnavailableError):
+    """Fewer than 4 of 6 segments of some PG acknowledge writes; commits wait."""
+
+
+class ReadOnlyError(DatabaseError):
+    """This instance is a read replica (or a fenced former writer): writes are refused."""
+
+
+class FencedError(ReadOnlyError):
+    """Storage rejected this writer's volume epoch: a newer writer has taken over."""
+
+
+class TransactionClosedError(DatabaseError):
+    """The transaction was already committed or aborted."""
