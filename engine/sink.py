@@ -23,18 +23,20 @@ class LsnAllocator:
     before an MTR starts; ``allocate`` asserts it was respected.
     """
 
-    def __init__(self, last_lsn: int = 0, pg_tails: dict[int, int] | None = None) -> None:
+    def __init__(self, last_lsn: int = 0, pg_tails: dict[int, int] | None = None,
+                 next_lsn: int | None = None) -> None:
         self.last_volume_lsn = last_lsn          # LSN of the newest record allocated
         self.pg_tails: dict[int, int] = dict(pg_tails or {})  # pg -> newest LSN in that PG
         self.limit_lsn: int | None = None        # highest LSN allowed now (VDL + LAL)
-
-    @property
-    def next_lsn(self) -> int:
-        return self.last_volume_lsn + 1
+        # After recovery the next LSN jumps past the truncation range (VDL, VDL + LAL]
+        # while the backlinks still point at VDL: LSNs need not be dense, chains must be.
+        self.next_lsn = last_lsn + 1 if next_lsn is None else next_lsn
+        assert self.next_lsn > last_lsn
 
     def allocate(self, pg: int) -> tuple[int, int, int]:
         """(lsn, prev_volume_lsn, prev_pg_lsn) for a new record in ``pg``."""
-        lsn = self.last_volume_lsn + 1
+        lsn = self.next_lsn
+        self.next_lsn = lsn + 1
         assert self.limit_lsn is None or lsn <= self.limit_lsn, (
             f"invariant 6: LSN {lsn} allocated above VDL + LAL = {self.limit_lsn}")
         prev_volume = self.last_volume_lsn
