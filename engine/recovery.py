@@ -1,0 +1,275 @@
+"""Recovery on every open (invariant 10): fence, find VDL from a read quorum, truncate.
+
+Nothing is replayed at the writer: recovery reads a few bytes of state per segment and the
+metadata of the records written since the last VDL any writer told storage, so its time
+does not grow with the amount of log written.
+
+Steps, with the RPCs of proto/aurora_pb/storage.proto::
+
+    1. Learn    SegmentState of every PG at every node; at least Vr = 3 answers per PG.
+                old_epoch = highest volume epoch seen; since = highest writer_vdl seen
+                (a VDL some writer reached: everything at or below it is durable).
+                A volume no node knows is created (CreateVolume at a write quorum).
+    2. Fence    SegmentState(fence=True, epoch = old_epoch + 1) at >= Vr nodes per PG,
+                asking for the metadata of chain-complete records above `since` and each
+                PG's chain tail at or below `since`. From now on those nodes reject the
+                old writer; it can reach at most V - Vr = 3 < Vw nodes, so it can never
+                make another write durable (invariant 9).
+    3. Compute  Walk the volume backlink chain upward from `since` through the union of
+                the records reported: VCL is where the chain breaks, VDL the last CPL on
+                the way (invariant 5). Each PG's tail at VDL is the backlink for the next
+                record of that PG.
+    4. Truncate Durably record (VDL, end] under the new epoch at a write quorum of every
+                PG, end = max(VDL + LAL, highest LSN any segment reported). Records the old
+                writer left above VDL vanish from SCLs, reads and gossip.
+    5. Repair   Re-append the records in (since, VDL] (fetched from the segment that holds
+                them) to every node, until Vw segments of every PG have an SCL at its tail:
+                a record below the new VDL may have been on only one segment.
+    6. Open     The writer starts with VDL, allocates LSNs from end + 1 (backlinks still
+                point at VDL), and stays within VDL + LAL (invariant 6).
+
+Worked example (one PG, six segments, LAL = 100, last writer_vdl reported 1000)::
+
+    segment   SCL    chain records above 1000 (lsn:flags)
+    sn1       1007   1001 1002 1003:CPL 1004 1005:CPL 1006 1007
+    sn2       1005   1001 1002 1003:CPL 1004 1005:CPL
+    sn3       1003   1001 1002 1003:CPL
+    sn4-sn6   (down)
+
+    The union walks 1000 -> 1001 -> ... -> 1007: VCL 1007, VDL 1005 (last CPL).
+    Truncation range (1005, 1105] under the new epoch; records 1006, 1007 vanish.
+    1004 and 1005 were on two segments only: repair re-appends 1001..1005 to every node
+    it can reach, and the volume opens once four segments hold them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from aurora_pb import storage_pb2 as pb
+from engine.errors import UnavailableError
+from engine.materialiser import scan_batch
+from engine.redo import FLAG_CPL
+from engine.storage_driver import StorageDriver, rpc_error_code
+from engine.volume import VR, VW
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryResult:
+    epoch: int
+    vdl: int
+    vcl: int
+    since: int
+    truncate_end: int
+    pg_tails: dict[int, int]
+    created: bool
+    repaired_records: int
+    seconds: float
+
+
+class RecoveryError(UnavailableError):
+    """Recovery could not reach the quorum it needs; nothing was opened."""
+
+
+async def _gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
+    """Run make_call(name, stub) on every node; return {name: reply or RpcError}."""
+    names = driver.node_names
+
+    async def one(name):
+        try:
+            return await make_call(name, driver.stub(name))
+        except grpc.RpcError as exc:
+            return exc
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(one(n) for n in names)), timeout_s + 1.0)
+    return dict(zip(names, results))
+
+
+def _describe_errors(results: dict) -> str:
+    return "; ".join(f"{n}: {rpc_error_code(r) or r.code().name}"
+                     for n, r in results.items() if isinstance(r, grpc.RpcError))
+
+
+async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
+                  rpc_timeout_s: float = 3.0) -> RecoveryResult:
+    """Run recovery against the driver's six nodes and configure the driver to open.
+
+    The driver must be started but must not have shipped anything yet. On success its
+    epoch, tracker, allocator and truncation list are set for the new epoch.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    volume = driver.volume
+    layout = driver.layout
+    pgs = range(layout.pg_count)
+
+    # 1. Learn. ----------------------------------------------------------------------
+    async def learn(pg):
+        return pg, await _gather_per_node(
+            driver, lambda name, stub: stub.SegmentState(
+                pb.SegmentStateRequest(volume=volume, pg=pg), timeout=rpc_timeout_s),
+            rpc_timeout_s)
+
+    learned = dict(await asyncio.gather(*(learn(pg) for pg in pgs)))
+    created = False
+    unknown = [n for n, r in learned[0].items()
+               if isinstance(r, grpc.RpcError) and rpc_error_code(r) == "UNKNOWN_VOLUME"]
+    known = [n for n, r in learned[0].items() if not isinstance(r, grpc.RpcError)]
+    if not known and len(unknown) >= VW:
+        if not create_if_missing:
+            raise RecoveryError(f"volume {volume!r} does not exist")
+        await _create_volume(driver, rpc_timeout_s)
+        created = True
+        learned = dict(await asyncio.gather(*(learn(pg) for pg in pgs)))
+
+    old_epoch = 0
+    since = 0
+    for pg, results in learned.items():
+        replies = [r for r in results.values() if not isinstance(r, grpc.RpcError)]
+        if len(replies) < VR:
+            raise RecoveryError(
+                f"recovery needs {VR} segments of PG {pg}, reached {len(replies)} "
+                f"({_describe_errors(results)})")
+        for r in replies:
+            old_epoch = max(old_epoch, r.volume_epoch)
+            since = max(since, r.writer_vdl)
+    new_epoch = old_epoch + 1
+
+    # 2. Fence. ----------------------------------------------------------------------
+    async def fence(pg):
+        return pg, await _gather_per_node(
+            driver, lambda name, stub: stub.SegmentState(
+                pb.SegmentStateRequest(volume=volume, pg=pg, volume_epoch=new_epoch, fence=True,
+                                       records_since=since, include_records=True,
+                                       tail_bound=since),
+                timeout=rpc_timeout_s),
+            rpc_timeout_s)
+
+    fenced = dict(await asyncio.gather(*(fence(pg) for pg in pgs)))
+
+    # 3. Compute. --------------------------------------------------------------------
+    by_prev: dict[int, tuple[int, int, bool]] = {}   # prev_volume_lsn -> (lsn, pg, cpl)
+    tails_at_since: dict[int, int] = {}
+    max_lsn_seen = since
+    best_node: dict[int, tuple[int, str]] = {}       # pg -> (scl, node) of the fullest
+    for pg, results in fenced.items():
+        replies = {n: r for n, r in results.items() if not isinstance(r, grpc.RpcError)}
+        if len(replies) < VR:
+            raise RecoveryError(
+                f"could not fence {VR} segments of PG {pg} at epoch {new_epoch} "
+                f"({_describe_errors(results)})")
+        for name, r in replies.items():
+            assert r.volume_epoch >= new_epoch or r.volume_epoch == 0, (
+                f"invariant 9: {name} did not adopt epoch {new_epoch}")
+            tails_at_since[pg] = max(tails_at_since.get(pg, 0), r.tail_lsn)
+            max_lsn_seen = max(max_lsn_seen, r.max_lsn)
+            if r.scl > best_node.get(pg, (-1, ""))[0]:
+                best_node[pg] = (r.scl, name)
+            for meta in r.records:
+                by_prev[meta.prev_volume_lsn] = (meta.lsn, pg, bool(meta.flags & FLAG_CPL))
+
+    vcl = vdl = since
+    tails = dict(tails_at_since)
+    walked: list[tuple[int, int]] = []
+    while vcl in by_prev:
+        lsn, pg, cpl = by_prev[vcl]
+        assert lsn > vcl, f"volume backlink chain goes backwards at {lsn}"
+        walked.append((lsn, pg))
+        vcl = lsn
+        if cpl:
+            vdl = lsn
+    for lsn, pg in walked:
+        if lsn <= vdl:
+            tails[pg] = max(tails.get(pg, 0), lsn)
+    truncate_end = max(vdl + driver.lal, max_lsn_seen)
+
+    # 4. Truncate at a write quorum of every PG. -------------------------------------
+    async def truncate(pg):
+        return pg, await _gather_per_node(
+            driver, lambda name, stub: stub.Truncate(
+                pb.TruncateRequest(volume=volume, pg=pg, start_lsn=vdl, end_lsn=truncate_end,
+                                   volume_epoch=new_epoch), timeout=rpc_timeout_s),
+            rpc_timeout_s)
+
+    truncated = dict(await asyncio.gather(*(truncate(pg) for pg in pgs)))
+    for pg, results in truncated.items():
+        ok = [n for n, r in results.items() if not isinstance(r, grpc.RpcError)]
+        if len(ok) < VW:
+            raise RecoveryError(
+                f"truncation of PG {pg} reached {len(ok)} of the {VW} segments it needs "
+                f"({_describe_errors(results)})")
+
+    # 5. Repair: the records in (since, vdl] to a write quorum. ------------------------
+    driver.epoch = new_epoch
+    driver.truncations = [(vdl, truncate_end, new_epoch)]
+    repaired = await _repair(driver, since, vdl, tails, best_node, rpc_timeout_s)
+
+    # 6. Open. -----------------------------------------------------------------------
+    driver.reset_for_epoch(start_lsn=vdl, next_lsn=truncate_end + 1, pg_tails=tails)
+    result = RecoveryResult(
+        epoch=new_epoch, vdl=vdl, vcl=vcl, since=since, truncate_end=truncate_end,
+        pg_tails=tails, created=created, repaired_records=repaired,
+        seconds=loop.time() - started)
+    log.info("recovered volume %s: epoch %d, VDL %d (VCL %d, since %d), truncated (%d, %d], "
+             "repaired %d records in %.3fs", volume, new_epoch, vdl, vcl, since, vdl,
+             truncate_end, repaired, result.seconds)
+    return result
+
+
+async def _create_volume(driver: StorageDriver, rpc_timeout_s: float) -> None:
+    request = pb.CreateVolumeRequest(volume=driver.volume, pg_count=driver.layout.pg_count,
+                                     stripe_pages=driver.layout.stripe_pages, volume_epoch=1)
+    results = await _gather_per_node(
+        driver, lambda name, stub: stub.CreateVolume(request, timeout=rpc_timeout_s),
+        rpc_timeout_s)
+    ok = [n for n, r in results.items() if not isinstance(r, grpc.RpcError)]
+    if len(ok) < VW:
+        raise RecoveryError(f"could create volume {driver.volume!r} on only {len(ok)} nodes "
+                            f"({_describe_errors(results)})")
+    log.info("created volume %s on %s", driver.volume, ", ".join(ok))
+
+
+async def _repair(driver: StorageDriver, since: int, vdl: int, tails: dict[int, int],
+                  best_node: dict[int, tuple[int, str]], rpc_timeout_s: float) -> int:
+    """Make every record in (since, vdl] durable at Vw segments of its PG."""
+    if vdl <= since:
+        return 0
+    batches = []
+    count = 0
+    for pg, (scl, name) in best_node.items():
+        if tails.get(pg, 0) <= since:
+            continue  # no record of this PG in (since, vdl]
+        reply = await driver.stub(name).FetchRecords(
+            pb.FetchRecordsRequest(volume=driver.volume, pg=pg, after_lsn=since, upto_lsn=vdl,
+                                   volume_epoch=driver.epoch, sender=driver.instance),
+            timeout=rpc_timeout_s)
+        if reply.more:
+            raise RecoveryError(f"PG {pg}: records in ({since}, {vdl}] exceed one fetch")
+        batches.append(pb.PgBatch(pg=pg, records=reply.records))
+        count += len(scan_batch(reply.records))
+    if not batches:
+        return 0
+    request = pb.AppendRequest(volume=driver.volume, volume_epoch=driver.epoch,
+                               writer_vdl=since, batches=batches, sender=driver.instance)
+    results = await _gather_per_node(
+        driver, lambda name, stub: stub.Append(request, timeout=rpc_timeout_s), rpc_timeout_s)
+    complete: dict[int, int] = {}
+    for name, reply in results.items():
+        if isinstance(reply, grpc.RpcError):
+            continue
+        for ack in reply.acks:
+            if ack.scl >= tails.get(ack.pg, 0):
+                complete[ack.pg] = complete.get(ack.pg, 0) + 1
+    for batch in batches:
+        if complete.get(batch.pg, 0) < VW:
+            raise RecoveryError(
+                f"repair of PG {batch.pg} reached {complete.get(batch.pg, 0)} of {VW} segments "
+                f"({_describe_errors(results)})")
+    return count
