@@ -1,0 +1,97 @@
+"""The cluster config file: where the storage nodes are, the volume layout, LAL, latency.
+
+The launcher writes it as ``cluster.json`` in the data dir once the storage nodes are
+serving; `aurora-lite writer --cluster FILE` and the tests read it. Example::
+
+    {
+      "volume": "main",
+      "pg_count": 8, "stripe_pages": 64,
+      "lal": 100000,
+      "storage_nodes": [{"name": "sn1", "az": "az-a", "address": "127.0.0.1:40001"}, ...],
+      "latency": {"intra_az_ms": 0.25, "cross_az_ms": 1.0, "extra_az_ms": {"az-b": 50}}
+    }
+
+Latency model (DESIGN.md section 4): a one-way delay between AZs and between an instance
+and each AZ. ``intra_az_ms`` applies within an AZ, ``cross_az_ms`` across AZs, and
+``extra_az_ms`` adds a per-AZ delay on every link into that AZ (`aurora-lite net delay`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from engine.storage_driver import NodeInfo
+from engine.volume import DEFAULT_PG_COUNT, DEFAULT_STRIPE_PAGES, VolumeLayout
+
+DEFAULT_LAL = 100_000
+DEFAULT_INTRA_AZ_MS = 0.25
+DEFAULT_CROSS_AZ_MS = 1.0
+
+
+@dataclass
+class Latency:
+    intra_az_ms: float = DEFAULT_INTRA_AZ_MS
+    cross_az_ms: float = DEFAULT_CROSS_AZ_MS
+    extra_az_ms: dict[str, float] = field(default_factory=dict)
+
+    def one_way_ms(self, from_az: str, to_az: str) -> float:
+        base = self.intra_az_ms if from_az == to_az else self.cross_az_ms
+        return base + self.extra_az_ms.get(to_az, 0.0) + (
+            self.extra_az_ms.get(from_az, 0.0) if from_az != to_az else 0.0)
+
+    def from_az(self, from_az: str, azs) -> dict[str, float]:
+        """One-way delay from an instance in ``from_az`` to each AZ."""
+        return {az: self.one_way_ms(from_az, az) for az in azs}
+
+
+@dataclass
+class ClusterConfig:
+    storage_nodes: list[NodeInfo]
+    volume: str = "main"
+    pg_count: int = DEFAULT_PG_COUNT
+    stripe_pages: int = DEFAULT_STRIPE_PAGES
+    lal: int = DEFAULT_LAL
+    latency: Latency = field(default_factory=Latency)
+
+    @property
+    def layout(self) -> VolumeLayout:
+        return VolumeLayout(self.pg_count, self.stripe_pages)
+
+    def to_json(self) -> dict:
+        return {
+            "volume": self.volume, "pg_count": self.pg_count, "stripe_pages": self.stripe_pages,
+            "lal": self.lal,
+            "storage_nodes": [{"name": n.name, "az": n.az, "address": n.address}
+                              for n in self.storage_nodes],
+            "latency": {"intra_az_ms": self.latency.intra_az_ms,
+                        "cross_az_ms": self.latency.cross_az_ms,
+                        "extra_az_ms": dict(self.latency.extra_az_ms)},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ClusterConfig":
+        nodes = [NodeInfo(n["name"], n["az"], n["address"]) for n in data["storage_nodes"]]
+        if len(nodes) != 6:
+            raise ValueError(f"a cluster has 6 storage nodes, the config lists {len(nodes)}")
+        lat = data.get("latency", {})
+        return cls(
+            storage_nodes=nodes, volume=data.get("volume", "main"),
+            pg_count=int(data.get("pg_count", DEFAULT_PG_COUNT)),
+            stripe_pages=int(data.get("stripe_pages", DEFAULT_STRIPE_PAGES)),
+            lal=int(data.get("lal", DEFAULT_LAL)),
+            latency=Latency(float(lat.get("intra_az_ms", DEFAULT_INTRA_AZ_MS)),
+                            float(lat.get("cross_az_ms", DEFAULT_CROSS_AZ_MS)),
+                            {k: float(v) for k, v in lat.get("extra_az_ms", {}).items()}))
+
+    @classmethod
+    def load(cls, path: str) -> "ClusterConfig":
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+        os.replace(tmp, path)
