@@ -27,6 +27,12 @@ def cmd_storage_node(args: argparse.Namespace) -> int:
     return storage_main(args)
 
 
+def cmd_writer(args: argparse.Namespace) -> int:
+    from engine.server import main as writer_main
+
+    return writer_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aurora-lite",
@@ -46,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default="", help="comma-separated peer addresses host:port for gossip")
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.set_defaults(func=cmd_storage_node)
+
+    p = sub.add_parser("writer", help="run the writer instance (database service)")
+    p.add_argument("--cluster", required=True, help="cluster config JSON (storage nodes, layout)")
+    p.add_argument("--instance", default="db1", help="instance name (default db1)")
+    p.add_argument("--az", default="az-a", help="the instance's availability zone")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
+    p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--buffer-pool-pages", type=int, default=4096,
+                   help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.set_defaults(func=cmd_writer)
     return parser
 
 
