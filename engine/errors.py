@@ -61,6 +61,10 @@ class TableNotFound(DatabaseError):
     """No table of that name."""
 
 
+class TableExistsError(DatabaseError):
+    """A table of that name already exists."""
+
+
 class ConflictError(DatabaseError):
     """Another transaction committed a write to a key this transaction wrote; retry."""
 
