@@ -128,11 +128,11 @@ class BufferPool:
             frame = self._frames.get(page_id)
             if frame is not None:
                 self.hits += 1
-                if len(self._frames) > self.capacity_pages:
-                    self.trim()
                 self._frames.move_to_end(page_id)
                 if pin:
                     self.pin(page_id)
+                if len(self._frames) > self.capacity_pages:
+                    self.trim(keep=page_id)
                 return frame
             loading = self._loading.get(page_id)
             if loading is None:
@@ -196,8 +196,9 @@ class BufferPool:
         if over > self.overshoot_max:
             self.overshoot_max = over
 
-    def trim(self) -> None:
-        """Evict clean, unpinned pages (LRU first) until within capacity; never waits."""
+    def trim(self, keep: int | None = None) -> None:
+        """Evict clean, unpinned pages (LRU first, never ``keep``) until within capacity;
+        never waits."""
         if len(self._frames) <= self.capacity_pages:
             return
         vdl = self._sink.vdl
@@ -206,7 +207,7 @@ class BufferPool:
         for page_id, frame in self._frames.items():
             if len(victims) >= excess:
                 break
-            if page_id not in self._pins and pagefmt.page_lsn(frame) <= vdl:
+            if page_id != keep and page_id not in self._pins and pagefmt.page_lsn(frame) <= vdl:
                 victims.append(page_id)
         for page_id in victims:
             self._evict(page_id)

@@ -328,8 +328,12 @@ class Database:
         return await self._commit(txn, timeout_s)
 
     def stats(self) -> dict:
-        return {**self.counters, "buffer_pool": self.pool.stats(),
-                "active_txns": len(self._active), "conflict_keys": len(self._last_write)}
+        """Counters for tests, metrics and the service's Status call (JSON-friendly)."""
+        return {**self.counters, "buffer_pool": self.pool.stats(), "read_only": self.read_only,
+                "broken": self.broken, "active_txns": len(self._active),
+                "conflict_keys": len(self._last_write), "tables": self.tables() if self._open else []}
+
+    status = stats
 
     # --- Internals: reads ------------------------------------------------------------------
 
