@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.set_defaults(func=cmd_writer)
+    __import__("engine.cli_cluster").cli_cluster.register(sub)  # up, down, status, put, ... (docs/cli.md)
     return parser
 
 
@@ -72,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # Every line of a cluster process names it and its AZ, e.g. "[sn3 az-b]".
+    tag = getattr(args, "log_tag", None) or " ".join(
+        str(v) for v in (getattr(args, "node_id", None) or getattr(args, "instance", None),
+                         getattr(args, "az", None)) if v)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        format="%(asctime)s %(levelname)s " + (f"[{tag}] " if tag else "") + "%(name)s: %(message)s")
     return args.func(args)
 
 

@@ -1,0 +1,460 @@
+"""Tests of the launcher, the control plane and the CLI verbs, on fake nodes.
+
+Scenario base: `aurora-lite up` runs the real control plane, but with $AURORA_LITE_EXEC
+pointing at this file, which stands in for `aurora-lite storage-node` (health +
+NodeStatus) and `aurora-lite writer` (health + an in-memory Database service). So these
+tests check the process management, the data dir, the CLI's output and exit codes, and
+the control plane's supervision in a few seconds, independently of the storage engine.
+tests/test_cli_tour.py runs the same verbs against the real storage nodes and writer.
+
+Run as a script, this file is the fake node: ``python tests/test_launcher.py [--log-level L]
+storage-node|writer|control-plane ...`` (the same arguments as engine/cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# --- The fake node (runs in its own process) ----------------------------------------------
+
+
+def _fake_main(argv: list[str]) -> int:
+    sys.path.insert(0, ROOT)
+    from engine import cli
+
+    args = cli.build_parser().parse_args(argv)
+    if args.command not in ("storage-node", "writer"):
+        return cli.main(argv)
+    import asyncio
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [fake "
+                        f"{getattr(args, 'node_id', None) or args.instance} {args.az}] %(message)s")
+    return asyncio.run(_fake_serve(args))
+
+
+async def _fake_serve(args) -> int:
+    import asyncio
+    import logging
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from aurora_pb import database_pb2 as dpb
+    from aurora_pb import database_pb2_grpc as dpb_grpc
+    from aurora_pb import storage_pb2 as spb
+    from aurora_pb import storage_pb2_grpc as spb_grpc
+
+    server = grpc.aio.server()
+    if args.command == "storage-node":
+        os.makedirs(args.data_dir, exist_ok=True)
+
+        class FakeStorage(spb_grpc.StorageServicer):
+            async def NodeStatus(self, request, context):
+                return spb.NodeStatusReply(
+                    node_id=args.node_id, az=args.az, bytes_received=1234, records_received=7,
+                    segments=[spb.SegmentStatus(volume="main", pg=pg, scl=100 + pg) for pg in range(2)])
+
+        spb_grpc.add_StorageServicer_to_server(FakeStorage(), server)
+    else:
+        store: dict[bytes, bytes] = {}
+        txns: dict[int, dict] = {}
+        state = {"lsn": 0}
+
+        async def fail(context, status, code, message):
+            context.set_trailing_metadata((("aurora-error", code),))
+            await context.abort(status, message)
+
+        class FakeDatabase(dpb_grpc.DatabaseServicer):
+            async def _write(self, request, context, value):
+                key = request.key
+                if key.startswith(b"quorum"):
+                    await asyncio.sleep(request.timeout_ms / 1000.0)
+                    await fail(context, grpc.StatusCode.UNAVAILABLE, "WRITE_QUORUM_UNAVAILABLE",
+                               f"write quorum unavailable: commit LSN {state['lsn'] + 1} is not durable")
+                if key.startswith(b"conflict"):
+                    await fail(context, grpc.StatusCode.ABORTED, "CONFLICT", "key conflict")
+                if request.txn_id:
+                    txns[request.txn_id][key] = value
+                    return dpb.WriteReply()
+                if value is None and key not in store:
+                    await fail(context, grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND", repr(key))
+                state["lsn"] += 1
+                if value is None:
+                    del store[key]
+                else:
+                    store[key] = value
+                return dpb.WriteReply(commit_lsn=state["lsn"], vdl=state["lsn"])
+
+            async def Put(self, request, context):
+                return await self._write(request, context, request.value)
+
+            async def Delete(self, request, context):
+                return await self._write(request, context, None)
+
+            async def Get(self, request, context):
+                view = dict(store)
+                if request.txn_id:
+                    view.update(txns[request.txn_id])
+                if view.get(request.key) is None:
+                    await fail(context, grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND", repr(request.key))
+                return dpb.GetReply(value=view[request.key], read_point=state["lsn"])
+
+            async def Scan(self, request, context):
+                keys = sorted(k for k in store if k >= request.start and (not request.end or k < request.end))
+                keys = keys[:request.limit or 1000]
+                return dpb.ScanReply(items=[dpb.KeyValue(key=k, value=store[k]) for k in keys])
+
+            async def Begin(self, request, context):
+                state["txns"] = txn_id = state.get("txns", 0) + 1
+                txns[txn_id] = {}
+                return dpb.BeginReply(txn_id=txn_id)
+
+            async def Commit(self, request, context):
+                writes = txns.pop(request.txn_id)
+                if not writes:
+                    return dpb.WriteReply()
+                state["lsn"] += 1
+                for k, v in writes.items():
+                    if v is None:
+                        store.pop(k, None)
+                    else:
+                        store[k] = v
+                return dpb.WriteReply(commit_lsn=state["lsn"], vdl=state["lsn"])
+
+            async def Abort(self, request, context):
+                txns.pop(request.txn_id, None)
+                return dpb.AbortReply()
+
+            async def Status(self, request, context):
+                return dpb.StatusReply(instance=args.instance, role="writer", vdl=state["lsn"],
+                                       volume_epoch=1, json=json.dumps(
+                                           {"driver": {"waiting_commits": 0, "pgcl": {"0": 105}}}))
+
+        dpb_grpc.add_DatabaseServicer_to_server(FakeDatabase(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    logging.info("fake %s serving on port %d", args.command, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.info("fake %s stopping", args.command)
+    await server.stop(grace=0.2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_fake_main(sys.argv[1:]))
+
+
+# --- The tests ----------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+from engine import launcher  # noqa: E402
+from engine.launcher import DataDir, pid_belongs, pid_running  # noqa: E402
+
+
+def fake_env() -> dict:
+    env = dict(os.environ)
+    env[launcher.EXEC_ENV] = json.dumps([sys.executable, os.path.abspath(__file__)])
+    env.pop(launcher.DATA_DIR_ENV, None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def cli(data_dir, *argv, env=None, timeout=60, check=None, stdin=None):
+    """Run `aurora-lite ARGV --data-dir DATA_DIR` as a new user would; returns the result."""
+    cmd = [sys.executable, "-m", "engine.cli", *argv]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                            env=env or fake_env(), input=stdin, cwd=ROOT)
+    if check is not None:
+        assert result.returncode == check, (
+            f"`{' '.join(argv)}` exited {result.returncode}, expected {check}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def status_json(data_dir, env=None) -> dict:
+    return json.loads(cli(data_dir, "status", "--json", env=env, check=0).stdout)
+
+
+def all_pids(data_dir) -> list[int]:
+    info = launcher.read_control(DataDir(str(data_dir))) or {}
+    return list(launcher.cluster_pids(info).values())
+
+
+def assert_no_process_left(data_dir, pids):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(pid_running(p) for p in pids):
+        time.sleep(0.05)
+    alive = [p for p in pids if pid_running(p)]
+    assert not alive, f"processes still running after down: {alive}"
+
+
+def assert_one_line_error(result, fragment):
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("aurora-lite:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    """A detached cluster of fake nodes; always torn down."""
+    data_dir = tmp_path / "cluster"
+    cli(data_dir, "up", "--detach", check=0)
+    pids = all_pids(data_dir)
+    yield data_dir
+    cli(data_dir, "down")
+    for pid in pids:  # never leave a process behind, whatever the test did
+        if pid_belongs(pid, str(data_dir)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_plan_base_port_and_reuse(tmp_path):
+    """Scenario: --base-port gives fixed offsets; a second plan reuses the free ports and
+    keeps the latency of cluster.json unless a flag overrides it."""
+    dd = DataDir(str(tmp_path))
+    dd.make()
+    base = launcher.free_ports(1)[0] // 100 * 100
+    if base > 60000 or base < 1100:
+        base = 41000
+    try:
+        plan = launcher.plan_cluster(dd, base_port=base, intra_az_ms=0.5)
+    except ValueError as exc:
+        pytest.skip(f"ports near {base} busy: {exc}")
+    assert plan.control_port == base and plan.instance_ports == {"db1": base + 1}
+    assert [n.address for n in plan.config.storage_nodes] == [
+        f"127.0.0.1:{base + 11 + i}" for i in range(6)]
+    assert [(n.name, n.az) for n in plan.config.storage_nodes] == launcher.STORAGE_NODES
+    plan.config.latency.extra_az_ms["az-b"] = 7.0
+    plan.config.save(dd.cluster_json)
+    again = launcher.plan_cluster(dd, cross_az_ms=2.0)
+    assert [n.address for n in again.config.storage_nodes] == [n.address for n in plan.config.storage_nodes]
+    assert again.config.latency.intra_az_ms == 0.5 and again.config.latency.cross_az_ms == 2.0
+    assert again.config.latency.extra_az_ms == {"az-b": 7.0}
+
+
+def test_pid_belongs_checks_the_command_line(tmp_path):
+    """Scenario: a pid is only ever signalled if its command line names the data dir."""
+    inside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(tmp_path / "sn1")])
+    outside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "/elsewhere"])
+    try:
+        assert pid_belongs(inside.pid, str(tmp_path))
+        assert not pid_belongs(outside.pid, str(tmp_path))
+        assert not pid_belongs(inside.pid, str(tmp_path) + "2")  # a sibling dir is not inside
+    finally:
+        inside.kill()
+        outside.kill()
+        inside.wait()
+        outside.wait()
+    assert not pid_running(inside.pid)
+
+
+def test_up_detach_status_verbs_and_down(fake_cluster):
+    """Scenario: `up --detach` on fake nodes: the data dir layout, status --json, the client
+    verbs, and every log line naming its node and AZ."""
+    data_dir = fake_cluster
+    dd = DataDir(str(data_dir))
+    for path in (dd.cluster_json, dd.control_json, dd.log("control"), dd.log("sn1"), dd.log("db1")):
+        assert os.path.exists(path), path
+    config = json.load(open(dd.cluster_json))
+    assert [n["name"] for n in config["storage_nodes"]] == ["sn1", "sn2", "sn3", "sn4", "sn5", "sn6"]
+    state = status_json(data_dir)
+    procs = {p["name"]: p for p in state["processes"]}
+    assert set(procs) == {"db1", "sn1", "sn2", "sn3", "sn4", "sn5", "sn6"}
+    assert state["all_up"] and all(p["up"] and p["state"] == "up" and p["pid"] for p in procs.values())
+    assert [procs[n]["az"] for n in ("sn1", "sn2", "sn3", "sn4", "sn5", "sn6")] == \
+        ["az-a", "az-a", "az-b", "az-b", "az-c", "az-c"]
+    assert procs["db1"]["role"] == "writer" and procs["db1"]["az"] == "az-a"
+    assert state["cluster_endpoint"] == procs["db1"]["address"]
+    assert procs["sn1"]["scl"] == {"0": 100, "1": 101} and procs["sn1"]["bytes_received"] == 1234
+    assert procs["sn1"]["lag_lsn"] == 5            # fake writer's PGCL of PG 0 is 105
+    assert procs["db1"]["vdl"] == 0 and procs["db1"]["lag_lsn"] is None
+    # Every peer list names the five others.
+    peers = [l for l in open(dd.log("sn3")) if "launching" in l][-1]
+    others = [n["address"] for n in config["storage_nodes"] if n["name"] != "sn3"]
+    assert f"--peers {','.join(others)}" in peers
+
+    table = cli(data_dir, "status", check=0).stdout
+    for fragment in ("NAME", "sn6", "az-c", "SCL 100..101", "VDL 0 (epoch 1)", "cluster endpoint:"):
+        assert fragment in table, table
+
+    assert cli(data_dir, "put", "a", "1", check=0).stdout.startswith("OK (commit LSN 1)")
+    cli(data_dir, "put", "b", "2", check=0)
+    assert cli(data_dir, "get", "a", check=0).stdout == "1\n"
+    assert cli(data_dir, "scan", "--start", "a", "--limit", "5", check=0).stdout == "a\t1\nb\t2\n"
+    assert cli(data_dir, "delete", "b", check=0).stdout.startswith("deleted")
+    missing = cli(data_dir, "get", "b", check=1)
+    assert_one_line_error(missing, "not found: key 'b'")
+    assert_one_line_error(cli(data_dir, "delete", "b", check=1), "not found")
+    assert_one_line_error(cli(data_dir, "put", "conflict-1", "x", check=5), "conflict")
+    quorum = cli(data_dir, "put", "quorum-1", "x", "--timeout", "0.2", check=4)
+    assert_one_line_error(quorum, "write quorum unavailable")
+
+    logs = cli(data_dir, "logs", "control", check=0).stdout
+    assert "[control-plane]" in logs and "sn1 is serving" in logs
+    assert "[fake sn5 az-c]" in cli(data_dir, "logs", "sn5", "-n", "3", check=0).stdout
+    assert_one_line_error(cli(data_dir, "logs", "sn9", check=1), "no log for 'sn9'")
+
+
+def test_shell_from_a_pipe(fake_cluster):
+    """Scenario: the shell reads commands from stdin: autocommit verbs, a transaction that
+    commits, one that aborts, errors on one line that do not end the session."""
+    script = "\n".join([
+        "put k1 v1", "get k1", "begin", "put k2 v2", "get k2", "commit", "get k2",
+        "begin", "put k3 v3", "abort", "get k3", "bogus", "scan", "status --json", "quit", "put never x"])
+    result = cli(fake_cluster, "shell", stdin=script + "\n")
+    out = result.stdout
+    assert "OK (commit LSN 1)" in out and "BEGIN (transaction 1)" in out and "OK (in transaction 1)" in out
+    assert "COMMIT (commit LSN 2)" in out and "ABORT (transaction 2)" in out
+    assert out.splitlines().count("v2") == 2 and "k1\tv1\nk2\tv2\n" in out
+    assert '"cluster_endpoint"' in out
+    assert "error: not found: key 'k3'" in result.stderr
+    assert "error: invalid choice" in result.stderr or "error:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 2   # the last failed command was a usage error
+    assert cli(fake_cluster, "get", "never", check=1)
+
+
+def test_faults_and_network_delay(fake_cluster):
+    """Scenario: node kill/stop/start/pause/resume and az down/up move the processes'
+    states as status reports them; net delay rewrites cluster.json's extra_az_ms."""
+    data_dir = fake_cluster
+    before = {p["name"]: p for p in status_json(data_dir)["processes"]}
+    out = cli(data_dir, "node", "kill", "sn2", check=0).stdout
+    assert f"sn2 killed (SIGKILL to pid {before['sn2']['pid']})" in out
+    assert not pid_running(before["sn2"]["pid"])
+    procs = {p["name"]: p for p in status_json(data_dir)["processes"]}
+    assert procs["sn2"]["state"] == "down" and procs["sn2"]["exit_reason"] == "killed by SIGKILL"
+    assert procs["sn2"]["pid"] is None and procs["sn2"]["scl"] is None
+    assert "is not running" in cli(data_dir, "node", "kill", "sn2", check=0).stdout
+    assert "started" in cli(data_dir, "node", "start", "sn2", check=0).stdout
+    procs = {p["name"]: p for p in status_json(data_dir)["processes"]}
+    assert procs["sn2"]["up"] and procs["sn2"]["pid"] != before["sn2"]["pid"]
+    assert procs["sn2"]["address"] == before["sn2"]["address"] and procs["sn2"]["starts"] == 2
+
+    assert "stopped (pid" in cli(data_dir, "node", "stop", "db1", check=0).stdout
+    put = cli(data_dir, "put", "x", "y", check=3)
+    assert_one_line_error(put, "does not answer")
+    cli(data_dir, "node", "start", "db1", check=0)
+
+    assert "paused (SIGSTOP" in cli(data_dir, "node", "pause", "sn4", check=0).stdout
+    assert {p["name"]: p["state"] for p in status_json(data_dir)["processes"]}["sn4"] == "paused"
+    assert "resumed (SIGCONT" in cli(data_dir, "node", "resume", "sn4", check=0).stdout
+
+    out = cli(data_dir, "az", "down", "az-c", check=0).stdout
+    assert "sn5 killed" in out and "sn6 killed" in out
+    states = {p["name"]: p["state"] for p in status_json(data_dir)["processes"]}
+    assert states["sn5"] == states["sn6"] == "down" and states["sn4"] == "up"
+    cli(data_dir, "az", "up", "az-c", check=0)
+    assert status_json(data_dir)["all_up"]
+
+    assert_one_line_error(cli(data_dir, "node", "kill", "sn9", check=2), "no process named 'sn9'")
+    assert_one_line_error(cli(data_dir, "az", "down", "az-q", check=2), "unknown AZ")
+
+    cli(data_dir, "net", "delay", "--az", "az-b", "--ms", "40", check=0)
+    config = json.load(open(DataDir(str(data_dir)).cluster_json))
+    assert config["latency"]["extra_az_ms"] == {"az-b": 40.0}
+    assert status_json(data_dir)["latency"]["extra_az_ms"] == {"az-b": 40.0}
+    cli(data_dir, "net", "clear", check=0)
+    assert json.load(open(DataDir(str(data_dir)).cluster_json))["latency"]["extra_az_ms"] == {}
+
+
+def test_down_leaves_nothing_and_up_again(tmp_path):
+    """Scenario: down stops every process; a second down says so; up again on the same
+    data dir reuses its ports; a control plane killed with SIGKILL leaves its children,
+    which `down` then stops."""
+    data_dir = tmp_path / "c"
+    cli(data_dir, "up", "--detach", check=0)
+    first = status_json(data_dir)
+    pids = all_pids(data_dir)
+    assert len(pids) == 8
+    out = cli(data_dir, "down", check=0).stdout
+    assert "no process left running" in out and "db1" in out
+    assert_no_process_left(data_dir, pids)
+    assert "no cluster running" in cli(data_dir, "down", check=0).stdout
+    assert_one_line_error(cli(data_dir, "status", check=3), "no cluster running")
+
+    cli(data_dir, "up", "--detach", check=0)
+    second = status_json(data_dir)
+    assert {p["name"]: p["address"] for p in second["processes"]} == \
+        {p["name"]: p["address"] for p in first["processes"]}
+    assert_one_line_error(cli(data_dir, "up", "--detach", check=1), "already running")
+    pids = all_pids(data_dir)
+    os.kill(second["control"]["pid"], signal.SIGKILL)
+    time.sleep(0.3)
+    out = cli(data_dir, "down", check=0).stdout
+    assert "leftover" in out
+    assert_no_process_left(data_dir, pids)
+
+
+def test_two_clusters_side_by_side(tmp_path):
+    """Scenario: two data dirs, two clusters, different ports, independent data."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    try:
+        cli(a, "up", "--detach", check=0)
+        cli(b, "up", "--detach", check=0)
+        addrs_a = {p["address"] for p in status_json(a)["processes"]}
+        addrs_b = {p["address"] for p in status_json(b)["processes"]}
+        assert not addrs_a & addrs_b
+        cli(a, "put", "k", "from-a", check=0)
+        assert cli(a, "get", "k", check=0).stdout == "from-a\n"
+        cli(b, "get", "k", check=1)
+    finally:
+        cli(a, "down")
+        cli(b, "down")
+
+
+def test_foreground_up_sigint_stops_everything(tmp_path):
+    """Scenario: a foreground `up` prints one block; SIGINT (Ctrl-C) stops every process
+    (SIGTERM first) and reports each one; no process is left."""
+    data_dir = tmp_path / "fg"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "up", "--data-dir", str(data_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=fake_env(), cwd=ROOT)
+    try:
+        block = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            block.append(line)
+            if line.startswith("stop:"):
+                break
+        text = "".join(block)
+        assert "aurora-lite cluster is up" in text and "cluster endpoint:" in text, text
+        assert "press Ctrl-C" in text
+        for name in ("db1", "sn1", "sn6", "control-plane"):
+            assert name in text
+        pids = all_pids(data_dir)
+        assert len(pids) == 8 and all(pid_running(p) for p in pids)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            cli(data_dir, "down")
+    assert proc.returncode == 0, err
+    assert "SIGINT received: stopping the cluster" in out
+    for name in ("db1", "sn1", "sn6"):
+        assert any(l.strip().startswith(name) and "SIGTERM" in l for l in out.splitlines()), out
+    assert "no process left running" in out
+    assert_no_process_left(data_dir, pids)
