@@ -105,12 +105,23 @@ class DatabaseService(pb_grpc.DatabaseServicer):
                     self.txns.pop(txn_id, None)
                     txn.abort()
 
+    async def ensure_tables(self, tables) -> None:
+        """A write to a table that does not exist creates it (database.proto)."""
+        for table in sorted(set(tables) - set(self.db.tables())):
+            try:
+                await self.db.create_table(table)
+            except errors.TableExistsError:
+                pass  # created by a concurrent request
+
     async def Get(self, request, context):
         try:
+            table = _table(request.table)
             if request.txn_id:
-                value = await self._txn(request.txn_id).get(_table(request.table), request.key)
+                value = await self._txn(request.txn_id).get(table, request.key)
             else:
-                value = await self.db.get(_table(request.table), request.key)
+                value = await self.db.get(table, request.key)
+            if value is None:
+                raise errors.KeyNotFound(f"key {request.key!r} not found in table {table!r}")
             return pb.GetReply(value=value, read_point=self.driver.vdl)
         except Exception as exc:
             await abort_with(context, exc)
@@ -120,6 +131,7 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             if request.txn_id:
                 self._txn(request.txn_id).put(_table(request.table), request.key, request.value)
                 return pb.WriteReply(vdl=self.driver.vdl)
+            await self.ensure_tables([_table(request.table)])
             lsn = await self.db.put(_table(request.table), request.key, request.value,
                                     timeout_s=_timeout(request.timeout_ms))
             return pb.WriteReply(commit_lsn=lsn, vdl=self.driver.vdl)
@@ -131,8 +143,10 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             if request.txn_id:
                 self._txn(request.txn_id).delete(_table(request.table), request.key)
                 return pb.WriteReply(vdl=self.driver.vdl)
-            lsn = await self.db.delete(_table(request.table), request.key,
-                                       timeout_s=_timeout(request.timeout_ms))
+            table = _table(request.table)
+            if table not in self.db.tables() or await self.db.get(table, request.key) is None:
+                raise errors.KeyNotFound(f"key {request.key!r} not found in table {table!r}")
+            lsn = await self.db.delete(table, request.key, timeout_s=_timeout(request.timeout_ms))
             return pb.WriteReply(commit_lsn=lsn, vdl=self.driver.vdl)
         except Exception as exc:
             await abort_with(context, exc)
@@ -166,6 +180,7 @@ class DatabaseService(pb_grpc.DatabaseServicer):
         try:
             txn = self._txn(request.txn_id)
             self.txns.pop(request.txn_id, None)
+            await self.ensure_tables(list(txn._writes))
             lsn = await txn.commit(timeout_s=_timeout(request.timeout_ms))
             return pb.WriteReply(commit_lsn=lsn or 0, vdl=self.driver.vdl)
         except Exception as exc:
@@ -182,7 +197,7 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             "instance": self.instance, "role": "writer", "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "open_txns": len(self.txns), "driver": self.driver.status(),
-            "database": self.db.status() if hasattr(self.db, "status") else {},
+            "database": self.db.stats(),
         }
         return pb.StatusReply(instance=self.instance, role="writer", vdl=self.driver.vdl,
                               volume_epoch=self.driver.epoch, json=json.dumps(state))
