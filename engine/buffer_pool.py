@@ -147,11 +147,12 @@ class BufferPool:
         try:
             # Invariant 7 makes the current VDL a sufficient read point: the page was
             # evicted with page_lsn <= VDL then, and the writer changes only resident pages.
-            image = await self._sink.read_page(page_id, read_point=self._sink.vdl)
+            read_point = self._sink.vdl
+            image = await self._sink.read_page(page_id, read_point=read_point)
             if image is None:
                 return None
             frame = bytearray(image)
-            self._check_image(page_id, frame)
+            self._check_image(page_id, frame, read_point)
             await self._make_room()
             assert page_id not in self._frames, f"page {page_id} loaded twice"
             self._frames[page_id] = frame
@@ -164,14 +165,18 @@ class BufferPool:
             done.set_result(None)
 
     @staticmethod
-    def _check_image(page_id: int, frame: bytearray) -> None:
-        """Invariant 13 at the boundary: a page from storage must be whole and its own."""
+    def _check_image(page_id: int, frame: bytearray, read_point: int) -> None:
+        """Invariants 13 and 8 at the boundary: a page from storage must be whole, its own,
+        and no newer than the read point."""
         if len(frame) != pagefmt.PAGE_SIZE:
             raise ChecksumError(f"page {page_id} from storage is {len(frame)} bytes, not {pagefmt.PAGE_SIZE}")
         if not pagefmt.verify_checksum(frame):
             raise ChecksumError(f"page {page_id} from storage fails its checksum")
         if pagefmt.page_id(frame) != page_id:
             raise PageOrderError(f"storage returned page {pagefmt.page_id(frame)} for page {page_id}")
+        if pagefmt.page_lsn(frame) > read_point:
+            raise PageOrderError(f"storage returned page {page_id} at LSN {pagefmt.page_lsn(frame)}, "
+                                 f"above the read point {read_point}")
 
     # --- Pages created by an MTR -----------------------------------------------------------
 

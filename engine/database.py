@@ -11,13 +11,16 @@ Transactions
     the META page, tagged CPL. Uncommitted changes therefore never reach storage and
     recovery needs no undo. This is a deliberate difference from Aurora, which writes
     uncommitted changes and undoes in-flight transactions online after recovery.
+    The COMMIT record's txn_id is assigned at commit, so txn_ids rise in commit (LSN)
+    order and open() can continue from META aux1 + 1 without reusing one.
 
 Commit (invariant 2)
     ``commit()`` returns only once VDL >= the commit record's LSN: the committing task
     awaits sink.wait_durable while the engine keeps serving other requests, and one batch
     of acks releases every commit it covers (group commit without a timer, in the sink).
-    The commit lock is held while an MTR is planned and emitted, NOT while it waits for
-    durability, so many commits wait at once. If the wait times out the client gets
+    The commit lock is held while an MTR is planned and emitted (including page loads,
+    buffer pool waits for VDL and LAL stalls), NOT while it waits for durability, so many
+    commits wait at once. If the wait times out the client gets
     WriteQuorumUnavailable and the outcome is unknown: the MTR is already in the log and
     in the cache, and becomes durable if storage recovers.
 
@@ -241,7 +244,8 @@ class Database:
             raise DatabaseError("database already open")
         self._check_writable()
         async with self._commit_lock:
-            if await self.pool.get(META_PAGE_ID) is not None:
+            # As of VDL 0 nothing is durable, so page 0 cannot exist: no need to ask storage.
+            if self.sink.vdl > 0 and await self.pool.get(META_PAGE_ID) is not None:
                 raise DatabaseError("volume already has a META page: open() it instead")
             plan = MtrPlan(self.pool)
             try:

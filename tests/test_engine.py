@@ -29,7 +29,10 @@ from engine.errors import (
 )
 from engine.redo import RecordType, read_header
 from engine.volume import VolumeLayout
-from tests.fake_sink import FakeSink
+try:
+    from tests.fake_sink import FakeSink
+except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
+    from fake_sink import FakeSink
 
 LAYOUT = VolumeLayout(pg_count=3, stripe_pages=4)
 ALL = dbmod.SCAN_LIMIT_MAX
