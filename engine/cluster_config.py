@@ -14,12 +14,14 @@ serving; `aurora-lite writer --cluster FILE` and the tests read it. Example::
 Latency model (DESIGN.md section 4): a one-way delay between AZs and between an instance
 and each AZ. ``intra_az_ms`` applies within an AZ, ``cross_az_ms`` across AZs, and
 ``extra_az_ms`` adds a per-AZ delay on every link into that AZ (`aurora-lite net delay`).
+Running processes pick a change up within 0.5 s through ``LatencyWatcher``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 from engine.storage_driver import NodeInfo
@@ -28,6 +30,7 @@ from engine.volume import DEFAULT_PG_COUNT, DEFAULT_STRIPE_PAGES, VolumeLayout
 DEFAULT_LAL = 100_000
 DEFAULT_INTRA_AZ_MS = 0.25
 DEFAULT_CROSS_AZ_MS = 1.0
+LATENCY_CHECK_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -95,3 +98,39 @@ class ClusterConfig:
         with open(tmp, "w") as f:
             json.dump(self.to_json(), f, indent=2)
         os.replace(tmp, path)
+
+
+class LatencyWatcher:
+    """Live latency for `aurora-lite net delay`, which rewrites cluster.json atomically.
+
+    ``poll()`` is cheap enough to call before every RPC: at most every ``interval_s`` it
+    stats the file, and only when its (mtime, inode, size) changed does it re-read it.
+    It returns the new Latency when the file changed, else None.
+    """
+
+    def __init__(self, path: str, interval_s: float = LATENCY_CHECK_INTERVAL_S) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._next_check_s = 0.0
+        self._signature = self._stat()
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    def poll(self) -> Latency | None:
+        now = time.monotonic()
+        if now < self._next_check_s:
+            return None
+        self._next_check_s = now + self.interval_s
+        signature = self._stat()
+        if signature is None or signature == self._signature:
+            return None
+        self._signature = signature
+        try:
+            return ClusterConfig.load(self.path).latency
+        except (OSError, ValueError, KeyError):
+            return None   # caught mid-write by a non-atomic editor: try again next change

@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from aurora_pb import database_pb2 as pb
 from aurora_pb import database_pb2_grpc as pb_grpc
 from engine import errors
-from engine.cluster_config import ClusterConfig
+from engine.cluster_config import ClusterConfig, LatencyWatcher
 from engine.database import Database
 from engine.recovery import RecoveryError, recover
 from engine.storage_driver import StorageDriver
@@ -204,11 +204,20 @@ class DatabaseService(pb_grpc.DatabaseServicer):
 
 
 async def open_database(config: ClusterConfig, *, instance: str, az: str,
-                        buffer_pool_pages: int, recovery_timeout_s: float = 120.0):
-    """Connect, recover (retrying until a quorum answers) and open the database."""
+                        buffer_pool_pages: int, recovery_timeout_s: float = 120.0,
+                        cluster_path: str | None = None):
+    """Connect, recover (retrying until a quorum answers) and open the database.
+    With ``cluster_path``, latency changes in that file apply live (`net delay`)."""
+    reload = None
+    if cluster_path:
+        watcher = LatencyWatcher(cluster_path)
+
+        def reload():
+            latency = watcher.poll()
+            return None if latency is None else latency.from_az(az, AZS)
     driver = StorageDriver(config.volume, config.storage_nodes, config.layout, epoch=0,
                            lal=config.lal, instance=instance,
-                           link_delay_ms=config.latency.from_az(az, AZS))
+                           link_delay_ms=config.latency.from_az(az, AZS), link_delay_reload=reload)
     await driver.start()
     deadline = time.monotonic() + recovery_timeout_s
     delay_s = 0.2
@@ -234,7 +243,8 @@ async def open_database(config: ClusterConfig, *, instance: str, az: str,
 async def serve(args) -> int:
     config = ClusterConfig.load(args.cluster)
     driver, db, result = await open_database(
-        config, instance=args.instance, az=args.az, buffer_pool_pages=args.buffer_pool_pages)
+        config, instance=args.instance, az=args.az, buffer_pool_pages=args.buffer_pool_pages,
+        cluster_path=args.cluster)
     service = DatabaseService(db, driver, args.instance)
     server = grpc.aio.server()
     pb_grpc.add_DatabaseServicer_to_server(service, server)

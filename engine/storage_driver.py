@@ -30,6 +30,8 @@ second one is asked too, and the first good answer wins.
 
 Simulated AZ latency: ``link_delay_ms`` gives the one-way delay from this instance to each
 AZ; every RPC sleeps it before sending and after the reply (DESIGN.md section 4).
+``link_delay_reload`` (optional) is asked before each RPC for new delays, so that
+`aurora-lite net delay` acts on a running writer.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class StorageDriver:
                  pg_tails: dict[int, int] | None = None, instance: str = "writer",
                  max_inflight_batches: int = 2, rpc_timeout_s: float = 5.0,
                  hedge_after_s: float = 0.05,
-                 link_delay_ms: dict[str, float] | None = None) -> None:
+                 link_delay_ms: dict[str, float] | None = None,
+                 link_delay_reload: Callable[[], dict[str, float] | None] | None = None) -> None:
         assert len(nodes) == 6, "a volume is stored on six nodes"
         assert lal > 0
         self.volume = volume
@@ -142,6 +145,7 @@ class StorageDriver:
         self.rpc_timeout_s = rpc_timeout_s
         self.hedge_after_s = hedge_after_s
         self.link_delay_ms = dict(link_delay_ms or {})
+        self.link_delay_reload = link_delay_reload   # new delays or None; cheap (see server.py)
         self.node_infos = list(nodes)
         self.tracker = QuorumTracker([n.name for n in nodes], start_lsn, pg_tails)
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
@@ -279,6 +283,11 @@ class StorageDriver:
         task.add_done_callback(self._tasks.discard)
 
     async def _link_delay(self, node: _Node) -> None:
+        if self.link_delay_reload is not None:
+            fresh = self.link_delay_reload()
+            if fresh is not None and fresh != self.link_delay_ms:
+                log.info("simulated one-way delays now %s ms", fresh)
+                self.link_delay_ms = dict(fresh)
         delay_ms = self.link_delay_ms.get(node.info.az, 0.0)
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000.0)

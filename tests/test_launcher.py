@@ -458,3 +458,27 @@ def test_foreground_up_sigint_stops_everything(tmp_path):
         assert any(l.strip().startswith(name) and "SIGTERM" in l for l in out.splitlines()), out
     assert "no process left running" in out
     assert_no_process_left(data_dir, pids)
+
+
+def test_latency_watcher_sees_net_delay(tmp_path):
+    """Scenario: `net delay` rewrites cluster.json; the writer's watcher (polled before each
+    storage RPC) returns the new delays once, and nothing while the file is unchanged."""
+    from engine.cluster_config import ClusterConfig, LatencyWatcher
+    from engine.volume import AZS
+
+    dd = DataDir(str(tmp_path))
+    launcher.plan_cluster(dd).config.save(dd.cluster_json)
+    watcher = LatencyWatcher(dd.cluster_json, interval_s=0.0)
+    assert watcher.poll() is None
+    config = ClusterConfig.load(dd.cluster_json)
+    config.latency.extra_az_ms["az-c"] = 50.0
+    config.save(dd.cluster_json)
+    latency = watcher.poll()
+    assert latency is not None
+    assert latency.from_az("az-a", AZS) == {"az-a": 0.25, "az-b": 1.0, "az-c": 51.0}
+    assert watcher.poll() is None
+    slow = LatencyWatcher(dd.cluster_json, interval_s=3600)
+    assert slow.poll() is None   # first poll checks, but nothing changed
+    config.latency.extra_az_ms.clear()
+    config.save(dd.cluster_json)
+    assert slow.poll() is None   # not checked again within the interval: cheap per RPC
