@@ -20,8 +20,10 @@ Steps, with the RPCs of proto/aurora_pb/storage.proto::
                 the way (invariant 5). Each PG's tail at VDL is the backlink for the next
                 record of that PG.
     4. Truncate Durably record (VDL, end] under the new epoch at a write quorum of every
-                PG, end = max(VDL + LAL, highest LSN any segment reported). Records the old
-                writer left above VDL vanish from SCLs, reads and gossip.
+                PG, end = max(VDL + LAL, previous truncation end + LAL, highest LSN any
+                segment reported): every LSN the old writer could have allocated. Records
+                the old writer left above VDL vanish from SCLs, reads and gossip. LAL must
+                not shrink between runs of a volume.
     5. Repair   Re-append the records in (since, VDL] (fetched from the segment that holds
                 them) to every node, until Vw segments of every PG have an SCL at its tail:
                 a record below the new VDL may have been on only one segment.
@@ -158,6 +160,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     by_prev: dict[int, tuple[int, int, bool]] = {}   # prev_volume_lsn -> (lsn, pg, cpl)
     tails_at_since: dict[int, int] = {}
     max_lsn_seen = since
+    last_truncate_end = 0
     best_node: dict[int, tuple[int, str]] = {}       # pg -> (scl, node) of the fullest
     for pg, results in fenced.items():
         replies = {n: r for n, r in results.items() if not isinstance(r, grpc.RpcError)}
@@ -170,6 +173,8 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
                 f"invariant 9: {name} did not adopt epoch {new_epoch}")
             tails_at_since[pg] = max(tails_at_since.get(pg, 0), r.tail_lsn)
             max_lsn_seen = max(max_lsn_seen, r.max_lsn)
+            for tr in r.truncations:
+                last_truncate_end = max(last_truncate_end, tr.end_lsn)
             if r.scl > best_node.get(pg, (-1, ""))[0]:
                 best_node[pg] = (r.scl, name)
             for meta in r.records:
@@ -188,7 +193,9 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     for lsn, pg in walked:
         if lsn <= vdl:
             tails[pg] = max(tails.get(pg, 0), lsn)
-    truncate_end = max(vdl + driver.lal, max_lsn_seen)
+    # The previous writer allocated at most max(its VDL, its truncation end) + LAL
+    # (invariant 6, StorageDriver.allocation_limit); annul all of that.
+    truncate_end = max(vdl + driver.lal, last_truncate_end + driver.lal, max_lsn_seen)
 
     # 4. Truncate at a write quorum of every PG. -------------------------------------
     async def truncate(pg):

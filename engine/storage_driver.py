@@ -151,6 +151,7 @@ class StorageDriver:
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
         self.commits = CommitQueue()
         self.truncations: list[tuple[int, int, int]] = []  # (start, end, epoch) to replay
+        self.epoch_floor_lsn = start_lsn  # end of this epoch's truncation range
         self.fenced: FencedError | None = None
         self._nodes: dict[str, _Node] = {}
         self._open: dict[int, list[bytes]] = {}
@@ -192,6 +193,7 @@ class StorageDriver:
         assert not self._inflight and not self._open and not len(self.commits)
         self.tracker = QuorumTracker(self.node_names, start_lsn, pg_tails)
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
+        self.epoch_floor_lsn = next_lsn - 1
         self.fenced = None
 
     def stub(self, name: str) -> pb_grpc.StorageStub:
@@ -211,11 +213,21 @@ class StorageDriver:
         """Invariant 6: wait until n_records more LSNs stay within VDL + LAL."""
         if n_records > self.lal:
             raise ValueError(f"an MTR of {n_records} records can never fit under LAL {self.lal}")
-        while self.allocator.next_lsn + n_records - 1 > self.tracker.vdl + self.lal:
+        while self.allocator.next_lsn + n_records - 1 > self.allocation_limit():
             self._check_fenced()
             self._vdl_changed.clear()
             await self._vdl_changed.wait()
-        self.allocator.limit_lsn = self.tracker.vdl + self.lal
+        self.allocator.limit_lsn = self.allocation_limit()
+
+    def allocation_limit(self) -> int:
+        """Highest LSN that may be allocated now (invariant 6).
+
+        LSNs of a new epoch start above the truncation range (VDL, end], and everything at
+        or below ``end`` is either durable or annulled, so the limit counts LAL from
+        max(VDL, end). Recovery truncates up to end + LAL of the previous epoch, which
+        covers every LSN the previous writer could have allocated.
+        """
+        return max(self.tracker.vdl, self.epoch_floor_lsn) + self.lal
 
     def submit(self, records: list[tuple[int, int, bytes]]) -> None:
         self._check_fenced()

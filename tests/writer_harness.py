@@ -1,0 +1,117 @@
+"""Run a REAL writer process against a tests/harness.py StorageCluster.
+
+    writer = WriterProcess(storage_cluster, base_dir, volume="v1", pg_count=8, stripe_pages=2,
+                           lal=10_000, buffer_pool_pages=64)
+    writer.start(timeout_s=60)      # fresh subprocess: `python -m engine.cli writer ...`
+    with writer.client() as db: ...
+    writer.kill()                   # SIGKILL;  writer.stop() -> exit code (SIGTERM)
+    writer.start()                  # same volume again: runs recovery
+    writer.error_lines()            # ERROR lines of its log
+
+The cluster config is written to base_dir/cluster.json with the storage nodes' addresses,
+a small layout (many PGs, so MTRs span PGs) and zero simulated latency unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.client import Client
+from engine.cluster_config import ClusterConfig, Latency
+from engine.storage_driver import NodeInfo
+from tests.harness import NODE_AZS, REPO_ROOT, free_ports
+
+SERVICE = "aurora_pb.Database"
+
+
+def wait_writer_serving(address: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"writer exited with code {proc.returncode} before serving")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"writer at {address} not SERVING after {timeout_s}s")
+            time.sleep(0.05)
+
+
+class WriterProcess:
+    """One writer instance process (see module doc)."""
+
+    def __init__(self, cluster, base_dir: str | Path, *, volume: str = "v1", pg_count: int = 8,
+                 stripe_pages: int = 2, lal: int = 10_000, buffer_pool_pages: int = 256,
+                 latency: Latency | None = None, instance: str = "db1") -> None:
+        self.cluster = cluster
+        self.base = Path(base_dir)
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.instance = instance
+        self.buffer_pool_pages = buffer_pool_pages
+        self.port = free_ports(1)[0]
+        self.address = f"127.0.0.1:{self.port}"
+        self.config_path = self.base / "cluster.json"
+        self.log_path = self.base / f"{instance}.log"
+        self.proc: subprocess.Popen | None = None
+        nodes = [NodeInfo(name, NODE_AZS[name], cluster.address(name)) for name in cluster.nodes]
+        ClusterConfig(nodes, volume=volume, pg_count=pg_count, stripe_pages=stripe_pages, lal=lal,
+                      latency=latency or Latency(0.0, 0.0)).save(str(self.config_path))
+        self.env = dict(os.environ)
+        pythonpath = self.env.get("PYTHONPATH", "")
+        self.env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "writer already running"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "writer", "--cluster", str(self.config_path),
+             "--instance", self.instance, "--port", str(self.port),
+             "--buffer-pool-pages", str(self.buffer_pool_pages)],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.base),
+            start_new_session=True)
+        log.close()
+        wait_writer_serving(self.address, self.proc, timeout_s)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.running():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if not self.running():
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise
+
+    def client(self, timeout_s: float = 30.0) -> Client:
+        return Client(self.address, timeout_s=timeout_s)
+
+    def error_lines(self) -> list[str]:
+        if not self.log_path.exists():
+            return []
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if " ERROR " in line or " CRITICAL " in line]
+
+    def close(self) -> None:
+        self.kill()
