@@ -1,0 +1,155 @@
+"""One storage node in-process: the store, its group committer, executors and counters.
+
+``StorageNode`` is what the rpc layer (service.py), gossip (gossip.py) and the background
+tasks (background.py) share. It imports no grpc: requests reach it as plain values and
+refusals leave it as storage_node.errors exceptions.
+
+Threads: the event loop runs request handling and scheduling; one thread runs LMDB write
+transactions (commit.py); ``read_executor`` (2 threads) runs foreground LMDB reads and page
+materialisation; ``bg_executor`` (1 thread) runs background reads (coalesce, GC, scrub
+planning) so they never hold up a foreground read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+from dataclasses import dataclass, fields
+
+from storage_node.commit import GroupCommitter
+from storage_node.store import AppendOp, Store, verify_batch
+
+
+#: False when the process's log format already carries ``[node az]`` (engine/cli.py does
+#: that for the storage-node subcommand); True in-process, where several nodes share a log.
+PREFIX_LINES = True
+
+
+class NodeLog(logging.LoggerAdapter):
+    """Prefixes every line with the node id and AZ, e.g. ``[sn1 az-a] ...``."""
+
+    def process(self, msg, kwargs):
+        if PREFIX_LINES:
+            return f"[{self.extra['node_id']} {self.extra['az']}] {msg}", kwargs
+        return msg, kwargs
+
+
+def node_logger(name: str, node_id: str, az: str) -> NodeLog:
+    return NodeLog(logging.getLogger(name), {"node_id": node_id, "az": az})
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+@dataclass
+class Tuning:
+    """Knobs of the background work. Each can be set by an environment variable
+    ``AURORA_SN_<FIELD NAME IN CAPITALS>`` (tests shorten the intervals)."""
+
+    map_size: int = 16 << 30              # LMDB map size in bytes (sparse)
+    gossip_interval_s: float = 0.3        # mean pause between gossip rounds (+-40% jitter)
+    gossip_fetch_bytes: int = 1 << 20     # max_bytes of one FetchRecords
+    gossip_round_bytes: int = 8 << 20     # records pulled per round, all segments
+    discover_every_rounds: int = 5        # learn volumes from a peer every N rounds
+    coalesce_interval_s: float = 0.25     # coalescer wake-up period
+    coalesce_records: int = 16            # fold a page once it has this many new records
+    coalesce_sweep_s: float = 5.0         # fold every page with any new record this often
+    coalesce_pages: int = 16              # pages per coalesce transaction
+    gc_interval_s: float = 1.0
+    gc_pages: int = 16                    # pages per GC step (one transaction)
+    scrub_interval_s: float = 30.0        # pause between full scrub passes
+    scrub_records: int = 512              # records verified per scrub step
+    scrub_versions: int = 32              # page versions verified per scrub step
+    scrub_pause_s: float = 0.02           # pause between scrub steps
+    repair_interval_s: float = 0.5
+
+    @classmethod
+    def from_env(cls) -> "Tuning":
+        t = cls()
+        for f in fields(cls):
+            raw = os.environ.get("AURORA_SN_" + f.name.upper())
+            if raw:
+                setattr(t, f.name, type(getattr(t, f.name))(float(raw)))
+        return t
+
+
+@dataclass
+class Counters:
+    """NodeStatus counters (since this process started)."""
+
+    append_rpcs: int = 0
+    records_received: int = 0
+    bytes_received: int = 0
+    pages_materialised: int = 0
+    scrub_errors_found: int = 0
+    gossip_records_pulled: int = 0
+    gc_records_deleted: int = 0
+
+
+class StorageNode:
+    """Store + group committer + executors + counters of one node (see module doc)."""
+
+    def __init__(self, node_id: str, az: str, data_dir: str, tuning: Tuning | None = None) -> None:
+        self.node_id = node_id
+        self.az = az
+        self.tuning = tuning or Tuning()
+        self.log = node_logger("storage_node", node_id, az)
+        self.store = Store(data_dir, node_id, map_size=self.tuning.map_size,
+                           logger=node_logger("storage_node.store", node_id, az))
+        self.counters = Counters()
+        self.committer: GroupCommitter | None = None
+        self.read_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lmdb-read")
+        self.bg_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmdb-bg")
+
+    async def start(self) -> None:
+        self.committer = GroupCommitter(self.store, node_logger("storage_node.commit", self.node_id, self.az))
+        self.committer.start()
+
+    async def close(self) -> None:
+        """Finish queued commits, stop the executors, close LMDB."""
+        if self.committer is not None:
+            await self.committer.close()
+        self.read_executor.shutdown(wait=True)
+        self.bg_executor.shutdown(wait=True)
+        self.store.close()
+        self.log.info("store closed")
+
+    # -- helpers for the rpc layer and the background tasks ---------------------------------
+
+    async def read(self, fn, *args):
+        """Run a Store read method in the foreground read pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.read_executor, fn, *args)
+
+    async def read_bg(self, fn, *args):
+        """Run a Store read method in the background pool (lower priority work)."""
+        return await asyncio.get_running_loop().run_in_executor(self.bg_executor, fn, *args)
+
+    async def commit(self, op, background: bool = False):
+        return await self.committer.submit(op, background)
+
+    def verify_append(self, volume: str, epoch: int, writer_vdl: int, batches,
+                      source: str = "writer") -> AppendOp:
+        """Verify every batch of one request (checksums, lengths, types, PG membership)
+        BEFORE anything is stored; raise the first refusal. ``batches`` yields
+        (pg, membership_epoch, records bytes)."""
+        info = self.store.volume(volume)
+        verified = []
+        for pg, membership_epoch, buf in batches:
+            refs = verify_batch(info.layout, pg, buf)
+            verified.append((pg, membership_epoch, buf, refs))
+        return AppendOp(volume, epoch, writer_vdl, verified, source)
+
+    async def append(self, op: AppendOp, background: bool = False) -> dict[int, int]:
+        """Make a verified AppendOp durable; return {pg: scl} (invariant 3)."""
+        n = sum(len(b[3]) for b in op.batches)
+        nbytes = sum(len(b[2]) for b in op.batches)
+        if op.source == "writer":
+            self.counters.records_received += n
+            self.counters.bytes_received += nbytes
+        else:
+            self.counters.gossip_records_pulled += n
+        return await self.commit(op, background)

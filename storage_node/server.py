@@ -1,0 +1,129 @@
+"""The storage-node process: ``aurora-lite storage-node --node-id sn1 --az az-a ...``.
+
+Lifecycle::
+
+    open LMDB (StorageNode)  ->  grpc.aio server on host:port (0 = any free port)
+      -> health NOT_SERVING -> start group committer, gossip, background tasks
+      -> health SERVING for "" and "aurora_pb.Storage" -> log "serving on host:port" and
+         write the port to --port-file (atomically, once serving)
+    SIGTERM / SIGINT:
+      health NOT_SERVING -> stop gossip and background tasks -> server.stop(grace): in-flight
+      RPCs finish, their commits included -> drain the group committer -> close LMDB -> exit 0
+    SIGKILL: nothing acknowledged is lost, because every ack follows a synced LMDB commit
+      (invariant 3); LMDB's copy-on-write B-tree needs no recovery on open.
+
+Tuning knobs come from ``AURORA_SN_*`` environment variables (storage_node.node.Tuning).
+Every log line carries the node id and AZ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from aurora_pb import storage_pb2_grpc as pb_grpc
+from storage_node import node as node_module
+from storage_node.background import Background
+from storage_node.gossip import Gossip
+from storage_node.node import StorageNode, Tuning, node_logger
+from storage_node.service import StorageService
+
+SERVICE_NAME = "aurora_pb.Storage"
+SHUTDOWN_GRACE_S = 5.0
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class _TagForeignLines(logging.Filter):
+    """Prefix log lines of other libraries (grpc, asyncio) with ``[node az]`` too."""
+
+    def __init__(self, node_id: str, az: str) -> None:
+        super().__init__()
+        self.tag = f"[{node_id} {az}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("storage_node") and not getattr(record, "_node_tagged", False):
+            record.msg = self.tag + str(record.msg)
+            record._node_tagged = True
+        return True
+
+
+def _write_port_file(path: str, port: int) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{port}\n")
+    os.replace(tmp, path)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    log = node_logger("storage_node.server", args.node_id, args.az)
+    tuning = Tuning.from_env()
+    node = StorageNode(args.node_id, args.az, args.data_dir, tuning)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_StorageServicer_to_server(StorageService(node), server)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError as exc:
+        log.error("cannot bind %s:%s: %s", args.host, args.port, exc)
+        node.store.close()
+        return 1
+    await node.start()
+    await server.start()
+    peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
+    gossip = Gossip(node, peers)
+    background = Background(node)
+    gossip.start()
+    background.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving on %s:%d (data dir %s, %d peers, materialiser %s)", args.host, port,
+             args.data_dir, len(peers), _materialiser_name())
+    if args.port_file:
+        _write_port_file(args.port_file, port)
+
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests")
+    await health_servicer.enter_graceful_shutdown()
+    await gossip.close()
+    await background.close()
+    await server.stop(SHUTDOWN_GRACE_S)
+    await node.close()
+    log.info("stopped cleanly")
+    return 0
+
+
+def _materialiser_name() -> str:
+    from engine import materialiser
+    return materialiser.IMPLEMENTATION
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``aurora-lite storage-node`` (engine/cli.py); returns the exit code."""
+    tag = f"[{args.node_id} {args.az}]"
+    handlers = logging.getLogger().handlers
+    if handlers and all(tag in (getattr(h.formatter, "_fmt", "") or "") for h in handlers):
+        node_module.PREFIX_LINES = False  # the format already carries the tag
+    else:
+        tagger = _TagForeignLines(args.node_id, args.az)
+        for handler in handlers:
+            handler.addFilter(tagger)
+    return asyncio.run(serve(args))

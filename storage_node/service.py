@@ -1,0 +1,154 @@
+"""The gRPC face of a storage node: translate requests into StorageNode / Store calls.
+
+Every handler is a thin shell: it turns protobuf fields into plain values, runs the call
+(LMDB reads in the read executor, writes through the group committer) and turns a
+storage_node.errors.StorageError into its gRPC status plus the ``aurora-error`` trailing
+metadata (and ``aurora-current-epoch`` for STALE_EPOCH). A refused request changes
+nothing, and the node keeps serving: no handler lets an exception kill the server.
+
+    RPC            what it does                                     store / node call
+    Append         verify all batches, group-commit, ack SCLs       verify_append, append
+    ReadPage       page as of a read point (invariant 8)            Store.read_page
+    SegmentState   state (+ fence: adopt a higher epoch first)      AdoptEpochOp, segment_state
+    FetchRecords   chain-complete records in (after, upto]          Store.fetch_records
+    Truncate       durable truncation range under a new epoch       TruncateOp
+    CreateVolume   segments of a volume (idempotent)                CreateVolumeOp
+    SetGcHorizon   PGMRPL for GC (invariant 12)                     SetGcHorizonOp
+    NodeStatus     counters and per-segment state                   in-memory mirrors
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grpc
+
+from aurora_pb import storage_pb2 as pb
+from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine.volume import DEFAULT_STRIPE_PAGES
+from storage_node.errors import StorageError
+from storage_node.node import StorageNode, node_logger
+from storage_node.store import (
+    AdoptEpochOp,
+    CreateVolumeOp,
+    SetGcHorizonOp,
+    TruncateOp,
+)
+
+
+def _truncs_pb(truncs) -> list:
+    return [pb.TruncationRange(start_lsn=s, end_lsn=e, epoch=ep) for s, e, ep in truncs]
+
+
+def refusals(method):
+    """Turn a StorageError into a gRPC status with aurora-error metadata."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except StorageError as exc:
+            self.log.info("%s refused (%s): %s", method.__name__, exc.code, exc)
+            await context.abort(getattr(grpc.StatusCode, exc.status), str(exc),
+                                trailing_metadata=exc.metadata())
+
+    return wrapper
+
+
+class StorageService(pb_grpc.StorageServicer):
+    """aurora_pb.Storage over one StorageNode."""
+
+    def __init__(self, node: StorageNode) -> None:
+        self.node = node
+        self.store = node.store
+        self.log = node_logger("storage_node.service", node.node_id, node.az)
+
+    @refusals
+    async def Append(self, request: pb.AppendRequest, context) -> pb.AppendReply:
+        node = self.node
+        node.counters.append_rpcs += 1
+        op = node.verify_append(request.volume, request.volume_epoch, request.writer_vdl,
+                                ((b.pg, b.membership_epoch, b.records) for b in request.batches))
+        acks = await node.append(op)
+        return pb.AppendReply(acks=[pb.PgAck(pg=pg, scl=scl) for pg, scl in acks.items()],
+                              node_id=node.node_id)
+
+    @refusals
+    async def ReadPage(self, request: pb.ReadPageRequest, context) -> pb.ReadPageReply:
+        page, page_lsn, scl = await self.node.read(
+            self.store.read_page, request.volume, request.pg, request.page_id,
+            request.read_point, request.volume_epoch, request.min_scl)
+        return pb.ReadPageReply(page=page, page_lsn=page_lsn, scl=scl)
+
+    @refusals
+    async def SegmentState(self, request: pb.SegmentStateRequest, context) -> pb.SegmentStateReply:
+        self.store.segment(request.volume, request.pg)  # UNKNOWN_VOLUME / MALFORMED early
+        if request.fence and request.volume_epoch:
+            await self.node.commit(AdoptEpochOp(request.volume, request.pg, request.volume_epoch,
+                                                reject_stale=True))
+        m, records, _more, tail = await self.node.read(
+            self.store.segment_state, request.volume, request.pg, request.records_since,
+            request.include_records, 65536, request.tail_bound)
+        return pb.SegmentStateReply(
+            scl=m.scl, volume_epoch=m.volume_epoch, membership_epoch=m.membership_epoch,
+            writer_vdl=m.writer_vdl, gc_horizon=m.gc_horizon, max_lsn=m.max_lsn,
+            truncations=_truncs_pb(m.truncs),
+            records=[pb.RecordMeta(lsn=lsn, prev_volume_lsn=pv, flags=fl) for lsn, pv, fl in records],
+            node_id=self.node.node_id, tail_lsn=tail)
+
+    @refusals
+    async def FetchRecords(self, request: pb.FetchRecordsRequest, context) -> pb.FetchRecordsReply:
+        records, scl, more, epoch, truncs = await self.node.read(
+            self.store.fetch_records, request.volume, request.pg, request.after_lsn,
+            request.upto_lsn, request.max_bytes, request.volume_epoch)
+        return pb.FetchRecordsReply(records=records, scl=scl, more=more, volume_epoch=epoch,
+                                    truncations=_truncs_pb(truncs))
+
+    @refusals
+    async def Truncate(self, request: pb.TruncateRequest, context) -> pb.TruncateReply:
+        scl = await self.node.commit(TruncateOp(request.volume, request.pg, request.start_lsn,
+                                                request.end_lsn, request.volume_epoch))
+        return pb.TruncateReply(scl=scl)
+
+    @refusals
+    async def CreateVolume(self, request: pb.CreateVolumeRequest, context) -> pb.CreateVolumeReply:
+        created = await self.node.commit(CreateVolumeOp(
+            request.volume, request.pg_count, request.stripe_pages or DEFAULT_STRIPE_PAGES,
+            request.volume_epoch))
+        return pb.CreateVolumeReply(created=created)
+
+    @refusals
+    async def SetGcHorizon(self, request: pb.SetGcHorizonRequest, context) -> pb.SetGcHorizonReply:
+        horizon = await self.node.commit(SetGcHorizonOp(request.volume, request.horizon_lsn,
+                                                        request.volume_epoch))
+        return pb.SetGcHorizonReply(gc_horizon=horizon)
+
+    async def NodeStatus(self, request: pb.NodeStatusRequest, context) -> pb.NodeStatusReply:
+        return status_reply(self.node)
+
+
+def status_reply(node: StorageNode) -> pb.NodeStatusReply:
+    """NodeStatusReply from the in-memory mirrors (no LMDB access)."""
+    store = node.store
+    c = node.counters
+    segments = []
+    quarantined = 0
+    for (volume, pg), m in sorted(store.segments()):
+        qr, qv = store.quarantined((volume, pg))
+        quarantined += len(qr) + len(qv)
+        segments.append(pb.SegmentStatus(
+            volume=volume, pg=pg, scl=m.scl, volume_epoch=m.volume_epoch, max_lsn=m.max_lsn,
+            gc_horizon=m.gc_horizon, records=m.n_records, page_versions=m.n_versions,
+            truncations=len(m.truncs), membership_epoch=m.membership_epoch,
+            writer_vdl=m.writer_vdl))
+    volumes = [pb.VolumeInfo(volume=v.name, pg_count=v.layout.pg_count,
+                             stripe_pages=v.layout.stripe_pages, volume_epoch=v.created_epoch)
+               for v in store.volumes()]
+    return pb.NodeStatusReply(
+        node_id=node.node_id, az=node.az, records_received=c.records_received,
+        bytes_received=c.bytes_received, lmdb_bytes_written=store.lmdb_bytes_written,
+        write_txns=store.write_txns, pages_materialised=c.pages_materialised,
+        scrub_errors_found=c.scrub_errors_found, scrub_repairs=store.scrub_repairs,
+        gossip_records_pulled=c.gossip_records_pulled, append_rpcs=c.append_rpcs,
+        segments=segments, volumes=volumes, gc_records_deleted=c.gc_records_deleted,
+        quarantined=quarantined)

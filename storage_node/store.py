@@ -1,0 +1,1496 @@
+"""The durable state of a storage node: one LMDB environment holding many segments.
+
+A *segment* is one protection group's (PG's) copy on this node: the PG's redo log records,
+the page versions materialised from them, and a little metadata. A node holds the
+segments of several volumes (one per PG of each volume). This module owns every durable
+state transition; it does no networking and imports no grpc. The rpc layer
+(storage_node/service.py) and the background tasks call it; every write goes through
+``Store.apply_ops``, which runs a list of operations in ONE LMDB write transaction (the
+group commit of storage_node/commit.py) and returns after the sync commit (invariant 3).
+
+LMDB layout (one environment, ``sync=True``; named databases). Keys are big-endian so
+LMDB's byte order is numeric order: a cursor walks a segment's log in LSN order and a
+page's versions in LSN order. Values are little-endian like the record and page formats.
+``seg`` below is the 8-byte segment prefix ``vol_id u32 BE | pg u32 BE``::
+
+    DB          KEY: OFFSET SIZE MEANING          VALUE: OFFSET SIZE MEANING
+    node        0  n  b"node_id"                  0  n  node id (utf-8); refuse another
+                0  n  b"format"                   0  4  u32 layout version (FORMAT = 1)
+                0  n  b"next_vol_id"              0  4  u32 next volume id to assign
+    volumes     0  n  volume name (utf-8)         0  4  vol_id
+                                                  4  4  pg_count       layout
+                                                  8  4  stripe_pages   layout
+                                                  12 8  created_epoch
+    segments    0  8  seg                         0  8  scl            invariant 4
+                                                  8  8  volume_epoch   invariant 9
+                                                  16 8  membership_epoch
+                                                  24 8  writer_vdl     highest seen in Appends
+                                                  32 8  gc_horizon     PGMRPL, invariant 12
+                                                  40 8  max_lsn        highest LSN stored
+                                                  48 8  gc_done        horizon GC finished at
+                                                  56 8  log_floor      records < it may be GC'd
+                                                  64 8  n_records      log entries stored
+                                                  72 8  n_versions     page versions stored
+                                                  80 8  generation     bumped by truncation
+                                                  88 4  n_trunc
+                                                  92 24*n truncation ranges: start u64
+                                                        (exclusive), end u64 (inclusive),
+                                                        epoch u64 that recorded it
+    log         0  8  seg                         0  n  the redo record exactly as received
+                8  8  lsn                               (header + payload, own CRC32)
+    pageidx     0  8  seg                         0  0  (empty) page -> LSN index: the
+                8  4  page_id                           records of one page in LSN order
+                12 8  lsn
+    versions    0  8  seg                         0  8192 page image as of lsn (own CRC32;
+                8  4  page_id                           page_lsn == lsn)
+                12 8  lsn
+    quarantine  0  8  seg                         0  8  u64 unix time it was found bad
+                8  1  b"R": a log record          (invariant 13: removed from the
+                9  8  lsn                          readable set until repaired)
+                8  1  b"V": a page version
+                9  4  page_id
+                13 8  lsn
+
+State transitions and the functions that make them (all inside ``apply_ops``):
+
+    CreateVolumeOp   volumes + one segments row per PG          _op_create_volume
+    AppendOp         log + pageidx rows, SCL walk, max_lsn,     _op_append
+                     writer_vdl; repairs clear quarantine rows
+    TruncateOp       a truncation range + epoch; SCL recomputed; _op_truncate
+                     versions above the range start dropped
+    AdoptEpochOp     a higher epoch (fencing) and a peer's       _op_adopt_epoch
+                     truncation ranges (gossip)
+    SetGcHorizonOp   gc_horizon = max(old, new)                  _op_set_gc_horizon
+    PutVersionsOp    versions rows from the coalescer / repair   _op_put_versions
+    GcStepOp         delete records and versions no read point   _op_gc_step
+                     >= horizon needs (invariant 12)
+    QuarantineOp     move bad bytes out of log / versions into   _op_quarantine
+                     quarantine (invariant 13)
+
+The SCL rule (invariant 4): starting from the persisted SCL, look at the next stored record
+above it that is not inside a truncation range. If its ``prev_pg_lsn`` equals the SCL, the
+SCL moves to its LSN and the walk repeats; otherwise there is a hole and the SCL stays
+until the missing record arrives (retransmit or gossip). Example: SCL 10, stored 14 (prev
+12) and 16 (prev 14): the next record 14 does not link to 10, so SCL stays 10; when 12
+(prev 10) arrives the walk goes 12, 14, 16 and SCL becomes 16.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import lmdb
+
+from engine import materialiser
+from engine import page as pagefmt
+from engine.errors import ChecksumError, FormatError, PageOrderError
+from engine.redo import HEADER_SIZE, LSN_MAX
+from engine.volume import VolumeLayout
+from storage_node.errors import (
+    BadChecksumError,
+    CorruptError,
+    EpochAheadError,
+    MalformedError,
+    PageNotFoundError,
+    ReadPointAboveSclError,
+    ReadPointBelowGcError,
+    StaleEpochError,
+    StorageError,
+    UnknownVolumeError,
+    WrongPgError,
+)
+
+FORMAT = 1
+DEFAULT_MAP_SIZE = 16 << 30  # sparse on Linux: the file grows only as pages are used
+MAX_DBS = 8
+PAGE_SIZE = pagefmt.PAGE_SIZE
+
+#: Upper bounds on one answer (TigerBeetle style: every batch has a limit).
+FETCH_BYTES_DEFAULT = 4 << 20
+FETCH_BYTES_MAX = 16 << 20
+STATE_RECORDS_MAX = 65536
+READ_VERSION_FALLBACKS = 3
+
+_SEG = struct.Struct(">II")
+_BE64 = struct.Struct(">Q")
+_BE32 = struct.Struct(">I")
+_PAGE_LSN = struct.Struct(">IQ")
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_VOLUME = struct.Struct("<IIIQ")
+_META = struct.Struct("<QQQQQQQQQQQI")
+_TRUNC = struct.Struct("<QQQ")
+# Record header fields read straight from stored bytes (see engine/redo.py).
+_REC_PREV_VOL = 8
+_REC_PREV_PG = 16
+_REC_PAGE = 32
+_REC_FLAGS = 37
+
+KIND_RECORD = b"R"
+KIND_VERSION = b"V"
+
+log = logging.getLogger(__name__)
+
+
+def _be64(n: int) -> bytes:
+    return _BE64.pack(n)
+
+
+def seg_prefix(vol_id: int, pg: int) -> bytes:
+    """The 8-byte key prefix of a segment."""
+    return _SEG.pack(vol_id, pg)
+
+
+def log_key(prefix: bytes, lsn: int) -> bytes:
+    return prefix + _BE64.pack(lsn)
+
+
+def page_key(prefix: bytes, page_id: int, lsn: int) -> bytes:
+    """Key of a pageidx or versions row."""
+    return prefix + _PAGE_LSN.pack(page_id, lsn)
+
+
+def _in_truncation(lsn: int, truncs) -> bool:
+    for start, end, _epoch in truncs:
+        if start < lsn <= end:
+            return True
+    return False
+
+
+# --- In-memory images of the metadata rows -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A volume this node stores: its id in keys and its layout."""
+
+    name: str
+    vol_id: int
+    layout: VolumeLayout
+    created_epoch: int
+
+
+@dataclass
+class SegMeta:
+    """The ``segments`` row of one segment (see the layout table)."""
+
+    scl: int = 0
+    volume_epoch: int = 0
+    membership_epoch: int = 0
+    writer_vdl: int = 0
+    gc_horizon: int = 0
+    max_lsn: int = 0
+    gc_done: int = 0
+    log_floor: int = 0
+    n_records: int = 0
+    n_versions: int = 0
+    generation: int = 0
+    truncs: tuple = ()  # ((start, end, epoch), ...): records in (start, end] are hidden
+
+    def encode(self) -> bytes:
+        head = _META.pack(self.scl, self.volume_epoch, self.membership_epoch, self.writer_vdl,
+                          self.gc_horizon, self.max_lsn, self.gc_done, self.log_floor,
+                          self.n_records, self.n_versions, self.generation, len(self.truncs))
+        return head + b"".join(_TRUNC.pack(*t) for t in self.truncs)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> "SegMeta":
+        fields = _META.unpack_from(buf, 0)
+        n = fields[-1]
+        truncs = tuple(_TRUNC.unpack_from(buf, _META.size + i * _TRUNC.size) for i in range(n))
+        assert len(buf) == _META.size + n * _TRUNC.size, "segments row has a bad length"
+        return cls(*fields[:-1], truncs=truncs)
+
+    def copy(self) -> "SegMeta":
+        return replace(self)
+
+
+# --- Operations: what a write transaction can do --------------------------------------------
+
+
+@dataclass
+class AppendOp:
+    """Store verified batches of one volume. ``epoch`` 0 = from a peer (gossip/repair)."""
+
+    volume: str
+    epoch: int
+    writer_vdl: int
+    batches: list  # [(pg, membership_epoch, buf, refs)] refs from verify_batch
+    source: str = "writer"  # writer | gossip | repair
+
+
+@dataclass
+class CreateVolumeOp:
+    volume: str
+    pg_count: int
+    stripe_pages: int
+    epoch: int
+
+
+@dataclass
+class TruncateOp:
+    volume: str
+    pg: int
+    start_lsn: int
+    end_lsn: int
+    epoch: int
+
+
+@dataclass
+class AdoptEpochOp:
+    """Adopt a higher epoch (fence) and/or truncation ranges learned from a peer."""
+
+    volume: str
+    pg: int
+    epoch: int
+    truncs: tuple = ()
+    reject_stale: bool = False  # True for SegmentState(fence=true) from a writer
+
+
+@dataclass
+class SetGcHorizonOp:
+    volume: str
+    horizon: int
+    epoch: int
+
+
+@dataclass
+class PutVersionsOp:
+    """Page versions built by the coalescer, GC or a repair. Dropped if a truncation
+    happened since they were planned (``generation`` changed)."""
+
+    volume: str
+    pg: int
+    generation: int
+    versions: list  # [(page_id, lsn, bytes)]
+    clears: list = field(default_factory=list)  # quarantined (page_id, lsn) this repairs
+
+
+@dataclass
+class GcStepOp:
+    volume: str
+    pg: int
+    generation: int
+    put_versions: list  # [(page_id, lsn, bytes)]
+    delete_records: list  # [(page_id, lsn)]
+    delete_versions: list  # [(page_id, lsn)]
+    done_horizon: int = 0  # when > 0: the pass is complete up to this horizon
+    log_floor: int = 0
+
+
+@dataclass
+class QuarantineOp:
+    volume: str
+    pg: int
+    records: list  # [lsn]
+    versions: list  # [(page_id, lsn)]
+
+
+# --- Verification of incoming bytes (before anything is stored) ------------------------------
+
+
+def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
+    """Verify a PG batch and return its record tuples (engine.materialiser.scan_batch).
+
+    Raises BadChecksumError, MalformedError or WrongPgError: the caller rejects the whole
+    request and stores nothing of it.
+    """
+    if not 0 <= pg < layout.pg_count:
+        raise MalformedError(f"pg {pg} out of range (volume has {layout.pg_count} PGs)")
+    try:
+        refs = materialiser.scan_batch(buf)
+    except ChecksumError as exc:
+        raise BadChecksumError(f"pg {pg}: {exc}") from None
+    except FormatError as exc:
+        raise MalformedError(f"pg {pg}: {exc}") from None
+    stripe = layout.stripe_pages
+    count = layout.pg_count
+    for ref in refs:
+        lsn = ref[2]
+        page_id = ref[6]
+        if (page_id // stripe) % count != pg:
+            raise WrongPgError(
+                f"record lsn {lsn}: page {page_id} belongs to pg {layout.pg_of(page_id)}, "
+                f"not to the batch's pg {pg}")
+        if ref[3] >= lsn or ref[4] >= lsn or ref[5] >= lsn:
+            raise MalformedError(f"record lsn {lsn}: a backlink is not below its own LSN")
+    return refs
+
+
+def verify_stored_record(key_lsn: int, value) -> bool:
+    """True if a stored log value is exactly one intact record with the key's LSN."""
+    try:
+        refs = materialiser.scan_batch(value)
+    except FormatError:
+        return False
+    return len(refs) == 1 and refs[0][2] == key_lsn and refs[0][1] == len(value)
+
+
+def verify_stored_page(page_id: int, lsn: int, value) -> bool:
+    """True if a stored page version is intact and is the page it claims to be."""
+    return (len(value) == PAGE_SIZE and pagefmt.verify_checksum(value)
+            and pagefmt.page_id(value) == page_id and pagefmt.page_lsn(value) == lsn)
+
+
+# --- The store -----------------------------------------------------------------------------
+
+
+class _Txn:
+    """Per-write-transaction scratch state: cursors, metadata copies, post-commit work."""
+
+    def __init__(self, store: "Store", txn) -> None:
+        self.store = store
+        self.txn = txn
+        self.log_cur = txn.cursor(db=store.db_log)
+        self.idx_cur = txn.cursor(db=store.db_pageidx)
+        self.metas: dict[tuple, SegMeta] = {}
+        self.new_volumes: dict[str, VolumeInfo] = {}
+        self.dirty: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.reset_dirty: set = set()
+        self.quar_add: list = []  # (key, kind, item)
+        self.quar_del: list = []
+        self.bytes_written = 0
+        self.repairs = 0
+
+    def meta(self, key: tuple) -> SegMeta:
+        m = self.metas.get(key)
+        if m is None:
+            m = self.store._segs[key].copy()
+            self.metas[key] = m
+        return m
+
+
+class Store:
+    """A node's LMDB environment and every durable state transition on it.
+
+    Threading: ``apply_ops`` must only ever be called from one thread at a time (the group
+    committer's executor thread): it owns the in-memory mirrors. Read methods may run in
+    any thread; each opens its own read transaction and takes the metadata from it, so a
+    read sees one consistent snapshot.
+    """
+
+    def __init__(self, path: str, node_id: str = "", *, map_size: int = DEFAULT_MAP_SIZE,
+                 readonly: bool = False, logger: logging.LoggerAdapter | logging.Logger | None = None) -> None:
+        self.path = path
+        self.node_id = node_id
+        self.log = logger or log
+        os.makedirs(path, exist_ok=True)
+        # sync=True: a commit returns only once the data is on disk (invariant 3).
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=MAX_DBS, sync=True,
+                             metasync=True, readahead=False, readonly=readonly)
+        self.db_node = self.env.open_db(b"node")
+        self.db_volumes = self.env.open_db(b"volumes")
+        self.db_segments = self.env.open_db(b"segments")
+        self.db_log = self.env.open_db(b"log")
+        self.db_pageidx = self.env.open_db(b"pageidx")
+        self.db_versions = self.env.open_db(b"versions")
+        self.db_quarantine = self.env.open_db(b"quarantine")
+        self._volumes: dict[str, VolumeInfo] = {}
+        self._by_id: dict[int, VolumeInfo] = {}
+        self._segs: dict[tuple, SegMeta] = {}
+        self._quar_records: dict[tuple, frozenset] = {}
+        self._quar_versions: dict[tuple, frozenset] = {}
+        self._dirty_lock = threading.Lock()
+        self._dirty: dict[tuple, dict[int, int]] = {}
+        #: Segments whose dirty counts must be rebuilt from LMDB (startup, truncation).
+        self.needs_sweep: set = set()
+        #: (key, kind, item) of bad bytes a read stumbled on, for the scrubber to quarantine.
+        self.suspects: list = []
+        #: Quarantined versions (key, page_id, lsn) the local log cannot rebuild (GC'd):
+        #: gossip refetches these pages from a peer.
+        self._peer_pages: set = set()
+        self.lmdb_bytes_written = 0
+        self.write_txns = 0
+        self.scrub_repairs = 0
+        if not readonly:
+            self._init_node()
+        self._load()
+
+    # -- opening ------------------------------------------------------------------------
+
+    def _init_node(self) -> None:
+        with self.env.begin(write=True, db=self.db_node) as txn:
+            stored = txn.get(b"node_id")
+            if stored is None:
+                txn.put(b"node_id", self.node_id.encode())
+                txn.put(b"format", _U32.pack(FORMAT))
+                txn.put(b"next_vol_id", _U32.pack(1))
+            elif self.node_id and stored.decode() != self.node_id:
+                raise RuntimeError(
+                    f"data dir {self.path} belongs to node {stored.decode()!r}, not {self.node_id!r}")
+            fmt = _U32.unpack(txn.get(b"format"))[0]
+            if fmt != FORMAT:
+                raise RuntimeError(f"data dir {self.path}: unknown layout format {fmt}")
+
+    def _load(self) -> None:
+        with self.env.begin() as txn:
+            for name, value in txn.cursor(db=self.db_volumes):
+                vol_id, pg_count, stripe, created = _VOLUME.unpack(value)
+                info = VolumeInfo(name.decode(), vol_id, VolumeLayout(pg_count, stripe), created)
+                self._volumes[info.name] = info
+                self._by_id[vol_id] = info
+            for key, value in txn.cursor(db=self.db_segments):
+                vol_id, pg = _SEG.unpack(key)
+                seg = (self._by_id[vol_id].name, pg)
+                self._segs[seg] = SegMeta.decode(value)
+                self._quar_records[seg] = frozenset()
+                self._quar_versions[seg] = frozenset()
+                self._dirty[seg] = {}
+                self.needs_sweep.add(seg)
+            for key, _value in txn.cursor(db=self.db_quarantine):
+                vol_id, pg = _SEG.unpack(key[:8])
+                seg = (self._by_id[vol_id].name, pg)
+                if key[8:9] == KIND_RECORD:
+                    self._quar_records[seg] |= {_BE64.unpack(key[9:17])[0]}
+                else:
+                    self._quar_versions[seg] |= {_PAGE_LSN.unpack(key[9:21])}
+        if self._segs:
+            self.log.info("opened %s: %d volumes, %d segments, %d quarantined items",
+                          self.path, len(self._volumes), len(self._segs),
+                          sum(len(s) for s in self._quar_records.values())
+                          + sum(len(s) for s in self._quar_versions.values()))
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- lookups (any thread) -------------------------------------------------------------
+
+    def volume(self, name: str) -> VolumeInfo:
+        """The volume's info; UnknownVolumeError if this node does not store it."""
+        info = self._volumes.get(name)
+        if info is None:
+            raise UnknownVolumeError(f"unknown volume {name!r}")
+        return info
+
+    def volumes(self) -> list[VolumeInfo]:
+        return list(self._volumes.values())
+
+    def segment_keys(self) -> list[tuple]:
+        return list(self._segs.keys())
+
+    def segment(self, volume: str, pg: int) -> SegMeta:
+        """A copy of the segment's committed metadata (raises like ``_prefix``)."""
+        self._prefix(volume, pg)
+        return self._segs[(volume, pg)].copy()
+
+    def quarantined(self, key: tuple) -> tuple[frozenset, frozenset]:
+        """(record LSNs, (page_id, lsn) versions) currently quarantined in a segment."""
+        return self._quar_records.get(key, frozenset()), self._quar_versions.get(key, frozenset())
+
+    def segments(self) -> list[tuple[tuple, SegMeta]]:
+        """[((volume, pg), SegMeta)] of every segment (committed state; do not modify)."""
+        return list(self._segs.items())
+
+    def needs_peer_page(self, key: tuple, page_id: int, lsn: int) -> bool:
+        """True if a quarantined page version must come from a peer (log GC'd below it)."""
+        return (key, page_id, lsn) in self._peer_pages
+
+    def mark_needs_peer_page(self, key: tuple, page_id: int, lsn: int) -> None:
+        self._peer_pages.add((key, page_id, lsn))
+
+    def _prefix(self, volume: str, pg: int) -> bytes:
+        info = self.volume(volume)
+        if not 0 <= pg < info.layout.pg_count:
+            raise MalformedError(f"volume {volume!r} has no pg {pg} (pg_count {info.layout.pg_count})")
+        return seg_prefix(info.vol_id, pg)
+
+    def _read_meta(self, txn, prefix: bytes) -> SegMeta:
+        return SegMeta.decode(txn.get(prefix, db=self.db_segments))
+
+    # -- dirty page counts (coalescer triggers) -------------------------------------------
+
+    def take_dirty(self, threshold: int, max_pages: int) -> list[tuple[tuple, list[int]]]:
+        """Segments and pages with at least ``threshold`` complete records not yet in a
+        page version; their counts are reset (the coalescer is about to fold them)."""
+        out = []
+        budget = max_pages
+        with self._dirty_lock:
+            for key, pages in self._dirty.items():
+                if budget <= 0:
+                    break
+                chosen = [p for p, n in pages.items() if n >= threshold][:budget]
+                if chosen:
+                    for p in chosen:
+                        del pages[p]
+                    out.append((key, chosen))
+                    budget -= len(chosen)
+        return out
+
+    def set_dirty(self, key: tuple, counts: dict[int, int]) -> None:
+        with self._dirty_lock:
+            self._dirty[key] = dict(counts)
+
+    def dirty_total(self) -> int:
+        with self._dirty_lock:
+            return sum(sum(p.values()) for p in self._dirty.values())
+
+    # -- the write path -------------------------------------------------------------------
+
+    def apply_ops(self, ops: list) -> list:
+        """Run ``ops`` in one LMDB write transaction, commit with sync, return per-op results.
+
+        A result is the op's return value or the StorageError that refused it; a refused
+        op changed nothing (every op validates before it writes). Any other exception
+        aborts the whole transaction and propagates: nothing of it is stored.
+        """
+        results: list = [None] * len(ops)
+        with self.env.begin(write=True) as txn:
+            ctx = _Txn(self, txn)
+            for i, op in enumerate(ops):
+                try:
+                    results[i] = self._dispatch[type(op)](self, ctx, op)
+                except StorageError as exc:
+                    results[i] = exc
+            for key, m in ctx.metas.items():
+                prefix = seg_prefix(self._vol_of(ctx, key[0]).vol_id, key[1])
+                value = m.encode()
+                txn.put(prefix, value, db=self.db_segments)
+                ctx.bytes_written += len(prefix) + len(value)
+            for i, op in enumerate(ops):  # acks carry the SCL after the whole commit
+                if isinstance(op, AppendOp) and isinstance(results[i], dict):
+                    results[i] = {pg: ctx.metas[(op.volume, pg)].scl for pg in results[i]}
+        # Committed and synced: publish the new state to the in-memory mirrors.
+        self._publish(ctx)
+        return results
+
+    def _vol_of(self, ctx: _Txn, name: str) -> VolumeInfo:
+        info = ctx.new_volumes.get(name) or self._volumes.get(name)
+        if info is None:
+            raise UnknownVolumeError(f"unknown volume {name!r}")
+        return info
+
+    def _publish(self, ctx: _Txn) -> None:
+        if ctx.new_volumes:
+            volumes = dict(self._volumes)
+            by_id = dict(self._by_id)
+            for info in ctx.new_volumes.values():
+                volumes[info.name] = info
+                by_id[info.vol_id] = info
+            self._volumes, self._by_id = volumes, by_id
+        new_keys = [k for k in ctx.metas if k not in self._segs]
+        if new_keys:
+            segs = dict(self._segs)
+            segs.update(ctx.metas)
+            qr = dict(self._quar_records)
+            qv = dict(self._quar_versions)
+            for k in new_keys:
+                qr[k] = frozenset()
+                qv[k] = frozenset()
+            self._quar_records, self._quar_versions = qr, qv
+            self._segs = segs
+        else:
+            self._segs.update(ctx.metas)
+        for key, kind, item in ctx.quar_add:
+            if kind == KIND_RECORD:
+                self._quar_records[key] = self._quar_records[key] | {item}
+            else:
+                self._quar_versions[key] = self._quar_versions[key] | {item}
+        for key, kind, item in ctx.quar_del:
+            if kind == KIND_RECORD:
+                self._quar_records[key] = self._quar_records[key] - {item}
+            else:
+                self._quar_versions[key] = self._quar_versions[key] - {item}
+                self._peer_pages.discard((key, item[0], item[1]))
+        with self._dirty_lock:
+            for key in ctx.reset_dirty:
+                self._dirty[key] = {}
+            for key, pages in ctx.dirty.items():
+                target = self._dirty.setdefault(key, {})
+                for p, n in pages.items():
+                    target[p] = target.get(p, 0) + n
+        self.needs_sweep |= ctx.reset_dirty
+        self.lmdb_bytes_written += ctx.bytes_written
+        self.write_txns += 1
+        self.scrub_repairs += ctx.repairs
+
+    # Epoch rules (invariant 9) --------------------------------------------------------------
+
+    @staticmethod
+    def _check_epoch(m: SegMeta, epoch: int, what: str, key: tuple) -> None:
+        if epoch < m.volume_epoch:
+            raise StaleEpochError(
+                f"{what}: volume epoch {epoch} is stale; segment {key[0]}/{key[1]} is at epoch "
+                f"{m.volume_epoch}", m.volume_epoch)
+        if epoch > m.volume_epoch:
+            raise EpochAheadError(
+                f"{what}: volume epoch {epoch} is ahead of segment {key[0]}/{key[1]} "
+                f"(epoch {m.volume_epoch}); send it the Truncate of epoch {epoch} first")
+
+    # Ops --------------------------------------------------------------------------------------
+
+    def _op_create_volume(self, ctx: _Txn, op: CreateVolumeOp):
+        if op.pg_count < 1 or op.stripe_pages < 1:
+            raise MalformedError(f"CreateVolume {op.volume!r}: pg_count and stripe_pages must be >= 1")
+        if not op.volume:
+            raise MalformedError("CreateVolume: empty volume name")
+        existing = ctx.new_volumes.get(op.volume) or self._volumes.get(op.volume)
+        if existing is not None:
+            if existing.layout != VolumeLayout(op.pg_count, op.stripe_pages):
+                raise MalformedError(
+                    f"CreateVolume {op.volume!r}: exists with layout {existing.layout}, "
+                    f"asked for pg_count={op.pg_count} stripe_pages={op.stripe_pages}")
+            return False
+        txn = ctx.txn
+        vol_id = _U32.unpack(txn.get(b"next_vol_id", db=self.db_node))[0]
+        txn.put(b"next_vol_id", _U32.pack(vol_id + 1), db=self.db_node)
+        info = VolumeInfo(op.volume, vol_id, VolumeLayout(op.pg_count, op.stripe_pages), op.epoch)
+        txn.put(op.volume.encode(), _VOLUME.pack(vol_id, op.pg_count, op.stripe_pages, op.epoch),
+                db=self.db_volumes)
+        ctx.new_volumes[op.volume] = info
+        for pg in range(op.pg_count):
+            ctx.metas[(op.volume, pg)] = SegMeta(volume_epoch=op.epoch)
+        self.log.info("created volume %r: %d PGs of stripe %d at epoch %d",
+                      op.volume, op.pg_count, op.stripe_pages, op.epoch)
+        return True
+
+    def _op_append(self, ctx: _Txn, op: AppendOp):
+        info = self._vol_of(ctx, op.volume)
+        # Validate everything before writing anything: a refused request stores nothing.
+        for pg, membership_epoch, _buf, _refs in op.batches:
+            if not 0 <= pg < info.layout.pg_count:
+                raise MalformedError(f"volume {op.volume!r} has no pg {pg}")
+            m = ctx.meta((op.volume, pg))
+            if op.epoch:
+                self._check_epoch(m, op.epoch, "Append", (op.volume, pg))
+                if membership_epoch and membership_epoch < m.membership_epoch:
+                    raise StaleEpochError(
+                        f"Append: membership epoch {membership_epoch} of {op.volume}/{pg} is "
+                        f"stale (segment at {m.membership_epoch})", m.volume_epoch)
+        touched = {}
+        for pg, membership_epoch, buf, refs in op.batches:
+            key = (op.volume, pg)
+            m = ctx.meta(key)
+            prefix = seg_prefix(info.vol_id, pg)
+            chain = touched.setdefault(pg, {})
+            if not refs:
+                continue
+            items = []
+            idx = []
+            for ref in refs:
+                off, size, lsn = ref[0], ref[1], ref[2]
+                lk = prefix + _BE64.pack(lsn)
+                items.append((lk, buf[off:off + size]))
+                idx.append((prefix + _PAGE_LSN.pack(ref[6], lsn), b""))
+                chain[lsn] = (ref[4], ref[6])
+            _consumed, added = ctx.log_cur.putmulti(items, overwrite=False)
+            ctx.idx_cur.putmulti(idx)
+            ctx.bytes_written += sum(len(k) + len(v) for k, v in items) + len(idx) * 20
+            m.n_records += added
+            quarantined = self._quar_records.get(key)
+            if quarantined:
+                for ref in refs:
+                    if ref[2] in quarantined:
+                        ctx.txn.delete(prefix + KIND_RECORD + _BE64.pack(ref[2]), db=self.db_quarantine)
+                        ctx.quar_del.append((key, KIND_RECORD, ref[2]))
+                        ctx.repairs += 1
+                        self.log.warning("repaired quarantined record %s/%d lsn %d (%s)",
+                                         op.volume, pg, ref[2], op.source)
+            top = max(ref[2] for ref in refs)
+            if top > m.max_lsn:
+                m.max_lsn = top
+            if membership_epoch > m.membership_epoch:
+                m.membership_epoch = membership_epoch
+            if op.writer_vdl > m.writer_vdl:
+                m.writer_vdl = op.writer_vdl
+        for pg, chain in touched.items():
+            self._advance_scl(ctx, (op.volume, pg), seg_prefix(info.vol_id, pg), chain)
+        return {pg: 0 for pg in touched}
+
+    def _advance_scl(self, ctx: _Txn, key: tuple, prefix: bytes, known: dict) -> None:
+        """Follow the segment backlink chain from the SCL as far as it goes (invariant 4).
+
+        ``known`` maps lsn -> (prev_pg_lsn, page_id) for records of this transaction, to
+        save reading them back.
+        """
+        m = ctx.meta(key)
+        cur = ctx.log_cur
+        scl = m.scl
+        truncs = m.truncs
+        dirty = ctx.dirty[key]
+        if not cur.set_range(prefix + _BE64.pack(scl + 1)):
+            return
+        while True:
+            k = cur.key()
+            if k[:8] != prefix:
+                break
+            lsn = _BE64.unpack_from(k, 8)[0]
+            if truncs and _in_truncation(lsn, truncs):
+                if not cur.next():
+                    break
+                continue
+            hit = known.get(lsn)
+            if hit is None:
+                v = cur.value()
+                prev, page_id = _U64.unpack_from(v, _REC_PREV_PG)[0], _U32.unpack_from(v, _REC_PAGE)[0]
+            else:
+                prev, page_id = hit
+            if prev != scl:
+                break  # a hole: the record linking to the SCL is missing
+            scl = lsn
+            dirty[page_id] += 1
+            if not cur.next():
+                break
+        m.scl = scl
+
+    def _chain_point_at_or_below(self, ctx: _Txn, key: tuple, prefix: bytes, limit: int) -> int:
+        """Highest visible record LSN <= limit (the chain point a truncation falls back to)."""
+        m = ctx.meta(key)
+        cur = ctx.log_cur
+        found = 0
+        positioned = cur.set_range(prefix + _BE64.pack(limit + 1))
+        ok = cur.prev() if positioned else cur.last()
+        while ok:
+            k = cur.key()
+            if k[:8] != prefix:
+                break
+            lsn = _BE64.unpack_from(k, 8)[0]
+            if not _in_truncation(lsn, m.truncs):
+                found = lsn
+                break
+            ok = cur.prev()
+        quarantined = [q for q in self._quar_records.get(key, ()) if q <= limit
+                       and not _in_truncation(q, m.truncs)]
+        if quarantined:
+            found = max(found, max(quarantined))
+        if found == 0 and m.log_floor <= limit:
+            found = m.log_floor
+        return found
+
+    def _add_truncation(self, ctx: _Txn, key: tuple, prefix: bytes, start: int, end: int,
+                        epoch: int) -> bool:
+        m = ctx.meta(key)
+        if (start, end, epoch) in m.truncs:
+            return False
+        m.truncs = tuple(sorted(m.truncs + ((start, end, epoch),), key=lambda t: (t[2], t[0])))
+        m.volume_epoch = max(m.volume_epoch, epoch)
+        m.generation += 1
+        if m.scl > start:
+            m.scl = self._chain_point_at_or_below(ctx, key, prefix, start)
+        self._advance_scl(ctx, key, prefix, {})
+        # Page versions above the range start may contain annulled records: drop them.
+        # They are only a cache of the log (invariant 14); the coalescer rebuilds them.
+        vcur = ctx.txn.cursor(db=self.db_versions)
+        dropped = 0
+        if vcur.set_range(prefix):
+            while True:
+                k = vcur.key()
+                if k[:8] != prefix:
+                    break
+                if _BE64.unpack_from(k, 12)[0] > start:
+                    vcur.delete()
+                    dropped += 1
+                    if not vcur.key():
+                        break
+                elif not vcur.next():
+                    break
+        m.n_versions -= dropped
+        for item in self._quar_versions.get(key, ()):
+            if item[1] > start:
+                ctx.txn.delete(prefix + KIND_VERSION + _PAGE_LSN.pack(*item), db=self.db_quarantine)
+                ctx.quar_del.append((key, KIND_VERSION, item))
+        ctx.reset_dirty.add(key)
+        self.log.info("segment %s/%d: truncation (%d, %d] at epoch %d; SCL now %d; "
+                      "%d page versions dropped", key[0], key[1], start, end, epoch, m.scl, dropped)
+        return True
+
+    def _op_truncate(self, ctx: _Txn, op: TruncateOp):
+        info = self._vol_of(ctx, op.volume)
+        if not 0 <= op.pg < info.layout.pg_count:
+            raise MalformedError(f"volume {op.volume!r} has no pg {op.pg}")
+        if op.end_lsn <= op.start_lsn:
+            raise MalformedError(f"Truncate: empty range ({op.start_lsn}, {op.end_lsn}]")
+        key = (op.volume, op.pg)
+        m = ctx.meta(key)
+        if op.epoch < m.volume_epoch:
+            raise StaleEpochError(
+                f"Truncate: epoch {op.epoch} is stale; segment {op.volume}/{op.pg} is at epoch "
+                f"{m.volume_epoch}", m.volume_epoch)
+        self._add_truncation(ctx, key, seg_prefix(info.vol_id, op.pg), op.start_lsn, op.end_lsn,
+                             op.epoch)
+        m.volume_epoch = max(m.volume_epoch, op.epoch)
+        return m.scl
+
+    def _op_adopt_epoch(self, ctx: _Txn, op: AdoptEpochOp):
+        info = self._vol_of(ctx, op.volume)
+        if not 0 <= op.pg < info.layout.pg_count:
+            raise MalformedError(f"volume {op.volume!r} has no pg {op.pg}")
+        key = (op.volume, op.pg)
+        m = ctx.meta(key)
+        if op.reject_stale and op.epoch < m.volume_epoch:
+            raise StaleEpochError(
+                f"SegmentState(fence): epoch {op.epoch} is stale; segment {op.volume}/{op.pg} "
+                f"is at epoch {m.volume_epoch}", m.volume_epoch)
+        if op.epoch < m.volume_epoch and not op.truncs:
+            return m.volume_epoch
+        prefix = seg_prefix(info.vol_id, op.pg)
+        for start, end, epoch in op.truncs:
+            self._add_truncation(ctx, key, prefix, start, end, epoch)
+        if op.epoch > m.volume_epoch:
+            self.log.info("segment %s/%d: adopting epoch %d (was %d)", op.volume, op.pg,
+                          op.epoch, m.volume_epoch)
+            m.volume_epoch = op.epoch
+        return m.volume_epoch
+
+    def _op_set_gc_horizon(self, ctx: _Txn, op: SetGcHorizonOp):
+        info = self._vol_of(ctx, op.volume)
+        metas = [ctx.meta((op.volume, pg)) for pg in range(info.layout.pg_count)]
+        top = max(m.volume_epoch for m in metas)
+        if op.epoch < top:
+            raise StaleEpochError(
+                f"SetGcHorizon: epoch {op.epoch} is stale; volume {op.volume!r} is at epoch {top}", top)
+        for m in metas:
+            if op.horizon > m.gc_horizon:
+                m.gc_horizon = op.horizon
+        return max(m.gc_horizon for m in metas)
+
+    def _put_version(self, ctx: _Txn, key: tuple, prefix: bytes, m: SegMeta, page_id: int,
+                     lsn: int, image: bytes) -> bool:
+        assert verify_stored_page(page_id, lsn, image), "a page version must verify before it is stored"
+        if _in_truncation(lsn, m.truncs):
+            return False
+        added = ctx.txn.put(prefix + _PAGE_LSN.pack(page_id, lsn), image, db=self.db_versions,
+                            overwrite=False)
+        if added:
+            m.n_versions += 1
+            ctx.bytes_written += 20 + len(image)
+        if (page_id, lsn) in self._quar_versions.get(key, ()):
+            ctx.txn.delete(prefix + KIND_VERSION + _PAGE_LSN.pack(page_id, lsn), db=self.db_quarantine)
+            ctx.quar_del.append((key, KIND_VERSION, (page_id, lsn)))
+            ctx.repairs += 1
+        return added
+
+    def _op_put_versions(self, ctx: _Txn, op: PutVersionsOp):
+        info = self._vol_of(ctx, op.volume)
+        key = (op.volume, op.pg)
+        m = ctx.meta(key)
+        if m.generation != op.generation:
+            return 0  # a truncation happened since the plan: the versions may be wrong
+        prefix = seg_prefix(info.vol_id, op.pg)
+        n = 0
+        for page_id, lsn, image in op.versions:
+            n += self._put_version(ctx, key, prefix, m, page_id, lsn, image)
+        for page_id, lsn in op.clears:
+            if (page_id, lsn) in self._quar_versions.get(key, ()) and \
+                    (key, KIND_VERSION, (page_id, lsn)) not in ctx.quar_del:
+                ctx.txn.delete(prefix + KIND_VERSION + _PAGE_LSN.pack(page_id, lsn), db=self.db_quarantine)
+                ctx.quar_del.append((key, KIND_VERSION, (page_id, lsn)))
+                ctx.repairs += 1
+        return n
+
+    def _op_gc_step(self, ctx: _Txn, op: GcStepOp):
+        info = self._vol_of(ctx, op.volume)
+        key = (op.volume, op.pg)
+        m = ctx.meta(key)
+        if m.generation != op.generation:
+            return 0
+        prefix = seg_prefix(info.vol_id, op.pg)
+        for page_id, lsn, image in op.put_versions:
+            self._put_version(ctx, key, prefix, m, page_id, lsn, image)
+        removed = 0
+        for page_id, lsn in op.delete_records:
+            if ctx.txn.delete(prefix + _BE64.pack(lsn), db=self.db_log):
+                m.n_records -= 1
+                removed += 1
+            ctx.txn.delete(prefix + _PAGE_LSN.pack(page_id, lsn), db=self.db_pageidx)
+        for page_id, lsn in op.delete_versions:
+            if ctx.txn.delete(prefix + _PAGE_LSN.pack(page_id, lsn), db=self.db_versions):
+                m.n_versions -= 1
+                removed += 1
+        if op.log_floor > m.log_floor:
+            m.log_floor = op.log_floor
+        if op.done_horizon > m.gc_done:
+            m.gc_done = op.done_horizon
+        return removed
+
+    def _op_quarantine(self, ctx: _Txn, op: QuarantineOp):
+        info = self._vol_of(ctx, op.volume)
+        key = (op.volume, op.pg)
+        m = ctx.meta(key)
+        prefix = seg_prefix(info.vol_id, op.pg)
+        now = _U64.pack(int(time.time()))
+        found = 0
+        for lsn in op.records:
+            lk = prefix + _BE64.pack(lsn)
+            value = ctx.txn.get(lk, db=self.db_log)
+            if value is None or verify_stored_record(lsn, value):
+                continue  # already gone or repaired meanwhile
+            ctx.txn.delete(lk, db=self.db_log)
+            m.n_records -= 1
+            ctx.txn.put(prefix + KIND_RECORD + _BE64.pack(lsn), now, db=self.db_quarantine)
+            ctx.quar_add.append((key, KIND_RECORD, lsn))
+            found += 1
+            self.log.error("scrub: record %s/%d lsn %d failed its checksum; quarantined, "
+                           "will refetch from a peer", op.volume, op.pg, lsn)
+        for page_id, lsn in op.versions:
+            vk = prefix + _PAGE_LSN.pack(page_id, lsn)
+            value = ctx.txn.get(vk, db=self.db_versions)
+            if value is None or verify_stored_page(page_id, lsn, value):
+                continue
+            ctx.txn.delete(vk, db=self.db_versions)
+            m.n_versions -= 1
+            ctx.txn.put(prefix + KIND_VERSION + _PAGE_LSN.pack(page_id, lsn), now, db=self.db_quarantine)
+            ctx.quar_add.append((key, KIND_VERSION, (page_id, lsn)))
+            found += 1
+            self.log.error("scrub: page version %s/%d page %d lsn %d failed its checksum; "
+                           "quarantined, will rebuild", op.volume, op.pg, page_id, lsn)
+        return found
+
+    _dispatch = {
+        CreateVolumeOp: _op_create_volume,
+        AppendOp: _op_append,
+        TruncateOp: _op_truncate,
+        AdoptEpochOp: _op_adopt_epoch,
+        SetGcHorizonOp: _op_set_gc_horizon,
+        PutVersionsOp: _op_put_versions,
+        GcStepOp: _op_gc_step,
+        QuarantineOp: _op_quarantine,
+    }
+
+    # -- the read path (any thread) ---------------------------------------------------------
+
+    def read_page(self, volume: str, pg: int, page_id: int, read_point: int,
+                  epoch: int, min_scl: int = 0) -> tuple[bytes, int, int]:
+        """(page bytes, page_lsn, scl): the page as of ``read_point`` (invariant 8).
+
+        Newest materialised version <= read point plus the page's later records up to it,
+        applied with engine.materialiser. Refuses read points above the SCL or below the GC
+        horizon; never uses records under a truncation range; never serves bytes that fail
+        their checksum (invariant 13).
+
+        ``min_scl`` (ReadPageRequest.min_scl): the caller knows the PG has no record in
+        (min_scl, read_point], so SCL >= min_scl suffices; the page is then built as of
+        min(read_point, SCL), which is the same page.
+        """
+        key = (volume, pg)
+        prefix = self._prefix(volume, pg)
+        info = self._volumes[volume]
+        if info.layout.pg_of(page_id) != pg:
+            raise WrongPgError(f"page {page_id} belongs to pg {info.layout.pg_of(page_id)}, not {pg}")
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            self._check_epoch(m, epoch, "ReadPage", key)
+            required = min_scl if 0 < min_scl < read_point else read_point
+            if required > m.scl:
+                raise ReadPointAboveSclError(
+                    f"read point {read_point} (min_scl {min_scl}) is above the SCL {m.scl} of "
+                    f"segment {volume}/{pg}")
+            read_point = min(read_point, m.scl)
+            if read_point < m.gc_horizon:
+                # The horizon is a volume LSN; this PG's last record at or below it (kept by
+                # GC as the chain anchor) is the lowest read point whose pages survive.
+                floor = self._visible_at_or_below(txn, prefix, m, min(m.gc_horizon, m.scl))
+                if read_point < floor:
+                    raise ReadPointBelowGcError(
+                        f"read point {read_point} is below the GC horizon {m.gc_horizon} of "
+                        f"segment {volume}/{pg} (its last record at or below it is {floor})")
+            image = self._build_page(txn, key, prefix, m, page_id, read_point)
+        return bytes(image), pagefmt.page_lsn(image), m.scl
+
+    def _visible_at_or_below(self, txn, prefix: bytes, m: SegMeta, limit: int) -> int:
+        """Highest stored, visible record LSN <= limit in a segment (0 if none)."""
+        cur = txn.cursor(db=self.db_log)
+        positioned = cur.set_range(prefix + _BE64.pack(limit + 1))
+        ok = cur.prev() if positioned else cur.last()
+        while ok:
+            k = cur.key()
+            if k[:8] != prefix:
+                break
+            lsn = _BE64.unpack_from(k, 8)[0]
+            if not _in_truncation(lsn, m.truncs):
+                return lsn
+            ok = cur.prev()
+        return 0
+
+    def _page_versions_desc(self, txn, prefix: bytes, page_id: int, upto: int, truncs, limit: int):
+        """Up to ``limit`` (lsn, bytes) versions of a page with lsn <= upto, newest first."""
+        cur = txn.cursor(db=self.db_versions)
+        base = prefix + _BE32.pack(page_id)
+        out = []
+        if upto < LSN_MAX:
+            positioned = cur.set_range(prefix + _PAGE_LSN.pack(page_id, upto + 1))
+        else:
+            positioned = page_id < 0xFFFFFFFF and cur.set_range(prefix + _BE32.pack(page_id + 1))
+        ok = cur.prev() if positioned else cur.last()
+        while ok and len(out) < limit:
+            k = cur.key()
+            if k[:12] != base:
+                break
+            lsn = _BE64.unpack_from(k, 12)[0]
+            if not _in_truncation(lsn, truncs):
+                out.append((lsn, cur.value()))
+            ok = cur.prev()
+        return out
+
+    def _page_records(self, txn, key: tuple, prefix: bytes, page_id: int, after: int, upto: int,
+                      truncs) -> tuple[bytes, int]:
+        """The page's visible records in (after, upto], packed, and how many."""
+        cur = txn.cursor(db=self.db_pageidx)
+        base = prefix + _BE32.pack(page_id)
+        parts = []
+        if cur.set_range(prefix + _PAGE_LSN.pack(page_id, after + 1)):
+            for k in cur.iternext(keys=True, values=False):
+                if k[:12] != base:
+                    break
+                lsn = _BE64.unpack_from(k, 12)[0]
+                if lsn > upto:
+                    break
+                if truncs and _in_truncation(lsn, truncs):
+                    continue
+                value = txn.get(prefix + _BE64.pack(lsn), db=self.db_log)
+                if value is None:
+                    raise CorruptError(
+                        f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
+                        f"(failed its checksum) and not repaired yet")
+                parts.append(value)
+        return b"".join(parts), len(parts)
+
+    def _build_page(self, txn, key: tuple, prefix: bytes, m: SegMeta, page_id: int,
+                    read_point: int) -> bytearray:
+        """Materialise a page as of read_point from the newest good version plus records."""
+        candidates = self._page_versions_desc(txn, prefix, page_id, read_point, m.truncs,
+                                              READ_VERSION_FALLBACKS)
+        quarantined = [v for v in self._quar_versions.get(key, ()) if v[0] == page_id
+                       and v[1] <= read_point]
+        for base_lsn, base in candidates + [(0, None)]:
+            if base is not None and not verify_stored_page(page_id, base_lsn, base):
+                self.suspects.append((key, KIND_VERSION, (page_id, base_lsn)))
+                continue  # never serve it; fall back to an older version
+            records, n = self._page_records(txn, key, prefix, page_id, base_lsn, read_point, m.truncs)
+            try:
+                image = materialiser.apply(None if base is None else bytearray(base), page_id,
+                                           records, upto_lsn=read_point)
+            except ChecksumError as exc:
+                self.log.error("read of %s/%d page %d: stored record failed its checksum: %s",
+                               key[0], key[1], page_id, exc)
+                self._suspect_records(txn, prefix, key, records)
+                raise CorruptError(f"page {page_id}: a stored record failed its checksum") from None
+            except PageOrderError as exc:
+                if base is None and not candidates and not quarantined and m.log_floor == 0:
+                    raise PageNotFoundError(
+                        f"page {page_id} has no INIT_PAGE at or below read point {read_point}") from None
+                self.log.warning("read of %s/%d page %d from base %d failed: %s",
+                                 key[0], key[1], page_id, base_lsn, exc)
+                continue
+            if image is None:
+                if candidates or quarantined:
+                    continue
+                raise PageNotFoundError(
+                    f"page {page_id} has no INIT_PAGE at or below read point {read_point}")
+            assert pagefmt.verify_checksum(image), "materialised page must carry a valid checksum"
+            assert pagefmt.page_lsn(image) <= read_point
+            return image
+        raise CorruptError(
+            f"page {page_id} of {key[0]}/{key[1]} cannot be built as of {read_point}: its stored "
+            f"versions failed their checksums and the log below them is gone; awaiting repair")
+
+    def _suspect_records(self, txn, prefix: bytes, key: tuple, records: bytes) -> None:
+        off = 0
+        # Walk record by record with the header's own length; report the bad ones.
+        while off + HEADER_SIZE <= len(records):
+            lsn = _U64.unpack_from(records, off)[0]
+            size = HEADER_SIZE + struct.unpack_from("<H", records, off + 38)[0]
+            if not verify_stored_record(lsn, records[off:off + size]):
+                self.suspects.append((key, KIND_RECORD, lsn))
+            off += size
+
+    def fetch_records(self, volume: str, pg: int, after_lsn: int, upto_lsn: int,
+                      max_bytes: int, epoch: int):
+        """Chain-complete, visible records in (after_lsn, upto_lsn], packed.
+
+        Returns (records, scl, more, volume_epoch, truncs). ``upto_lsn`` 0 means the SCL;
+        it is capped at the SCL. Stops before a quarantined record (never served) and when
+        ``max_bytes`` is reached (``more`` is then True). ``epoch`` 0 = a peer (unfenced).
+        """
+        key = (volume, pg)
+        prefix = self._prefix(volume, pg)
+        max_bytes = min(max_bytes or FETCH_BYTES_DEFAULT, FETCH_BYTES_MAX)
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            if epoch:
+                self._check_epoch(m, epoch, "FetchRecords", key)
+            upto = m.scl if upto_lsn == 0 else min(upto_lsn, m.scl)
+            bad = [q for q in self._quar_records.get(key, ()) if after_lsn < q <= upto]
+            if bad:
+                upto = min(bad) - 1
+            parts = []
+            total = 0
+            more = False
+            cur = txn.cursor(db=self.db_log)
+            if upto > after_lsn and cur.set_range(prefix + _BE64.pack(after_lsn + 1)):
+                for k, v in cur.iternext():
+                    if k[:8] != prefix:
+                        break
+                    lsn = _BE64.unpack_from(k, 8)[0]
+                    if lsn > upto:
+                        break
+                    if m.truncs and _in_truncation(lsn, m.truncs):
+                        continue
+                    if total + len(v) > max_bytes and parts:
+                        more = True
+                        break
+                    if not verify_stored_record(lsn, v):
+                        self.suspects.append((key, KIND_RECORD, lsn))
+                        break  # never serve bad bytes (invariant 13)
+                    parts.append(v)
+                    total += len(v)
+        return b"".join(parts), m.scl, more, m.volume_epoch, m.truncs
+
+    def segment_state(self, volume: str, pg: int, records_since: int = 0,
+                      include_records: bool = False, limit: int = STATE_RECORDS_MAX,
+                      tail_bound: int = 0):
+        """(SegMeta, [(lsn, prev_volume_lsn, flags)], more, tail_lsn) of a segment, read in
+        one snapshot. ``tail_lsn`` is the highest chain-complete, untruncated LSN <=
+        tail_bound (0 if tail_bound is 0): recovery stamps the first new record's PG
+        backlink with it."""
+        key = (volume, pg)
+        prefix = self._prefix(volume, pg)
+        records = []
+        more = False
+        tail = 0
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            if tail_bound:
+                bound = min(tail_bound, m.scl)
+                tail = self._visible_at_or_below(txn, prefix, m, bound)
+                lost = [q for q in self._quar_records.get(key, ())
+                        if q <= bound and not _in_truncation(q, m.truncs)]
+                tail = max([tail] + lost)
+                if tail == 0 and m.log_floor <= bound:
+                    tail = m.log_floor
+            if include_records:
+                cur = txn.cursor(db=self.db_log)
+                if cur.set_range(prefix + _BE64.pack(records_since + 1)):
+                    for k, v in cur.iternext():
+                        if k[:8] != prefix:
+                            break
+                        lsn = _BE64.unpack_from(k, 8)[0]
+                        if lsn > m.scl:
+                            break
+                        if m.truncs and _in_truncation(lsn, m.truncs):
+                            continue
+                        if len(records) >= limit:
+                            more = True
+                            break
+                        records.append((lsn, _U64.unpack_from(v, _REC_PREV_VOL)[0], v[_REC_FLAGS]))
+        return m, records, more, tail
+
+    def next_stored_above(self, volume: str, pg: int, lsn: int) -> int:
+        """The lowest stored, visible LSN > lsn (0 if none): where the hole above the SCL
+        ends (gossip fetches only the hole)."""
+        prefix = self._prefix(volume, pg)
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            cur = txn.cursor(db=self.db_log)
+            if cur.set_range(prefix + _BE64.pack(lsn + 1)):
+                for k in cur.iternext(keys=True, values=False):
+                    if k[:8] != prefix:
+                        break
+                    found = _BE64.unpack_from(k, 8)[0]
+                    if not _in_truncation(found, m.truncs):
+                        return found
+        return 0
+
+    # -- background planning (read phase; the write phase is an op) -------------------------
+
+    def _pages_from(self, txn, prefix: bytes, start_page: int, max_pages: int) -> list[int]:
+        """Distinct page ids >= start_page having records or versions, ascending."""
+        pages: set[int] = set()
+        for db in (self.db_pageidx, self.db_versions):
+            cur = txn.cursor(db=db)
+            page = start_page
+            found = 0
+            while found < max_pages and page <= 0xFFFFFFFF:
+                if not cur.set_range(prefix + _PAGE_LSN.pack(page, 0)):
+                    break
+                k = cur.key()
+                if k[:8] != prefix:
+                    break
+                page = _PAGE_LSN.unpack_from(k, 8)[0]
+                pages.add(page)
+                found += 1
+                page += 1
+        return sorted(pages)[:max_pages]
+
+    def _materialise_upto(self, txn, key, prefix, m, page_id, upto, min_records=1):
+        """(lsn, bytes, n) of a new version of page as of its last visible record <= upto,
+        built from its newest good version; None if nothing new or not buildable."""
+        candidates = self._page_versions_desc(txn, prefix, page_id, upto, m.truncs, 1)
+        base_lsn, base = candidates[0] if candidates else (0, None)
+        if base is not None and not verify_stored_page(page_id, base_lsn, base):
+            self.suspects.append((key, KIND_VERSION, (page_id, base_lsn)))
+            return None
+        try:
+            records, n = self._page_records(txn, key, prefix, page_id, base_lsn, upto, m.truncs)
+        except CorruptError:
+            return None
+        if n < min_records or n == 0:
+            return None
+        try:
+            image = materialiser.apply(None if base is None else bytearray(base), page_id,
+                                       records, upto_lsn=upto)
+        except FormatError as exc:
+            self.log.warning("coalesce %s/%d page %d: %s", key[0], key[1], page_id, exc)
+            return None
+        if image is None:
+            return None
+        return pagefmt.page_lsn(image), bytes(image), n
+
+    def plan_coalesce(self, volume: str, pg: int, pages: Iterable[int] | None = None,
+                      start_page: int = 0, max_pages: int = 16, min_records: int = 1):
+        """Build new page versions as of the SCL for ``pages`` (or the next ``max_pages``
+        pages from ``start_page``). Returns (PutVersionsOp or None, next_page or None)."""
+        key = (volume, pg)
+        prefix = self._prefix(volume, pg)
+        qv = self._quar_versions.get(key, ())
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            next_page = None
+            if pages is None:
+                pages = self._pages_from(txn, prefix, start_page, max_pages + 1)
+                if len(pages) > max_pages:
+                    next_page = pages[max_pages]
+                    pages = pages[:max_pages]
+            versions = []
+            for page_id in pages:
+                if any(v[0] == page_id for v in qv):
+                    continue  # repaired first, by background.repair_versions
+                built = self._materialise_upto(txn, key, prefix, m, page_id, m.scl, min_records)
+                if built is not None:
+                    versions.append((page_id, built[0], built[1]))
+        op = PutVersionsOp(volume, pg, m.generation, versions) if versions else None
+        return op, next_page
+
+    def sweep_dirty(self, volume: str, pg: int) -> dict[int, int]:
+        """Count, per page, the complete visible records above its newest version."""
+        key = (volume, pg)
+        prefix = self._prefix(volume, pg)
+        counts: dict[int, int] = {}
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            newest: dict[int, int] = {}
+            cur = txn.cursor(db=self.db_versions)
+            if cur.set_range(prefix):
+                for k in cur.iternext(keys=True, values=False):
+                    if k[:8] != prefix:
+                        break
+                    page_id, lsn = _PAGE_LSN.unpack_from(k, 8)
+                    if lsn <= m.scl and not _in_truncation(lsn, m.truncs):
+                        newest[page_id] = lsn
+            cur = txn.cursor(db=self.db_pageidx)
+            if cur.set_range(prefix):
+                for k in cur.iternext(keys=True, values=False):
+                    if k[:8] != prefix:
+                        break
+                    page_id, lsn = _PAGE_LSN.unpack_from(k, 8)
+                    if lsn <= m.scl and lsn > newest.get(page_id, 0) and \
+                            not _in_truncation(lsn, m.truncs):
+                        counts[page_id] = counts.get(page_id, 0) + 1
+        return counts
+
+    def plan_gc(self, volume: str, pg: int, horizon: int, start_page: int, max_pages: int = 16):
+        """One bounded GC step below ``horizon`` (<= SCL) for pages from ``start_page``.
+
+        Invariant 12: for each page keep the newest version <= horizon (building it first if
+        the page has later records <= horizon) and everything above it; delete older
+        versions and the records they cover. The segment's newest record <= horizon (the
+        chain anchor) is always kept so that SCL bookkeeping never loses its footing.
+        Returns (GcStepOp, next_page or None).
+        """
+        key = (volume, pg)
+        prefix = self._prefix(volume, pg)
+        qr, qv = self.quarantined(key)
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            horizon = min(horizon, m.scl)
+            anchor = self._visible_at_or_below(txn, prefix, m, horizon)
+            pages = self._pages_from(txn, prefix, start_page, max_pages + 1)
+            next_page = pages[max_pages] if len(pages) > max_pages else None
+            op = GcStepOp(volume, pg, m.generation, [], [], [], log_floor=anchor)
+            for page_id in pages[:max_pages]:
+                if any(v[0] == page_id for v in qv):
+                    continue
+                recs = []
+                icur = txn.cursor(db=self.db_pageidx)
+                if icur.set_range(prefix + _PAGE_LSN.pack(page_id, 0)):
+                    for k in icur.iternext(keys=True, values=False):
+                        p, lsn = _PAGE_LSN.unpack_from(k, 8)
+                        if k[:8] != prefix or p != page_id or lsn > horizon:
+                            break
+                        if not _in_truncation(lsn, m.truncs):
+                            recs.append(lsn)
+                if any(r in qr for r in recs):
+                    continue
+                versions = [lsn for lsn, _b in self._page_versions_desc(
+                    txn, prefix, page_id, horizon, m.truncs, 1 << 30)]
+                keep = versions[0] if versions else 0
+                if recs and recs[-1] > keep:
+                    built = self._materialise_upto(txn, key, prefix, m, page_id, horizon)
+                    if built is None:
+                        continue
+                    keep = built[0]
+                    op.put_versions.append((page_id, built[0], built[1]))
+                if not keep:
+                    continue
+                op.delete_records.extend((page_id, r) for r in recs if r <= keep and r != anchor)
+                op.delete_versions.extend((page_id, v) for v in versions if v < keep)
+        if next_page is None:
+            op.done_horizon = horizon
+        return op, next_page
+
+    def scrub_records(self, volume: str, pg: int, after_lsn: int, max_items: int):
+        """Verify up to ``max_items`` stored records above ``after_lsn``.
+        Returns (bad lsns, last lsn checked, done)."""
+        prefix = self._prefix(volume, pg)
+        bad = []
+        last = after_lsn
+        n = 0
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db_log)
+            if cur.set_range(prefix + _BE64.pack(after_lsn + 1)):
+                for k, v in cur.iternext():
+                    if k[:8] != prefix:
+                        return bad, last, True
+                    if n >= max_items:
+                        return bad, last, False
+                    last = _BE64.unpack_from(k, 8)[0]
+                    if not verify_stored_record(last, v):
+                        bad.append(last)
+                    n += 1
+        return bad, last, True
+
+    def scrub_versions(self, volume: str, pg: int, after: tuple, max_items: int):
+        """Verify up to ``max_items`` page versions after key (page_id, lsn).
+        Returns (bad [(page_id, lsn)], last (page_id, lsn), done)."""
+        prefix = self._prefix(volume, pg)
+        bad = []
+        last = after
+        n = 0
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db_versions)
+            start = prefix + _PAGE_LSN.pack(*after)
+            if cur.set_range(start):
+                for k, v in cur.iternext():
+                    if k == start:
+                        continue
+                    if k[:8] != prefix:
+                        return bad, last, True
+                    if n >= max_items:
+                        return bad, last, False
+                    last = _PAGE_LSN.unpack_from(k, 8)
+                    if not verify_stored_page(last[0], last[1], v):
+                        bad.append(last)
+                    n += 1
+        return bad, last, True
+
+    def take_suspects(self) -> list:
+        """Bad bytes the read path stumbled on since the last call (for the scrubber)."""
+        out, self.suspects = self.suspects, []
+        return out
+
+    def buildable_version(self, volume: str, pg: int, page_id: int, lsn: int):
+        """Rebuild a quarantined page version from the local log if it still can be.
+
+        Returns the version bytes (identical to the lost ones, invariant 14) or None if the
+        records below it were garbage-collected (then a peer must provide the page).
+        """
+        key = (volume, pg)
+        prefix = self._prefix(volume, pg)
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            built = self._materialise_upto(txn, key, prefix, m, page_id, lsn)
+            # A base version at lsn itself would be the bad one (it is deleted, so not here).
+        if built is None or built[0] != lsn:
+            return None
+        return built[1]
+
+
+# --- Maintenance on a STOPPED node's data dir (tests, operators) ---------------------------
+
+
+def list_page_versions(path: str, volume: str, pg: int) -> dict[tuple[int, int], bytes]:
+    """Every stored page version of a segment: {(page_id, lsn): bytes}. Node must be stopped."""
+    store = Store(path, readonly=True)
+    try:
+        prefix = store._prefix(volume, pg)
+        out = {}
+        with store.env.begin() as txn:
+            cur = txn.cursor(db=store.db_versions)
+            if cur.set_range(prefix):
+                for k, v in cur.iternext():
+                    if k[:8] != prefix:
+                        break
+                    out[_PAGE_LSN.unpack_from(k, 8)] = bytes(v)
+        return out
+    finally:
+        store.close()
+
+
+def list_records(path: str, volume: str, pg: int) -> dict[int, bytes]:
+    """Every stored log record of a segment: {lsn: bytes}. Node must be stopped."""
+    store = Store(path, readonly=True)
+    try:
+        prefix = store._prefix(volume, pg)
+        out = {}
+        with store.env.begin() as txn:
+            cur = txn.cursor(db=store.db_log)
+            if cur.set_range(prefix):
+                for k, v in cur.iternext():
+                    if k[:8] != prefix:
+                        break
+                    out[_BE64.unpack_from(k, 8)[0]] = bytes(v)
+        return out
+    finally:
+        store.close()
+
+
+def drop_page_versions(path: str, volume: str, pg: int | None = None) -> int:
+    """Delete every materialised page version of a volume's segment(s) (all PGs if ``pg``
+    is None) in a STOPPED node's data dir; return how many were deleted.
+
+    Page versions are only a cache of log application (invariant 14): the node rebuilds
+    them from the log after restart (coalescer) and reads stay byte-identical.
+    """
+    store = Store(path)
+    try:
+        info = store.volume(volume)
+        pgs = range(info.layout.pg_count) if pg is None else [pg]
+        deleted = 0
+        with store.env.begin(write=True) as txn:
+            for p in pgs:
+                prefix = seg_prefix(info.vol_id, p)
+                cur = txn.cursor(db=store.db_versions)
+                while cur.set_range(prefix) and cur.key()[:8] == prefix:
+                    cur.delete()
+                    deleted += 1
+                m = SegMeta.decode(txn.get(prefix, db=store.db_segments))
+                m.n_versions = 0
+                txn.put(prefix, m.encode(), db=store.db_segments)
+        return deleted
+    finally:
+        store.close()
+
+
+def rebuild_page_versions(path: str, volume: str, pg: int, keys: Iterable[tuple[int, int]]) -> dict:
+    """Materialise the page versions ``keys`` [(page_id, lsn)] from a STOPPED node's log,
+    without storing them: {(page_id, lsn): bytes or None}. Used to check invariant 14."""
+    store = Store(path, readonly=True)
+    try:
+        prefix = store._prefix(volume, pg)
+        key = (volume, pg)
+        out = {}
+        with store.env.begin() as txn:
+            m = store._read_meta(txn, prefix)
+            for page_id, lsn in keys:
+                records, _n = store._page_records(txn, key, prefix, page_id, 0, lsn, m.truncs)
+                image = materialiser.apply(None, page_id, records, upto_lsn=lsn)
+                out[(page_id, lsn)] = None if image is None else bytes(image)
+        return out
+    finally:
+        store.close()

@@ -1,0 +1,285 @@
+"""Fast in-process tests of storage_node/store.py (no gRPC, no subprocess).
+
+They drive the Store's operations directly and compare every page it serves with the
+reference materialiser applied to the oracle log (tests/storage_client.ChainBuilder).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from engine.redo import encode_record, p_init_page
+from storage_node import errors as E
+from storage_node import store as S
+from tests.storage_client import ChainBuilder
+
+
+@pytest.fixture
+def seed():
+    value = int(os.environ.get("AURORA_TEST_SEED", random.randrange(1 << 32)))
+    print(f"seed={value} (replay with AURORA_TEST_SEED={value})")
+    return value
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = S.Store(str(tmp_path / "sn-test"), "sn-test", map_size=1 << 30)
+    yield st
+    st.close()
+
+
+def create(store: S.Store, chain: ChainBuilder) -> None:
+    [created] = store.apply_ops([S.CreateVolumeOp(chain.volume, chain.layout.pg_count,
+                                                  chain.layout.stripe_pages, chain.epoch)])
+    assert created is True
+
+
+def append(store: S.Store, chain: ChainBuilder, recs, epoch=None, source="writer"):
+    """Append recs as one request; return {pg: scl} or raise the StorageError."""
+    info = store.volume(chain.volume)
+    batches = [(pg, 0, buf, S.verify_batch(info.layout, pg, buf))
+               for pg, buf in sorted(ChainBuilder.pack(recs).items())]
+    [result] = store.apply_ops([S.AppendOp(chain.volume, chain.epoch if epoch is None else epoch,
+                                           0, batches, source)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def scls(store: S.Store, chain: ChainBuilder) -> dict[int, int]:
+    return {pg: store.segment(chain.volume, pg).scl for pg in range(chain.layout.pg_count)}
+
+
+def check_pages(store: S.Store, chain: ChainBuilder, read_point: int) -> int:
+    """Every touched page read as of read_point equals the oracle; returns pages checked."""
+    n = 0
+    for page_id in chain.touched_pages():
+        pg = chain.layout.pg_of(page_id)
+        want = chain.oracle_page(page_id, read_point)
+        rp = chain.pg_read_point(pg, read_point)
+        if want is None:
+            with pytest.raises(E.PageNotFoundError):
+                store.read_page(chain.volume, pg, page_id, rp, chain.epoch)
+            continue
+        got, lsn, _scl = store.read_page(chain.volume, pg, page_id, rp, chain.epoch)
+        assert got == want, f"page {page_id} as of {read_point} differs from the oracle"
+        n += 1
+    return n
+
+
+def coalesce_all(store: S.Store, chain: ChainBuilder) -> int:
+    n = 0
+    for pg in range(chain.layout.pg_count):
+        start = 0
+        while start is not None:
+            op, start = store.plan_coalesce(chain.volume, pg, start_page=start)
+            if op:
+                [k] = store.apply_ops([op])
+                n += k
+    return n
+
+
+def test_in_order_append_acks_scl_and_reads_match_oracle(store, seed):
+    """Scenario: records arrive in order; every PG's SCL is its last record and every page
+    read (before and after coalescing into page versions) equals the reference."""
+    chain = ChainBuilder("v", seed=seed)
+    create(store, chain)
+    for _ in range(5):
+        recs = chain.next_records(60)
+        acks = append(store, chain, recs)
+        for pg, scl in acks.items():
+            assert scl == chain.pg_scl(pg), f"seed={seed}"
+    mid = chain.lsn
+    assert check_pages(store, chain, chain.lsn) > 0
+    assert coalesce_all(store, chain) > 0
+    more = chain.next_records(40)
+    append(store, chain, more)
+    check_pages(store, chain, chain.lsn)
+    # A read point between versions still sees the page as of that point.
+    for pg in range(chain.layout.pg_count):
+        assert store.segment(chain.volume, pg).n_versions > 0
+    check_pages(store, chain, mid)
+
+
+def test_scl_stops_at_hole_and_advances_when_filled(store, seed):
+    """Scenario: a PG's records arrive out of order with a hole; the SCL stops right
+    before the hole, retransmits change nothing, and filling the hole moves the SCL to the
+    end of the chain (invariant 4)."""
+    chain = ChainBuilder("v", seed=seed, pages=[1])  # one page -> one PG, one chain
+    create(store, chain)
+    recs = chain.next_records(10)
+    pg = recs[0].pg
+    rng = random.Random(seed)
+    hole = rng.randrange(1, 9)
+    later = recs[hole + 1:]
+    rng.shuffle(later)
+    assert append(store, chain, later)[pg] == 0  # nothing links to SCL 0 yet
+    assert append(store, chain, recs[:hole])[pg] == recs[hole - 1].lsn
+    assert append(store, chain, recs[:hole] + later)[pg] == recs[hole - 1].lsn  # idempotent
+    assert store.segment("v", pg).n_records == 9
+    with pytest.raises(E.ReadPointAboveSclError):
+        store.read_page("v", pg, 1, recs[hole].lsn, 1)
+    assert append(store, chain, [recs[hole]])[pg] == recs[-1].lsn
+    assert store.segment("v", pg).n_records == 10
+    check_pages(store, chain, chain.lsn)
+
+
+def test_bad_batches_are_refused_whole(store):
+    """Scenario: checksum, malformed and wrong-PG batches are refused by verify_batch before
+    anything is stored, and stale / ahead epochs by the append op; nothing is stored."""
+    chain = ChainBuilder("v", seed=1)
+    create(store, chain)
+    layout = chain.layout
+    good = encode_record(1, 0, 0, 0, 1, 1, 0, p_init_page(1))
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF
+    with pytest.raises(E.BadChecksumError):
+        S.verify_batch(layout, layout.pg_of(1), bytes(bad))
+    with pytest.raises(E.MalformedError):
+        S.verify_batch(layout, layout.pg_of(1), good[:-3])
+    with pytest.raises(E.WrongPgError):
+        S.verify_batch(layout, (layout.pg_of(1) + 1) % layout.pg_count, good)
+    with pytest.raises(E.MalformedError):
+        S.verify_batch(layout, 99, good)
+    recs = chain.next_records(5, pages=[1])
+    # epoch 2 on a segment at epoch 1: the node missed a truncate.
+    with pytest.raises(E.EpochAheadError):
+        append(store, chain, recs, epoch=2)
+    assert store.segment("v", layout.pg_of(1)).n_records == 0
+
+
+def test_stale_epoch_after_truncate(store, seed):
+    """Scenario: a Truncate at epoch 2 fences epoch-1 appends (STALE_EPOCH naming epoch 2),
+    hides the truncated records from the SCL, reads and fetches, and a writer at epoch 2
+    continues the chain from the truncation start."""
+    chain = ChainBuilder("v", seed=seed)
+    create(store, chain)
+    append(store, chain, chain.next_records(80))
+    vdl = chain.lsn
+    tail = chain.next_records(30)
+    append(store, chain, tail)
+    coalesce_all(store, chain)  # versions above the truncation start must not survive
+    start, end = vdl, chain.lsn + 100
+    for pg in range(chain.layout.pg_count):
+        [scl] = store.apply_ops([S.TruncateOp("v", pg, start, end, 2)])
+        assert scl == chain.pg_scl(pg) or scl <= start
+    chain.truncate(start, end)
+    old_epoch = chain.epoch
+    chain.epoch = 2
+    with pytest.raises(E.StaleEpochError) as exc:
+        append(store, chain, chain.next_records(1), epoch=old_epoch)
+    assert exc.value.current_epoch == 2
+    chain.records.pop()  # that record was refused; forget it in the oracle
+    chain.truncate(start, end)  # recompute the builder's chain heads
+    assert scls(store, chain) == {pg: chain.pg_scl(pg) for pg in range(chain.layout.pg_count)}
+    check_pages(store, chain, vdl)
+    for pg in range(chain.layout.pg_count):
+        recs, scl, more, epoch, truncs = store.fetch_records("v", pg, 0, 0, 0, 0)
+        assert not more and epoch == 2 and truncs == ((start, end, 2),)
+        assert recs == b"".join(r.data for r in chain.visible_records(pg))
+    append(store, chain, chain.next_records(50))
+    assert scls(store, chain) == {pg: chain.pg_scl(pg) for pg in range(chain.layout.pg_count)}
+    check_pages(store, chain, chain.lsn)
+
+
+def test_gc_keeps_what_read_points_above_horizon_need(store, seed):
+    """Scenario: after SetGcHorizon and a full GC pass, records and versions below the
+    horizon are gone, reads below it are refused, and every read at or above it still
+    equals the reference (invariant 12)."""
+    chain = ChainBuilder("v", seed=seed)
+    create(store, chain)
+    append(store, chain, chain.next_records(200))
+    horizon = chain.lsn
+    append(store, chain, chain.next_records(100))
+    before = sum(store.segment("v", pg).n_records for pg in range(chain.layout.pg_count))
+    store.apply_ops([S.SetGcHorizonOp("v", horizon, 1)])
+    for pg in range(chain.layout.pg_count):
+        start = 0
+        while start is not None:
+            op, start = store.plan_gc("v", pg, horizon, start)
+            store.apply_ops([op])
+        assert store.segment("v", pg).gc_done == min(horizon, store.segment("v", pg).scl)
+    after = sum(store.segment("v", pg).n_records for pg in range(chain.layout.pg_count))
+    assert after < before
+    some_page = chain.touched_pages()[0]
+    pg = chain.layout.pg_of(some_page)
+    floor = chain.pg_read_point(pg, horizon)
+    with pytest.raises(E.ReadPointBelowGcError):
+        store.read_page("v", pg, some_page, floor - 1, 1)
+    check_pages(store, chain, horizon)
+    check_pages(store, chain, chain.lsn)
+
+
+def test_scrub_quarantines_and_repair_clears(store, seed, tmp_path):
+    """Scenario: a record's and a version's bytes rot on disk; the scrub finds both, they
+    are quarantined (reads needing them fail CORRUPT rather than serve bad bytes), the
+    version is rebuilt from the log with identical bytes and the record is repaired by a
+    peer's copy (invariant 13)."""
+    chain = ChainBuilder("v", seed=seed, pages=[1, 2])
+    create(store, chain)
+    append(store, chain, chain.next_records(40))
+    coalesce_all(store, chain)
+    append(store, chain, chain.next_records(10))
+    pg = chain.layout.pg_of(1)
+    info = store.volume("v")
+    prefix = S.seg_prefix(info.vol_id, pg)
+    victim = [r for r in chain.records if r.page_id == 1][-3]
+    (vkey, good_version), = [(k, v) for k, v in _versions(store, prefix).items() if k[0] == 1][:1]
+    with store.env.begin(write=True) as txn:  # simulate bit rot through LMDB itself
+        rotten = bytearray(victim.data)
+        rotten[-1] ^= 0x40
+        txn.put(S.log_key(prefix, victim.lsn), bytes(rotten), db=store.db_log)
+        page = bytearray(good_version)
+        page[5000] ^= 0x01
+        txn.put(S.page_key(prefix, *vkey), bytes(page), db=store.db_versions)
+    bad_r, _last, done = store.scrub_records("v", pg, 0, 10_000)
+    bad_v, _lastv, done_v = store.scrub_versions("v", pg, (0, 0), 10_000)
+    assert bad_r == [victim.lsn] and bad_v == [vkey] and done and done_v
+    [found] = store.apply_ops([S.QuarantineOp("v", pg, bad_r, bad_v)])
+    assert found == 2
+    with pytest.raises(E.CorruptError):
+        store.read_page("v", pg, 1, chain.lsn, 1)
+    rebuilt = store.buildable_version("v", pg, *vkey)
+    assert rebuilt == good_version  # invariant 14: identical bytes from the log
+    store.apply_ops([S.PutVersionsOp("v", pg, store.segment("v", pg).generation,
+                                     [(vkey[0], vkey[1], rebuilt)])])
+    # Repair the record as a peer would (source=repair, no epoch).
+    append(store, chain, [victim], epoch=0, source="repair")
+    assert store.quarantined(("v", pg)) == (frozenset(), frozenset())
+    check_pages(store, chain, chain.lsn)
+
+
+def _versions(store, prefix):
+    out = {}
+    with store.env.begin() as txn:
+        cur = txn.cursor(db=store.db_versions)
+        if cur.set_range(prefix):
+            for k, v in cur.iternext():
+                if k[:8] != prefix:
+                    break
+                out[S._PAGE_LSN.unpack_from(k, 8)] = bytes(v)
+    return out
+
+
+def test_dropping_versions_and_rebuilding_gives_identical_bytes(tmp_path, seed):
+    """Scenario: invariant 14 on a closed data dir: drop every page version of a segment,
+    rebuild them from the log, and the bytes are identical to the ones dropped."""
+    path = str(tmp_path / "sn")
+    st = S.Store(path, "sn", map_size=1 << 30)
+    chain = ChainBuilder("v", seed=seed)
+    create(st, chain)
+    for _ in range(4):
+        append(st, chain, chain.next_records(50))
+        coalesce_all(st, chain)
+    st.close()
+    for pg in range(chain.layout.pg_count):
+        versions = S.list_page_versions(path, "v", pg)
+        assert versions
+        assert S.drop_page_versions(path, "v", pg) == len(versions)
+        assert S.list_page_versions(path, "v", pg) == {}
+        assert S.rebuild_page_versions(path, "v", pg, versions) == versions
+        for (page_id, lsn), image in versions.items():
+            assert image == chain.oracle_page(page_id, lsn)
