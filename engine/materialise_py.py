@@ -13,8 +13,8 @@ Public functions (both implementations export exactly these):
         rtype, flags) tuple per record. Storage calls it once per incoming batch.
 
     apply_to_pages(pages, buf, upto_lsn=LSN_MAX, verify_pages=True) -> dict
-        pages maps page_id -> bytearray image (changed in place) or None (page not yet
-        initialised). Records of buf are applied in buffer order to the pages named in
+        pages maps page_id (an int) -> bytearray image (changed in place) or None (page
+        not yet initialised). Records of buf are applied in buffer order to the pages named in
         the dict; records of other pages and records with lsn > upto_lsn are skipped
         (but still verified), and so are records at or below the LSN a page image had
         when the call began (they are already in it). Returns the dict, with pages created by INIT_PAGE filled in.
@@ -31,7 +31,19 @@ Rules that make a page wrong are errors, never silently ignored:
     prev_page_lsn == page_lsn (PageOrderError); the first record of a page with no image
     must be INIT_PAGE;
   * an impossible slot, length or offset raises BadLengthError, a cell that does not fit
-    PageFullError, a COMMIT or SET_AUX on a non-META page WrongPageTypeError.
+    PageFullError, a COMMIT or SET_AUX on a non-META page or a SET_CHILD on a non-INTERNAL
+    page WrongPageTypeError;
+  * a page image is checked when the call begins (type, length, checksum if verify_pages,
+    page id, then the header layout invariants below), and every slot offset and cell
+    length is checked when it is read, so a damaged page raises BadLengthError instead of
+    being written outside its 8 KiB.
+
+Page layout invariants (held by every page this module writes):
+
+    (L1) 64 + 2 * cell_count <= content_start <= PAGE_SIZE    checked at call start
+    (L2) frag_bytes <= PAGE_SIZE - content_start               checked at call start and
+                                                               whenever frag_bytes grows
+    (L3) every slot points at a cell inside [content_start, PAGE_SIZE)   checked on read
 When an error is raised, pages already changed by earlier records of the same call stay
 changed: callers that must not see partial work apply to copies.
 """
@@ -101,7 +113,7 @@ def _read_header(buf, offset: int) -> tuple:
 
 def scan_batch(buf) -> list[tuple]:
     """Verify every record of ``buf`` and return their header tuples in order."""
-    buf = memoryview(buf)
+    buf = memoryview(buf).cast("B")  # offsets count bytes, whatever the buffer's item type
     out = []
     offset = 0
     end = len(buf)
@@ -119,11 +131,11 @@ def _count(page) -> int:
     return _U16.unpack_from(page, pg.OFF_CELL_COUNT)[0]
 
 
-def _cell_bounds(page, slot: int, count: int) -> tuple[int, int]:
-    """(offset, size) of the cell in slot; BadLengthError if the page is inconsistent."""
+def _cell_bounds(page, slot: int) -> tuple[int, int]:
+    """(offset, size) of the cell in slot (< cell_count); BadLengthError if it breaks (L3)."""
     off = _U16.unpack_from(page, _SLOT0 + 2 * slot)[0]
-    if off < _SLOT0 + 2 * count or off + 4 > _PAGE_SIZE:
-        raise BadLengthError(f"page {_page_id(page)}: slot {slot} points outside the page")
+    if off < _U16.unpack_from(page, pg.OFF_CONTENT_START)[0] or off + 4 > _PAGE_SIZE:
+        raise BadLengthError(f"page {_page_id(page)}: slot {slot} points outside the cell content area")
     key_len, value_len = _CELL.unpack_from(page, off)
     size = 4 + key_len + value_len
     if off + size > _PAGE_SIZE:
@@ -135,13 +147,32 @@ def _page_id(page) -> int:
     return _U32.unpack_from(page, pg.OFF_PAGE_ID)[0]
 
 
+def _check_layout(page, page_id: int) -> None:
+    """BadLengthError unless the page type is known and the header holds (L1) and (L2)."""
+    ptype = page[pg.OFF_PAGE_TYPE]
+    if ptype > pg.PAGE_TYPE_MAX:
+        raise BadLengthError(f"page {page_id}: unknown page type {ptype}")
+    count = _count(page)
+    content_start = _U16.unpack_from(page, pg.OFF_CONTENT_START)[0]
+    frag = _U16.unpack_from(page, pg.OFF_FRAG_BYTES)[0]
+    if not (_SLOT0 + 2 * count <= content_start <= _PAGE_SIZE
+            and frag <= _PAGE_SIZE - content_start):
+        raise BadLengthError(
+            f"page {page_id}: inconsistent header (cell_count {count}, "
+            f"content_start {content_start}, frag_bytes {frag})")
+
+
 def _compact(page, count: int) -> None:
     """Rewrite cells in slot order from the page end downward; zero the gap."""
     cells = []
     for slot in range(count):
-        off, size = _cell_bounds(page, slot, count)
+        off, size = _cell_bounds(page, slot)
         cells.append(bytes(page[off:off + size]))
     slot_end = _SLOT0 + 2 * count
+    total = sum(len(data) for data in cells)
+    if total > _PAGE_SIZE - slot_end:  # only if cells overlap: a damaged page
+        raise BadLengthError(
+            f"page {_page_id(page)}: {total} bytes of cells overlap in {_PAGE_SIZE - slot_end} bytes")
     page[slot_end:_PAGE_SIZE] = bytes(_PAGE_SIZE - slot_end)
     pos = _PAGE_SIZE
     for slot, data in enumerate(cells):
@@ -161,6 +192,11 @@ def _reserve(page, count: int, need_bytes: int, new_slots: int) -> None:
         return
     if content_start + frag - slot_end_after >= need_bytes:
         _compact(page, count)
+        free_after = _U16.unpack_from(page, pg.OFF_CONTENT_START)[0] - slot_end_after
+        if free_after < need_bytes:  # only if frag_bytes overstated the dead bytes
+            raise BadLengthError(
+                f"page {_page_id(page)}: frag_bytes {frag} overstated the dead bytes "
+                f"({free_after} bytes free after compaction, {need_bytes} needed)")
         return
     raise PageFullError(
         f"page {_page_id(page)}: {need_bytes} bytes of cells and {new_slots} slots do not fit "
@@ -176,11 +212,16 @@ def _place_cell(page, data: bytes) -> int:
     return off
 
 
-def _kill_cell(page, slot: int, count: int) -> None:
+def _kill_cell(page, slot: int) -> None:
     """Zero a cell's bytes and count them as fragmentation (the slot stays)."""
-    off, size = _cell_bounds(page, slot, count)
-    page[off:off + size] = bytes(size)
+    off, size = _cell_bounds(page, slot)
     frag = _U16.unpack_from(page, pg.OFF_FRAG_BYTES)[0]
+    area = _PAGE_SIZE - _U16.unpack_from(page, pg.OFF_CONTENT_START)[0]
+    if frag + size > area:  # (L2) would break: this cell overlaps dead bytes
+        raise BadLengthError(
+            f"page {_page_id(page)}: cell in slot {slot} overlaps dead bytes "
+            f"(frag_bytes {frag} + {size} > content area {area})")
+    page[off:off + size] = bytes(size)
     _U16.pack_into(page, pg.OFF_FRAG_BYTES, frag + size)
 
 
@@ -252,7 +293,7 @@ def _apply_one(page: bytearray, page_id: int, lsn: int, rtype: int, payload) -> 
         else:
             if slot >= count:
                 raise _bad(page_id, lsn, f"update slot {slot} >= cell_count {count}")
-            _, old_size = _cell_bounds(page, slot, count)
+            _, old_size = _cell_bounds(page, slot)
             content_start = _U16.unpack_from(page, pg.OFF_CONTENT_START)[0]
             frag = _U16.unpack_from(page, pg.OFF_FRAG_BYTES)[0]
             if content_start + frag + old_size - _SLOT0 - 2 * count < len(data):
@@ -261,7 +302,7 @@ def _apply_one(page: bytearray, page_id: int, lsn: int, rtype: int, payload) -> 
                     f"({content_start + frag + old_size - _SLOT0 - 2 * count} bytes free)")
             # Replace = delete the old cell and slot, then insert at the same slot, so a
             # compaction in between never sees the dead cell.
-            _kill_cell(page, slot, count)
+            _kill_cell(page, slot)
             _remove_slots(page, slot, 1, count)
             _reserve(page, count - 1, len(data), 1)
             off = _place_cell(page, data)
@@ -274,13 +315,15 @@ def _apply_one(page: bytearray, page_id: int, lsn: int, rtype: int, payload) -> 
         slot = _U16.unpack_from(payload, 0)[0]
         if slot >= count:
             raise _bad(page_id, lsn, f"delete slot {slot} >= cell_count {count}")
-        _kill_cell(page, slot, count)
+        _kill_cell(page, slot)
         _remove_slots(page, slot, 1, count)
         return
 
     if rtype == RT.SET_SIBLING or rtype == RT.SET_CHILD:
         if plen != 4:
             raise _bad(page_id, lsn, f"pointer payload must be 4 bytes, got {plen}")
+        if rtype == RT.SET_CHILD and ptype != pg.PageType.INTERNAL:
+            raise WrongPageTypeError(f"record lsn {lsn}: SET_CHILD on page {page_id} of type {ptype}, not INTERNAL")
         target = pg.OFF_RIGHT_SIBLING if rtype == RT.SET_SIBLING else pg.OFF_LEFTMOST_CHILD
         page[target:target + 4] = payload[0:4]
         return
@@ -292,7 +335,7 @@ def _apply_one(page: bytearray, page_id: int, lsn: int, rtype: int, payload) -> 
         if start > count:
             raise _bad(page_id, lsn, f"truncate from slot {start} > cell_count {count}")
         for slot in range(start, count):
-            _kill_cell(page, slot, count)
+            _kill_cell(page, slot)
         _remove_slots(page, start, count - start, count)
         return
 
@@ -344,17 +387,22 @@ def _apply_one(page: bytearray, page_id: int, lsn: int, rtype: int, payload) -> 
 
 def apply_to_pages(pages: dict, buf, upto_lsn: int = LSN_MAX, verify_pages: bool = True) -> dict:
     """Apply the records of ``buf`` to the pages named in ``pages`` (see module doc)."""
-    mv = memoryview(buf)
+    mv = memoryview(buf).cast("B")  # offsets count bytes, whatever the buffer's item type
     changed = set()
     for page_id, image in pages.items():
+        if not isinstance(page_id, int):
+            raise TypeError(f"page ids must be ints, got {type(page_id).__name__}")
         if image is None:
             continue
+        if not isinstance(image, bytearray):
+            raise TypeError(f"page {page_id}: image must be a bytearray, not {type(image).__name__}")
         if len(image) != _PAGE_SIZE:
             raise BadLengthError(f"page {page_id}: image is {len(image)} bytes, not {_PAGE_SIZE}")
         if verify_pages and _U32.unpack_from(image, 0)[0] != pg.page_checksum(image):
             raise ChecksumError(f"page {page_id} checksum mismatch")
         if _page_id(image) != page_id:
             raise PageOrderError(f"page image holds page {_page_id(image)}, not {page_id}")
+        _check_layout(image, page_id)
     # Records at or below a base image's LSN are already in it and are skipped; every
     # later record must continue the page chain.
     base_lsns = {page_id: (0 if image is None else _U64.unpack_from(image, pg.OFF_PAGE_LSN)[0])
