@@ -530,6 +530,29 @@ def test_eviction_never_drops_a_page_above_vdl():
     run(main())
 
 
+def test_transaction_larger_than_the_pool_overshoots_then_shrinks():
+    """Scenario: one transaction changes more leaves than a 6-page pool holds; its pages
+    stay pinned until the MTR is emitted, so the pool overshoots (rather than deadlock or
+    evict a page the MTR still needs), and trims back to capacity once VDL passes them."""
+    async def main():
+        sink, db = await new_db(pages=6)
+        for i in range(400):
+            await db.put("t", b"%05d" % i, b"v" * 300)
+        txn = db.begin()
+        for i in range(0, 400, 5):
+            txn.put("t", b"%05d" % i, b"w" * 300)
+        await txn.commit()
+        assert db.pool.overshoot_max > 0
+        await sink.settle()
+        assert await db.get("t", b"00005") == b"w" * 300
+        assert len(db.pool) <= db.pool.capacity_pages
+        expected = [(b"%05d" % i, (b"w" if i % 5 == 0 else b"v") * 300) for i in range(400)]
+        assert await db.scan("t", limit=ALL) == expected
+        await check_cache_equals_storage(db, sink)
+        check_sink(sink)
+    run(main())
+
+
 # --- Isolation -------------------------------------------------------------------------------
 
 
