@@ -129,7 +129,9 @@ class DatabaseService(pb_grpc.DatabaseServicer):
     async def Put(self, request, context):
         try:
             if request.txn_id:
-                self._txn(request.txn_id).put(_table(request.table), request.key, request.value)
+                txn = self._txn(request.txn_id)
+                await self.ensure_tables([_table(request.table)])
+                txn.put(_table(request.table), request.key, request.value)
                 return pb.WriteReply(vdl=self.driver.vdl)
             await self.ensure_tables([_table(request.table)])
             lsn = await self.db.put(_table(request.table), request.key, request.value,

@@ -165,7 +165,8 @@ class StorageDriver:
         self._closed = False
         # Counters for status and the write-amplification benchmark.
         self.stats = {"batches": 0, "records": 0, "record_bytes": 0, "append_rpcs": 0,
-                      "append_bytes": 0, "read_rpcs": 0, "hedged_reads": 0, "retries": 0}
+                      "append_bytes": 0, "read_rpcs": 0, "hedged_reads": 0, "retries": 0,
+                      "lal_stalls": 0}
 
     # --- Lifecycle ---------------------------------------------------------------------
 
@@ -213,6 +214,8 @@ class StorageDriver:
         """Invariant 6: wait until n_records more LSNs stay within VDL + LAL."""
         if n_records > self.lal:
             raise ValueError(f"an MTR of {n_records} records can never fit under LAL {self.lal}")
+        if self.allocator.next_lsn + n_records - 1 > self.allocation_limit():
+            self.stats["lal_stalls"] += 1
         while self.allocator.next_lsn + n_records - 1 > self.allocation_limit():
             self._check_fenced()
             self._vdl_changed.clear()
@@ -400,7 +403,9 @@ class StorageDriver:
         """The page as of read_point from one segment, hedged (invariant 8)."""
         pg = self.layout.pg_of(page_id)
         if min_scl is None:
-            min_scl = self.tracker.min_scl_for_read(pg) if read_point == self.tracker.vdl else read_point
+            # Each PG's tail at the current VDL is >= its tail at any older read point, so a
+            # segment complete to it holds every record of the PG at or below read_point.
+            min_scl = self.tracker.min_scl_for_read(pg) if read_point <= self.tracker.vdl else read_point
         request = pb.ReadPageRequest(volume=self.volume, pg=pg, page_id=page_id,
                                      read_point=read_point, volume_epoch=self.epoch,
                                      min_scl=min_scl)
