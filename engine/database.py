@@ -43,7 +43,10 @@ Reads never expose non-durable data
     page_lsn, so counting it would make every read wait for the newest commit; the LSN of
     the last catalog change (table created, root split) is used for it instead. Because
     MTRs are atomic and VDL is always a CPL, VDL >= a page_lsn means the whole MTR that
-    wrote it is durable.
+    wrote it is durable. If VDL does not get there within READ_DURABLE_WAIT_S (storage is
+    slow, or a write quorum is down), the read runs again as of the current VDL
+    (_SnapshotView): cached pages at or below it, older versions of newer pages from
+    storage. So reads of durable data go on while commits wait.
 
 Reads are consistent within one call
     Readers do not take the commit lock. A read (get, scan) that awaits a storage read can
@@ -77,6 +80,7 @@ from engine.errors import (
     TableNotFound,
     TooLargeError,
     TransactionClosedError,
+    WriteQuorumUnavailable,
 )
 from engine.mtr import MtrPlan
 from engine.page import META_PAGE_ID, PageType
@@ -87,7 +91,9 @@ SCAN_LIMIT_MAX = 100_000         # most rows one scan call may return
 TXN_WRITES_MAX = 4096            # most distinct keys one transaction may write
 CONFLICT_KEYS_MAX = 100_000      # most (table, key) entries kept for conflict checks
 READ_OPTIMISTIC_TRIES = 3        # lock-free attempts of a read before it takes the lock
-DURABLE_TIMEOUT_S = 30.0         # default wait for VDL to pass a commit (or a read)
+DURABLE_TIMEOUT_S = 30.0         # default wait for VDL to pass a commit
+READ_DURABLE_WAIT_S = 0.1        # a read waits this long for what it saw to become durable,
+                                 # then reads as of VDL instead (see _SnapshotView)
 
 
 class _ReadView:
@@ -104,6 +110,30 @@ class _ReadView:
             if lsn > self.seen_lsn:
                 self.seen_lsn = lsn
         return page
+
+
+class _SnapshotView:
+    """Page source for a read as of ``read_point`` (<= VDL): cached pages whose page_lsn is
+    at or below it, copied; any page changed since (page_lsn > read_point) is read from
+    storage as of the read point instead. Every page it returns is the version at the read
+    point, so the read is one consistent, durable state without retries or locks. Used when
+    a read saw pages that are not durable and storage is slow to make them so (e.g. with an
+    AZ and one more node down, commits wait but reads of durable data go on)."""
+
+    def __init__(self, pool: BufferPool, sink, read_point: int) -> None:
+        self._pool = pool
+        self._sink = sink
+        self.read_point = read_point
+        self.seen_lsn = 0
+        self.storage_reads = 0
+
+    async def load(self, page_id: int) -> bytearray | None:
+        page = await self._pool.get(page_id)
+        if page is not None and pagefmt.page_lsn(page) <= self.read_point:
+            return bytearray(page)  # a copy: the cached frame may change at the next await
+        self.storage_reads += 1
+        image = await self._sink.read_page(page_id, read_point=self.read_point)
+        return None if image is None else bytearray(image)
 
 
 class Transaction:
@@ -232,7 +262,8 @@ class Database:
         self._active: dict[int, Transaction] = {}       # begin_seq -> txn, in begin order
         self._last_write: OrderedDict[tuple[str, bytes], int] = OrderedDict()  # -> commit LSN
         self.counters = {"commits": 0, "aborts": 0, "conflicts": 0, "doomed": 0,
-                         "read_retries": 0, "read_locked": 0, "read_durable_waits": 0}
+                         "read_retries": 0, "read_locked": 0, "read_durable_waits": 0,
+                         "read_snapshots": 0}
 
     # --- Lifecycle -------------------------------------------------------------------------
 
@@ -354,13 +385,28 @@ class Database:
             raise TableNotFound(f"no table named {table!r}")
         return root
 
+    async def _view_root(self, view, table: str) -> int:
+        """The table's root page as the view sees it (the catalog as of a snapshot's read
+        point if it changed since)."""
+        if isinstance(view, _SnapshotView) and self._catalog_lsn > view.read_point:
+            meta = await view.load(META_PAGE_ID)
+            root = None if meta is None else btree.catalog_root(meta, btree.table_key(table))
+            if root is None:
+                raise TableNotFound(f"no table named {table!r}")
+            return root
+        return self._root(table)
+
     async def _get(self, table: str, key: bytes) -> bytes | None:
-        return await self._read(lambda view: btree.get(view, self._root(table), key))
+        async def run(view):
+            return await btree.get(view, await self._view_root(view, table), key)
+        return await self._read(run)
 
     async def _scan(self, table: str, start, end, limit: int) -> list[tuple[bytes, bytes]]:
         start = None if start is None else btree.check_key(start)
         end = None if end is None else btree.check_key(end)
-        return await self._read(lambda view: btree.scan(view, self._root(table), start, end, limit))
+        async def run(view):
+            return await btree.scan(view, await self._view_root(view, table), start, end, limit)
+        return await self._read(run)
 
     async def _read(self, run: Callable[[_ReadView], Awaitable]):
         """Run a read consistently (retry, then lock) and wait until what it saw is durable."""
@@ -380,7 +426,12 @@ class Database:
         seen = max(view.seen_lsn, self._catalog_lsn)
         if seen > self.sink.vdl:
             self.counters["read_durable_waits"] += 1
-            await self.sink.wait_durable(seen, self.durable_timeout_s)
+            try:
+                await self.sink.wait_durable(seen, READ_DURABLE_WAIT_S)
+            except (WriteQuorumUnavailable, asyncio.TimeoutError):
+                # Storage is slow to make what we saw durable: read as of VDL instead.
+                self.counters["read_snapshots"] += 1
+                result = await run(_SnapshotView(self.pool, self.sink, self.sink.vdl))
         return result
 
     # --- Internals: commits ----------------------------------------------------------------

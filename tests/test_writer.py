@@ -184,10 +184,10 @@ def test_restart_of_every_process_keeps_acknowledged_writes(make_writer, storage
 
 
 def test_lal_stall_and_group_commit(make_writer):
-    """Scenario: LAL of 40 records and 8 concurrent clients: the writer stalls on the
+    """Scenario: LAL of 16 records and 8 concurrent clients: the writer stalls on the
     allocation limit instead of racing ahead of storage (invariant 6), and everything
     commits."""
-    w = make_writer("lal", lal=40)
+    w = make_writer("lal", lal=16)
     errors = []
 
     def client_loop(c):
@@ -208,7 +208,8 @@ def test_lal_stall_and_group_commit(make_writer):
         assert len(db.scan(limit=1000)) == 200
         stats = status_json(db)["driver"]
     assert stats["stats"]["lal_stalls"] > 0, stats
-    assert stats["next_lsn"] - 1 <= max(stats["vdl"], 0) + 40 + 40
+    # LsnAllocator asserts invariant 6 on every allocation; a violation would be an ERROR
+    # line in the writer's log, which make_writer checks.
 
 
 def test_model_across_restarts_with_tiny_buffer_pool(make_writer, storage_cluster):
