@@ -92,6 +92,11 @@ def describe_error(exc: Exception, endpoint: str | None = None) -> tuple[str, in
     if isinstance(exc, errors.ConflictError):
         return f"conflict: {detail} (retry the transaction)", EXIT_CONFLICT
     if isinstance(exc, errors.UnavailableError):
+        if "deadline" in detail.lower():
+            where = f" from the writer at {endpoint}" if endpoint else ""
+            return (f"unavailable: no answer{where} before the deadline: the writer is down or "
+                    f"paused, or the request waits for a write that is not durable yet (write "
+                    f"quorum unavailable); `aurora-lite status` shows which"), EXIT_NO_CLUSTER
         if _is_connection_failure(detail):
             where = f" at {endpoint}" if endpoint else ""
             return (f"unavailable: the writer{where} does not answer (is it down or paused? "
@@ -112,8 +117,7 @@ def describe_error(exc: Exception, endpoint: str | None = None) -> tuple[str, in
 def _is_connection_failure(detail: str) -> bool:
     d = detail.lower()
     return any(s in d for s in ("failed to connect", "connection refused", "socket closed",
-                                "deadline exceeded", "deadline_exceeded", "connect failed",
-                                "unavailable: ipv4"))
+                                "connect failed", "unavailable: ipv4"))
 
 
 # --- Finding the cluster ----------------------------------------------------------------
@@ -243,9 +247,8 @@ def format_status(state) -> str:
     for p in sorted(state.processes, key=lambda p: (p.role == "storage", p.name)):
         d = process_dict(p)
         if p.role == "storage":
-            if d["scl"] is not None and d["scl_min"] is not None:
-                position = (f"SCL {d['scl_max']}" if d["scl_min"] == d["scl_max"]
-                            else f"SCL {d['scl_min']}..{d['scl_max']}")
+            if d["scl"] is not None and d["scl_max"] is not None:
+                position = f"SCL {d['scl_max']}"   # highest; the grid below has every PG
             else:
                 position = "-"
             received = _bytes(d["bytes_received"]) if d["bytes_received"] is not None else "-"
