@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="directory for this node's LMDB environment")
     p.add_argument("--peers", default="", help="comma-separated peer addresses host:port for gossip")
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--cluster-config", default=None,
+                   help="cluster.json: peers' AZs and the simulated latency for gossip (reloaded live)")
     p.set_defaults(func=cmd_storage_node)
 
     p = sub.add_parser("writer", help="run the writer instance (database service)")

@@ -129,7 +129,8 @@ class ControlPlane:
                 node.name, "storage", node.az, node.address,
                 base + ["storage-node", "--node-id", node.name, "--az", node.az,
                         "--host", host, "--port", node.address.rsplit(":", 1)[1],
-                        "--data-dir", dd.node_dir(node.name), "--peers", ",".join(peers)],
+                        "--data-dir", dd.node_dir(node.name), "--peers", ",".join(peers),
+                        "--cluster-config", dd.cluster_json],
                 dd.log(node.name))
         self.writer = next(n for n, _, r in INSTANCES if r == "writer")
 

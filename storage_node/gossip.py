@@ -34,6 +34,7 @@ import grpc
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
 from storage_node.errors import StorageError
+from storage_node.latency import PeerLatency, delay_interceptors
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import AdoptEpochOp, CreateVolumeOp, PutVersionsOp, verify_stored_page
 
@@ -53,8 +54,10 @@ CHANNEL_OPTIONS = [
 class Gossip:
     """The gossip task of one node (see module doc)."""
 
-    def __init__(self, node: StorageNode, peers: list[str], seed: int | None = None) -> None:
+    def __init__(self, node: StorageNode, peers: list[str], seed: int | None = None,
+                 latency: PeerLatency | None = None) -> None:
         self.node = node
+        self.latency = latency   # simulated AZ delay on every call to a peer (storage_node/latency.py)
         self.store = node.store
         self.peers = [p for p in peers if p]
         self.rng = random.Random(seed)
@@ -80,7 +83,8 @@ class Gossip:
     def _stub(self, peer: str) -> pb_grpc.StorageStub:
         ch = self._channels.get(peer)
         if ch is None:
-            ch = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS)
+            ch = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS,
+                                           interceptors=delay_interceptors(self.latency, peer))
             self._channels[peer] = ch
         return pb_grpc.StorageStub(ch)
 

@@ -31,6 +31,7 @@ from aurora_pb import storage_pb2_grpc as pb_grpc
 from storage_node import node as node_module
 from storage_node.background import Background
 from storage_node.gossip import Gossip
+from storage_node.latency import PeerLatency
 from storage_node.node import StorageNode, Tuning, node_logger
 from storage_node.service import StorageService
 
@@ -83,7 +84,8 @@ async def serve(args: argparse.Namespace) -> int:
     await node.start()
     await server.start()
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
-    gossip = Gossip(node, peers)
+    latency = PeerLatency(args.cluster_config, args.az) if getattr(args, "cluster_config", None) else None
+    gossip = Gossip(node, peers, latency=latency)
     background = Background(node)
     gossip.start()
     background.start()

@@ -482,3 +482,52 @@ def test_latency_watcher_sees_net_delay(tmp_path):
     config.latency.extra_az_ms.clear()
     config.save(dd.cluster_json)
     assert slow.poll() is None   # not checked again within the interval: cheap per RPC
+
+
+def test_gossip_latency_follows_cluster_json(tmp_path):
+    """Scenario: a storage node's calls to a peer sleep the one-way delay before the
+    request and after the reply; `net delay` (cluster.json) changes it live."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from engine.cluster_config import ClusterConfig
+    from storage_node.latency import PeerLatency, delay_interceptors
+
+    dd = DataDir(str(tmp_path))
+    config = launcher.plan_cluster(dd).config
+    config.save(dd.cluster_json)
+    sn3 = config.storage_nodes[2].address          # az-b
+    sn2 = config.storage_nodes[1].address          # az-a
+    latency = PeerLatency(dd.cluster_json, "az-a", interval_s=0.0)
+    assert latency.one_way_s(sn2) == pytest.approx(0.00025)
+    assert latency.one_way_s(sn3) == pytest.approx(0.001)
+    assert latency.one_way_s("127.0.0.1:1") == 0.0   # not in the cluster: no delay
+    config.latency.extra_az_ms["az-b"] = 40.0
+    config.save(dd.cluster_json)
+    assert latency.one_way_s(sn3) == pytest.approx(0.041)
+    assert latency.one_way_s(sn2) == pytest.approx(0.00025)
+
+    async def timed_call() -> float:
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        # Pretend the server is sn3 (az-b, +40 ms): its address maps to that AZ.
+        config.storage_nodes[2] = type(config.storage_nodes[2])("sn3", "az-b", f"127.0.0.1:{port}")
+        config.save(dd.cluster_json)
+        peer = f"127.0.0.1:{port}"
+        async with grpc.aio.insecure_channel(peer, interceptors=delay_interceptors(latency, peer)) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)   # connect
+            started = time.monotonic()
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            elapsed = time.monotonic() - started
+        await server.stop(None)
+        return elapsed
+
+    assert asyncio.run(timed_call()) >= 2 * 0.041
+    assert delay_interceptors(None, sn3) == []
+    ClusterConfig.load(dd.cluster_json)   # still a valid config
