@@ -156,6 +156,11 @@ class BufferPool:
             await self._make_room()
             assert page_id not in self._frames, f"page {page_id} loaded twice"
             self._frames[page_id] = frame
+            # A replica's sink applies the records that became visible while this page
+            # was being read (engine/replica.py); the writer's sink has no such hook.
+            catch_up = getattr(self._sink, "catch_up_page", None)
+            if catch_up is not None:
+                catch_up(page_id, frame)
             self._note_size()
             if pin:
                 self.pin(page_id)

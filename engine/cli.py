@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.set_defaults(func=cmd_writer)
+
+    p = sub.add_parser("replica", help="run a read replica of the writer at --writer")
+    p.add_argument("--cluster", required=True, help="cluster config JSON (storage nodes, layout)")
+    p.add_argument("--writer", required=True, help="address host:port of the writer to follow")
+    p.add_argument("--instance", default="db2", help="instance name (default db2)")
+    p.add_argument("--az", default="az-b", help="the instance's availability zone")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
+    p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--buffer-pool-pages", type=int, default=4096,
+                   help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.set_defaults(func=cmd_writer)
     __import__("engine.cli_cluster").cli_cluster.register(sub)  # up, down, status, put, ... (docs/cli.md)
     return parser
 

@@ -1,6 +1,8 @@
-"""The writer instance process: recovery, then the database gRPC service.
+"""A compute instance process (writer or read replica) and its gRPC services.
 
-`aurora-lite writer --cluster CLUSTER.json --instance db1 --az az-a --port 0` starts one
+`aurora-lite writer --cluster CLUSTER.json --instance db1 --az az-a --port 0` starts the
+writer; `aurora-lite replica --writer ADDRESS ...` starts a read replica of it (see
+engine/replica.py); a replica can be promoted (InstanceAdmin.Promote, failover). One
 asyncio event loop (grpc.aio) that holds the whole engine: the storage driver, the
 buffer pool, the B+tree tables and the transactions. Page changes are synchronous code;
 only waiting on storage is async (DESIGN.md section 4).
@@ -28,10 +30,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aurora_pb import database_pb2 as pb
 from aurora_pb import database_pb2_grpc as pb_grpc
+from aurora_pb import replication_pb2_grpc as rpb_grpc
 from engine import errors
 from engine.cluster_config import ClusterConfig, LatencyWatcher
 from engine.database import Database
 from engine.recovery import RecoveryError, recover
+from engine.replica import Replica
+from engine.replication import ReplicationHub, ReplicationService
 from engine.storage_driver import StorageDriver
 from engine.volume import AZS
 
@@ -78,12 +83,11 @@ def _timeout(ms: int) -> float | None:
 
 
 class DatabaseService(pb_grpc.DatabaseServicer):
-    """gRPC face of engine.database.Database."""
+    """gRPC face of engine.database.Database, for whichever role the instance has now."""
 
-    def __init__(self, db: Database, driver: StorageDriver, instance: str) -> None:
-        self.db = db
-        self.driver = driver
-        self.instance = instance
+    def __init__(self, inst: "Instance") -> None:
+        self.inst = inst
+        self.instance = inst.name
         self.txns: dict[int, tuple[object, float]] = {}   # txn_id -> (txn, last use)
         self._ids = itertools.count(1)
         self.started_at = time.time()
@@ -122,7 +126,7 @@ class DatabaseService(pb_grpc.DatabaseServicer):
                 value = await self.db.get(table, request.key)
             if value is None:
                 raise errors.KeyNotFound(f"key {request.key!r} not found in table {table!r}")
-            return pb.GetReply(value=value, read_point=self.driver.vdl)
+            return pb.GetReply(value=value, read_point=self.inst.vdl)
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -132,11 +136,11 @@ class DatabaseService(pb_grpc.DatabaseServicer):
                 txn = self._txn(request.txn_id)
                 await self.ensure_tables([_table(request.table)])
                 txn.put(_table(request.table), request.key, request.value)
-                return pb.WriteReply(vdl=self.driver.vdl)
+                return pb.WriteReply(vdl=self.inst.vdl)
             await self.ensure_tables([_table(request.table)])
             lsn = await self.db.put(_table(request.table), request.key, request.value,
                                     timeout_s=_timeout(request.timeout_ms))
-            return pb.WriteReply(commit_lsn=lsn, vdl=self.driver.vdl)
+            return pb.WriteReply(commit_lsn=lsn, vdl=self.inst.vdl)
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -144,12 +148,12 @@ class DatabaseService(pb_grpc.DatabaseServicer):
         try:
             if request.txn_id:
                 self._txn(request.txn_id).delete(_table(request.table), request.key)
-                return pb.WriteReply(vdl=self.driver.vdl)
+                return pb.WriteReply(vdl=self.inst.vdl)
             table = _table(request.table)
             if table not in self.db.tables() or await self.db.get(table, request.key) is None:
                 raise errors.KeyNotFound(f"key {request.key!r} not found in table {table!r}")
             lsn = await self.db.delete(table, request.key, timeout_s=_timeout(request.timeout_ms))
-            return pb.WriteReply(commit_lsn=lsn, vdl=self.driver.vdl)
+            return pb.WriteReply(commit_lsn=lsn, vdl=self.inst.vdl)
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -165,7 +169,7 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             else:
                 items = await self.db.scan(_table(request.table), start, end, limit)
             return pb.ScanReply(items=[pb.KeyValue(key=k, value=v) for k, v in items],
-                                read_point=self.driver.vdl)
+                                read_point=self.inst.vdl)
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -184,7 +188,7 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             self.txns.pop(request.txn_id, None)
             await self.ensure_tables(list(txn._writes))
             lsn = await txn.commit(timeout_s=_timeout(request.timeout_ms))
-            return pb.WriteReply(commit_lsn=lsn or 0, vdl=self.driver.vdl)
+            return pb.WriteReply(commit_lsn=lsn or 0, vdl=self.inst.vdl)
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -194,70 +198,215 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             entry[0].abort()
         return pb.AbortReply()
 
+    @property
+    def db(self) -> Database:
+        return self.inst.database()
+
     async def Status(self, request, context):
-        state = {
-            "instance": self.instance, "role": "writer", "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "open_txns": len(self.txns), "driver": self.driver.status(),
-            "database": self.db.stats(),
-        }
-        return pb.StatusReply(instance=self.instance, role="writer", vdl=self.driver.vdl,
-                              volume_epoch=self.driver.epoch, json=json.dumps(state))
+        state = {"instance": self.instance, "pid": os.getpid(),
+                 "uptime_s": round(time.time() - self.started_at, 1),
+                 "open_txns": len(self.txns), **self.inst.status()}
+        return pb.StatusReply(instance=self.instance, role=self.inst.role, vdl=self.inst.vdl,
+                              volume_epoch=self.inst.epoch, json=json.dumps(state))
 
 
-async def open_database(config: ClusterConfig, *, instance: str, az: str,
-                        buffer_pool_pages: int, recovery_timeout_s: float = 120.0,
-                        cluster_path: str | None = None):
-    """Connect, recover (retrying until a quorum answers) and open the database.
-    With ``cluster_path``, latency changes in that file apply live (`net delay`)."""
-    reload = None
-    if cluster_path:
-        watcher = LatencyWatcher(cluster_path)
-
-        def reload():
-            latency = watcher.poll()
-            return None if latency is None else latency.from_az(az, AZS)
-    driver = StorageDriver(config.volume, config.storage_nodes, config.layout, epoch=0,
-                           lal=config.lal, instance=instance,
-                           link_delay_ms=config.latency.from_az(az, AZS), link_delay_reload=reload)
-    await driver.start()
+async def recover_until_open(driver: StorageDriver, recovery_timeout_s: float = 120.0):
+    """Run recovery, retrying while fewer than a quorum of nodes answer."""
     deadline = time.monotonic() + recovery_timeout_s
     delay_s = 0.2
     while True:
         try:
-            result = await recover(driver)
-            break
+            return await recover(driver)
         except (RecoveryError, asyncio.TimeoutError, grpc.RpcError) as exc:
             if time.monotonic() > deadline:
-                await driver.close()
                 raise
             log.warning("recovery not possible yet (%s); retrying in %.1fs", exc, delay_s)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 2.0)
-    db = Database(driver, buffer_pool_pages=buffer_pool_pages)
-    if result.vdl == 0:
-        await db.bootstrap()
-    else:
-        await db.open()
-    return driver, db, result
+
+
+class Instance:
+    """One compute instance: the writer, or a read replica that can be promoted.
+
+    Roles and the transitions between them (the function that makes each)::
+
+        replica --promote(): stop following, recovery under a new epoch--> writer
+        writer  --storage answers STALE_EPOCH (a newer writer took over)--> fenced
+        writer/fenced --follow(address): close the driver, follow that writer--> replica
+        replica --follow(address)--> replica (resubscribed to another writer)
+    """
+
+    def __init__(self, args, config: ClusterConfig) -> None:
+        self.args = args
+        self.name = args.instance
+        self.config = config
+        self.driver: StorageDriver | None = None
+        self.db: Database | None = None
+        self.hub: ReplicationHub | None = None
+        self.replica: Replica | None = None
+        self.recovery = None
+        self._background: list[asyncio.Task] = []
+        self._lock = asyncio.Lock()
+
+    @property
+    def role(self) -> str:
+        if self.replica is not None:
+            return "replica"
+        if self.driver is not None and self.driver.fenced is not None:
+            return "fenced"
+        return "writer" if self.db is not None else "starting"
+
+    @property
+    def vdl(self) -> int:
+        if self.replica is not None:
+            return self.replica.sink.vdl if self.replica.sink else 0
+        return self.driver.vdl if self.driver is not None else 0
+
+    @property
+    def epoch(self) -> int:
+        return self.driver.epoch if self.driver is not None else 0
+
+    def database(self) -> Database:
+        if self.replica is not None:
+            if self.replica.db is None:
+                raise errors.UnavailableError(f"replica {self.name} has not caught up with a writer yet")
+            return self.replica.db
+        if self.db is None:
+            raise errors.UnavailableError(f"instance {self.name} is still starting")
+        return self.db
+
+    def _new_driver(self) -> StorageDriver:
+        config, args = self.config, self.args
+        reload = None
+        if getattr(args, "cluster", None):
+            watcher = LatencyWatcher(args.cluster)
+
+            def reload():
+                latency = watcher.poll()
+                return None if latency is None else latency.from_az(args.az, AZS)
+        return StorageDriver(config.volume, config.storage_nodes, config.layout, epoch=0,
+                             lal=config.lal, instance=self.name,
+                             link_delay_ms=config.latency.from_az(args.az, AZS),
+                             link_delay_reload=reload)
+
+    async def start_writer(self) -> None:
+        driver = self._new_driver()
+        await driver.start()
+        self.recovery = await recover_until_open(driver)
+        db = Database(driver, buffer_pool_pages=self.args.buffer_pool_pages)
+        if self.recovery.vdl == 0:
+            await db.bootstrap()
+        else:
+            await db.open()
+        self.driver, self.db = driver, db
+        self.hub = ReplicationHub(driver, self.name)
+        self._background.append(asyncio.get_running_loop().create_task(self.hub.run_gc_horizon()))
+
+    async def start_replica(self, writer_address: str) -> None:
+        driver = self._new_driver()
+        await driver.start()
+        self.driver = driver
+        self.replica = Replica(driver, writer_address, self.name, self.args.buffer_pool_pages)
+        self.replica.start()
+
+    async def promote(self):
+        async with self._lock:
+            if self.replica is None:
+                return self.recovery
+            log.info("promoting %s: recovery under a new epoch", self.name)
+            replica, self.replica = self.replica, None
+            await replica.stop()
+            await self.driver.close()
+            self.driver = None
+            await self.start_writer()
+            log.info("%s is now the writer (epoch %d, VDL %d)", self.name, self.epoch, self.vdl)
+            return self.recovery
+
+    async def follow(self, writer_address: str) -> None:
+        async with self._lock:
+            if self.replica is not None:
+                self.replica.follow(writer_address)
+                return
+            log.info("%s steps down and follows the writer at %s", self.name, writer_address)
+            await self._stop_writer()
+            await self.start_replica(writer_address)
+
+    async def _stop_writer(self) -> None:
+        for task in self._background:
+            task.cancel()
+        self._background.clear()
+        if self.driver is not None:
+            await self.driver.close()
+        self.driver = self.db = self.hub = None
+
+    async def close(self) -> None:
+        if self.replica is not None:
+            await self.replica.stop()
+            self.replica = None
+        await self._stop_writer()
+
+    def status(self) -> dict:
+        state = {"role": self.role, "volume": self.config.volume}
+        if self.replica is not None:
+            state["replica"] = self.replica.status()
+            if self.replica.db is not None:
+                state["database"] = self.replica.db.stats()
+        elif self.db is not None:
+            state["driver"] = self.driver.status()
+            state["database"] = self.db.stats()
+            state["replicas"] = self.hub.status() if self.hub else []
+            state["gc_horizon"] = self.hub.gc_horizon() if self.hub else 0
+            if self.recovery is not None:
+                state["recovery"] = {"epoch": self.recovery.epoch, "vdl": self.recovery.vdl,
+                                     "seconds": round(self.recovery.seconds, 4),
+                                     "truncate_end": self.recovery.truncate_end}
+        return state
+
+
+class InstanceAdminService(pb_grpc.InstanceAdminServicer):
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+
+    async def Promote(self, request, context):
+        try:
+            result = await self.inst.promote()
+            return pb.PromoteReply(volume_epoch=self.inst.epoch, vdl=self.inst.vdl,
+                                   recovery_seconds=result.seconds if result else 0.0)
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def Follow(self, request, context):
+        try:
+            await self.inst.follow(request.writer_address)
+            return pb.FollowReply()
+        except Exception as exc:
+            await abort_with(context, exc)
 
 
 async def serve(args) -> int:
     config = ClusterConfig.load(args.cluster)
-    driver, db, result = await open_database(
-        config, instance=args.instance, az=args.az, buffer_pool_pages=args.buffer_pool_pages,
-        cluster_path=args.cluster)
-    service = DatabaseService(db, driver, args.instance)
+    inst = Instance(args, config)
+    role = "replica" if getattr(args, "writer", None) else "writer"
+    if role == "writer":
+        await inst.start_writer()
+    else:
+        await inst.start_replica(args.writer)
+    service = DatabaseService(inst)
     server = grpc.aio.server()
     pb_grpc.add_DatabaseServicer_to_server(service, server)
+    pb_grpc.add_InstanceAdminServicer_to_server(InstanceAdminService(inst), server)
+    rpb_grpc.add_ReplicationServicer_to_server(_ReplicationRouter(inst), server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
+    if role == "replica":
+        # Serving means answering reads: wait for the first snapshot from the writer.
+        await inst.replica.ready.wait()
     for name in ("", "aurora_pb.Database"):
         await _set_serving(health_servicer, name)
-    log.info("writer %s serving on %s:%d (volume %s, epoch %d, VDL %d)", args.instance,
-             args.host, port, config.volume, driver.epoch, driver.vdl)
+    log.info("%s %s serving on %s:%d (volume %s, epoch %d, VDL %d)", role, args.instance,
+             args.host, port, config.volume, inst.epoch, inst.vdl)
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w") as f:
@@ -270,11 +419,27 @@ async def serve(args) -> int:
         loop.add_signal_handler(sig, stop.set)
     reaper = asyncio.create_task(service.reap_idle())
     await stop.wait()
-    log.info("writer %s stopping", args.instance)
+    log.info("%s %s stopping", inst.role, args.instance)
     reaper.cancel()
     await server.stop(grace=3.0)
-    await driver.close()
+    await inst.close()
     return 0
+
+
+class _ReplicationRouter(rpb_grpc.ReplicationServicer):
+    """Serves the redo stream while this instance is the writer; refuses it otherwise."""
+
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+
+    async def Subscribe(self, request_iterator, context):
+        hub = self.inst.hub
+        if hub is None or self.inst.role != "writer":
+            context.set_trailing_metadata((("aurora-error", "READ_ONLY"),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{self.inst.name} is a {self.inst.role}, not the writer")
+        async for message in ReplicationService(hub).Subscribe(request_iterator, context):
+            yield message
 
 
 async def _set_serving(servicer, name: str) -> None:

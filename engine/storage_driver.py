@@ -153,6 +153,9 @@ class StorageDriver:
         self.truncations: list[tuple[int, int, int]] = []  # (start, end, epoch) to replay
         self.epoch_floor_lsn = start_lsn  # end of this epoch's truncation range
         self.fenced: FencedError | None = None
+        # Observers of shipped MTRs and VDL advances (the replication hub): objects with
+        # on_mtr(records) and on_vdl(vdl). Called synchronously; they must not block.
+        self.listeners: list = []
         self._nodes: dict[str, _Node] = {}
         self._open: dict[int, list[bytes]] = {}
         self._open_bytes = 0
@@ -240,6 +243,8 @@ class StorageDriver:
             self._open_bytes += len(record)
             self._open_records += 1
             self._open_max_lsn = lsn
+        for listener in self.listeners:
+            listener.on_mtr(records)
         self._maybe_seal()
 
     async def wait_durable(self, lsn: int, timeout_s: float | None = None) -> None:
@@ -366,6 +371,8 @@ class StorageDriver:
         for fut in self.commits.release(self.tracker.vdl):
             if not fut.done():
                 fut.set_result(None)
+        for listener in self.listeners:
+            listener.on_vdl(self.tracker.vdl)
         self._vdl_changed.set()
 
     def _fence(self, node: _Node, exc: grpc.RpcError) -> None:

@@ -55,7 +55,8 @@ class WriterProcess:
 
     def __init__(self, cluster, base_dir: str | Path, *, volume: str = "v1", pg_count: int = 8,
                  stripe_pages: int = 2, lal: int = 10_000, buffer_pool_pages: int = 256,
-                 latency: Latency | None = None, instance: str = "db1") -> None:
+                 latency: Latency | None = None, instance: str = "db1",
+                 writer_address: str | None = None, config_path: Path | None = None) -> None:
         self.cluster = cluster
         self.base = Path(base_dir)
         self.base.mkdir(parents=True, exist_ok=True)
@@ -63,12 +64,16 @@ class WriterProcess:
         self.buffer_pool_pages = buffer_pool_pages
         self.port = free_ports(1)[0]
         self.address = f"127.0.0.1:{self.port}"
-        self.config_path = self.base / "cluster.json"
+        self.writer_address = writer_address   # set: this process is a replica of it
         self.log_path = self.base / f"{instance}.log"
         self.proc: subprocess.Popen | None = None
-        nodes = [NodeInfo(name, NODE_AZS[name], cluster.address(name)) for name in cluster.nodes]
-        ClusterConfig(nodes, volume=volume, pg_count=pg_count, stripe_pages=stripe_pages, lal=lal,
-                      latency=latency or Latency(0.0, 0.0)).save(str(self.config_path))
+        if config_path is not None:
+            self.config_path = Path(config_path)   # share the writer's cluster.json
+        else:
+            self.config_path = self.base / "cluster.json"
+            nodes = [NodeInfo(name, NODE_AZS[name], cluster.address(name)) for name in cluster.nodes]
+            ClusterConfig(nodes, volume=volume, pg_count=pg_count, stripe_pages=stripe_pages,
+                          lal=lal, latency=latency or Latency(0.0, 0.0)).save(str(self.config_path))
         self.env = dict(os.environ)
         pythonpath = self.env.get("PYTHONPATH", "")
         self.env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
@@ -76,8 +81,9 @@ class WriterProcess:
     def start(self, timeout_s: float = 60.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "writer already running"
         log = open(self.log_path, "ab")
+        role = ["writer"] if self.writer_address is None else ["replica", "--writer", self.writer_address]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "writer", "--cluster", str(self.config_path),
+            [sys.executable, "-m", "engine.cli", *role, "--cluster", str(self.config_path),
              "--instance", self.instance, "--port", str(self.port),
              "--buffer-pool-pages", str(self.buffer_pool_pages)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.base),
@@ -103,6 +109,19 @@ class WriterProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
             raise
+
+    def replica(self, base_dir: str | Path, instance: str = "db2",
+                buffer_pool_pages: int | None = None) -> "WriterProcess":
+        """A replica process of this writer (not started), sharing its cluster.json."""
+        return WriterProcess(self.cluster, base_dir, instance=instance,
+                             buffer_pool_pages=buffer_pool_pages or self.buffer_pool_pages,
+                             writer_address=self.address, config_path=self.config_path)
+
+    def admin(self):
+        """An InstanceAdmin stub (Promote, Follow) and its channel."""
+        from aurora_pb import database_pb2_grpc
+        channel = grpc.insecure_channel(self.address)
+        return database_pb2_grpc.InstanceAdminStub(channel), channel
 
     def client(self, timeout_s: float = 30.0) -> Client:
         return Client(self.address, timeout_s=timeout_s)
