@@ -78,6 +78,7 @@ until the missing record arrives (retransmit or gossip). Example: SCL 10, stored
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import struct
 import threading
@@ -121,6 +122,8 @@ READ_VERSION_FALLBACKS = 3
 _SEG = struct.Struct(">II")
 _BE64 = struct.Struct(">Q")
 _BE32 = struct.Struct(">I")
+_LOG_KEY = struct.Struct(">8sQ")
+_IDX_KEY = struct.Struct(">8sIQ")
 _PAGE_LSN = struct.Struct(">IQ")
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -155,6 +158,9 @@ def log_key(prefix: bytes, lsn: int) -> bytes:
 def page_key(prefix: bytes, page_id: int, lsn: int) -> bytes:
     """Key of a pageidx or versions row."""
     return prefix + _PAGE_LSN.pack(page_id, lsn)
+
+
+_lsn_of = operator.itemgetter(2)
 
 
 def _in_truncation(lsn: int, truncs) -> bool:
@@ -222,7 +228,8 @@ class AppendOp:
     volume: str
     epoch: int
     writer_vdl: int
-    batches: list  # [(pg, membership_epoch, buf, refs)] refs from verify_batch
+    batches: list  # [(pg, membership_epoch, buf, refs[, log_items, idx_items])]: refs from
+    #                verify_batch; the LMDB items from prepare_items (built in the txn if absent)
     source: str = "writer"  # writer | gossip | repair
 
 
@@ -322,6 +329,20 @@ def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
         if ref[3] >= lsn or ref[4] >= lsn or ref[5] >= lsn:
             raise MalformedError(f"record lsn {lsn}: a backlink is not below its own LSN")
     return refs
+
+
+def prepare_items(vol_id: int, pg: int, buf: bytes, refs: list) -> tuple[list, list]:
+    """The (key, value) items a verified batch puts into ``log`` and ``pageidx``.
+
+    Built before the batch reaches the writer thread (on the event loop, while the writer
+    waits for its fsync), so the write transaction itself only calls putmulti.
+    Comprehensions, not loops: this is the per-record hot path of every Append.
+    """
+    prefix = seg_prefix(vol_id, pg)
+    log_key_of = _LOG_KEY.pack
+    idx_key_of = _IDX_KEY.pack
+    return ([(log_key_of(prefix, r[2]), buf[r[0]:r[0] + r[1]]) for r in refs],
+            [(idx_key_of(prefix, r[6], r[2]), b"") for r in refs])
 
 
 def verify_stored_record(key_lsn: int, value) -> bool:
@@ -653,7 +674,7 @@ class Store:
     def _op_append(self, ctx: _Txn, op: AppendOp):
         info = self._vol_of(ctx, op.volume)
         # Validate everything before writing anything: a refused request stores nothing.
-        for pg, membership_epoch, _buf, _refs in op.batches:
+        for pg, membership_epoch, *_rest in op.batches:
             if not 0 <= pg < info.layout.pg_count:
                 raise MalformedError(f"volume {op.volume!r} has no pg {pg}")
             m = ctx.meta((op.volume, pg))
@@ -663,28 +684,23 @@ class Store:
                     raise StaleEpochError(
                         f"Append: membership epoch {membership_epoch} of {op.volume}/{pg} is "
                         f"stale (segment at {m.membership_epoch})", m.volume_epoch)
-        touched = {}
-        for pg, membership_epoch, buf, refs in op.batches:
+        touched: dict[int, list] = {}
+        for batch in op.batches:
+            pg, membership_epoch, buf, refs = batch[:4]
             key = (op.volume, pg)
             m = ctx.meta(key)
-            prefix = seg_prefix(info.vol_id, pg)
-            chain = touched.setdefault(pg, {})
+            new = touched.setdefault(pg, [])
             if not refs:
                 continue
-            items = []
-            idx = []
-            for ref in refs:
-                off, size, lsn = ref[0], ref[1], ref[2]
-                lk = prefix + _BE64.pack(lsn)
-                items.append((lk, buf[off:off + size]))
-                idx.append((prefix + _PAGE_LSN.pack(ref[6], lsn), b""))
-                chain[lsn] = (ref[4], ref[6])
+            new.extend(refs)
+            items, idx = batch[4:] if len(batch) == 6 else prepare_items(info.vol_id, pg, buf, refs)
             _consumed, added = ctx.log_cur.putmulti(items, overwrite=False)
             ctx.idx_cur.putmulti(idx)
-            ctx.bytes_written += sum(len(k) + len(v) for k, v in items) + len(idx) * 20
+            ctx.bytes_written += len(buf) + len(refs) * (_LOG_KEY.size + _IDX_KEY.size)
             m.n_records += added
             quarantined = self._quar_records.get(key)
             if quarantined:
+                prefix = seg_prefix(info.vol_id, pg)
                 for ref in refs:
                     if ref[2] in quarantined:
                         ctx.txn.delete(prefix + KIND_RECORD + _BE64.pack(ref[2]), db=self.db_quarantine)
@@ -699,22 +715,35 @@ class Store:
                 m.membership_epoch = membership_epoch
             if op.writer_vdl > m.writer_vdl:
                 m.writer_vdl = op.writer_vdl
-        for pg, chain in touched.items():
-            self._advance_scl(ctx, (op.volume, pg), seg_prefix(info.vol_id, pg), chain)
+        for pg, new in touched.items():
+            self._advance_scl(ctx, (op.volume, pg), seg_prefix(info.vol_id, pg), new)
         return {pg: 0 for pg in touched}
 
-    def _advance_scl(self, ctx: _Txn, key: tuple, prefix: bytes, known: dict) -> None:
+    def _advance_scl(self, ctx: _Txn, key: tuple, prefix: bytes, new: list = ()) -> None:
         """Follow the segment backlink chain from the SCL as far as it goes (invariant 4).
 
-        ``known`` maps lsn -> (prev_pg_lsn, page_id) for records of this transaction, to
-        save reading them back.
+        ``new``: record tuples (scan_batch) just stored. Fast path: when they continue the
+        chain in LSN order (the common case) the walk needs no LMDB reads except one seek
+        to see whether anything stored earlier lies beyond them. Otherwise, and after the
+        fast path, the walk follows the stored log with a cursor.
         """
         m = ctx.meta(key)
-        cur = ctx.log_cur
         scl = m.scl
         truncs = m.truncs
         dirty = ctx.dirty[key]
+        if new:
+            new.sort(key=_lsn_of)  # timsort: linear on the usual already-sorted batch
+            for r in new:
+                lsn = r[2]
+                if lsn <= scl or (truncs and _in_truncation(lsn, truncs)):
+                    continue
+                if r[4] != scl:
+                    break  # a hole, or a stored record in between: the cursor walk decides
+                scl = lsn
+                dirty[r[6]] += 1
+        cur = ctx.log_cur
         if not cur.set_range(prefix + _BE64.pack(scl + 1)):
+            m.scl = scl
             return
         while True:
             k = cur.key()
@@ -725,12 +754,8 @@ class Store:
                 if not cur.next():
                     break
                 continue
-            hit = known.get(lsn)
-            if hit is None:
-                v = cur.value()
-                prev, page_id = _U64.unpack_from(v, _REC_PREV_PG)[0], _U32.unpack_from(v, _REC_PAGE)[0]
-            else:
-                prev, page_id = hit
+            v = cur.value()
+            prev, page_id = _U64.unpack_from(v, _REC_PREV_PG)[0], _U32.unpack_from(v, _REC_PAGE)[0]
             if prev != scl:
                 break  # a hole: the record linking to the SCL is missing
             scl = lsn
@@ -773,7 +798,7 @@ class Store:
         m.generation += 1
         if m.scl > start:
             m.scl = self._chain_point_at_or_below(ctx, key, prefix, start)
-        self._advance_scl(ctx, key, prefix, {})
+        self._advance_scl(ctx, key, prefix)
         # Page versions above the range start may contain annulled records: drop them.
         # They are only a cache of the log (invariant 14); the coalescer rebuilds them.
         vcur = ctx.txn.cursor(db=self.db_versions)

@@ -1,0 +1,186 @@
+"""Storage-node ingest against raw LMDB, on the same machine in the same run.
+
+    pytest bench/bench_storage_node.py --benchmark-only   (not part of the default `pytest`)
+
+For 1, 16 and 256 records per Append (one PG batch per request), a grpc.aio client keeps
+``WINDOW`` requests in flight against ONE real storage-node process (tests/harness.py)
+and measures records/s and MB/s of acknowledged records (acked = durable, invariant 3).
+Beside it, ``raw_lmdb`` puts the same kind of record bytes into a bare LMDB environment
+with sync commits, the same number of records per commit, in this process: the ceiling of
+"one synced commit per batch" with no network, no verification, no page index and no
+SCL. ``test_node_ingest`` also measures raw LMDB right before and after the node rounds
+(the machine is shared, so only rates taken side by side compare) and reports
+``node_over_raw``. The node can approach raw LMDB only because its group commit puts
+several requests into one synced transaction.
+
+Every result's ``extra_info`` has records_per_s and mb_per_s. Goal (issue "Step 2"): at
+256 records per batch the node sustains at least half the raw LMDB rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import lmdb
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aurora_pb import storage_pb2 as pb  # noqa: E402
+from engine.volume import VolumeLayout  # noqa: E402
+from tests.harness import StorageCluster  # noqa: E402
+from tests.storage_client import ChainBuilder, StorageClient, append_request  # noqa: E402
+
+BATCH_SIZES = (1, 16, 256)
+BATCHES = {1: 1500, 16: 800, 256: 240}  # per round: about 1-3 s each
+WINDOW = 32                             # requests in flight (a writer has many)
+ROUNDS = 3
+LAYOUT = VolumeLayout(pg_count=1, stripe_pages=64)  # every page in PG 0: one chain
+APPEND = "/aurora_pb.Storage/Append"
+
+
+@pytest.fixture(scope="module")
+def node():
+    base = Path(tempfile.mkdtemp(prefix="bench-sn-"))
+    cluster = StorageCluster(base, names=("sn1",), env={"AURORA_SN_MAP_SIZE": str(8 << 30)},
+                             log_level="WARNING")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _requests(chain: ChainBuilder, batch: int, count: int) -> tuple[list[bytes], int, int]:
+    """Serialised AppendRequests of ``batch`` records each: (requests, records, bytes)."""
+    out = []
+    nbytes = 0
+    for _ in range(count):
+        recs = chain.next_records(batch, value_max=64)
+        nbytes += sum(len(r.data) for r in recs)
+        out.append(append_request(chain, recs).SerializeToString())
+    return out, batch * count, nbytes
+
+
+def _send_all(address: str, requests: list[bytes]) -> None:
+    """Send pre-serialised AppendRequests with WINDOW in flight (grpc.aio, one thread)."""
+
+    async def main():
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary(APPEND, request_serializer=None,
+                                       response_deserializer=pb.AppendReply.FromString)
+            window = asyncio.Semaphore(WINDOW)
+
+            async def one(req):
+                async with window:
+                    await call(req, timeout=30)
+
+            await asyncio.gather(*(one(r) for r in requests))
+
+    asyncio.run(main())
+
+
+def _raw_lmdb_rate(path: Path, chain: ChainBuilder, batch: int, count: int) -> float:
+    """records/s of bare LMDB sync commits of ``count`` batches of ``batch`` records."""
+    env = lmdb.open(str(path), map_size=8 << 30, max_dbs=2, sync=True, metasync=True,
+                    readahead=False)
+    db = env.open_db(b"log")
+    prefix = struct.pack(">II", 1, 0)
+    batches = [[(prefix + struct.pack(">Q", r.lsn), r.data)
+                for r in chain.next_records(batch, value_max=64)] for _ in range(count)]
+    t0 = time.perf_counter()
+    for items in batches:
+        with env.begin(write=True, db=db) as txn:
+            txn.cursor().putmulti(items)
+    rate = batch * count / (time.perf_counter() - t0)
+    env.close()
+    return rate
+
+
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+def test_node_ingest(benchmark, node, batch):
+    chain = ChainBuilder(f"bench{batch}", layout=LAYOUT, seed=batch, pages=list(range(1, 64)),
+                         lsn_gap_max=1)
+    client = StorageClient(node.addresses())
+    client.create_volume(chain)
+    address = node.address("sn1")
+    totals = {"records": 0, "bytes": 0, "seconds": 0.0}
+    raw_chain = ChainBuilder("raw", layout=LAYOUT, seed=batch, pages=list(range(1, 64)), lsn_gap_max=1)
+    raw_dir = Path(tempfile.mkdtemp(prefix="bench-raw-"))
+    raw_rates = [_raw_lmdb_rate(raw_dir / "before", raw_chain, batch, BATCHES[batch])]
+
+    def setup():
+        reqs, n, nbytes = _requests(chain, batch, BATCHES[batch])
+        return (reqs, n, nbytes), {}
+
+    def run(reqs, n, nbytes):
+        t0 = time.perf_counter()
+        _send_all(address, reqs)
+        totals["seconds"] += time.perf_counter() - t0
+        totals["records"] += n
+        totals["bytes"] += nbytes
+
+    before = client.status("sn1")
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
+    after = client.status("sn1")
+    raw_rates.append(_raw_lmdb_rate(raw_dir / "after", raw_chain, batch, BATCHES[batch]))
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    assert client.scls("sn1", chain) == {0: chain.lsn}, "every record acked and complete"
+    rate = totals["records"] / totals["seconds"]
+    raw = sum(raw_rates) / len(raw_rates)
+    txns = after.write_txns - before.write_txns
+    benchmark.extra_info.update({
+        "records_per_batch": batch, "records_per_s": round(rate),
+        "mb_per_s": round(totals["bytes"] / totals["seconds"] / 1e6, 2),
+        "rpcs_per_s": round(rate / batch), "write_txns": txns,
+        "records_per_txn": round(totals["records"] / max(1, txns), 1),
+        "window": WINDOW, "raw_lmdb_records_per_s": round(raw),
+        "node_over_raw": round(rate / raw, 2)})
+    print(f"\nnode    batch {batch:3d}: {rate:10.0f} records/s "
+          f"{totals['bytes'] / totals['seconds'] / 1e6:6.2f} MB/s "
+          f"({totals['records'] / max(1, txns):.1f} records per LMDB txn); raw LMDB beside it "
+          f"{raw:.0f} records/s: node/raw = {rate / raw:.2f}")
+    client.close()
+
+
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+def test_raw_lmdb(benchmark, batch, tmp_path):
+    """Same record bytes, same records per commit, bare LMDB with sync commits."""
+    chain = ChainBuilder(f"raw{batch}", layout=LAYOUT, seed=batch, pages=list(range(1, 64)),
+                         lsn_gap_max=1)
+    env = lmdb.open(str(tmp_path / "raw"), map_size=8 << 30, max_dbs=2, sync=True, metasync=True,
+                    readahead=False)
+    db = env.open_db(b"log")
+    prefix = struct.pack(">II", 1, 0)
+    totals = {"records": 0, "bytes": 0, "seconds": 0.0}
+
+    def setup():
+        batches = [[(prefix + struct.pack(">Q", r.lsn), r.data) for r in chain.next_records(batch, value_max=64)]
+                   for _ in range(BATCHES[batch])]
+        return (batches,), {}
+
+    def run(batches):
+        t0 = time.perf_counter()
+        for items in batches:
+            with env.begin(write=True, db=db) as txn:
+                txn.cursor().putmulti(items)
+        totals["seconds"] += time.perf_counter() - t0
+        totals["records"] += sum(len(b) for b in batches)
+        totals["bytes"] += sum(len(v) for b in batches for _k, v in b)
+
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
+    env.close()
+    rate = totals["records"] / totals["seconds"]
+    benchmark.extra_info.update({
+        "records_per_batch": batch, "records_per_s": round(rate),
+        "mb_per_s": round(totals["bytes"] / totals["seconds"] / 1e6, 2)})
+    print(f"\nrawlmdb batch {batch:3d}: {rate:10.0f} records/s "
+          f"{totals['bytes'] / totals['seconds'] / 1e6:6.2f} MB/s")
