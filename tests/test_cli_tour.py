@@ -212,6 +212,17 @@ def test_readme_tour(cluster):
     assert "no process left running" in out, out
     assert_gone(pids)
     assert cli.ran == readme_tour_commands(), "README.md's tour and this test differ"
+    assert_no_error_lines(cli)
+
+
+def assert_no_error_lines(cli: Cli) -> None:
+    """ERROR lines mean something is wrong; the faults of the tour are expected ones."""
+    logs = DataDir(cli.data_dir).logs
+    errors = []
+    for name in sorted(os.listdir(logs)):
+        with open(os.path.join(logs, name), errors="replace") as f:
+            errors += [f"{name}: {line.rstrip()}" for line in f if " ERROR " in line or "Traceback" in line]
+    assert not errors, "\n".join(errors[:20])
 
 
 def test_up_again_restores_every_committed_key(tmp_path):
