@@ -125,7 +125,9 @@ class Gossip:
                     ps.volume_epoch == m.volume_epoch and ps.truncations > len(m.truncs)):
                 await self._adopt(stub, peer, key)
                 m = self.store.segment(*key)
-            if ps.scl > m.scl and budget > 0:
+            # A peer at an older epoch may call records chain-complete that this segment
+            # knows are truncated: pulling them would never move the SCL.
+            if ps.scl > m.scl and budget > 0 and ps.volume_epoch >= m.volume_epoch:
                 n, nbytes = await self._pull(stub, peer, key, ps.scl, budget)
                 pulled += n
                 budget -= nbytes

@@ -56,7 +56,7 @@ class Tuning:
     gossip_round_bytes: int = 8 << 20     # records pulled per round, all segments
     discover_every_rounds: int = 5        # learn volumes from a peer every N rounds
     coalesce_interval_s: float = 0.25     # coalescer wake-up period
-    coalesce_records: int = 16            # fold a page once it has this many new records
+    coalesce_records: int = 32            # fold a page once it has this many new records
     coalesce_sweep_s: float = 5.0         # fold every page with any new record this often
     coalesce_pages: int = 16              # pages per coalesce transaction
     gc_interval_s: float = 1.0
@@ -64,7 +64,7 @@ class Tuning:
     scrub_interval_s: float = 30.0        # pause between full scrub passes
     scrub_records: int = 512              # records verified per scrub step
     scrub_versions: int = 32              # page versions verified per scrub step
-    scrub_pause_s: float = 0.02           # pause between scrub steps
+    scrub_pause_s: float = 0.05           # pause between scrub steps
     repair_interval_s: float = 0.5
 
     @classmethod

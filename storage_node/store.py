@@ -77,6 +77,7 @@ until the missing record arrives (retransmit or gossip). Example: SCL 10, stored
 
 from __future__ import annotations
 
+import collections
 import logging
 import operator
 import os
@@ -118,6 +119,7 @@ FETCH_BYTES_DEFAULT = 4 << 20
 FETCH_BYTES_MAX = 16 << 20
 STATE_RECORDS_MAX = 65536
 READ_VERSION_FALLBACKS = 3
+SUSPECTS_MAX = 4096
 
 _SEG = struct.Struct(">II")
 _BE64 = struct.Struct(">Q")
@@ -422,8 +424,9 @@ class Store:
         self._dirty: dict[tuple, dict[int, int]] = {}
         #: Segments whose dirty counts must be rebuilt from LMDB (startup, truncation).
         self.needs_sweep: set = set()
-        #: (key, kind, item) of bad bytes a read stumbled on, for the scrubber to quarantine.
-        self.suspects: list = []
+        #: (key, kind, item) of bad bytes a read stumbled on, for the scrubber to quarantine
+        #: (appended by read threads, drained by background.py; deque ops are atomic).
+        self.suspects: collections.deque = collections.deque(maxlen=SUSPECTS_MAX)
         #: Quarantined versions (key, page_id, lsn) the local log cannot rebuild (GC'd):
         #: gossip refetches these pages from a peer.
         self._peer_pages: set = set()
@@ -1416,7 +1419,9 @@ class Store:
 
     def take_suspects(self) -> list:
         """Bad bytes the read path stumbled on since the last call (for the scrubber)."""
-        out, self.suspects = self.suspects, []
+        out = []
+        while self.suspects:
+            out.append(self.suspects.popleft())
         return out
 
     def buildable_version(self, volume: str, pg: int, page_id: int, lsn: int):
