@@ -7,7 +7,9 @@ them. None of them can delay an Append by more than one small transaction.
     task        what                                                  bound per step
     coalesce    fold a page's new records into a new page version     coalesce_pages pages
                 once it has ``coalesce_records`` of them, and every
-                page with any new record every ``coalesce_sweep_s``
+                page with any new record every ``coalesce_sweep_s``;
+                while writers append faster than busy_records_per_s,
+                only pages with coalesce_records_busy new records
     gc          below min(PGMRPL, SCL): keep each page's newest        gc_pages pages
                 version <= horizon and all above; drop the rest
                 and the records they cover (invariant 12)
@@ -75,18 +77,30 @@ class Background:
 
     # -- coalesce -------------------------------------------------------------------------
 
+    def _foreground_rate(self) -> float:
+        """Records/s received from writers since the last call (the load signal)."""
+        now = time.monotonic()
+        received = self.node.counters.records_received
+        last_t, last_n = self._rate_mark
+        self._rate_mark = (now, received)
+        return (received - last_n) / max(1e-3, now - last_t)
+
     async def _coalesce_loop(self) -> None:
         last_sweep = time.monotonic()
+        self._rate_mark = (last_sweep, self.node.counters.records_received)
         while True:
             await self._sleep(self.t.coalesce_interval_s)
             for key in list(self.store.needs_sweep)[:4]:
                 self.store.needs_sweep.discard(key)
                 counts = await self.node.read_bg(self.store.sweep_dirty, *key)
                 self.store.set_dirty(key, counts)
-            sweep = time.monotonic() - last_sweep >= self.t.coalesce_sweep_s
+            # Under heavy foreground load, fold only pages with a long backlog: coalescing
+            # costs CPU (and the GIL) that appends need, and reads apply the records anyway.
+            busy = self._foreground_rate() > self.t.busy_records_per_s
+            sweep = not busy and time.monotonic() - last_sweep >= self.t.coalesce_sweep_s
             if sweep:
                 last_sweep = time.monotonic()
-            threshold = 1 if sweep else self.t.coalesce_records
+            threshold = 1 if sweep else (self.t.coalesce_records_busy if busy else self.t.coalesce_records)
             work = self.store.take_dirty(threshold, self.t.coalesce_pages * 8)
             for (volume, pg), pages in work:
                 for i in range(0, len(pages), self.t.coalesce_pages):
