@@ -225,8 +225,10 @@ class Gossip:
                 if not self.store.needs_peer_page(key, page_id, lsn):
                     continue  # background.py rebuilds it from the local log
                 budget -= 1
-                read_point = max(lsn, m.gc_horizon)
-                if ps.volume_epoch != m.volume_epoch or ps.scl < read_point or read_point > m.scl:
+                # As of the GC horizon (capped at the own SCL): the page's last record at or
+                # below it is >= the lost version, and every later record is still here.
+                read_point = min(max(lsn, m.gc_horizon), m.scl)
+                if ps.volume_epoch != m.volume_epoch or ps.scl < read_point:
                     continue
                 try:
                     reply = await stub.ReadPage(pb.ReadPageRequest(

@@ -571,3 +571,40 @@ def test_dropped_page_versions_are_rebuilt_from_the_log_identically(storage_clus
                 assert image == old[pg][(page_id, lsn)]
     storage_cluster.start_node("sn5")
     client.check_pages("sn5", chain)
+
+
+@pytest.mark.allow_errors(r"failed its checksum")
+def test_rotten_page_whose_log_was_collected_is_refetched_from_a_peer(storage_cluster, client, seed):
+    """Scenario: after GC, a page's only version at or below the horizon is all that is
+    left of its history below it. That version rots on stopped sn2's disk; restarted, sn2
+    cannot rebuild it from its own log, so it reads the page from a peer as of the GC
+    horizon, and every read then equals the oracle again (invariant 13 with 12)."""
+    chain = ChainBuilder("gcrot", seed=seed, pages=[1, 2, 3])  # all in PG 0
+    client.create_volume(chain)
+    for _ in range(3):
+        client.append_ok(chain, chain.next_records(60))
+    horizon = chain.lsn
+    client.append_ok(chain, chain.next_records(20))
+    for n in NODE_NAMES:
+        client.stub(n).SetGcHorizon(pb.SetGcHorizonRequest(volume=chain.volume, horizon_lsn=horizon,
+                                                           volume_epoch=1), timeout=5)
+    wait_until(lambda: client.status("sn2").gc_records_deleted > 0 and
+               _segment_status(client, "sn2", chain.volume)[0].records < 100,
+               CATCH_UP_TIMEOUT_S, "GC on sn2", seed)
+    assert storage_cluster.stop("sn2") == 0
+    data_dir = str(storage_cluster.data_dir("sn2"))
+    versions = S.list_page_versions(data_dir, chain.volume, 0)
+    page_id, lsn = max(k for k in versions if k[1] <= horizon)  # the page's anchor version
+    assert S.list_records(data_dir, chain.volume, 0).keys().isdisjoint(
+        r.lsn for r in chain.records if r.page_id == page_id and r.lsn < lsn), "log not collected"
+    assert flip_bytes_in_file(storage_cluster.data_dir("sn2") / "data.mdb",
+                              versions[(page_id, lsn)], 3000) >= 1
+    storage_cluster.start_node("sn2")
+
+    def repaired():
+        status = client.status("sn2")
+        return status.scrub_errors_found >= 1 and status.scrub_repairs >= 1 and status.quarantined == 0
+
+    wait_until(repaired, CATCH_UP_TIMEOUT_S, "sn2 to refetch the page from a peer", seed)
+    client.check_pages("sn2", chain)
+    client.check_pages("sn2", chain, horizon)
