@@ -145,14 +145,27 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     new_epoch = old_epoch + 1
 
     # 2. Fence. ----------------------------------------------------------------------
+    async def fence_one(pg, stub):
+        reply = await stub.SegmentState(
+            pb.SegmentStateRequest(volume=volume, pg=pg, volume_epoch=new_epoch, fence=True,
+                                   records_since=since, include_records=True, tail_bound=since),
+            timeout=rpc_timeout_s)
+        # One reply lists at most 65,536 records and does not say it was cut; a list that
+        # stops below the segment's SCL was cut (up to LAL records may lie above `since`):
+        # ask for the rest, or step 3 would stop short and truncate durable records.
+        while reply.records and reply.records[-1].lsn < reply.scl:
+            more = await stub.SegmentState(
+                pb.SegmentStateRequest(volume=volume, pg=pg, include_records=True,
+                                       records_since=reply.records[-1].lsn),
+                timeout=rpc_timeout_s)
+            if not more.records:
+                break
+            reply.records.extend(more.records)
+        return reply
+
     async def fence(pg):
         return pg, await _gather_per_node(
-            driver, lambda name, stub: stub.SegmentState(
-                pb.SegmentStateRequest(volume=volume, pg=pg, volume_epoch=new_epoch, fence=True,
-                                       records_since=since, include_records=True,
-                                       tail_bound=since),
-                timeout=rpc_timeout_s),
-            rpc_timeout_s)
+            driver, lambda name, stub: fence_one(pg, stub), rpc_timeout_s)
 
     fenced = dict(await asyncio.gather(*(fence(pg) for pg in pgs)))
 
@@ -248,35 +261,46 @@ async def _repair(driver: StorageDriver, since: int, vdl: int, tails: dict[int, 
     """Make every record in (since, vdl] durable at Vw segments of its PG."""
     if vdl <= since:
         return 0
-    batches = []
+    chunks: dict[int, list[bytes]] = {}   # pg -> packed records, one FetchRecords answer each
     count = 0
     for pg, (scl, name) in best_node.items():
         if tails.get(pg, 0) <= since:
             continue  # no record of this PG in (since, vdl]
-        reply = await driver.stub(name).FetchRecords(
-            pb.FetchRecordsRequest(volume=driver.volume, pg=pg, after_lsn=since, upto_lsn=vdl,
-                                   volume_epoch=driver.epoch, sender=driver.instance),
-            timeout=rpc_timeout_s)
-        if reply.more:
-            raise RecoveryError(f"PG {pg}: records in ({since}, {vdl}] exceed one fetch")
-        batches.append(pb.PgBatch(pg=pg, records=reply.records))
-        count += len(scan_batch(reply.records))
-    if not batches:
+        after = since
+        while True:  # an answer holds at most max_bytes (4 MiB by default): page through
+            reply = await driver.stub(name).FetchRecords(
+                pb.FetchRecordsRequest(volume=driver.volume, pg=pg, after_lsn=after, upto_lsn=vdl,
+                                       volume_epoch=driver.epoch, sender=driver.instance),
+                timeout=rpc_timeout_s)
+            refs = scan_batch(reply.records)
+            if refs:
+                chunks.setdefault(pg, []).append(reply.records)
+                count += len(refs)
+                after = refs[-1][2]
+            if not reply.more:
+                break
+            if not refs:
+                raise RecoveryError(f"PG {pg}: FetchRecords after {after} made no progress")
+    if not chunks:
         return 0
-    request = pb.AppendRequest(volume=driver.volume, volume_epoch=driver.epoch,
-                               writer_vdl=since, batches=batches, sender=driver.instance)
-    results = await _gather_per_node(
-        driver, lambda name, stub: stub.Append(request, timeout=rpc_timeout_s), rpc_timeout_s)
-    complete: dict[int, int] = {}
-    for name, reply in results.items():
-        if isinstance(reply, grpc.RpcError):
-            continue
-        for ack in reply.acks:
-            if ack.scl >= tails.get(ack.pg, 0):
-                complete[ack.pg] = complete.get(ack.pg, 0) + 1
-    for batch in batches:
-        if complete.get(batch.pg, 0) < VW:
+    best_scl: dict[tuple[str, int], int] = {}      # (node, pg) -> highest SCL acked
+    results: dict = {}
+    for i in range(max(len(c) for c in chunks.values())):  # the i-th answer of every PG
+        request = pb.AppendRequest(
+            volume=driver.volume, volume_epoch=driver.epoch, writer_vdl=since,
+            batches=[pb.PgBatch(pg=pg, records=c[i]) for pg, c in chunks.items() if i < len(c)],
+            sender=driver.instance)
+        results = await _gather_per_node(
+            driver, lambda name, stub: stub.Append(request, timeout=rpc_timeout_s), rpc_timeout_s)
+        for name, reply in results.items():
+            if not isinstance(reply, grpc.RpcError):
+                for ack in reply.acks:
+                    best_scl[(name, ack.pg)] = max(best_scl.get((name, ack.pg), 0), ack.scl)
+    for pg in chunks:
+        complete = sum(1 for name in driver.node_names
+                       if best_scl.get((name, pg), 0) >= tails.get(pg, 0))
+        if complete < VW:
             raise RecoveryError(
-                f"repair of PG {batch.pg} reached {complete.get(batch.pg, 0)} of {VW} segments "
+                f"repair of PG {pg} reached {complete} of {VW} segments "
                 f"({_describe_errors(results)})")
     return count
