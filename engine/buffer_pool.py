@@ -73,6 +73,8 @@ class BufferPool:
         self.evictions = 0                      # pages dropped to make room
         self.vdl_waits = 0                      # misses that waited for VDL to evict
         self.overshoot_max = 0                  # most pages ever resident above capacity
+        self.on_evict = None                    # optional callback(page_id) after an eviction
+                                                # (engine/baseline.py: MySQL's LRU flush)
 
     # --- Inspection ------------------------------------------------------------------------
 
@@ -253,3 +255,5 @@ class BufferPool:
             f"> VDL {self._sink.vdl}")
         del self._frames[page_id]
         self.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(page_id)

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.set_defaults(func=cmd_writer)
     __import__("engine.cli_cluster").cli_cluster.register(sub)  # up, down, status, put, ... (docs/cli.md)
+    __import__("engine.cli_bench").cli_bench.register(sub)  # bench write-amplification, block-server
     return parser
 
 
