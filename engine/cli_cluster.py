@@ -694,7 +694,7 @@ def cmd_shell(args) -> int:
             print(f"transaction {txn.txn_id} aborted (end of input)")
     finally:
         db.close()
-    return last_error
+    return EXIT_OK if interactive else last_error   # scripts learn that something failed
 
 
 def _shell_command(cmd, db, txn, args):

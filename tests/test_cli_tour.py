@@ -200,7 +200,9 @@ def test_readme_tour(cluster):
         lags = {n: state["by_name"][n]["lag_lsn"] for n in NAMES[1:]}
         if state["all_up"] and all(lag == 0 for lag in lags.values()):
             break
-        assert time.monotonic() < deadline, f"not caught up after 20s: {lags}"
+        assert time.monotonic() < deadline, (
+            f"not caught up by gossip after 20s: lag {lags}; SCL per PG "
+            f"{ {n: state['by_name'][n]['scl'] for n in NAMES[1:]} }")
         time.sleep(0.5)
     assert all(state["by_name"][n]["scl_max"] >= stalled_lsn for n in NAMES[1:])
     text = cli("status").stdout
