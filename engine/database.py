@@ -370,6 +370,13 @@ class Database:
 
     status = stats
 
+    @property
+    def mtr_lock(self) -> asyncio.Lock:
+        """Held while an MTR changes cached pages: by commits on the writer, and by the
+        replica's apply loop (engine/replica.py), so that a read that fell back to taking
+        it sees no MTR at all."""
+        return self._commit_lock
+
     # --- Internals: reads ------------------------------------------------------------------
 
     def _meta(self) -> bytearray:

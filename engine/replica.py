@@ -242,7 +242,10 @@ class Replica:
                     visible += 1
                 batch, pending = pending[:visible], pending[visible:]
                 pending_records -= sum(len(m) for m in batch)
-                sink.apply_visible(batch, msg.vdl, db.pool)
+                # A read that gave up on optimistic retries holds this lock for its whole
+                # run; it must not see an MTR applied halfway through it.
+                async with db.mtr_lock:
+                    sink.apply_visible(batch, msg.vdl, db.pool)
                 if msg.vdl_time_us:
                     self.lag_ms.append(max(0.0, (time.time_ns() // 1000 - msg.vdl_time_us) / 1000.0))
             now = time.monotonic()

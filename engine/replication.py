@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_MAX = 20_000
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
-GC_HORIZON_INTERVAL_S = 1.0
+GC_HORIZON_INTERVAL_S = float(os.environ.get("AURORA_GC_HORIZON_INTERVAL_S", "1.0"))
 
 
 @dataclass

@@ -382,7 +382,7 @@ class StorageDriver:
         self.fenced = FencedError(
             f"this writer is fenced: storage node {node.info.name} is at volume epoch "
             f"{current}, this writer has epoch {self.epoch}; a newer writer took over")
-        log.error("%s", self.fenced)
+        log.warning("%s", self.fenced)  # expected after a failover: not an ERROR
         for fut in self.commits.drain():
             if not fut.done():
                 fut.set_exception(self.fenced)
