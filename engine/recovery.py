@@ -175,6 +175,17 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     max_lsn_seen = since
     last_truncate_end = 0
     best_node: dict[int, tuple[int, str]] = {}       # pg -> (scl, node) of the fullest
+    # Every truncation range any segment reported. Each was recorded at a write quorum, so
+    # this read quorum saw it even if the segment answering missed it (down during that
+    # recovery, not yet told by gossip): such a segment still lists the annulled records,
+    # whose backlinks collide with the newer epoch's, and would send the walk down them.
+    annulled_ranges = {(tr.start_lsn, tr.end_lsn) for results in fenced.values()
+                       for r in results.values() if not isinstance(r, grpc.RpcError)
+                       for tr in r.truncations}
+
+    def annulled(lsn: int) -> bool:
+        return any(start < lsn <= end for start, end in annulled_ranges)
+
     for pg, results in fenced.items():
         replies = {n: r for n, r in results.items() if not isinstance(r, grpc.RpcError)}
         if len(replies) < VR:
@@ -184,14 +195,16 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
         for name, r in replies.items():
             assert r.volume_epoch >= new_epoch or r.volume_epoch == 0, (
                 f"invariant 9: {name} did not adopt epoch {new_epoch}")
-            tails_at_since[pg] = max(tails_at_since.get(pg, 0), r.tail_lsn)
+            if not annulled(r.tail_lsn):
+                tails_at_since[pg] = max(tails_at_since.get(pg, 0), r.tail_lsn)
             max_lsn_seen = max(max_lsn_seen, r.max_lsn)
             for tr in r.truncations:
                 last_truncate_end = max(last_truncate_end, tr.end_lsn)
             if r.scl > best_node.get(pg, (-1, ""))[0]:
                 best_node[pg] = (r.scl, name)
             for meta in r.records:
-                by_prev[meta.prev_volume_lsn] = (meta.lsn, pg, bool(meta.flags & FLAG_CPL))
+                if not annulled(meta.lsn):
+                    by_prev[meta.prev_volume_lsn] = (meta.lsn, pg, bool(meta.flags & FLAG_CPL))
 
     vcl = vdl = since
     tails = dict(tails_at_since)
