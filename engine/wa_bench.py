@@ -13,10 +13,11 @@ Table 1] on one machine (DESIGN.md section 6; method and results in docs/benchma
 
 The two configurations share everything but the sink: the engine, the buffer pool size,
 the workload, the seed, gRPC, LMDB with sync, and the simulated AZ latency
-(engine/cluster_config.Latency; the instance is in az-a). They run one after the other
-(never at the same time: they would share two cores), each on a fresh volume:
-create the tables, load N rows, then measure a healthy phase and a slow-node phase of
-the same length on the same data.
+(engine/cluster_config.Latency; the instance is in az-a). Each gets its own processes and
+a fresh volume, creates the tables and loads N rows; then the measured phases alternate,
+never two at once (they would share two cores): aurora-lite healthy, baseline healthy,
+aurora-lite slow, baseline slow, all of the same length on the same data, so that a drift
+in the machine's load is shared by both.
 
 Slow node: one storage node (sn4, az-b) or one block server (bs4, the standby's mirror,
 az-b) gets ``slow_ms`` of extra one-way delay on every link into it, for writes and reads
@@ -293,100 +294,141 @@ async def _load(db, cfg: BenchConfig, label: str, progress: Progress | None) -> 
     await wa_workload.load(db, cfg.rows, seed=cfg.seed, progress=loaded)
 
 
-async def run_aurora(cfg: BenchConfig, group, progress: Progress | None = None) -> list[dict]:
-    """aurora-lite over the storage nodes of ``group``: load, healthy phase, slow phase."""
-    ledger = Ledger()
-    nodes = [NodeInfo(name, group.az(name), group.address(name)) for name in group.names()]
-    driver = CountingDriver(VOLUME, nodes, VolumeLayout(cfg.pg_count, cfg.stripe_pages), epoch=0,
-                            lal=cfg.lal, instance="bench", ledger=ledger,
-                            link_delay_ms=cfg.latency.from_az(INSTANCE_AZ, AZS))
-    await driver.start()
-    runs = []
-    try:
-        await recover(driver)
-        db = Database(driver, cfg.buffer_pool_pages)
-        await db.bootstrap()
-        await _load(db, cfg, "aurora-lite: load", progress)
-        variants = [("healthy", None)] + ([("slow", SLOW_STORAGE_NODE)] if cfg.slow_phase else [])
-        for variant, slow in variants:
-            driver.extra_delay_ms = {slow: cfg.slow_ms} if slow else {}
-            before, nodes_before = ledger.snapshot(), await storage_node_status(group)
-            stats_before = dict(driver.stats)
-            phase = await _measure(db, cfg, f"aurora-lite: {variant}", progress, cfg.seed + 1)
-            delta = ledger.delta(before)
-            counters = counter_delta(await storage_node_status(group), nodes_before)
-            for name, c in counters.items():
-                sent = delta.writes.get(name)
-                c["received_ios"] = sent.ios if sent else 0
-                c["received_bytes"] = sent.bytes if sent else 0
-            extra = {k: driver.stats[k] - stats_before.get(k, 0) for k in driver.stats}
-            extra["buffer_pool"] = db.pool.stats()
-            run = summarise("aurora-lite", variant, phase, delta, group.names(), group.names(),
-                            counters, extra)
-            run["slow_node"], run["slow_ms"] = slow, cfg.slow_ms if slow else 0.0
-            runs.append(run)
-        driver.extra_delay_ms = {}
-    finally:
-        await driver.close()
-    return runs
+def _pool_delta(after: dict, before: dict) -> dict:
+    return {k: (v - before.get(k, 0) if k in ("hits", "misses", "evictions", "vdl_waits") else v)
+            for k, v in after.items()}
 
 
-async def run_baseline(cfg: BenchConfig, group, progress: Progress | None = None) -> list[dict]:
-    """The baseline over the block servers of ``group``: load, healthy phase, slow phase."""
-    ledger = Ledger()
-    lat = cfg.latency
-    primary = bench_procs.PRIMARY_BLOCK_SERVER
-    standby = bench_procs.STANDBY_BLOCK_SERVER
-    chain = BlockChain(VOLUME,
-                       BlockTarget(primary, group.az(primary), group.address(primary),
-                                   lat.one_way_ms(INSTANCE_AZ, group.az(primary))),
-                       BlockTarget(standby, group.az(standby), group.address(standby),
-                                   lat.one_way_ms(INSTANCE_AZ, group.az(standby))),
-                       ledger, instance="bench")
-    await chain.start()
-    sink = BaselineSink(chain, layout=VolumeLayout(cfg.pg_count, cfg.stripe_pages), lal=cfg.lal,
-                        binlog_tables={wa_workload.TABLE})
-    await sink.start()
-    runs = []
-    # Who sends to the slow node: bs4 is the mirror of bs3.
-    slow_sender = next(name for name, _, mirror in bench_procs.BLOCK_SERVERS if mirror == SLOW_BLOCK_SERVER)
-    base_mirror_ms = lat.one_way_ms(group.az(slow_sender), group.az(SLOW_BLOCK_SERVER))
-    try:
-        db = Database(sink, cfg.buffer_pool_pages)
-        db.pool.on_evict = sink.page_evicted
-        await db.bootstrap()
-        await _load(db, cfg, "baseline: load", progress)
-        await sink.quiesce()
-        variants = [("healthy", None)] + ([("slow", SLOW_BLOCK_SERVER)] if cfg.slow_phase else [])
-        for variant, slow in variants:
-            await configure_mirror_delay(group.address(slow_sender),
-                                         base_mirror_ms + (cfg.slow_ms if slow else 0.0))
-            before, nodes_before = ledger.snapshot(), await block_server_status(group)
-            kinds_before = chain.kinds.snapshot()
-            stats_before = dict(sink.stats)
-            phase = await _measure(db, cfg, f"baseline: {variant}", progress, cfg.seed + 1)
-            delta = ledger.delta(before)
-            counters = counter_delta(await block_server_status(group), nodes_before)
-            for c in counters.values():
-                c["received_ios"] = c["write_ios"]
-                c["received_bytes"] = c["bytes_received"]
-            kinds = chain.kinds.delta(kinds_before)
-            extra = {k: sink.stats[k] - stats_before.get(k, 0) for k in sink.stats}
-            extra["ios_per_txn_by_kind"] = {k: per_txn(t.ios, phase.committed) for k, t in kinds.writes.items()}
-            extra["buffer_pool"] = db.pool.stats()
-            extra["dirty_pages_at_end"] = sink.status()["dirty_pages"]
-            run = summarise("baseline", variant, phase, delta, [primary], [primary, standby],
-                            counters, extra)
-            run["slow_node"], run["slow_ms"] = slow, cfg.slow_ms if slow else 0.0
-            runs.append(run)
-        await configure_mirror_delay(group.address(slow_sender), base_mirror_ms)
-    finally:
-        await sink.close()
-    return runs
+class AuroraConfig:
+    """aurora-lite over the storage nodes of ``group``: the real driver, counted."""
+
+    name = "aurora-lite"
+
+    def __init__(self, cfg: BenchConfig, group) -> None:
+        self.cfg = cfg
+        self.group = group
+        self.ledger = Ledger()
+        nodes = [NodeInfo(n, group.az(n), group.address(n)) for n in group.names()]
+        self.driver = CountingDriver(VOLUME, nodes, VolumeLayout(cfg.pg_count, cfg.stripe_pages),
+                                     epoch=0, lal=cfg.lal, instance="bench", ledger=self.ledger,
+                                     link_delay_ms=cfg.latency.from_az(INSTANCE_AZ, AZS))
+        self.db: Database | None = None
+
+    async def setup(self, progress: Progress | None) -> None:
+        """Create the volume (recovery), the tables, and load the rows."""
+        await self.driver.start()
+        await recover(self.driver)
+        self.db = Database(self.driver, self.cfg.buffer_pool_pages)
+        await self.db.bootstrap()
+        await _load(self.db, self.cfg, "aurora-lite: load", progress)
+
+    async def measure(self, variant: str, progress: Progress | None) -> dict:
+        cfg, driver = self.cfg, self.driver
+        slow = SLOW_STORAGE_NODE if variant == "slow" else None
+        driver.extra_delay_ms = {slow: cfg.slow_ms} if slow else {}
+        before, nodes_before = self.ledger.snapshot(), await storage_node_status(self.group)
+        stats_before, pool_before = dict(driver.stats), self.db.pool.stats()
+        try:
+            phase = await _measure(self.db, cfg, f"aurora-lite: {variant}", progress, cfg.seed + 1)
+        finally:
+            driver.extra_delay_ms = {}
+        delta = self.ledger.delta(before)
+        counters = counter_delta(await storage_node_status(self.group), nodes_before)
+        for name, c in counters.items():
+            sent = delta.writes.get(name)
+            c["received_ios"] = sent.ios if sent else 0      # the instance's sends = receipts
+            c["received_bytes"] = sent.bytes if sent else 0
+        extra = {k: driver.stats[k] - stats_before.get(k, 0) for k in driver.stats}
+        extra["buffer_pool"] = _pool_delta(self.db.pool.stats(), pool_before)
+        run = summarise(self.name, variant, phase, delta, self.group.names(), self.group.names(),
+                        counters, extra)
+        run["slow_node"], run["slow_ms"] = slow, cfg.slow_ms if slow else 0.0
+        return run
+
+    async def close(self) -> None:
+        await self.driver.close()
+
+
+class BaselineConfig:
+    """The baseline over the block servers of ``group``: BaselineSink and its chain."""
+
+    name = "baseline"
+
+    def __init__(self, cfg: BenchConfig, group) -> None:
+        self.cfg = cfg
+        self.group = group
+        self.ledger = Ledger()
+        lat = cfg.latency
+        self.primary = bench_procs.PRIMARY_BLOCK_SERVER
+        self.standby = bench_procs.STANDBY_BLOCK_SERVER
+        self.chain = BlockChain(
+            VOLUME,
+            BlockTarget(self.primary, group.az(self.primary), group.address(self.primary),
+                        lat.one_way_ms(INSTANCE_AZ, group.az(self.primary))),
+            BlockTarget(self.standby, group.az(self.standby), group.address(self.standby),
+                        lat.one_way_ms(INSTANCE_AZ, group.az(self.standby))),
+            self.ledger, instance="bench")
+        self.sink = BaselineSink(self.chain, layout=VolumeLayout(cfg.pg_count, cfg.stripe_pages),
+                                 lal=cfg.lal, binlog_tables={wa_workload.TABLE})
+        # The slow block server is bs4, the mirror of bs3: bs3 sends it every write.
+        self.slow_sender = next(n for n, _, mirror in bench_procs.BLOCK_SERVERS
+                                if mirror == SLOW_BLOCK_SERVER)
+        self.mirror_ms = lat.one_way_ms(group.az(self.slow_sender), group.az(SLOW_BLOCK_SERVER))
+        self.db: Database | None = None
+
+    async def setup(self, progress: Progress | None) -> None:
+        await self.chain.start()
+        await self.sink.start()
+        self.db = Database(self.sink, self.cfg.buffer_pool_pages)
+        self.db.pool.on_evict = self.sink.page_evicted   # MySQL's LRU flush (engine/baseline.py)
+        await self.db.bootstrap()
+        await _load(self.db, self.cfg, "baseline: load", progress)
+        await self.sink.quiesce()
+
+    async def measure(self, variant: str, progress: Progress | None) -> dict:
+        cfg, sink = self.cfg, self.sink
+        slow = SLOW_BLOCK_SERVER if variant == "slow" else None
+        sender = self.group.address(self.slow_sender)
+        await configure_mirror_delay(sender, self.mirror_ms + (cfg.slow_ms if slow else 0.0))
+        before, nodes_before = self.ledger.snapshot(), await block_server_status(self.group)
+        kinds_before, stats_before = self.chain.kinds.snapshot(), dict(sink.stats)
+        pool_before, status_before = self.db.pool.stats(), sink.status()
+        try:
+            phase = await _measure(self.db, cfg, f"baseline: {variant}", progress, cfg.seed + 1)
+        finally:
+            await configure_mirror_delay(sender, self.mirror_ms)
+        delta = self.ledger.delta(before)
+        counters = counter_delta(await block_server_status(self.group), nodes_before)
+        for c in counters.values():
+            c["received_ios"] = c["write_ios"]
+            c["received_bytes"] = c["bytes_received"]
+        kinds = self.chain.kinds.delta(kinds_before)
+        status_after = sink.status()
+        extra = {k: sink.stats[k] - stats_before.get(k, 0) for k in sink.stats}
+        extra["ios_per_txn_by_kind"] = {k: per_txn(t.ios, phase.committed) for k, t in kinds.writes.items()}
+        extra["buffer_pool"] = _pool_delta(self.db.pool.stats(), pool_before)
+        # Flushing owed at the edges of the phase: pages evicted while dirty and not yet
+        # written, and all dirty pages (the end effect on the page-write counts).
+        for key in ("evicted_dirty", "dirty_pages", "checkpoint_age"):
+            extra[key + "_at_start"] = status_before[key]
+            extra[key + "_at_end"] = status_after[key]
+        run = summarise(self.name, variant, phase, delta, [self.primary],
+                        [self.primary, self.standby], counters, extra)
+        run["slow_node"], run["slow_ms"] = slow, cfg.slow_ms if slow else 0.0
+        return run
+
+    async def close(self) -> None:
+        await self.sink.close()
 
 
 async def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
-    """Run every configuration of ``cfg`` over fresh real processes; return the results."""
+    """Run every configuration of ``cfg`` over fresh real processes; return the results.
+
+    Both configurations are set up (processes started, tables loaded) first; then the
+    measured phases alternate: aurora-lite healthy, baseline healthy, aurora-lite slow,
+    baseline slow, so that a drift in the machine's load (other processes) does not
+    land on one configuration only. A configuration that is not being measured is idle.
+    """
     for name in cfg.configs:
         if name not in CONFIGS:
             raise ValueError(f"unknown configuration {name!r}; choose from {CONFIGS}")
@@ -396,28 +438,38 @@ async def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     started = time.time()
     runs: list[dict] = []
+    groups = []
+    configs = []
     ok = False
     try:
-        if "aurora-lite" in cfg.configs:
+        for name in CONFIGS:
+            if name not in cfg.configs:
+                continue
             if progress:
-                progress("aurora-lite: start", 0.0, "six storage nodes")
-            group = await asyncio.to_thread(bench_procs.start_storage_nodes, base / "aurora-lite",
-                                            log_level=cfg.process_log_level)
-            try:
-                runs += await run_aurora(cfg, group, progress)
-            finally:
-                await asyncio.to_thread(group.stop_all)
-        if "baseline" in cfg.configs:
-            if progress:
-                progress("baseline: start", 0.0, "four block servers")
-            group = await asyncio.to_thread(bench_procs.start_block_servers, base / "baseline",
-                                            cfg.latency, log_level=cfg.process_log_level)
-            try:
-                runs += await run_baseline(cfg, group, progress)
-            finally:
-                await asyncio.to_thread(group.stop_all)
+                progress(f"{name}: start", 0.0, "starting processes")
+            if name == "aurora-lite":
+                group = await asyncio.to_thread(bench_procs.start_storage_nodes, base / name,
+                                                log_level=cfg.process_log_level)
+                groups.append(group)
+                configs.append(AuroraConfig(cfg, group))
+            else:
+                group = await asyncio.to_thread(bench_procs.start_block_servers, base / name,
+                                                cfg.latency, log_level=cfg.process_log_level)
+                groups.append(group)
+                configs.append(BaselineConfig(cfg, group))
+            await configs[-1].setup(progress)
+        for variant in ("healthy", "slow") if cfg.slow_phase else ("healthy",):
+            for config in configs:
+                runs.append(await config.measure(variant, progress))
         ok = True
     finally:
+        for config in configs:
+            try:
+                await config.close()
+            except Exception as exc:  # closing must not hide the real failure
+                log.warning("closing %s failed: %r", config.name, exc)
+        for group in groups:
+            await asyncio.to_thread(group.stop_all)
         if ok and not cfg.keep_dir and not cfg.base_dir:
             shutil.rmtree(base, ignore_errors=True)
         elif not ok:
@@ -548,7 +600,9 @@ def render(results: dict) -> str:
                          f"pages flushed {run['extra'].get('pages_flushed', 0)} "
                          f"(LRU {run['extra'].get('lru_pages_flushed', 0)}, checkpoint "
                          f"{run['extra'].get('checkpoint_pages_flushed', 0)}), "
-                         f"log groups {run['extra'].get('groups', 0)}")
+                         f"log groups {run['extra'].get('groups', 0)}, evicted pages awaiting "
+                         f"their write at start/end {run['extra'].get('evicted_dirty_at_start', 0)}/"
+                         f"{run['extra'].get('evicted_dirty_at_end', 0)}")
         else:
             e = run["extra"]
             lines.append(f"aurora-lite {run['variant']}: batches {e.get('batches', 0)} "
