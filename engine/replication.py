@@ -114,10 +114,24 @@ class ReplicationHub:
         sub.oldest_read_point = fb.oldest_read_point or sub.applied_vdl
 
     def gc_horizon(self) -> int:
-        """PGMRPL: the lowest read point the writer or any replica may still use."""
+        """The GC horizon sent to storage: PGMRPL, further held back by lagging segments.
+
+        PGMRPL is the lowest read point the writer or any replica may still use. The
+        horizon is also kept at or below the lowest SCL of every segment (as last acked;
+        0 for a segment that has not acked since this writer started): a node that was
+        down catches up by pulling records from its peers (gossip), so its peers must
+        not collect the records it still lacks. A node that stays down therefore holds
+        GC back; replacing it (membership change) is deliberately absent. PGs that no
+        segment has acked since this writer started do not count.
+        """
         horizon = self.driver.vdl
         for sub in self._subs.values():
             horizon = min(horizon, sub.oldest_read_point)
+        tracker = self.driver.tracker
+        for pg in range(self.driver.layout.pg_count):
+            scls = [tracker.node_scl(node, pg) for node in tracker.nodes]
+            if any(scls):  # a PG no segment has acked since this writer started is skipped
+                horizon = min(horizon, min(scls))
         return horizon
 
     def status(self) -> list[dict]:
