@@ -321,15 +321,16 @@ def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
         raise MalformedError(f"pg {pg}: {exc}") from None
     stripe = layout.stripe_pages
     count = layout.pg_count
-    for ref in refs:
-        lsn = ref[2]
-        page_id = ref[6]
+    # Per distinct page, not per record: a batch touches few pages many times.
+    for page_id in {r[6] for r in refs}:
         if (page_id // stripe) % count != pg:
+            lsn = next(r[2] for r in refs if r[6] == page_id)
             raise WrongPgError(
                 f"record lsn {lsn}: page {page_id} belongs to pg {layout.pg_of(page_id)}, "
                 f"not to the batch's pg {pg}")
-        if ref[3] >= lsn or ref[4] >= lsn or ref[5] >= lsn:
-            raise MalformedError(f"record lsn {lsn}: a backlink is not below its own LSN")
+    for r in refs:
+        if r[3] >= r[2] or r[4] >= r[2] or r[5] >= r[2]:
+            raise MalformedError(f"record lsn {r[2]}: a backlink is not below its own LSN")
     return refs
 
 
@@ -711,7 +712,7 @@ class Store:
                         ctx.repairs += 1
                         self.log.warning("repaired quarantined record %s/%d lsn %d (%s)",
                                          op.volume, pg, ref[2], op.source)
-            top = max(ref[2] for ref in refs)
+            top = max(map(_lsn_of, refs))
             if top > m.max_lsn:
                 m.max_lsn = top
             if membership_epoch > m.membership_epoch:

@@ -242,12 +242,14 @@ def test_scrub_quarantines_and_repair_clears(store, seed, tmp_path):
     assert found == 2
     with pytest.raises(E.CorruptError):
         store.read_page("v", pg, 1, chain.lsn, 1)
+    # Repair the record as a peer would (source=repair, no epoch) ...
+    append(store, chain, [victim], epoch=0, source="repair")
+    assert store.quarantined(("v", pg)) == (frozenset(), frozenset([vkey]))
+    # ... and the version from the log (which needs that record if it lies below it).
     rebuilt = store.buildable_version("v", pg, *vkey)
     assert rebuilt == good_version  # invariant 14: identical bytes from the log
     store.apply_ops([S.PutVersionsOp("v", pg, store.segment("v", pg).generation,
                                      [(vkey[0], vkey[1], rebuilt)])])
-    # Repair the record as a peer would (source=repair, no epoch).
-    append(store, chain, [victim], epoch=0, source="repair")
     assert store.quarantined(("v", pg)) == (frozenset(), frozenset())
     check_pages(store, chain, chain.lsn)
 
