@@ -344,8 +344,10 @@ def prepare_items(vol_id: int, pg: int, buf: bytes, refs: list) -> tuple[list, l
     prefix = seg_prefix(vol_id, pg)
     log_key_of = _LOG_KEY.pack
     idx_key_of = _IDX_KEY.pack
-    return ([(log_key_of(prefix, r[2]), buf[r[0]:r[0] + r[1]]) for r in refs],
-            [(idx_key_of(prefix, r[6], r[2]), b"") for r in refs])
+    log_keys = [log_key_of(prefix, r[2]) for r in refs]
+    values = [buf[r[0]:r[0] + r[1]] for r in refs]
+    idx_keys = [idx_key_of(prefix, r[6], r[2]) for r in refs]
+    return list(zip(log_keys, values)), list(zip(idx_keys, [b""] * len(refs)))
 
 
 def verify_stored_record(key_lsn: int, value) -> bool:
