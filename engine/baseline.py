@@ -58,11 +58,12 @@ or flatter the baseline):
   ``lru_backlog_max`` evicted pages wait to be written (MySQL's foreground threads wait
   for a free page), while the checkpoint age exceeds 7/8 of the log capacity (MySQL's
   sync flush point), or at VDL + LAL (the same LAL as aurora-lite).
-* Reads (``read_page``): a page that is dirty here (not yet written home) is still in
-  MySQL's memory and is served from the image with no I/O; a clean page is read from the
-  primary's block server (one Read RPC, counted), exactly as MySQL reads a page it had to
-  drop. Evicted-but-dirty pages thus stay readable from memory until written, which makes
-  the baseline's effective cache slightly LARGER than aurora-lite's (favours the baseline).
+* Reads (``read_page``, i.e. the engine's buffer pool missed): a page the pool evicted
+  while it was dirty here waits until its LRU write has finished (MySQL wrote it before
+  reusing the frame; a thread that needs it again waits for that I/O), and is then read
+  back like any clean page: from the primary's block server (one Read RPC, counted). A
+  page that is dirty here for another reason (being written by a checkpoint flush when
+  the pool dropped it) is served from the image with no I/O.
   A read as of an older read point (the engine's snapshot reads) is rebuilt from the
   page's image before its dirty period plus its records; if the page was written home
   past the read point meanwhile, ``UnavailableError`` is raised (counted as
@@ -296,6 +297,7 @@ class BaselineSink:
         self._dirty: dict[int, _Dirty] = {}          # oldest first change first
         self._flushing: dict[int, _Dirty] = {}       # being written home
         self._evicted_dirty: dict[int, None] = {}    # LRU flush list (ordered set)
+        self._lru_pending: set[int] = set()          # evicted dirty, write not finished
         self._page_table: dict[int, bytes] = {}      # leaf -> table name (cache)
         self._vdl = 0
         self._redo_pos = 0                           # redo bytes submitted
@@ -314,6 +316,7 @@ class BaselineSink:
             "row_events": 0, "flush_batches": 0, "pages_flushed": 0, "lru_pages_flushed": 0,
             "checkpoint_pages_flushed": 0, "page_reads_block": 0, "page_reads_memory": 0,
             "old_version_misses": 0, "stalls_lal": 0, "stalls_lru": 0, "stalls_checkpoint": 0,
+            "lru_read_waits": 0,
         }
 
     # --- Lifecycle -----------------------------------------------------------------------
@@ -483,6 +486,16 @@ class BaselineSink:
 
     async def read_page(self, page_id: int, read_point: int) -> bytes | None:
         """The page as of ``read_point``: from memory while dirty, else from bs1 (see doc)."""
+        if page_id in self._lru_pending:
+            # MySQL evicted it by writing it: a re-read waits for that write, then reads
+            # the page back from the block server (it is clean by then).
+            self.stats["lru_read_waits"] += 1
+            while page_id in self._lru_pending:
+                if self._closed:
+                    raise UnavailableError("baseline sink is closed")
+                self._cleaner_wake.set()
+                self._progress.clear()
+                await self._progress.wait()
         if page_id not in self._dirty and page_id not in self._flushing:
             # Clean (or never seen): MySQL had to drop it, so it reads it from its block server.
             data = await self.chain.read(AREA_PAGE, page_id)
@@ -556,6 +569,7 @@ class BaselineSink:
         would have had to write it first (LRU flush)."""
         if page_id in self._dirty:
             self._evicted_dirty[page_id] = None
+            self._lru_pending.add(page_id)
             self._cleaner_wake.set()
 
     def _pick_flush_batch(self) -> tuple[list[int], int]:
@@ -567,6 +581,8 @@ class BaselineSink:
                 break
             if page_id not in self._dirty:
                 del self._evicted_dirty[page_id]    # written home meanwhile
+                if page_id not in self._flushing:
+                    self._lru_pending.discard(page_id)
             elif pagefmt.page_lsn(self.pages[page_id]) <= vdl:  # WAL rule
                 batch.append(page_id)
         lru = len(batch)
@@ -614,6 +630,8 @@ class BaselineSink:
         finally:
             for page_id, _ in images:
                 self._flushing.pop(page_id, None)
+                if page_id not in self._evicted_dirty:
+                    self._lru_pending.discard(page_id)
         self.stats["flush_batches"] += 1
         self.stats["pages_flushed"] += len(batch)
         self.stats["lru_pages_flushed"] += lru
@@ -629,7 +647,8 @@ class BaselineSink:
     async def quiesce(self, timeout_s: float = 60.0) -> None:
         """Wait until the log is idle and no LRU flush is pending (before a measurement)."""
         deadline = time.monotonic() + timeout_s
-        while not (self.log_idle() and not self._evicted_dirty and self._flush_idle.is_set()):
+        while not (self.log_idle() and not self._evicted_dirty and not self._lru_pending
+                   and self._flush_idle.is_set()):
             if time.monotonic() > deadline:
                 raise TimeoutError("baseline sink did not quiesce")
             self._cleaner_wake.set()

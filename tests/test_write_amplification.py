@@ -165,11 +165,14 @@ class FakeChain:
         self.blocks: dict[tuple[int, int], bytes] = {}
         self.reads = 0
         self.retries = 0
-        self.gate: asyncio.Event | None = None   # when set, log writes wait for it
+        self.gate: asyncio.Event | None = None        # when set, log writes wait for it
+        self.flush_gate: asyncio.Event | None = None  # when set, page flushes wait for it
 
     async def write(self, writes, kind):
         if self.gate is not None and kind in ("redo", "binlog"):
             await self.gate.wait()
+        if self.flush_gate is not None and kind == "doublewrite":
+            await self.flush_gate.wait()
         await asyncio.sleep(0)
         self.writes.append((kind, [(w.area, w.offset, bytes(w.data)) for w in writes]))
         for w in writes:
@@ -317,6 +320,30 @@ def test_sink_lru_flush_of_evicted_dirty_pages():
                     assert int.from_bytes(image[8:16], "little") <= sink.vdl
         for i in range(0, 400, 37):
             assert await db.get("t", b"%06d" % i) == b"v" * 200
+        await sink.close()
+    run(scenario())
+
+
+def test_sink_reread_of_an_evicted_dirty_page_waits_for_its_write():
+    """Scenario: the pool evicts a page that is dirty in the sink; a read of it waits until
+    the LRU write (double-write, home, metadata) has finished, then reads it back from
+    the block server, as MySQL waits for the page's write I/O before reusing it."""
+    async def scenario():
+        chain, sink, db = await _fake_db()
+        await db.create_table("t")
+        await db.put("t", b"a", b"1")
+        chain.writes.clear()
+        chain.flush_gate = asyncio.Event()
+        sink.page_evicted(1)                        # the buffer pool's hook
+        read = asyncio.ensure_future(sink.read_page(1, sink.vdl))
+        await asyncio.sleep(0.05)
+        assert not read.done() and chain.kinds() == []
+        reads = chain.reads
+        chain.flush_gate.set()
+        page = await read
+        assert chain.kinds() == ["doublewrite", "page", "meta"]
+        assert chain.reads == reads + 1 and page == chain.blocks[(bpb.BLOCK_AREA_PAGE, 1)]
+        assert sink.stats["lru_read_waits"] == 1 and sink.stats["lru_pages_flushed"] == 1
         await sink.close()
     run(scenario())
 
