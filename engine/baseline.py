@@ -316,7 +316,7 @@ class BaselineSink:
             "row_events": 0, "flush_batches": 0, "pages_flushed": 0, "lru_pages_flushed": 0,
             "checkpoint_pages_flushed": 0, "page_reads_block": 0, "page_reads_memory": 0,
             "old_version_misses": 0, "stalls_lal": 0, "stalls_lru": 0, "stalls_checkpoint": 0,
-            "lru_read_waits": 0,
+            "lru_read_waits": 0, "page_reads": 0, "page_read_ms_total": 0.0,
         }
 
     # --- Lifecycle -----------------------------------------------------------------------
@@ -486,6 +486,14 @@ class BaselineSink:
 
     async def read_page(self, page_id: int, read_point: int) -> bytes | None:
         """The page as of ``read_point``: from memory while dirty, else from bs1 (see doc)."""
+        started = time.perf_counter()
+        try:
+            return await self._read_page(page_id, read_point)
+        finally:
+            self.stats["page_reads"] += 1
+            self.stats["page_read_ms_total"] += (time.perf_counter() - started) * 1000
+
+    async def _read_page(self, page_id: int, read_point: int) -> bytes | None:
         if page_id in self._lru_pending:
             # MySQL evicted it by writing it: a re-read waits for that write, then reads
             # the page back from the block server (it is clean by then).

@@ -131,6 +131,16 @@ class CountingDriver(StorageDriver):
             node.append_raw = self._counted_append(node.info.name, node.append_raw)
             node.stub.ReadPage = self._counted_read(node.info.name, node.stub.ReadPage)
 
+    async def read_page(self, page_id: int, read_point: int, min_scl: int | None = None) -> bytes | None:
+        """The driver's read (hedged), timed: what a buffer pool miss waits for."""
+        started = time.perf_counter()
+        try:
+            return await super().read_page(page_id, read_point, min_scl)
+        finally:
+            self.stats["page_reads"] = self.stats.get("page_reads", 0) + 1
+            self.stats["page_read_ms_total"] = (self.stats.get("page_read_ms_total", 0.0)
+                                                + (time.perf_counter() - started) * 1000)
+
     def _payload(self, data: bytes) -> list[int]:
         cached, size = self._payload_cache
         if cached is not data:  # the same bytes object goes to all six nodes: parse once
@@ -254,6 +264,9 @@ def summarise(config: str, variant: str, phase: wa_workload.PhaseResult, writes:
         "chain_bytes_per_txn": per_txn(chain_bytes, n),
         "compute_requests_per_txn": per_txn(comp.requests, n),
         "read_ios_per_txn": per_txn(reads.ios, n),
+        "page_reads_per_txn": per_txn((extra or {}).get("page_reads", 0), n),
+        "page_read_ms_mean": per_txn((extra or {}).get("page_read_ms_total", 0.0),
+                                     (extra or {}).get("page_reads", 0)),
         "busiest_node": busiest,
         "busiest_node_ios_per_txn": per_node[busiest]["ios_per_txn"] if busiest else 0.0,
         "lmdb_bytes_per_txn": per_txn(sum(v["lmdb_bytes_written"] for v in nodes.values()), n),
@@ -582,6 +595,10 @@ def render(results: dict) -> str:
              val(b, "lmdb_bytes_per_txn"), "", None, None, ""],
             ["read I/Os per txn (not in the above)", val(a, "read_ios_per_txn"),
              val(b, "read_ios_per_txn"), "", None, None, ""],
+            ["buffer pool misses per txn", val(a, "page_reads_per_txn"),
+             val(b, "page_reads_per_txn"), "", None, None, ""],
+            ["  their mean wait (ms)", val(a, "page_read_ms_mean"), val(b, "page_read_ms_mean"),
+             "", None, None, ""],
             ["aborted attempts (write conflicts)", val(a, "aborts"), val(b, "aborts"), "", None, None, ""],
             ["other errors", val(a, "errors"), val(b, "errors"), "", None, None, ""],
         ]

@@ -388,16 +388,16 @@ def block_servers(tmp_path_factory):
         yield group
 
 
-async def settled_status(group, timeout_s: float = 20.0) -> dict:
-    """NodeStatus of every node once all six have received the same number of Appends (a
-    commit returns at 4 acks; the last two nodes may still be working on its batch)."""
+async def settled_status(group, driver, timeout_s: float = 20.0) -> dict:
+    """NodeStatus of every node once all six have acked every record sent (a commit returns
+    at 4 acks; the last two nodes may still be committing its batch, and a node counts
+    its LMDB bytes only once the commit is on disk, just before it acks)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        status = await storage_node_status(group)
-        if len({s["append_rpcs"] for s in status.values()}) == 1:
-            return status
-        assert asyncio.get_running_loop().time() < deadline, status
-        await asyncio.sleep(0.05)
+    last = driver.allocator.last_volume_lsn
+    while any(driver.tracker.node_scl(name, 0) < last for name in group.names()):
+        assert asyncio.get_running_loop().time() < deadline, "a node never acked"
+        await asyncio.sleep(0.02)
+    return await storage_node_status(group)
 
 
 KEYS = [b"key-1", b"key-2", b"key-3"]
@@ -418,10 +418,10 @@ def test_replay_aurora_lite_counts(storage_nodes):
             db = Database(driver, 64)
             await db.bootstrap()
             await db.create_table("t")
-            before, status_before = ledger.snapshot(), await settled_status(storage_nodes)
+            before, status_before = ledger.snapshot(), await settled_status(storage_nodes, driver)
             commit_lsns = [await db.put("t", key, VALUE) for key in KEYS]
             delta = ledger.delta(before)
-            status = counter_delta(await settled_status(storage_nodes), status_before)
+            status = counter_delta(await settled_status(storage_nodes, driver), status_before)
         finally:
             await driver.close()
         # A new volume opens after the truncation range (0, LAL = 100]: bootstrap is LSNs
