@@ -566,7 +566,8 @@ def render(results: dict) -> str:
         def val(run, key, sub=None):
             if run is None:
                 return None
-            return run[key][sub] if sub else run[key]
+            value = run.get(key)
+            return value.get(sub) if sub and value is not None else value
 
         rows = [
             ["transactions committed", val(a, "transactions"), val(b, "transactions"), "",
@@ -631,9 +632,12 @@ def render(results: dict) -> str:
                          f"{run['extra'].get('evicted_dirty_at_end', 0)}")
         else:
             e = run["extra"]
+            gossip = sum(n["counters"].get("gossip_records_pulled", 0) for n in run["nodes"].values())
             lines.append(f"aurora-lite {run['variant']}: batches {e.get('batches', 0)} "
-                         f"({per_txn(e.get('records', 0), e.get('batches', 0)):.1f} records each), "
-                         f"append RPCs {e.get('append_rpcs', 0)}, retries {e.get('retries', 0)}")
+                         f"({per_txn(e.get('records', 0), e.get('batches', 0)):.1f} records, "
+                         f"{per_txn(run['transactions'], e.get('batches', 0)):.1f} txns each), "
+                         f"append RPCs {e.get('append_rpcs', 0)}, retries {e.get('retries', 0)}, "
+                         f"records pulled by gossip {gossip}, hedged reads {e.get('hedged_reads', 0)}")
     for variant, c in results["comparison"].items():
         lines.append(f"{variant}: baseline/aurora-lite I/Os per txn = {_x(c['ios_ratio'])} "
                      f"(goal >= {paper['ios_ratio']}x: {'met' if c['goal_ios_ratio_met'] else 'NOT met'}); "
