@@ -367,19 +367,23 @@ class BaselineSink:
         """LAL as in aurora-lite, plus MySQL's free-page and sync-flush waits."""
         if n_records > self.lal:
             raise ValueError(f"an MTR of {n_records} records can never fit under LAL {self.lal}")
+        counted: set[str] = set()   # each kind of stall counts once per MTR
         while True:
             if self._closed:
                 raise UnavailableError("baseline sink is closed")
             if self.allocator.next_lsn + n_records - 1 > self._vdl + self.lal:
-                self.stats["stalls_lal"] += 1
+                why = "stalls_lal"
             elif len(self._evicted_dirty) > self.lru_backlog_max:
-                self.stats["stalls_lru"] += 1
+                why = "stalls_lru"
                 self._cleaner_wake.set()
             elif self.checkpoint_age() > self.sync_flush_bytes:
-                self.stats["stalls_checkpoint"] += 1
+                why = "stalls_checkpoint"
                 self._cleaner_wake.set()
             else:
                 break
+            if why not in counted:
+                counted.add(why)
+                self.stats[why] += 1
             self._progress.clear()
             await self._progress.wait()
         self.allocator.limit_lsn = self._vdl + self.lal
