@@ -231,7 +231,8 @@ def test_sigkill_loses_nothing_acknowledged(storage_cluster, client, seed):
     threads = [threading.Thread(target=stream) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    wait_until(lambda: len(acked) >= 40, 30.0, "the first acks from sn1", seed, pause_s=0.02)
+    time.sleep(0.2)
     storage_cluster.kill("sn1")
     stop.set()
     for t in threads:
@@ -249,11 +250,12 @@ def test_sigkill_loses_nothing_acknowledged(storage_cluster, client, seed):
     try:
         storage_cluster.start_node("sn1")
         for pg in range(chain.layout.pg_count):
+            # (wait_for_ready: the client's channel may still be backing off from the kill)
             reply = client.stub("sn1").FetchRecords(pb.FetchRecordsRequest(
-                volume=chain.volume, pg=pg, after_lsn=0, upto_lsn=0, max_bytes=16 << 20), timeout=5)
+                volume=chain.volume, pg=pg, after_lsn=0, upto_lsn=0, max_bytes=16 << 20),
+                timeout=10, wait_for_ready=True)
             stored = {r[2]: reply.records[r[0]:r[0] + r[1]] for r in S.materialiser.scan_batch(reply.records)}
-            extra = client.stub("sn1").SegmentState(pb.SegmentStateRequest(
-                volume=chain.volume, pg=pg), timeout=5)
+            extra = client.state("sn1", chain, pg)
             for rec in acked:
                 if rec.pg != pg:
                     continue
