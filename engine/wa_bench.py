@@ -349,6 +349,7 @@ class AuroraConfig:
         driver.extra_delay_ms = {slow: cfg.slow_ms} if slow else {}
         before, nodes_before = self.ledger.snapshot(), await storage_node_status(self.group)
         stats_before, pool_before = dict(driver.stats), self.db.pool.stats()
+        db_before = dict(self.db.counters)
         try:
             phase = await _measure(self.db, cfg, f"aurora-lite: {variant}", progress,
                                       phase_seed(cfg, variant))
@@ -362,6 +363,7 @@ class AuroraConfig:
             c["received_bytes"] = sent.bytes if sent else 0
         extra = {k: driver.stats[k] - stats_before.get(k, 0) for k in driver.stats}
         extra["buffer_pool"] = _pool_delta(self.db.pool.stats(), pool_before)
+        extra["database"] = {k: v - db_before.get(k, 0) for k, v in self.db.counters.items()}
         run = summarise(self.name, variant, phase, delta, self.group.names(), self.group.names(),
                         counters, extra)
         run["slow_node"], run["slow_ms"] = slow, cfg.slow_ms if slow else 0.0
@@ -415,6 +417,7 @@ class BaselineConfig:
         before, nodes_before = self.ledger.snapshot(), await block_server_status(self.group)
         kinds_before, stats_before = self.chain.kinds.snapshot(), dict(sink.stats)
         pool_before, status_before = self.db.pool.stats(), sink.status()
+        db_before = dict(self.db.counters)
         try:
             phase = await _measure(self.db, cfg, f"baseline: {variant}", progress,
                                       phase_seed(cfg, variant))
@@ -430,6 +433,7 @@ class BaselineConfig:
         extra = {k: sink.stats[k] - stats_before.get(k, 0) for k in sink.stats}
         extra["ios_per_txn_by_kind"] = {k: per_txn(t.ios, phase.committed) for k, t in kinds.writes.items()}
         extra["buffer_pool"] = _pool_delta(self.db.pool.stats(), pool_before)
+        extra["database"] = {k: v - db_before.get(k, 0) for k, v in self.db.counters.items()}
         # Flushing owed at the edges of the phase: pages evicted while dirty and not yet
         # written, and all dirty pages (the end effect on the page-write counts).
         for key in ("evicted_dirty", "dirty_pages", "checkpoint_age"):
