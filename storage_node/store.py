@@ -1339,7 +1339,11 @@ class Store:
         qr, qv = self.quarantined(key)
         with self.env.begin() as txn:
             m = self._read_meta(txn, prefix)
-            horizon = min(horizon, m.scl)
+            # Never above the writer's last reported VDL: recovery walks the volume chain
+            # upward from the highest writer_vdl a read quorum reports, through the
+            # records above it, so those records must survive GC even if a (stale)
+            # horizon says otherwise, or recovery would truncate acknowledged commits.
+            horizon = min(horizon, m.scl, m.writer_vdl)
             anchor = self._visible_at_or_below(txn, prefix, m, horizon)
             pages = self._pages_from(txn, prefix, start_page, max_pages + 1)
             next_page = pages[max_pages] if len(pages) > max_pages else None

@@ -466,7 +466,7 @@ def test_gc_below_the_horizon_keeps_every_read_above_it(storage_cluster, client,
     for _ in range(4):
         client.append_ok(chain, chain.next_records(100))
     horizon = chain.lsn
-    client.append_ok(chain, chain.next_records(100))
+    client.append_ok(chain, chain.next_records(100), writer_vdl=horizon)  # GC stays <= writer_vdl
     before = sum(s.records for s in _segment_status(client, "sn5", chain.volume).values())
     for n in NODE_NAMES:
         client.stub(n).SetGcHorizon(pb.SetGcHorizonRequest(volume=chain.volume, horizon_lsn=horizon,
@@ -586,7 +586,7 @@ def test_rotten_page_whose_log_was_collected_is_refetched_from_a_peer(storage_cl
     for _ in range(3):
         client.append_ok(chain, chain.next_records(60))
     horizon = chain.lsn
-    client.append_ok(chain, chain.next_records(20))
+    client.append_ok(chain, chain.next_records(20), writer_vdl=horizon)  # GC stays <= writer_vdl
     for n in NODE_NAMES:
         client.stub(n).SetGcHorizon(pb.SetGcHorizonRequest(volume=chain.volume, horizon_lsn=horizon,
                                                            volume_epoch=1), timeout=5)

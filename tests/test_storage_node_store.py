@@ -37,13 +37,13 @@ def create(store: S.Store, chain: ChainBuilder) -> None:
     assert created is True
 
 
-def append(store: S.Store, chain: ChainBuilder, recs, epoch=None, source="writer"):
-    """Append recs as one request; return {pg: scl} or raise the StorageError."""
+def append(store: S.Store, chain: ChainBuilder, recs, epoch=None, source="writer", writer_vdl=0):
+    """Append recs as one request (telling the writer's VDL); return {pg: scl} or raise."""
     info = store.volume(chain.volume)
     batches = [(pg, 0, buf, S.verify_batch(info.layout, pg, buf))
                for pg, buf in sorted(ChainBuilder.pack(recs).items())]
     [result] = store.apply_ops([S.AppendOp(chain.volume, chain.epoch if epoch is None else epoch,
-                                           0, batches, source)])
+                                           writer_vdl, batches, source)])
     if isinstance(result, Exception):
         raise result
     return result
@@ -193,7 +193,8 @@ def test_gc_keeps_what_read_points_above_horizon_need(store, seed):
     create(store, chain)
     append(store, chain, chain.next_records(200))
     horizon = chain.lsn
-    append(store, chain, chain.next_records(100))
+    # The writer's next append tells storage its VDL; GC never goes above it.
+    append(store, chain, chain.next_records(100), writer_vdl=horizon)
     before = sum(store.segment("v", pg).n_records for pg in range(chain.layout.pg_count))
     store.apply_ops([S.SetGcHorizonOp("v", horizon, 1)])
     for pg in range(chain.layout.pg_count):
