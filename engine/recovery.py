@@ -28,20 +28,24 @@ Steps, with the RPCs of proto/aurora_pb/storage.proto::
                 them) to every node, until Vw segments of every PG have an SCL at its tail:
                 a record below the new VDL may have been on only one segment.
     6. Open     The writer starts with VDL, allocates LSNs from end + 1 (backlinks still
-                point at VDL), and stays within VDL + LAL (invariant 6).
+                point at VDL), and stays within max(VDL, end) + LAL (invariant 6).
 
-Worked example (one PG, six segments, LAL = 100, last writer_vdl reported 1000)::
+Worked example (one PG, six segments, LAL = 100, previous truncation (0, 100], last
+writer_vdl reported 1000)::
 
     segment   SCL    chain records above 1000 (lsn:flags)
     sn1       1007   1001 1002 1003:CPL 1004 1005:CPL 1006 1007
     sn2       1005   1001 1002 1003:CPL 1004 1005:CPL
     sn3       1003   1001 1002 1003:CPL
-    sn4-sn6   (down)
+    sn4       1000   (none)
+    sn5-sn6   (down)
 
     The union walks 1000 -> 1001 -> ... -> 1007: VCL 1007, VDL 1005 (last CPL).
-    Truncation range (1005, 1105] under the new epoch; records 1006, 1007 vanish.
-    1004 and 1005 were on two segments only: repair re-appends 1001..1005 to every node
-    it can reach, and the volume opens once four segments hold them.
+    Truncation range (1005, max(1105, 200, 1007)] = (1005, 1105] under the new epoch, at
+    sn1-sn4 (a write quorum: with sn4 down too, recovery would stop here and retry);
+    records 1006, 1007 vanish. 1004 and 1005 were on two segments only: repair re-appends
+    1001..1005 to every node it can reach, and the volume opens once four segments hold
+    them. docs/recovery.md walks through a two-PG example step by step.
 """
 
 from __future__ import annotations
