@@ -33,6 +33,17 @@ def cmd_writer(args: argparse.Namespace) -> int:
     return writer_main(args)
 
 
+def cmd_replica_process(args: argparse.Namespace) -> int:
+    """`aurora-lite replica --cluster C --writer W ...`: run a replica process. (`replica
+    add|remove` on a running cluster are verbs of engine/cli_cluster.py.)"""
+    missing = [flag for flag, value in (("--cluster", args.cluster), ("--writer", args.writer)) if not value]
+    if missing:
+        print(f"aurora-lite replica: {' and '.join(missing)} required to run a replica process "
+              f"(or: replica add | replica remove NAME on a running cluster)", file=sys.stderr)
+        return 2
+    return cmd_writer(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aurora-lite",
@@ -66,9 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.set_defaults(func=cmd_writer)
 
-    p = sub.add_parser("replica", help="run a read replica of the writer at --writer")
-    p.add_argument("--cluster", required=True, help="cluster config JSON (storage nodes, layout)")
-    p.add_argument("--writer", required=True, help="address host:port of the writer to follow")
+    # One subcommand, two uses: with --cluster/--writer it runs a replica process; with
+    # add/remove (registered by engine/cli_cluster.py) it changes a running cluster.
+    p = sub.add_parser("replica", help="add|remove a replica of a running cluster, or run a replica "
+                                       "process (--cluster C --writer W)")
+    p.add_argument("--cluster", default=None, help="process: cluster config JSON (storage nodes, layout)")
+    p.add_argument("--writer", default=None, help="process: address host:port of the writer to follow")
     p.add_argument("--instance", default="db2", help="instance name (default db2)")
     p.add_argument("--az", default="az-b", help="the instance's availability zone")
     p.add_argument("--host", default="127.0.0.1")
@@ -76,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
-    p.set_defaults(func=cmd_writer)
+    p.set_defaults(func=cmd_replica_process)
     __import__("engine.cli_cluster").cli_cluster.register(sub)  # up, down, status, put, ... (docs/cli.md)
     __import__("engine.cli_bench").cli_bench.register(sub)  # bench write-amplification, block-server
     return parser

@@ -1,8 +1,10 @@
-"""The cluster verbs of `aurora-lite`: up, down, status, the client verbs and the faults.
+"""The cluster verbs of `aurora-lite`: up, down, status, the client verbs, the faults,
+failover, replicas and endpoints.
 
 Registered by ``register(subparsers)`` from engine/cli.py. Every verb finds its cluster
 through the data dir (``--data-dir``, else $AURORA_LITE_DATA_DIR, else ./.aurora-lite):
-control.json names the control plane and the cluster endpoint, so nobody types an
+control.json names the control plane, which resolves endpoints (cluster, reader,
+instance:NAME, custom:NAME; ``--endpoint`` on the client verbs), so nobody types an
 address. See docs/cli.md for the user's view.
 
 Exit codes (for scripts and tests)::
@@ -10,7 +12,8 @@ Exit codes (for scripts and tests)::
     0  done
     1  not found (get/delete of a missing key), or an action that did not happen
     2  usage error (argparse)
-    3  no cluster running in the data dir, or the writer/control plane is unreachable
+    3  no cluster running in the data dir, or the writer/control plane is unreachable, or
+       the writer failed while a commit was in flight (its outcome is unknown)
     4  write quorum unavailable: the commit was not durable before --timeout
     5  conflict: another transaction wrote the same key first; retry
     130 interrupted (Ctrl-C)
@@ -30,8 +33,9 @@ import threading
 import time
 
 from engine.launcher import (
-    DEFAULT_DATA_DIR, DataDir, base_command, cluster_pids, describe_exit, pid_belongs,
-    pid_running, read_control, resolve_data_dir, running_control, spawn, stop_pids)
+    DEFAULT_DATA_DIR, MAX_REPLICAS, TIER_MAX, DataDir, base_command, cluster_pids,
+    describe_exit, load_topology, pid_belongs, pid_running, read_control, resolve_data_dir,
+    running_control, spawn, stop_pids)
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -46,6 +50,8 @@ UP_TIMEOUT_S = 120.0
 CONTROL_START_TIMEOUT_S = 20.0
 READ_TIMEOUT_S = 10.0
 SHUTDOWN_RPC_TIMEOUT_S = 120.0
+FAILOVER_WAIT_S = 30.0          # a write waits this long for a new writer after a failure
+FAILOVER_RPC_TIMEOUT_S = 120.0
 
 
 class CliError(Exception):
@@ -73,7 +79,7 @@ def guarded(func):
         except KeyboardInterrupt:
             return fail("interrupted", EXIT_INTERRUPTED)
         except Exception as exc:  # engine errors and gRPC errors: never a traceback
-            message, code = describe_error(exc, getattr(args, "_endpoint", None))
+            message, code = describe_error(exc, endpoint_text(args))
             return fail(message, code)
 
     run.__name__ = func.__name__
@@ -87,6 +93,8 @@ def describe_error(exc: Exception, endpoint: str | None = None) -> tuple[str, in
     detail = " ".join(str(exc).split())
     if isinstance(exc, errors.KeyNotFound):
         return f"not found: {detail}", EXIT_NOT_FOUND
+    if isinstance(exc, errors.CommitOutcomeUnknown):
+        return f"outcome unknown: {detail}", EXIT_NO_CLUSTER
     if isinstance(exc, errors.WriteQuorumUnavailable):
         return detail if detail.startswith("write quorum") else f"write quorum unavailable: {detail}", EXIT_QUORUM
     if isinstance(exc, errors.ConflictError):
@@ -99,7 +107,8 @@ def describe_error(exc: Exception, endpoint: str | None = None) -> tuple[str, in
                     f"quorum unavailable); `aurora-lite status` shows which"), EXIT_NO_CLUSTER
         if _is_connection_failure(detail):
             where = f" at {endpoint}" if endpoint else ""
-            return (f"unavailable: the writer{where} does not answer (is it down or paused? "
+            who = "the writer" if not endpoint or "cluster endpoint" in endpoint else "the instance"
+            return (f"unavailable: {who}{where} does not answer (is it down or paused? "
                     f"`aurora-lite status` shows the cluster)"), EXIT_NO_CLUSTER
         return f"unavailable: {detail}", EXIT_NO_CLUSTER
     if isinstance(exc, errors.DatabaseError):
@@ -161,6 +170,8 @@ def control_call(info: dict, method: str, request, timeout_s: float = 30.0):
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             raise CliError(exc.details(), EXIT_USAGE) from None
+        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+            raise CliError(exc.details(), EXIT_FAILED) from None
         raise CliError(f"the control plane at {info['control']['address']} did not answer "
                        f"({exc.code().name}: {exc.details()})", EXIT_NO_CLUSTER) from None
     finally:
@@ -173,13 +184,33 @@ def get_state(info: dict, probes: bool = True, timeout_s: float = 10.0):
     return control_call(info, "GetState", pb.GetStateRequest(skip_probes=not probes), timeout_s)
 
 
-def open_client(args, timeout_s: float = READ_TIMEOUT_S):
-    from engine.client import Client
+def open_client(args, timeout_s: float = READ_TIMEOUT_S, failover_wait_s: float = FAILOVER_WAIT_S):
+    """A ClusterClient of --endpoint (default cluster), resolved by the control plane."""
+    from engine import errors
+    from engine.client import ClusterClient
 
     info = require_cluster(data_dir_of(args))
-    endpoint = info["cluster_endpoint"]
-    args._endpoint = f"{endpoint} ({info.get('writer', 'writer')})"
-    return Client(endpoint, timeout_s=timeout_s)
+    endpoint = getattr(args, "endpoint", None) or "cluster"
+    try:
+        client = ClusterClient(info["control"]["address"], endpoint, timeout_s=timeout_s,
+                               failover_wait_s=failover_wait_s)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except errors.UnavailableError as exc:
+        raise CliError(str(exc), EXIT_NO_CLUSTER) from None
+    except errors.DatabaseError as exc:   # unknown custom endpoint or instance
+        raise CliError(str(exc), EXIT_USAGE) from None
+    args._client = client
+    return client
+
+
+def endpoint_text(args) -> str | None:
+    """'ADDRESS (NAME, ENDPOINT endpoint)' of the client's current target, for messages."""
+    client = getattr(args, "_client", None)
+    if client is None:
+        return None
+    kind = client.endpoint if client.kind != "cluster" else "cluster"
+    return f"{client.address} ({client.instance}, {kind} endpoint)"
 
 
 # --- Formatting -------------------------------------------------------------------------
@@ -188,6 +219,7 @@ def open_client(args, timeout_s: float = READ_TIMEOUT_S):
 def process_dict(p) -> dict:
     """One process as JSON-ready data; the same keys for every role (null if n/a)."""
     storage = p.role == "storage"
+    replica = p.HasField("lag_ms")
     scl = {str(s.pg): s.scl for s in p.segments}
     return {
         "name": p.name, "role": p.role, "az": p.az, "address": p.address,
@@ -203,6 +235,12 @@ def process_dict(p) -> dict:
         "vdl": p.vdl if p.HasField("vdl") else None,
         "volume_epoch": p.volume_epoch if p.HasField("vdl") else None,
         "waiting_commits": p.waiting_commits if p.HasField("vdl") else None,
+        "tier": None if storage else p.tier,
+        "reported_role": p.reported_role or None,
+        "following": p.following or None,
+        "lag_ms": round(p.lag_ms, 3) if replica else None,
+        "lag_ms_p50": round(p.lag_ms_p50, 3) if replica else None,
+        "lag_ms_p99": round(p.lag_ms_p99, 3) if replica else None,
         "probe_error": p.probe_error or None,
     }
 
@@ -212,12 +250,33 @@ def state_dict(state) -> dict:
         "data_dir": state.data_dir, "volume": state.volume,
         "control": {"address": state.control_address, "pid": state.control_pid},
         "cluster_endpoint": state.cluster_endpoint, "writer": state.writer,
+        "reader_endpoint": reader_addresses(state),
         "all_up": state.all_up,
+        "failovers": state.failovers, "failing_over": state.failing_over,
+        "last_failover": state.last_failover or None,
         "latency": {"intra_az_ms": state.latency.intra_az_ms,
                     "cross_az_ms": state.latency.cross_az_ms,
                     "extra_az_ms": dict(state.latency.extra_az_ms)},
         "processes": [process_dict(p) for p in state.processes],
     }
+
+
+def reader_addresses(state) -> list[str]:
+    """Where the reader endpoint leads: every replica that is up, else the writer."""
+    up = [p.address for p in sorted(state.processes, key=lambda p: p.name)
+          if p.role == "replica" and p.up]
+    return up or [state.cluster_endpoint]
+
+
+def _instance_order(p) -> tuple:
+    """Instances first (by name), then the storage nodes."""
+    return (p.role == "storage", p.name)
+
+
+def _lag_text(d: dict) -> str:
+    if d["lag_ms"] is not None:
+        return f"{d['lag_ms']:.1f} ms, {d['lag_lsn']} LSN"
+    return f"{d['lag_lsn']} LSN" if d["lag_lsn"] is not None else "-"
 
 
 def _bytes(n: int) -> str:
@@ -242,9 +301,9 @@ def latency_line(lat) -> str:
 
 
 def format_status(state) -> str:
-    rows = [["NAME", "ROLE", "AZ", "PID", "STATE", "ADDRESS", "SCL / VDL", "RECEIVED", "LAG"]]
+    rows = [["NAME", "ROLE", "AZ", "TIER", "PID", "STATE", "ADDRESS", "SCL / VDL", "RECEIVED", "LAG"]]
     notes = []
-    for p in sorted(state.processes, key=lambda p: (p.role == "storage", p.name)):
+    for p in sorted(state.processes, key=_instance_order):
         d = process_dict(p)
         if p.role == "storage":
             if d["scl"] is not None and d["scl_max"] is not None:
@@ -252,27 +311,42 @@ def format_status(state) -> str:
             else:
                 position = "-"
             received = _bytes(d["bytes_received"]) if d["bytes_received"] is not None else "-"
-            lag = f"{d['lag_lsn']} LSN" if d["lag_lsn"] is not None else "-"
         else:
             position = f"VDL {d['vdl']} (epoch {d['volume_epoch']})" if d["vdl"] is not None else "-"
             received = "-"
-            lag = "-"
             if d["waiting_commits"]:
                 notes.append(f"{p.name}: {d['waiting_commits']} commit(s) waiting for a write quorum")
+            if p.up and p.reported_role and p.reported_role != p.role:
+                notes.append(f"{p.name}: reports role {p.reported_role}; the control plane "
+                             f"makes it a {p.role} of {state.writer}")
         state_text = p.state + (f" ({p.exit_reason})" if p.state == "down" and p.exit_reason else "")
-        rows.append([p.name, p.role, p.az, str(p.pid or "-"), state_text, p.address, position, received, lag])
+        tier = "-" if p.role == "storage" else str(p.tier)
+        rows.append([p.name, p.role, p.az, tier, str(p.pid or "-"), state_text, p.address,
+                     position, received, _lag_text(d)])
         if p.probe_error:
             notes.append(f"{p.name}: status query failed: {p.probe_error}")
     lines = [f"cluster {state.data_dir} (volume {state.volume}; control plane "
              f"{state.control_address}, pid {state.control_pid})", "", _table(rows), ""]
-    lines.append(f"cluster endpoint: {state.cluster_endpoint} ({state.writer}, the writer)")
+    lines += endpoint_lines(state)
     lines.append(f"network: {latency_line(state.latency)}")
+    if state.failing_over:
+        lines.append("failover: in progress")
+    if state.failovers:
+        lines.append(f"failovers: {state.failovers}; last: {state.last_failover}")
     grid = format_segments(state)
     if grid:
         lines += ["", "SCL of each segment (PG x storage node):", grid]
     if notes:
         lines += [""] + notes
     return "\n".join(lines)
+
+
+def endpoint_lines(state) -> list[str]:
+    names = {p.address: p.name for p in state.processes}
+    readers = reader_addresses(state)
+    return [f"cluster endpoint: {state.cluster_endpoint} ({state.writer}, the writer)",
+            "reader endpoint: " + ", ".join(f"{a} ({names.get(a, '?')})" for a in readers)
+            + ("" if any(names.get(a) != state.writer for a in readers) else " (no replica is up: the writer)")]
 
 
 def format_segments(state) -> str:
@@ -291,15 +365,20 @@ def format_segments(state) -> str:
 
 
 def format_up_block(state, args, detached: bool) -> str:
-    rows = [["NAME", "ROLE", "AZ", "ADDRESS", "PID"]]
-    for p in sorted(state.processes, key=lambda p: (p.role == "storage", p.name)):
+    rows = [["NAME", "ROLE", "AZ", "TIER", "VDL", "LAG", "ADDRESS", "PID"]]
+    for p in sorted(state.processes, key=_instance_order):
+        d = process_dict(p)
         role = "storage node" if p.role == "storage" else p.role
-        rows.append([p.name, role, p.az, p.address, str(p.pid or "-")])
-    rows.append(["control-plane", "control plane", "-", state.control_address, str(state.control_pid)])
+        tier = "-" if p.role == "storage" else str(p.tier)
+        vdl = str(d["vdl"]) if d["vdl"] is not None else "-"
+        lag = _lag_text(d) if p.role == "replica" else "-"
+        rows.append([p.name, role, p.az, tier, vdl, lag, p.address, str(p.pid or "-")])
+    rows.append(["control-plane", "control plane", "-", "-", "-", "-", state.control_address,
+                 str(state.control_pid)])
     flag = shown_data_dir_flag(args)
     lines = [f"aurora-lite cluster is up (data dir {state.data_dir}, volume {state.volume})", "",
              _table(rows, indent="  "), "",
-             f"cluster endpoint: {state.cluster_endpoint} ({state.writer}, the writer)",
+             *endpoint_lines(state),
              f"network: {latency_line(state.latency)}",
              f"logs: aurora-lite logs NAME [-f]{flag}   (files in {os.path.join(state.data_dir, 'logs')})",
              f"try: aurora-lite put hello world{flag}; aurora-lite get hello{flag}; aurora-lite status{flag}"]
@@ -338,9 +417,13 @@ def cmd_up(args) -> int:
                        f"{info['control']['pid']}, endpoint {info.get('cluster_endpoint')}); "
                        f"`aurora-lite status{shown_data_dir_flag(args)}` shows it, "
                        f"`aurora-lite down{shown_data_dir_flag(args)}` stops it", EXIT_FAILED)
+    try:
+        load_topology(dd, args.replicas)   # refuse a --replicas that contradicts the data dir
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     argv = base_command() + ["--log-level", args.log_level, "control-plane", "--data-dir", dd.root]
     for flag, value in (("--base-port", args.base_port), ("--intra-az-ms", args.intra_az_ms),
-                        ("--cross-az-ms", args.cross_az_ms)):
+                        ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas)):
         if value is not None:
             argv += [flag, str(value)]
     # A fresh process in its own session: Ctrl-C in this terminal reaches only `up`,
@@ -554,7 +637,8 @@ def cmd_put(args) -> int:
 def cmd_get(args) -> int:
     from engine import errors
 
-    with open_client(args, timeout_s=args.timeout or READ_TIMEOUT_S) as db:
+    with open_client(args, timeout_s=args.timeout or READ_TIMEOUT_S,
+                     failover_wait_s=args.timeout or READ_TIMEOUT_S) as db:
         try:
             value = db.get(_b(args.key))
         except errors.KeyNotFound:
@@ -578,7 +662,8 @@ def cmd_delete(args) -> int:
 
 @guarded
 def cmd_scan(args) -> int:
-    with open_client(args, timeout_s=args.timeout or READ_TIMEOUT_S) as db:
+    with open_client(args, timeout_s=args.timeout or READ_TIMEOUT_S,
+                     failover_wait_s=args.timeout or READ_TIMEOUT_S) as db:
         items = db.scan(_b(args.start or ""), _b(args.end or ""), args.limit or 0)
     for key, value in items:
         _out(key + b"\t" + value)
@@ -647,7 +732,7 @@ def cmd_shell(args) -> int:
     txn = None
     last_error = EXIT_OK
     if interactive:
-        print(f"connected to {args._endpoint}; `help` lists the commands")
+        print(f"connected to {endpoint_text(args)}; `help` lists the commands")
     try:
         while True:
             prompt = f"aurora-lite (txn {txn.txn_id})> " if txn else "aurora-lite> "
@@ -678,7 +763,7 @@ def cmd_shell(args) -> int:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 last_error = exc.code
             except errors.DatabaseError as exc:
-                message, code = describe_error(exc, args._endpoint)
+                message, code = describe_error(exc, endpoint_text(args))
                 if isinstance(exc, errors.KeyNotFound):
                     message = f"not found: key {cmd.key!r}"
                 print(f"error: {message}", file=sys.stderr, flush=True)
@@ -790,6 +875,73 @@ def cmd_net(args) -> int:
     return EXIT_OK
 
 
+# --- Failover, replicas, endpoints -----------------------------------------------------------
+
+
+@guarded
+def cmd_failover(args) -> int:
+    from aurora_pb import control_pb2 as pb
+
+    info = require_cluster(data_dir_of(args))
+    reply = control_call(info, "Failover", pb.FailoverRequest(target=args.target or ""),
+                         timeout_s=FAILOVER_RPC_TIMEOUT_S)
+    print(reply.message)
+    return EXIT_OK
+
+
+@guarded
+def cmd_replica(args) -> int:
+    from aurora_pb import control_pb2 as pb
+
+    info = require_cluster(data_dir_of(args))
+    if args.action == "add":
+        request = pb.AddReplicaRequest(az=args.az or "", wait_s=args.wait)
+        if args.tier is not None:
+            request.tier = args.tier
+        reply = control_call(info, "AddReplica", request, timeout_s=args.wait + 30)
+        print(reply.message)
+        return EXIT_OK if all(p.state == "up" for p in reply.processes) else EXIT_FAILED
+    reply = control_call(info, "RemoveReplica", pb.RemoveReplicaRequest(name=args.name),
+                         timeout_s=60)
+    print(reply.message)
+    return EXIT_OK
+
+
+def _targets_text(targets) -> str:
+    return ", ".join(f"{t.instance} ({t.role}{'' if t.up else ', down'}) {t.address}"
+                     for t in targets) or "-"
+
+
+@guarded
+def cmd_endpoint(args) -> int:
+    from aurora_pb import control_pb2 as pb
+
+    info = require_cluster(data_dir_of(args))
+    if args.action == "create":
+        members = [m for m in args.members.split(",") if m.strip()]
+        reply = control_call(info, "CreateEndpoint", pb.CreateEndpointRequest(name=args.name, members=members))
+        print(f"custom endpoint {args.name} created: members {', '.join(reply.members)}; "
+              f"leads to {_targets_text(reply.targets)}")
+        print(f"use it: aurora-lite get KEY --endpoint custom:{args.name}{shown_data_dir_flag(args)}")
+        return EXIT_OK
+    if args.action == "delete":
+        reply = control_call(info, "DeleteEndpoint", pb.DeleteEndpointRequest(name=args.name))
+        print(f"custom endpoint {args.name} deleted (members were {', '.join(reply.members)})")
+        return EXIT_OK
+    reply = control_call(info, "ListEndpoints", pb.ListEndpointsRequest())
+    if args.json:
+        print(json.dumps([{"endpoint": e.name, "kind": e.kind, "members": list(e.members) or None,
+                           "targets": [{"instance": t.instance, "address": t.address,
+                                        "role": t.role, "up": t.up} for t in e.targets]}
+                          for e in reply.endpoints], indent=2))
+        return EXIT_OK
+    rows = [["ENDPOINT", "MEMBERS", "LEADS TO"]]
+    for e in reply.endpoints:
+        rows.append([e.name, ",".join(e.members) or "-", _targets_text(e.targets)])
+    print(_table(rows))
+    return EXIT_OK
+
+
 # --- logs --------------------------------------------------------------------------------------
 
 
@@ -831,9 +983,15 @@ def _data_dir_arg(p: argparse.ArgumentParser) -> None:
                    help=f"the cluster's data dir (default: ${'AURORA_LITE_DATA_DIR'} or ./{DEFAULT_DATA_DIR})")
 
 
+def _endpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default="cluster",
+                   help="cluster (the writer, default) | reader (replicas in turn) | "
+                        "instance:NAME | custom:NAME")
+
+
 def register(subparsers) -> None:
     """Add the cluster verbs to `aurora-lite`'s subcommands."""
-    p = subparsers.add_parser("up", help="start a local six-node cluster (control plane, storage nodes, writer)")
+    p = subparsers.add_parser("up", help="start a local cluster (control plane, six storage nodes, writer, replicas)")
     _data_dir_arg(p)
     p.add_argument("--detach", action="store_true", help="return to the shell once every process serves")
     p.add_argument("--base-port", type=int, default=None,
@@ -842,6 +1000,9 @@ def register(subparsers) -> None:
                    help="one-way delay within an AZ (default 0.25, or the data dir's cluster.json)")
     p.add_argument("--cross-az-ms", type=float, default=None,
                    help="one-way delay across AZs (default 1.0, or the data dir's cluster.json)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help=f"read replicas db2.. (0..{MAX_REPLICAS}; default 1 on a new data dir; "
+                        f"an existing data dir brings back the instances it had)")
     p.add_argument("--timeout", type=float, default=UP_TIMEOUT_S,
                    help=f"give up if not every process serves after this many seconds (default {UP_TIMEOUT_S:.0f})")
     p.set_defaults(func=cmd_up)
@@ -856,6 +1017,9 @@ def register(subparsers) -> None:
     p.add_argument("--base-port", type=int, default=None)
     p.add_argument("--intra-az-ms", type=float, default=None)
     p.add_argument("--cross-az-ms", type=float, default=None)
+    p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--failover-after-s", type=float, default=None,
+                   help="fail over once the writer's health check has failed this long (default 1.5)")
     p.set_defaults(func=cmd_control_plane, log_tag="control-plane")
 
     p = subparsers.add_parser("status", help="every process: role, AZ, pid, state, SCL or VDL, lag")
@@ -869,18 +1033,21 @@ def register(subparsers) -> None:
     p.add_argument("value")
     p.add_argument("--timeout", type=float, default=None,
                    help="give up waiting for durability after S seconds (exit code 4); default: wait")
+    _endpoint_arg(p)
     p.set_defaults(func=cmd_put)
 
     p = subparsers.add_parser("get", help="get KEY (exit code 1 if not found)")
     _data_dir_arg(p)
     p.add_argument("key")
     p.add_argument("--timeout", type=float, default=None, help=f"RPC deadline (default {READ_TIMEOUT_S:.0f}s)")
+    _endpoint_arg(p)
     p.set_defaults(func=cmd_get)
 
     p = subparsers.add_parser("delete", help="delete KEY (exit code 1 if not found)")
     _data_dir_arg(p)
     p.add_argument("key")
     p.add_argument("--timeout", type=float, default=None, help="commit deadline, as for put")
+    _endpoint_arg(p)
     p.set_defaults(func=cmd_delete)
 
     p = subparsers.add_parser("scan", help="keys in order: KEY<TAB>VALUE per line")
@@ -889,17 +1056,19 @@ def register(subparsers) -> None:
     p.add_argument("--end", default=None, help="stop before this key (exclusive)")
     p.add_argument("--limit", type=int, default=0, help="at most N keys (default: server's, 1000)")
     p.add_argument("--timeout", type=float, default=None, help=f"RPC deadline (default {READ_TIMEOUT_S:.0f}s)")
+    _endpoint_arg(p)
     p.set_defaults(func=cmd_scan)
 
     p = subparsers.add_parser("shell", help="interactive prompt: put/get/delete/scan, begin/commit/abort, status")
     _data_dir_arg(p)
+    _endpoint_arg(p)
     p.set_defaults(func=cmd_shell)
 
     p = subparsers.add_parser("node", help="kill|stop|start|pause|resume NAME (storage node or instance)")
     _data_dir_arg(p)
     p.add_argument("action", choices=["kill", "stop", "start", "pause", "resume"],
                    help="kill=SIGKILL, stop=SIGTERM then SIGKILL, start=launch again, pause=SIGSTOP, resume=SIGCONT")
-    p.add_argument("name", help="sn1..sn6, db1")
+    p.add_argument("name", help="sn1..sn6, db1, db2, ...")
     p.add_argument("--wait", type=float, default=60.0, help="start: wait this long for SERVING (default 60)")
     p.set_defaults(func=cmd_node)
 
@@ -921,7 +1090,44 @@ def register(subparsers) -> None:
     _data_dir_arg(q)
     q.set_defaults(func=cmd_net)
 
-    p = subparsers.add_parser("logs", help="print a process's log (NAME: sn1..sn6, db1, control)")
+    p = subparsers.add_parser("failover", help="promote a replica to writer now (planned failover)")
+    _data_dir_arg(p)
+    p.add_argument("--target", default=None,
+                   help="the replica to promote (default: the live replica with the best tier)")
+    p.set_defaults(func=cmd_failover)
+
+    # `replica` also runs a replica process (engine/cli.py); add/remove hang below it.
+    p = subparsers.choices["replica"]
+    rep = p.add_subparsers(dest="action", metavar="ACTION", required=False)
+    q = rep.add_parser("add", help="start a new replica of the writer (next free name dbN)")
+    q.add_argument("--tier", type=int, default=None,
+                   help=f"promotion tier 0..{TIER_MAX}, lower promoted first (default: after every other)")
+    q.add_argument("--az", default=None, help="az-a, az-b or az-c (default: round robin by name)")
+    q.add_argument("--wait", type=float, default=60.0, help="wait this long for SERVING (default 60)")
+    _data_dir_arg(q)
+    q.set_defaults(func=cmd_replica)
+    q = rep.add_parser("remove", help="stop a replica and forget it (not the writer)")
+    q.add_argument("name")
+    _data_dir_arg(q)
+    q.set_defaults(func=cmd_replica)
+
+    p = subparsers.add_parser("endpoint", help="create NAME --members a,b | list | delete NAME: custom endpoints")
+    ep = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = ep.add_parser("create", help="a custom endpoint over some instances (reads go to its replicas)")
+    q.add_argument("name")
+    q.add_argument("--members", required=True, help="comma-separated instance names, e.g. db2,db3")
+    _data_dir_arg(q)
+    q.set_defaults(func=cmd_endpoint)
+    q = ep.add_parser("list", help="every endpoint and where it leads now")
+    q.add_argument("--json", action="store_true")
+    _data_dir_arg(q)
+    q.set_defaults(func=cmd_endpoint)
+    q = ep.add_parser("delete", help="delete a custom endpoint")
+    q.add_argument("name")
+    _data_dir_arg(q)
+    q.set_defaults(func=cmd_endpoint)
+
+    p = subparsers.add_parser("logs", help="print a process's log (NAME: sn1..sn6, db1, db2, ..., control)")
     _data_dir_arg(p)
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")

@@ -13,9 +13,39 @@ the exceptions of engine/errors.py::
 Network failures and a writer that is down raise UnavailableError; every error the
 service sends (not found, conflict, too large, read-only, fenced, quorum unavailable)
 arrives as its own exception class, never a bare grpc.RpcError.
+
+Through the control plane, a client follows the endpoint instead of one address, and
+finds the new writer after a failover by itself::
+
+    from engine.client import Client
+    with Client.for_endpoint("127.0.0.1:40000", "cluster") as db:   # or ClusterClient(...)
+        db.put(b"k", b"v")            # re-resolves and retries only when that is safe
+    reads = Client.for_endpoint(control, "reader")          # spreads reads over replicas
+    one = Client.for_endpoint(control, "instance:db2")      # or "custom:NAME"
+
+When is a failed write retried? Only when the client KNOWS nothing was written
+(``retry_safe`` on the error, from ``translate``):
+
+    failure                                                     retried   raises
+    connection refused / "failed to connect" (never sent)       yes       -
+    READ_ONLY (the instance is a replica now)                   yes       -
+    server says aurora-nothing-done (fenced / starting, up front) yes     -
+    connection lost mid-call, deadline, FENCED or "shutting     no        CommitOutcomeUnknown
+      down" after the commit was accepted
+    WRITE_QUORUM_UNAVAILABLE (the --timeout passed)             no        WriteQuorumUnavailable
+
+so a commit whose outcome is unknown is never reported as done, nor silently sent twice.
+Reads are retried on any unavailability (they change nothing). A transaction lives on the
+instance where it began: it is never moved; if that instance fails, commit raises
+UnavailableError (nothing committed) or CommitOutcomeUnknown, and the caller runs the
+transaction again (``begin`` re-resolves).
 """
 
 from __future__ import annotations
+
+import itertools
+import threading
+import time
 
 import grpc
 
@@ -36,15 +66,22 @@ ERROR_CLASSES = {
     "TXN_CLOSED": errors.TransactionClosedError,
 }
 DEFAULT_TABLE = "default"
+NOTHING_DONE_KEY = "aurora-nothing-done"     # engine/server.py sets it
+# gRPC's words for a call that never left the client (no connection to the server).
+NOT_SENT_DETAILS = ("failed to connect to all addresses",)
 
 
 def translate(exc: grpc.RpcError) -> errors.DatabaseError:
-    """The engine.errors exception for a failed call."""
+    """The engine.errors exception for a failed call, with ``retry_safe`` set: True only
+    if the request certainly changed nothing (see the module doc)."""
     code = ""
+    nothing_done = False
     try:
         for key, value in exc.trailing_metadata() or ():
             if key == "aurora-error":
                 code = value
+            elif key == NOTHING_DONE_KEY:
+                nothing_done = value == "1"
     except Exception:
         pass
     cls = ERROR_CLASSES.get(code)
@@ -54,11 +91,27 @@ def translate(exc: grpc.RpcError) -> errors.DatabaseError:
             cls = errors.UnavailableError
         else:
             cls = errors.DatabaseError
-    return cls(exc.details() or exc.code().name)
+    details = exc.details() or exc.code().name
+    out = cls(details)
+    not_sent = (not code and exc.code() == grpc.StatusCode.UNAVAILABLE
+                and any(s in details.lower() for s in NOT_SENT_DETAILS))
+    out.retry_safe = nothing_done or code == "READ_ONLY" or not_sent
+    return out
+
+
+def retry_safe(exc: BaseException) -> bool:
+    """True if the failed request certainly changed nothing (see translate)."""
+    return bool(getattr(exc, "retry_safe", False))
 
 
 class Client:
     """A connection to one database instance (the writer, or a replica for reads)."""
+
+    @staticmethod
+    def for_endpoint(control_address: str, endpoint: str = "cluster", **kwargs) -> "ClusterClient":
+        """A client of an endpoint, resolved through the control plane at control_address:
+        "cluster" | "reader" | "instance:NAME" | "custom:NAME" (see ClusterClient)."""
+        return ClusterClient(control_address, endpoint, **kwargs)
 
     def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
         self.address = address
@@ -173,6 +226,239 @@ class Transaction:
                 self.abort()
             except errors.DatabaseError:
                 pass
+
+
+# --- Through the control plane --------------------------------------------------------------
+
+ENDPOINT_KINDS = ("cluster", "reader", "instance", "custom")
+FAILOVER_WAIT_S = 30.0          # how long a write waits for a new writer
+RETRY_DELAY_S = (0.05, 0.25)    # first and longest pause between resolutions
+RESOLVE_TIMEOUT_S = 5.0
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str]:
+    """"cluster" -> ("cluster", ""); "instance:db2" -> ("instance", "db2"). ValueError if bad."""
+    kind, _, name = endpoint.partition(":")
+    if kind not in ENDPOINT_KINDS or (kind in ("instance", "custom")) != bool(name):
+        raise ValueError(f"bad endpoint {endpoint!r}: cluster, reader, instance:NAME or custom:NAME")
+    return kind, name
+
+
+class ClusterClient:
+    """A client of one endpoint of a cluster, resolved through its control plane.
+
+    The same calls as Client (get, put, delete, scan, begin/transaction, status). Each call
+    goes to a target the control plane named for the endpoint (ResolveEndpoint): the writer
+    for "cluster", the next replica in turn for "reader" and "custom:NAME" (spreading reads),
+    the named instance for "instance:NAME". After a failure the client resolves again:
+    reads are retried until ``failover_wait_s``; writes only when nothing was done (module
+    doc), also until ``failover_wait_s``, unless the control plane says no writer can come
+    (the writer is down and no replica is up to take over): then at once. Thread-safe.
+    """
+
+    def __init__(self, control_address: str, endpoint: str = "cluster", *,
+                 timeout_s: float = 30.0, failover_wait_s: float = FAILOVER_WAIT_S) -> None:
+        from aurora_pb import control_pb2, control_pb2_grpc   # only clients of a cluster need it
+
+        self.kind, self.name = parse_endpoint(endpoint)
+        self.endpoint = endpoint
+        self.control_address = control_address
+        self.timeout_s = timeout_s
+        self.failover_wait_s = failover_wait_s
+        self._pb = control_pb2
+        self._control_channel = grpc.insecure_channel(control_address)
+        self._control = control_pb2_grpc.ControlStub(self._control_channel)
+        self._lock = threading.Lock()
+        self._clients: dict[str, Client] = {}          # address -> Client (one channel each)
+        self._targets: list[tuple[str, str]] = []      # (instance, address)
+        self._turn = itertools.count()
+        self.resolution = None                          # the last ResolveReply
+        self.resolutions = 0                            # how many times it asked
+        self.retries = 0                                # requests sent again after a failure
+        self.resolve()
+
+    # --- Resolution ---------------------------------------------------------------------
+
+    def resolve(self):
+        """Ask the control plane where the endpoint leads now; returns the ResolveReply."""
+        try:
+            reply = self._control.ResolveEndpoint(self._pb.ResolveRequest(endpoint=self.endpoint),
+                                                  timeout=RESOLVE_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise errors.DatabaseError(exc.details()) from None
+            raise errors.UnavailableError(
+                f"the control plane at {self.control_address} cannot resolve {self.endpoint!r}: "
+                f"{exc.code().name}: {exc.details()}") from None
+        with self._lock:
+            self.resolution = reply
+            self.resolutions += 1
+            self._targets = [(t.instance, t.address) for t in reply.targets]
+        return reply
+
+    def _client(self, address: str) -> Client:
+        with self._lock:
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = Client(address, timeout_s=self.timeout_s)
+            return client
+
+    def _target(self) -> tuple[str, Client]:
+        """The next target: the writer, the named instance, or replicas in turn."""
+        with self._lock:
+            targets = list(self._targets)
+        if not targets:
+            raise errors.UnavailableError(f"endpoint {self.endpoint!r} leads nowhere right now")
+        instance, address = targets[next(self._turn) % len(targets)]
+        return instance, self._client(address)
+
+    @property
+    def instance(self) -> str:
+        """The instance the endpoint led to last (the writer, for "cluster")."""
+        with self._lock:
+            return self._targets[0][0] if self._targets else ""
+
+    @property
+    def address(self) -> str:
+        with self._lock:
+            return self._targets[0][1] if self._targets else ""
+
+    def _pause(self, attempt: int, deadline: float, what: str, exc: Exception) -> None:
+        """Wait before the next attempt; give up (raise) past the deadline."""
+        if time.monotonic() >= deadline:
+            raise errors.UnavailableError(
+                f"{what}: no instance of endpoint {self.endpoint!r} answered within "
+                f"{self.failover_wait_s:.0f}s (last error: {exc})") from exc
+        low, high = RETRY_DELAY_S
+        time.sleep(min(high, low * (2 ** min(attempt, 8)), max(0.0, deadline - time.monotonic())))
+
+    # --- Calls ----------------------------------------------------------------------------
+
+    def _read(self, what: str, call):
+        """A read: on unavailability, resolve again and try (another target) until the deadline."""
+        deadline = time.monotonic() + self.failover_wait_s
+        for attempt in itertools.count():
+            instance, client = self._target()
+            try:
+                return call(client)
+            except errors.UnavailableError as exc:
+                if isinstance(exc, errors.WriteQuorumUnavailable):
+                    raise
+                self._after_failure(attempt, deadline, f"{what} at {instance}", exc)
+
+    def _write(self, what: str, call):
+        """A commit: retried on the (new) writer only if nothing was done (module doc)."""
+        deadline = time.monotonic() + self.failover_wait_s
+        for attempt in itertools.count():
+            instance, client = self._target()
+            try:
+                return call(client)
+            except (errors.UnavailableError, errors.ReadOnlyError) as exc:
+                if isinstance(exc, errors.WriteQuorumUnavailable):
+                    raise
+                if not retry_safe(exc):
+                    raise errors.CommitOutcomeUnknown(
+                        f"{what}: {instance} at {client.address} failed after the commit was "
+                        f"sent ({type(exc).__name__}: {exc}); it may or may not have committed "
+                        f"(read the key to find out)") from exc
+                if self.kind != "cluster" and isinstance(exc, errors.ReadOnlyError):
+                    raise errors.ReadOnlyError(
+                        f"{what}: endpoint {self.endpoint!r} led to {instance}, which does not "
+                        f"take writes ({exc}); write through the cluster endpoint") from exc
+                self._after_failure(attempt, deadline, what, exc)
+
+    def _after_failure(self, attempt: int, deadline: float, what: str, exc: Exception) -> None:
+        """Resolve again; retry at once if the endpoint moved, else after a pause; raise if
+        waiting cannot help (nothing can answer) or the deadline passed."""
+        before = self._targets_now()
+        reply = self.resolve()
+        self.retries += 1
+        if self.kind == "cluster" and not reply.writer_possible:
+            raise errors.UnavailableError(
+                f"{what}: the writer {reply.writer} at {reply.writer_address} does not answer "
+                f"and no replica is up to take over ({exc})") from exc
+        if self.kind != "cluster" and not any(t.up for t in reply.targets):
+            raise errors.UnavailableError(
+                f"{what}: no instance of endpoint {self.endpoint!r} is up ({exc})") from exc
+        if self._targets_now() != before and time.monotonic() < deadline:
+            return   # moved (a failover happened): go to the new target at once
+        self._pause(attempt, deadline, what, exc)
+        self.resolve()
+
+    def _targets_now(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._targets)
+
+    def get(self, key: bytes, table: str = DEFAULT_TABLE) -> bytes:
+        """The value of key; raises KeyNotFound."""
+        return self._read("get", lambda c: c.get(key, table))
+
+    def scan(self, start: bytes = b"", end: bytes = b"", limit: int = 0,
+             table: str = DEFAULT_TABLE) -> list[tuple[bytes, bytes]]:
+        return self._read("scan", lambda c: c.scan(start, end, limit, table))
+
+    def get_at(self, key: bytes, table: str = DEFAULT_TABLE) -> tuple[bytes, int, str]:
+        """(value, read point, instance): which instance answered and as of which VDL."""
+        def call(c: Client):
+            reply = c._call(c._stub.Get, pb.GetRequest(table=table, key=key))
+            return reply.value, reply.read_point, c.address
+        value, read_point, address = self._read("get", call)
+        with self._lock:
+            instance = next((i for i, a in self._targets if a == address), address)
+        return value, read_point, instance
+
+    def put(self, key: bytes, value: bytes, table: str = DEFAULT_TABLE,
+            timeout_s: float | None = None) -> int:
+        """Insert or replace; returns the commit LSN once durable. See the module doc for
+        what happens when the writer fails meanwhile."""
+        return self._write(f"put {key!r}", lambda c: c.put(key, value, table, timeout_s))
+
+    def delete(self, key: bytes, table: str = DEFAULT_TABLE, timeout_s: float | None = None) -> int:
+        return self._write(f"delete {key!r}", lambda c: c.delete(key, table, timeout_s))
+
+    def status(self) -> pb.StatusReply:
+        return self._read("status", lambda c: c.status())
+
+    def begin(self) -> "Transaction":
+        """A transaction on the instance the endpoint leads to now; it stays there."""
+        def call(c: Client):
+            return PinnedTransaction(c, c._call(c._stub.Begin, pb.BeginRequest()).txn_id)
+        return self._read("begin", call)
+
+    def transaction(self) -> "Transaction":
+        return self.begin()
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+        self._control_channel.close()
+
+    def __enter__(self) -> "ClusterClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PinnedTransaction(Transaction):
+    """A transaction of a ClusterClient: its commit says whether its outcome is known."""
+
+    def commit(self, timeout_s: float | None = None) -> int:
+        try:
+            return super().commit(timeout_s)
+        except (errors.UnavailableError, errors.ReadOnlyError) as exc:
+            if isinstance(exc, errors.WriteQuorumUnavailable):
+                raise   # the --timeout passed; the commit may still complete (as for Client)
+            if retry_safe(exc):
+                raise errors.UnavailableError(
+                    f"transaction {self.txn_id} on {self.client.address}: nothing was committed "
+                    f"({exc}); run it again (begin re-resolves the writer)") from exc
+            raise errors.CommitOutcomeUnknown(
+                f"transaction {self.txn_id} on {self.client.address}: the instance failed after "
+                f"the commit was sent ({type(exc).__name__}: {exc}); it may or may not have "
+                f"committed") from exc
 
 
 def _ms(timeout_s: float | None) -> int:

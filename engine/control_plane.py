@@ -10,13 +10,33 @@ process in its own session. It
 3. serves the Control gRPC service (proto/aurora_pb/control.proto) and writes
    DIR/control.json with its address and pid;
 4. launches the six storage nodes, waits until they are SERVING (gRPC health), then the
-   writer db1, which runs recovery and serves the cluster endpoint;
+   writer (db1 on a new data dir; topology.json says which instance after a failover),
+   which runs recovery and serves the cluster endpoint, then the read replicas, each
+   started with ``replica --writer <the writer's address>``;
 5. supervises: every TICK_S it reaps exited processes and marks them down (a process it
-   was not asked to stop is logged as a WARNING), and health-checks the ones starting.
+   was not asked to stop is logged as a WARNING), and health-checks the ones starting;
+6. watches the writer and fails over (below), and keeps every other live instance
+   following the current writer (reconcile, every RECONCILE_S).
 
-It never restarts a process by itself: labs kill nodes on purpose. A writer that dies is
-reported down and handed to ``ControlPlane.on_writer_down``, the hook where failover to a
-replica goes (a later step).
+It never restarts a process by itself: labs kill nodes on purpose.
+
+Failover (automatic): the writer's process exits (killed, stopped, crashed) or its health
+check has failed for FAILOVER_AFTER_S. ``on_writer_down`` then promotes the live replica
+with the best (lowest) promotion tier, ties by name: InstanceAdmin.Promote makes it run
+recovery under a new volume epoch (invariant 10) and take writes. It becomes the writer
+in topology.json and control.json (the cluster endpoint), the old writer becomes a
+replica there, and every other live instance is told to follow it (InstanceAdmin.Follow).
+A restart of the old writer (`node start db1`) launches it with the ``replica`` command
+line: it never runs recovery as a second writer. If the old writer was only unreachable
+(paused, SIGSTOP) and comes back, storage already fences it (invariant 9) and reconcile
+tells it to follow. If no replica is up, the writer stays down until `node start`
+(recovery on start). ``failover(target)`` is the planned variant (`aurora-lite failover`).
+
+Roles (Managed.role, the control plane's assignment; instances report their own, which
+lags by at most one reconcile) and the method that moves them::
+
+    replica --failover() / on_writer_down(): Promote--> writer
+    writer  --failover() / on_writer_down(): another was promoted--> replica (Follow when up)
 
 Process state transitions (ProcessState.state), with the method that makes each::
 
@@ -32,6 +52,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -46,9 +67,9 @@ from aurora_pb import database_pb2, database_pb2_grpc
 from aurora_pb import storage_pb2, storage_pb2_grpc
 from engine.cluster_config import ClusterConfig
 from engine.launcher import (
-    HOST, INSTANCES, STOP_GRACE_S, STORAGE_NODES, DataDir, Plan, base_command, cluster_pids,
-    describe_exit, pid_belongs, plan_cluster, read_control, resolve_data_dir, spawn,
-    stop_pids, write_json_atomic)
+    HOST, STOP_GRACE_S, DataDir, InstanceSpec, Plan, Topology, base_command, cluster_pids,
+    describe_exit, free_ports, load_topology, pid_belongs, plan_cluster, read_control,
+    resolve_data_dir, spawn, stop_pids, write_json_atomic)
 from engine.volume import AZS
 
 log = logging.getLogger("aurora_lite.control_plane")
@@ -59,6 +80,12 @@ PROBE_TIMEOUT_S = 1.0        # one status query (GetState)
 START_WAIT_S = 60.0          # `node start` waits this long for SERVING
 BOOT_STORAGE_WAIT_S = 30.0   # at boot, wait for the storage nodes before the writer
 KILL_WAIT_S = 5.0            # after SIGKILL, wait for the exit this long
+WATCH_S = 0.25               # the writer's health is checked this often
+FAILOVER_AFTER_S = 1.5       # ... and a failover starts after it failed for this long
+PROMOTE_TIMEOUT_S = 60.0     # one Promote (the replica's recovery)
+FOLLOW_TIMEOUT_S = 10.0      # one Follow
+RECONCILE_S = 1.0            # live instances are checked to follow the writer this often
+ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -73,16 +100,25 @@ class ActionError(Exception):
     """A request the control plane refuses (unknown name, shutting down, ...)."""
 
 
+class NotFoundError(ActionError):
+    """An unknown endpoint or instance (gRPC NOT_FOUND)."""
+
+
+class PreconditionError(ActionError):
+    """A request that cannot be done in the cluster's state now (FAILED_PRECONDITION)."""
+
+
 @dataclass
 class Managed:
     """One process the control plane launches and watches."""
 
     name: str
-    role: str                      # "storage" | "writer"
+    role: str                      # "storage" | "writer" | "replica" (assigned, see doc)
     az: str
     address: str
-    argv: list[str]
+    argv: list[str]                # storage nodes; instances get theirs at each launch
     log_path: str
+    tier: int = 0                  # instances: promotion tier, lower promoted first
     popen: subprocess.Popen | None = None
     state: str = "down"
     exit_reason: str = "not started"
@@ -107,32 +143,58 @@ class Managed:
 class ControlPlane:
     """Supervisor state and actions; ControlService is its gRPC face."""
 
-    def __init__(self, dd: DataDir, plan: Plan, *, host: str = HOST, log_level: str = "INFO") -> None:
+    def __init__(self, dd: DataDir, plan: Plan, topology: Topology, *, host: str = HOST,
+                 log_level: str = "INFO", failover_after_s: float = FAILOVER_AFTER_S) -> None:
         self.dd = dd
         self.config = plan.config
+        self.topology = topology
         self.host = host
         self.address = ""
         self.stopping = False
         self.stopped = asyncio.Event()
         self.procs: dict[str, Managed] = {}
-        base = base_command() + ["--log-level", log_level]
-        for inst, az, role in INSTANCES:
-            port = plan.instance_ports[inst]
-            self.procs[inst] = Managed(
-                inst, role, az, f"{host}:{port}",
-                base + ["writer", "--cluster", dd.cluster_json, "--instance", inst, "--az", az,
-                        "--host", host, "--port", str(port)],
-                dd.log(inst))
+        self.base_argv = base_command() + ["--log-level", log_level]
+        self.failover_after_s = failover_after_s
+        for spec in topology.instances:
+            self._add_instance(spec, plan.instance_ports[spec.name])
         for node in self.config.storage_nodes:
             peers = [n.address for n in self.config.storage_nodes if n.name != node.name]
             self.procs[node.name] = Managed(
                 node.name, "storage", node.az, node.address,
-                base + ["storage-node", "--node-id", node.name, "--az", node.az,
-                        "--host", host, "--port", node.address.rsplit(":", 1)[1],
-                        "--data-dir", dd.node_dir(node.name), "--peers", ",".join(peers),
-                        "--cluster-config", dd.cluster_json],
+                self.base_argv + ["storage-node", "--node-id", node.name, "--az", node.az,
+                                  "--host", host, "--port", node.address.rsplit(":", 1)[1],
+                                  "--data-dir", dd.node_dir(node.name), "--peers", ",".join(peers),
+                                  "--cluster-config", dd.cluster_json],
                 dd.log(node.name))
-        self.writer = next(n for n, _, r in INSTANCES if r == "writer")
+        self.writer = topology.writer
+        # Failover bookkeeping.
+        self.failover_lock = asyncio.Lock()
+        self.failing_over = False
+        self.failovers = 0
+        self.last_failover = ""
+        self._writer_ok_at = time.monotonic()   # last passing health check of the writer
+        self._tasks: set[asyncio.Task] = set()
+
+    def _add_instance(self, spec: InstanceSpec, port: int) -> Managed:
+        p = Managed(spec.name, "writer" if spec.name == self.topology.writer else "replica",
+                    spec.az, f"{self.host}:{port}", [], self.dd.log(spec.name), tier=spec.tier)
+        self.procs[spec.name] = p
+        return p
+
+    def _instance_argv(self, p: Managed) -> list[str]:
+        """The command line for an instance's next launch, from its role NOW: a former
+        writer comes back as a replica of the current writer, never as a second writer."""
+        common = ["--cluster", self.dd.cluster_json, "--instance", p.name, "--az", p.az,
+                  "--host", self.host, "--port", p.address.rsplit(":", 1)[1]]
+        if p.role == "writer":
+            return self.base_argv + ["writer", *common]
+        return self.base_argv + ["replica", "--writer", self.procs[self.writer].address, *common]
+
+    def _spawn_task(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- Bookkeeping --------------------------------------------------------------------
 
@@ -144,11 +206,29 @@ class ControlPlane:
     def instances(self) -> list[Managed]:
         return [p for p in self.procs.values() if p.role != "storage"]
 
+    @property
+    def replicas(self) -> list[Managed]:
+        return [p for p in self.instances if p.name != self.writer]
+
     def get(self, name: str) -> Managed:
         try:
             return self.procs[name]
         except KeyError:
             raise ActionError(f"no process named {name!r} (known: {', '.join(self.procs)})") from None
+
+    def get_instance(self, name: str) -> Managed:
+        p = self.procs.get(name)
+        if p is None or p.role == "storage":
+            known = ", ".join(q.name for q in self.instances)
+            raise NotFoundError(f"no instance named {name!r} (instances: {known})")
+        return p
+
+    def save_topology(self) -> None:
+        """topology.json follows every change of roles, tiers, instances and endpoints."""
+        self.topology.writer = self.writer
+        for spec in self.topology.instances:
+            spec.tier = self.procs[spec.name].tier
+        self.topology.save(self.dd)
 
     def write_control(self) -> None:
         """DIR/control.json: everything a CLI verb needs to find this cluster."""
@@ -158,9 +238,11 @@ class ControlPlane:
             "control": {"address": self.address, "pid": os.getpid()},
             "cluster_endpoint": self.procs[self.writer].address,
             "writer": self.writer,
+            "failovers": self.failovers,
             "volume": self.config.volume,
             "processes": {p.name: {"role": p.role, "az": p.az, "address": p.address,
-                                   "pid": p.pid, "state": p.state, "log": p.log_path}
+                                   "pid": p.pid, "state": p.state, "log": p.log_path,
+                                   **({"tier": p.tier} if p.role != "storage" else {})}
                           for p in self.procs.values()},
         })
 
@@ -173,34 +255,49 @@ class ControlPlane:
 
     def launch(self, p: Managed) -> None:
         assert not p.alive, f"{p.name} is already running"
-        p.popen = spawn(p.argv, p.log_path)
+        argv = p.argv if p.role == "storage" else self._instance_argv(p)
+        p.popen = spawn(argv, p.log_path)
         p.state = "starting"
         p.exit_reason = ""
         p.started_at = time.monotonic()
         p.starts += 1
         p.intentional = False
+        if p.name == self.writer:
+            self._writer_ok_at = time.monotonic()
         log.info("launched %s (%s, %s) pid %d, port %s", p.name, p.role, p.az, p.pid,
                  p.address.rsplit(":", 1)[1])
         self.write_control()
 
     async def boot(self) -> None:
-        """Storage nodes first; the writer once they serve (its recovery needs them)."""
+        """Storage nodes first; the writer once they serve (its recovery needs them); the
+        replicas once the writer serves (they start from its redo stream's snapshot)."""
         for p in self.storage:
             self.launch(p)
-        deadline = time.monotonic() + BOOT_STORAGE_WAIT_S
-        while time.monotonic() < deadline and not self.stopping:
-            if all(p.state in ("up", "down") for p in self.storage):
-                break
-            await asyncio.sleep(TICK_S / 2)
-        if self.stopping:
+        if not await self._wait_states(self.storage, BOOT_STORAGE_WAIT_S):
             return
         not_up = [p.name for p in self.storage if p.state != "up"]
         if not_up:
             log.warning("storage nodes not serving at boot: %s; starting the writer anyway",
                         ", ".join(not_up))
-        for p in self.instances:
-            if not self.stopping:
+        writer = self.procs[self.writer]
+        self.launch(writer)
+        if not await self._wait_states([writer], START_WAIT_S):
+            return
+        if writer.state != "up":
+            log.warning("writer %s is not serving (%s); starting the replicas anyway",
+                        writer.name, writer.state)
+        for p in self.replicas:
+            if not self.stopping and not p.alive:
                 self.launch(p)
+
+    async def _wait_states(self, procs: list[Managed], timeout_s: float) -> bool:
+        """Wait until each of procs is up or down; False if the cluster is stopping."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stopping:
+            if all(p.state in ("up", "down") for p in procs):
+                break
+            await asyncio.sleep(TICK_S / 2)
+        return not self.stopping
 
     async def supervise(self) -> None:
         while not self.stopped.is_set():
@@ -233,19 +330,305 @@ class ControlPlane:
             log.info("%s (pid %d) %s", p.name, pid, p.exit_reason)
         else:
             log.warning("%s (pid %d) %s unexpectedly; see %s", p.name, pid, p.exit_reason, p.log_path)
-            if p.role == "writer" and not self.stopping:
-                self.on_writer_down(p)
+        # Killed on purpose or not, a writer that is gone is a writer to replace.
+        if p.name == self.writer and not self.stopping:
+            self.on_writer_down(p, f"{p.name} {p.exit_reason}")
 
-    def on_writer_down(self, p: Managed) -> None:
-        """Hook: the writer died without being asked to.
+    def on_writer_down(self, p: Managed, reason: str) -> None:
+        """The writer exited, or has not answered its health check for failover_after_s:
+        fail over to the best live replica (in the background; see the module doc)."""
+        if self.failing_over:
+            return
+        self.failing_over = True   # set now: the watchdog must not start a second one
+        self._spawn_task(self._auto_failover(p.name, reason))
 
-        Step 5 (replicas and failover) goes here: pick the replica with the best promotion
-        tier, tell it to promote (it runs recovery under a new epoch, invariant 10), point
-        ``self.writer`` and control.json's cluster_endpoint at it. Until then the writer
-        stays down until `aurora-lite node start db1`.
-        """
-        log.warning("writer %s is down and no replica can take over yet; "
-                    "`aurora-lite node start %s` restarts it (recovery runs on start)", p.name, p.name)
+    async def _auto_failover(self, old_name: str, reason: str) -> None:
+        try:
+            async with self.failover_lock:
+                if self.writer != old_name or self.stopping:
+                    return   # a planned failover got there first, or we are stopping
+                old = self.procs[old_name]
+                if old.alive and old.state != "paused" and await self._healthy(old):
+                    log.info("writer %s answers again; no failover", old.name)
+                    return
+                log.warning("writer %s is down (%s): failing over", old.name, reason)
+                try:
+                    await self._promote_best(old, reason, exclude=())
+                except PreconditionError as exc:
+                    log.warning("%s; `aurora-lite node start %s` restarts the writer (recovery "
+                                "runs on start)", exc, old.name)
+        except Exception:
+            log.exception("automatic failover failed")
+        finally:
+            self.failing_over = False
+            self._writer_ok_at = time.monotonic()
+
+    def _candidates(self, exclude=()) -> list[Managed]:
+        """Replicas that can be promoted now: running, serving, best tier first."""
+        live = [p for p in self.replicas if p.state == "up" and p.alive and p.name not in exclude]
+        return sorted(live, key=lambda p: (p.tier, p.name))
+
+    async def _promote_best(self, old: Managed, reason: str, exclude=()) -> pb.FailoverReply:
+        """Promote the first candidate that succeeds. Caller holds failover_lock."""
+        tried = []
+        for cand in self._candidates(exclude):
+            try:
+                return await self._promote(cand, old, reason)
+            except (grpc.RpcError, asyncio.TimeoutError) as exc:
+                why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else "timeout"
+                log.warning("promoting %s failed (%s); trying the next replica", cand.name, why)
+                tried.append(cand.name)
+        raise PreconditionError(
+            f"no replica can take over from {old.name}"
+            + (f" (promotion failed on {', '.join(tried)})" if tried else " (no replica is up)"))
+
+    async def _promote(self, new: Managed, old: Managed, reason: str) -> pb.FailoverReply:
+        """Promote ``new`` (Promote RPC: recovery under a new epoch), then make it the writer
+        everywhere and tell every other live instance to follow it. Caller holds the lock."""
+        started = time.monotonic()
+        log.info("promoting %s (tier %d) to writer in place of %s (%s)", new.name, new.tier,
+                 old.name, reason)
+        stub = database_pb2_grpc.InstanceAdminStub(self._channel(new))
+        reply = await stub.Promote(database_pb2.PromoteRequest(), timeout=PROMOTE_TIMEOUT_S)
+        promote_s = time.monotonic() - started
+        old.role, new.role = "replica", "writer"
+        self.writer = new.name
+        self.failovers += 1
+        self._writer_ok_at = time.monotonic()
+        self.last_failover = (f"{time.strftime('%H:%M:%S')} {old.name} -> {new.name} ({reason}); "
+                              f"epoch {reply.volume_epoch}, VDL {reply.vdl}, promote {promote_s:.2f}s")
+        self.save_topology()
+        self.write_control()
+        log.warning("%s is the writer now (epoch %d, VDL %d, recovery %.3fs, promote %.2fs); "
+                    "cluster endpoint %s", new.name, reply.volume_epoch, reply.vdl,
+                    reply.recovery_seconds, promote_s, new.address)
+        others = [p for p in self.instances if p is not new and p.alive and p.state != "paused"]
+        await asyncio.gather(*(self._follow(p) for p in others))
+        return pb.FailoverReply(old_writer=old.name, new_writer=new.name,
+                                volume_epoch=reply.volume_epoch, vdl=reply.vdl,
+                                promote_s=promote_s, total_s=time.monotonic() - started)
+
+    async def _follow(self, p: Managed) -> bool:
+        """Tell ``p`` to follow the current writer; False if it did not answer."""
+        writer = self.procs[self.writer]
+        try:
+            await database_pb2_grpc.InstanceAdminStub(self._channel(p)).Follow(
+                database_pb2.FollowRequest(writer_address=writer.address), timeout=FOLLOW_TIMEOUT_S)
+            log.info("%s now follows %s at %s", p.name, writer.name, writer.address)
+            return True
+        except grpc.RpcError as exc:
+            log.info("%s did not take Follow(%s) yet: %s %s", p.name, writer.name,
+                     exc.code().name, exc.details())
+            return False
+
+    async def _healthy(self, p: Managed, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._channel(p)).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNIMPLEMENTED
+        except Exception:
+            return False
+
+    async def watch_writer(self) -> None:
+        """Health-check the writer every WATCH_S; fail over once it has failed for
+        failover_after_s (a paused or unreachable writer: the process is still there)."""
+        while not self.stopped.is_set():
+            await asyncio.sleep(WATCH_S)
+            try:
+                w = self.procs[self.writer]
+                if self.stopping or self.failing_over or w.state not in ("up", "paused") or not w.alive:
+                    self._writer_ok_at = time.monotonic()
+                    continue
+                if await self._healthy(w):
+                    self._writer_ok_at = time.monotonic()
+                    continue
+                silent_s = time.monotonic() - self._writer_ok_at
+                if silent_s > self.failover_after_s and w.name == self.writer and not self.failing_over:
+                    self.on_writer_down(w, f"no health check answer for {silent_s:.1f}s")
+            except Exception:
+                log.exception("writer watchdog failed")
+
+    async def reconcile(self) -> None:
+        """Every RECONCILE_S: a live instance other than the writer that is not a replica
+        of the current writer (a deposed writer that came back, a replica that missed a
+        Follow) is told to follow it."""
+        while not self.stopped.is_set():
+            await asyncio.sleep(RECONCILE_S)
+            if self.stopping or self.failing_over or self.failover_lock.locked():
+                continue
+            writer = self.procs[self.writer]
+            if writer.state != "up":
+                continue
+            try:
+                await asyncio.gather(*(self._reconcile_one(p, writer) for p in self.replicas
+                                       if p.state == "up" and p.alive))
+            except Exception:
+                log.exception("reconcile failed")
+
+    async def _reconcile_one(self, p: Managed, writer: Managed) -> None:
+        try:
+            reply = await database_pb2_grpc.DatabaseStub(self._channel(p)).Status(
+                database_pb2.StatusRequest(), timeout=PROBE_TIMEOUT_S)
+            following = json.loads(reply.json).get("replica", {}).get("writer_address", "")
+        except (grpc.RpcError, ValueError, AttributeError):
+            return
+        if reply.role != "replica" or following != writer.address:
+            log.info("%s is %s (following %r), not a replica of %s: telling it to follow",
+                     p.name, reply.role, following, writer.name)
+            await self._follow(p)
+
+    # --- Planned failover, replicas, endpoints ------------------------------------------
+
+    async def failover(self, target: str = "") -> pb.FailoverReply:
+        """`aurora-lite failover [--target NAME]`: promote the target (default: the best
+        live replica), then the old writer steps down and follows it (if it runs)."""
+        self._check_running()
+        if target:
+            cand = self.get_instance(target)
+            if cand.name == self.writer:
+                raise PreconditionError(f"{target} is already the writer")
+            if cand.state != "up" or not cand.alive:
+                raise PreconditionError(f"{target} is not up ({cand.state}); it cannot take over")
+        async with self.failover_lock:
+            self.failing_over = True
+            try:
+                old = self.procs[self.writer]
+                reason = f"planned failover{' to ' + target if target else ''}"
+                if target:
+                    reply = await self._promote(self.procs[target], old, reason)
+                else:
+                    reply = await self._promote_best(old, reason)
+            except grpc.RpcError as exc:
+                raise PreconditionError(f"promoting {target} failed: {exc.code().name}: "
+                                        f"{exc.details()}") from None
+            finally:
+                self.failing_over = False
+        lines = [f"{reply.new_writer} promoted: epoch {reply.volume_epoch}, VDL {reply.vdl}, "
+                 f"in {reply.promote_s:.2f}s; it is the writer and the cluster endpoint "
+                 f"({self.procs[reply.new_writer].address})"]
+        old = self.procs[reply.old_writer]
+        if old.alive:
+            lines.append(f"{old.name} stepped down: a replica of {reply.new_writer} now")
+        else:
+            lines.append(f"{old.name} is {old.state}: it comes back as a replica of "
+                         f"{reply.new_writer} (`aurora-lite node start {old.name}`)")
+        reply.message = "\n".join(lines)
+        return reply
+
+    async def add_replica(self, tier: int | None, az: str, wait_s: float) -> tuple[str, str]:
+        """`replica add`: a new instance following the writer; waits until it serves."""
+        self._check_running()
+        try:
+            spec = self.topology.next_instance(tier, az or None)
+        except ValueError as exc:
+            raise ActionError(str(exc)) from None
+        port = free_ports(1, self.host)[0]
+        self.topology.instances.append(spec)
+        p = self._add_instance(spec, port)
+        self.save_topology()
+        async with p.lock:
+            message = await self._start(p, wait_s or START_WAIT_S)
+        return spec.name, f"{message} (replica of {self.writer}, {spec.az}, tier {spec.tier})"
+
+    async def remove_replica(self, name: str) -> str:
+        """`replica remove NAME`: stop it and forget it; it leaves every custom endpoint."""
+        self._check_running()
+        p = self.get_instance(name)
+        if p.name == self.writer:
+            raise PreconditionError(f"{name} is the writer; `aurora-lite failover` first")
+        async with p.lock:
+            how = await self._stop(p, STOP_GRACE_S) if p.alive else f"{name} was not running"
+            if p.channel is not None:
+                await p.channel.close()
+                p.channel = None
+        del self.procs[name]
+        self.topology.instances = [i for i in self.topology.instances if i.name != name]
+        for members in self.topology.endpoints.values():
+            if name in members:
+                members.remove(name)
+        self.save_topology()
+        self.write_control()
+        log.info("replica %s removed", name)
+        return f"{how}; {name} removed from the cluster"
+
+    def _target(self, p: Managed) -> pb.EndpointTarget:
+        return pb.EndpointTarget(instance=p.name, address=p.address, role=p.role,
+                                 up=p.state == "up" and p.alive)
+
+    def resolve(self, endpoint: str) -> pb.ResolveReply:
+        kind, _, name = endpoint.partition(":")
+        writer = self.procs[self.writer]
+        if kind == "cluster" and not name:
+            targets = [writer]
+        elif kind == "reader" and not name:
+            targets = [p for p in self.replicas if p.state == "up" and p.alive] or [writer]
+            targets.sort(key=lambda p: p.name)
+        elif kind == "instance" and name:
+            targets = [self.get_instance(name)]
+        elif kind == "custom" and name:
+            members = self._custom(name)
+            up = [self.procs[m] for m in members if self.procs[m].state == "up" and self.procs[m].alive]
+            targets = [p for p in up if p.role == "replica"] or up
+            if not targets:
+                raise PreconditionError(f"no member of custom endpoint {name!r} is up "
+                                        f"({', '.join(members) or 'it has no members'})")
+        else:
+            raise ActionError(f"bad endpoint {endpoint!r}: cluster, reader, instance:NAME or custom:NAME")
+        writer_possible = (writer.state != "down" or self.failing_over
+                           or bool(self._candidates()))
+        return pb.ResolveReply(endpoint=endpoint, targets=[self._target(p) for p in targets],
+                               writer=writer.name, writer_address=writer.address,
+                               generation=self.failovers, failing_over=self.failing_over,
+                               writer_possible=writer_possible)
+
+    def _custom(self, name: str) -> list[str]:
+        members = self.topology.endpoints.get(name)
+        if members is None:
+            known = ", ".join(sorted(self.topology.endpoints)) or "none"
+            raise NotFoundError(f"no custom endpoint named {name!r} (custom endpoints: {known})")
+        return members
+
+    def create_endpoint(self, name: str, members: list[str]) -> pb.EndpointInfo:
+        self._check_running()
+        if not ENDPOINT_NAME_RE.match(name) or name in ("cluster", "reader"):
+            raise ActionError(f"bad endpoint name {name!r}: 1-40 of a-z, 0-9 and '-', "
+                              f"not 'cluster' or 'reader'")
+        if name in self.topology.endpoints:
+            raise PreconditionError(f"custom endpoint {name!r} exists (members "
+                                    f"{', '.join(self.topology.endpoints[name])}); delete it first")
+        members = list(dict.fromkeys(m.strip() for m in members if m.strip()))
+        if not members:
+            raise ActionError("a custom endpoint needs at least one member (--members db2,db3)")
+        for m in members:
+            self.get_instance(m)
+        self.topology.endpoints[name] = members
+        self.save_topology()
+        log.info("custom endpoint %s created: %s", name, ", ".join(members))
+        return self.endpoint_info(f"custom:{name}")
+
+    def delete_endpoint(self, name: str) -> pb.EndpointInfo:
+        self._check_running()
+        info = self.endpoint_info(f"custom:{name}")
+        del self.topology.endpoints[name]
+        self.save_topology()
+        log.info("custom endpoint %s deleted", name)
+        return info
+
+    def endpoint_info(self, endpoint: str) -> pb.EndpointInfo:
+        kind, _, name = endpoint.partition(":")
+        members = list(self._custom(name)) if kind == "custom" else []
+        try:
+            targets = list(self.resolve(endpoint).targets)
+        except PreconditionError:
+            targets = []
+        return pb.EndpointInfo(name=endpoint, kind=kind, members=members, targets=targets)
+
+    def list_endpoints(self) -> pb.EndpointList:
+        names = ["cluster", "reader"] + [f"instance:{p.name}" for p in sorted(self.instances, key=lambda p: p.name)]
+        names += [f"custom:{n}" for n in sorted(self.topology.endpoints)]
+        return pb.EndpointList(endpoints=[self.endpoint_info(n) for n in names])
 
     async def _probe_health(self, p: Managed) -> None:
         try:
@@ -434,7 +817,7 @@ class ControlPlane:
             name=p.name, role=p.role, az=p.az, address=p.address, pid=p.pid, state=p.state,
             up=p.state == "up", exit_reason=p.exit_reason if p.state == "down" else "",
             uptime_s=round(time.monotonic() - p.started_at, 1) if p.alive else 0.0,
-            starts=p.starts, log=p.log_path)
+            starts=p.starts, log=p.log_path, tier=p.tier)
 
     async def collect(self, probe_timeout_s: float = PROBE_TIMEOUT_S, probes: bool = True) -> pb.ClusterState:
         states = {name: self._base_state(p) for name, p in self.procs.items()}
@@ -449,7 +832,9 @@ class ControlPlane:
             data_dir=self.dd.root, control_address=self.address, control_pid=os.getpid(),
             cluster_endpoint=self.procs[self.writer].address, writer=self.writer,
             volume=self.config.volume, processes=list(states.values()), latency=latency,
-            all_up=all(p.state == "up" for p in self.procs.values()))
+            all_up=all(p.state == "up" for p in self.procs.values()),
+            failovers=self.failovers, failing_over=self.failing_over,
+            last_failover=self.last_failover)
 
     async def _probe(self, p: Managed, state: pb.ProcessState, timeout_s: float) -> None:
         try:
@@ -467,9 +852,18 @@ class ControlPlane:
                 state.vdl = reply.vdl
                 state.volume_epoch = reply.volume_epoch
                 state.status_json = reply.json
+                state.reported_role = reply.role
                 try:
-                    driver = json.loads(reply.json).get("driver", {})
+                    status = json.loads(reply.json)
+                    driver = status.get("driver", {})
                     state.waiting_commits = int(driver.get("waiting_commits", 0))
+                    replica = status.get("replica")
+                    if replica:   # lag as the replica measures it (engine/replica.py)
+                        state.following = str(replica.get("writer_address", ""))
+                        state.lag_lsn = int(replica.get("lag_lsn", 0))
+                        state.lag_ms = float(replica.get("lag_ms_last", 0.0))
+                        state.lag_ms_p50 = float(replica.get("lag_ms_p50", 0.0))
+                        state.lag_ms_p99 = float(replica.get("lag_ms_p99", 0.0))
                 except (ValueError, AttributeError, TypeError):
                     pass
         except grpc.RpcError as exc:
@@ -496,6 +890,11 @@ class ControlPlane:
             if s.role == "storage" and s.segments:
                 s.lag_lsn = max(max(0, best.get(seg.pg, 0) - seg.scl) for seg in s.segments)
 
+    async def stop_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def close_channels(self) -> None:
         for p in self.procs.values():
             if p.channel is not None:
@@ -514,10 +913,7 @@ class ControlService(pb_grpc.ControlServicer):
         return await self.cp.collect(timeout_s, probes=not request.skip_probes)
 
     async def ProcessAction(self, request, context):
-        try:
-            message = await self.cp.action(request.name, request.action, request.wait_s)
-        except ActionError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        message = await self._call(context, self.cp.action, request.name, request.action, request.wait_s)
         state = await self.cp.collect(probes=False)
         return pb.ActionReply(message=message,
                               processes=[s for s in state.processes if s.name == request.name])
@@ -540,6 +936,45 @@ class ControlService(pb_grpc.ControlServicer):
         lat = self.cp.config.latency
         return pb.NetworkReply(message=message, latency=pb.Latency(
             intra_az_ms=lat.intra_az_ms, cross_az_ms=lat.cross_az_ms, extra_az_ms=lat.extra_az_ms))
+
+    async def _call(self, context, fn, *args):
+        """Run an action; its refusals become the documented gRPC codes."""
+        try:
+            result = fn(*args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        except NotFoundError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except PreconditionError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ActionError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Failover(self, request, context):
+        return await self._call(context, self.cp.failover, request.target)
+
+    async def AddReplica(self, request, context):
+        tier = request.tier if request.HasField("tier") else None
+        name, message = await self._call(context, self.cp.add_replica, tier, request.az, request.wait_s)
+        state = await self.cp.collect(probes=False)
+        return pb.ActionReply(message=message, processes=[s for s in state.processes if s.name == name])
+
+    async def RemoveReplica(self, request, context):
+        message = await self._call(context, self.cp.remove_replica, request.name)
+        return pb.ActionReply(message=message)
+
+    async def ResolveEndpoint(self, request, context):
+        return await self._call(context, self.cp.resolve, request.endpoint or "cluster")
+
+    async def CreateEndpoint(self, request, context):
+        return await self._call(context, self.cp.create_endpoint, request.name, list(request.members))
+
+    async def DeleteEndpoint(self, request, context):
+        return await self._call(context, self.cp.delete_endpoint, request.name)
+
+    async def ListEndpoints(self, request, context):
+        return await self._call(context, self.cp.list_endpoints)
 
     async def Shutdown(self, request, context):
         if self.cp.stopping:
@@ -586,13 +1021,18 @@ async def serve(args) -> int:
         return 1
     _stop_leftovers(dd)
     try:
+        topology = load_topology(dd, getattr(args, "replicas", None))
         plan = plan_cluster(dd, base_port=args.base_port, intra_az_ms=args.intra_az_ms,
-                            cross_az_ms=args.cross_az_ms, host=args.host)
+                            cross_az_ms=args.cross_az_ms, host=args.host, instances=topology.names)
     except ValueError as exc:
         log.error("cannot plan the cluster: %s", exc)
         return 1
     plan.config.save(dd.cluster_json)   # before any process starts
-    cp = ControlPlane(dd, plan, host=args.host, log_level=args.log_level)
+    topology.save(dd)
+    cp = ControlPlane(dd, plan, topology, host=args.host, log_level=args.log_level,
+                      failover_after_s=getattr(args, "failover_after_s", None) or FAILOVER_AFTER_S)
+    log.info("instances: %s; writer %s", ", ".join(
+        f"{i.name} ({i.az}, tier {i.tier})" for i in topology.instances), topology.writer)
 
     server = grpc.aio.server()
     pb_grpc.add_ControlServicer_to_server(ControlService(cp), server)
@@ -621,10 +1061,13 @@ async def serve(args) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     supervisor = loop.create_task(cp.supervise())
+    watchdog = loop.create_task(cp.watch_writer())
+    reconciler = loop.create_task(cp.reconcile())
     boot = loop.create_task(cp.boot())
     await cp.stopped.wait()
-    boot.cancel()
-    supervisor.cancel()
+    for task in (boot, supervisor, watchdog, reconciler):
+        task.cancel()
+    await cp.stop_tasks()
     # Nothing may outlive the control plane (a crash in shutdown included).
     leftovers = {p.name: p.pid for p in cp.procs.values() if p.alive}
     if leftovers:

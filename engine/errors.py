@@ -81,6 +81,11 @@ class WriteQuorumUnavailable(UnavailableError):
     """Fewer than 4 of 6 segments of some PG acknowledge writes; commits wait."""
 
 
+class CommitOutcomeUnknown(UnavailableError):
+    """The instance failed (died, was fenced, stepped down) after the commit was sent:
+    it may or may not be durable. Never retried for you; read to find out."""
+
+
 class ReadOnlyError(DatabaseError):
     """This instance is a read replica (or a fenced former writer): writes are refused."""
 

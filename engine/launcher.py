@@ -13,6 +13,10 @@ Data dir layout (default ``./.aurora-lite``; ``--data-dir`` or $AURORA_LITE_DATA
                        process's role, AZ, address, pid and state; rewritten on every
                        change; after a shutdown it stays with "running": false (the
                        next `up` reuses its ports when they are free)
+      topology.json    the compute instances (name, AZ, promotion tier), which one is the
+                       writer, and the custom endpoints; rewritten on every change (failover,
+                       `replica add|remove`, `endpoint create|delete`), so the next `up`
+                       brings the same instances back with the roles they had
       control.lock     flock held by the running control plane (one per data dir)
       sn1/ ... sn6/    each storage node's data (LMDB environment)
       logs/NAME.log    stdout + stderr of each process (control.log, sn1.log, db1.log, ...)
@@ -24,7 +28,13 @@ unrelated process that reused the pid.
 
 Port plan with ``--base-port N``: control plane N, db1 N+1 (db2.. N+2..), sn1..sn6
 N+11..N+16. Without it: each process keeps the previous run's port if it is still free,
-else gets a free port chosen by the kernel.
+else gets a free port chosen by the kernel. A replica added later (`replica add`) gets a
+free port from the kernel.
+
+Instances: db1 starts as the writer, db2..db(N+1) as its read replicas, spread over the AZs
+(db1 az-a, db2 az-b, db3 az-c, db4 az-a, ...), each with a promotion tier (db1 0, db2 1,
+db3 2, ...; lower is promoted first, as in Aurora's tiers 0-15). Names never change; the
+writer role moves on failover and topology.json remembers where it went.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.volume import AZS, NODES_PER_AZ
 
@@ -50,12 +60,15 @@ HOST = "127.0.0.1"
 STORAGE_NODES: list[tuple[str, str]] = [
     (f"sn{i + 1}", AZS[i // NODES_PER_AZ]) for i in range(len(AZS) * NODES_PER_AZ)]
 assert STORAGE_NODES[0] == ("sn1", "az-a") and STORAGE_NODES[5] == ("sn6", "az-c")
-# (name, AZ, role). db1 starts as the writer; replicas (db2, ...) come with step 5.
-INSTANCES: list[tuple[str, str, str]] = [("db1", "az-a", "writer")]
-
 CONTROL_PORT_OFFSET = 0
 INSTANCE_PORT_OFFSET = 1      # db1 -> base+1, db2 -> base+2, ...
 STORAGE_PORT_OFFSET = 11      # sn1 -> base+11, ..., sn6 -> base+16
+
+DEFAULT_REPLICAS = 1          # `up` without --replicas on a new data dir
+MAX_INSTANCES = STORAGE_PORT_OFFSET - INSTANCE_PORT_OFFSET   # db1..db10 fit the port plan
+MAX_REPLICAS = MAX_INSTANCES - 1
+TIER_MAX = 15                 # promotion tiers 0..15 (Aurora's range); lower wins
+assert MAX_REPLICAS == 9 and INSTANCE_PORT_OFFSET + MAX_INSTANCES <= STORAGE_PORT_OFFSET
 
 STOP_GRACE_S = 5.0
 
@@ -80,6 +93,10 @@ class DataDir:
         return os.path.join(self.root, "control.json")
 
     @property
+    def topology_json(self) -> str:
+        return os.path.join(self.root, "topology.json")
+
+    @property
     def lock_path(self) -> str:
         return os.path.join(self.root, "control.lock")
 
@@ -95,6 +112,125 @@ class DataDir:
 
     def make(self) -> None:
         os.makedirs(self.logs, exist_ok=True)
+
+
+# --- Topology: instances, tiers, the writer, custom endpoints ---------------------------
+
+
+@dataclass
+class InstanceSpec:
+    """One compute instance of the cluster: its name and AZ never change; tier may."""
+
+    name: str
+    az: str
+    tier: int
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.tier <= TIER_MAX, f"tier {self.tier} outside 0..{TIER_MAX}"
+        assert self.az in AZS, self.az
+
+
+def instance_number(name: str) -> int:
+    """db7 -> 7 (0 for a name that is not dbN)."""
+    return int(name[2:]) if name.startswith("db") and name[2:].isdigit() else 0
+
+
+def default_instance(number: int) -> InstanceSpec:
+    """dbN's defaults: AZs round robin from az-a, tier N-1 (db1 0, db2 1, ...)."""
+    assert number >= 1
+    return InstanceSpec(f"db{number}", AZS[(number - 1) % len(AZS)], min(number - 1, TIER_MAX))
+
+
+@dataclass
+class Topology:
+    """DATA_DIR/topology.json: what `up` brings back (see the module doc)."""
+
+    writer: str
+    instances: list[InstanceSpec]
+    endpoints: dict[str, list[str]] = field(default_factory=dict)   # custom endpoint -> members
+
+    @classmethod
+    def initial(cls, replicas: int = DEFAULT_REPLICAS) -> "Topology":
+        if not 0 <= replicas <= MAX_REPLICAS:
+            raise ValueError(f"--replicas {replicas} is out of range (0..{MAX_REPLICAS})")
+        return cls("db1", [default_instance(i + 1) for i in range(replicas + 1)])
+
+    @classmethod
+    def load(cls, dd: "DataDir") -> "Topology | None":
+        data = read_json(dd.topology_json)
+        if not data:
+            return None
+        topo = cls(data["writer"], [InstanceSpec(i["name"], i["az"], int(i["tier"]))
+                                    for i in data["instances"]],
+                   {k: list(v) for k, v in data.get("endpoints", {}).items()})
+        topo.check()
+        return topo
+
+    def save(self, dd: "DataDir") -> None:
+        self.check()
+        write_json_atomic(dd.topology_json, {
+            "writer": self.writer,
+            "instances": [{"name": i.name, "az": i.az, "tier": i.tier} for i in self.instances],
+            "endpoints": self.endpoints})
+
+    def check(self) -> None:
+        names = self.names
+        assert len(set(names)) == len(names), f"duplicate instance names: {names}"
+        assert self.writer in names, f"writer {self.writer} is not an instance ({names})"
+        assert 1 <= len(names) <= MAX_INSTANCES, names
+        for members in self.endpoints.values():
+            assert set(members) <= set(names), members
+
+    @property
+    def names(self) -> list[str]:
+        return [i.name for i in self.instances]
+
+    @property
+    def replicas(self) -> list[InstanceSpec]:
+        return [i for i in self.instances if i.name != self.writer]
+
+    def get(self, name: str) -> InstanceSpec | None:
+        return next((i for i in self.instances if i.name == name), None)
+
+    def next_instance(self, tier: int | None = None, az: str | None = None) -> InstanceSpec:
+        """A new replica: the lowest free dbN (N <= MAX_INSTANCES, so the port plan holds;
+        a removed replica's name can come back), dbN's default AZ, and a tier one worse
+        than the worst so far (a new replica is promoted last unless ``tier`` says).
+        Raises ValueError on a full cluster or a bad tier or AZ."""
+        if len(self.instances) >= MAX_INSTANCES:
+            raise ValueError(f"a cluster has at most {MAX_INSTANCES} instances "
+                             f"(the writer and {MAX_REPLICAS} replicas)")
+        used = {instance_number(n) for n in self.names}
+        number = min(n for n in range(1, MAX_INSTANCES + 1) if n not in used)
+        spec = default_instance(number)
+        if tier is not None:
+            if not 0 <= tier <= TIER_MAX:
+                raise ValueError(f"--tier {tier} is out of range (0..{TIER_MAX})")
+            spec.tier = tier
+        else:
+            spec.tier = min(TIER_MAX, max(i.tier for i in self.instances) + 1)
+        if az is not None:
+            if az not in AZS:
+                raise ValueError(f"unknown AZ {az!r} (one of {', '.join(AZS)})")
+            spec.az = az
+        return spec
+
+
+def load_topology(dd: "DataDir", replicas: int | None = None) -> Topology:
+    """The saved topology of dd, or a new one with ``replicas`` replicas (default 1).
+
+    Raises ValueError if ``replicas`` is given and differs from a saved topology:
+    `replica add|remove` change a cluster's replicas, `up` brings back what was saved.
+    """
+    saved = Topology.load(dd)
+    if saved is None:
+        return Topology.initial(DEFAULT_REPLICAS if replicas is None else replicas)
+    if replicas is not None and replicas != len(saved.replicas):
+        have = ", ".join(i.name for i in saved.replicas) or "none"
+        raise ValueError(f"this data dir's cluster has {len(saved.replicas)} replica(s) "
+                         f"({have}); `up` brings back what it had: leave out --replicas, or "
+                         f"use `aurora-lite replica add|remove` on the running cluster")
+    return saved
 
 
 # --- Ports --------------------------------------------------------------------------------
@@ -138,11 +274,13 @@ class Plan:
 
 def plan_cluster(dd: DataDir, *, base_port: int | None = None,
                  intra_az_ms: float | None = None, cross_az_ms: float | None = None,
-                 host: str = HOST) -> Plan:
+                 host: str = HOST, instances: list[str] | None = None) -> Plan:
     """The cluster config and ports for a start of the cluster in ``dd``.
 
     An existing cluster.json keeps its volume, layout, LAL and latency (flags given here
-    override the latency); only addresses may change.
+    override the latency); only addresses may change. ``instances``: the compute
+    instances to plan ports for (default: those of dd's saved topology, or db1 and db2).
+    With --base-port, dbN listens on base + N.
     """
     from engine.cluster_config import ClusterConfig, Latency  # imports grpc: only when planning
     from engine.storage_driver import NodeInfo
@@ -157,12 +295,12 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
         raise ValueError("latencies must be >= 0 ms")
 
     names = [n for n, _ in STORAGE_NODES]
-    inst_names = [n for n, _, _ in INSTANCES]
+    inst_names = instances if instances is not None else (Topology.load(dd) or Topology.initial()).names
     if base_port is not None:
         if not 1024 <= base_port <= 65535 - STORAGE_PORT_OFFSET - len(names):
             raise ValueError(f"--base-port {base_port} is out of range")
         sn_ports = {n: base_port + STORAGE_PORT_OFFSET + i for i, n in enumerate(names)}
-        inst_ports = {n: base_port + INSTANCE_PORT_OFFSET + i for i, n in enumerate(inst_names)}
+        inst_ports = {n: base_port + INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}
         control_port = base_port + CONTROL_PORT_OFFSET
         busy = [p for p in [control_port, *sn_ports.values(), *inst_ports.values()]
                 if not port_free(p, host)]

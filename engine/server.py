@@ -61,15 +61,33 @@ ERROR_MAP: list[tuple[type, grpc.StatusCode, str]] = [
 ]
 
 
+# Trailing metadata key set (to "1") on an error that left the database untouched: the
+# write was refused before it started, so a client may safely send it elsewhere (the new
+# writer after a failover). Its absence promises nothing (see engine/client.py).
+NOTHING_DONE_KEY = "aurora-nothing-done"
+
+
+class NothingDone(Exception):
+    """Wraps an error raised before a write touched anything (see NOTHING_DONE_KEY)."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
 async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     """Turn an engine exception into the service's error contract."""
+    metadata = []
+    if isinstance(exc, NothingDone):
+        metadata.append((NOTHING_DONE_KEY, "1"))
+        exc = exc.exc
     for cls, status, code in ERROR_MAP:
         if isinstance(exc, cls):
             break
     else:
         log.exception("internal error serving a request", exc_info=exc)
         status, code = grpc.StatusCode.INTERNAL, "INTERNAL"
-    context.set_trailing_metadata((("aurora-error", code),))
+    context.set_trailing_metadata((("aurora-error", code), *metadata))
     message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     await context.abort(status, message or code)
 
@@ -98,6 +116,22 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             raise errors.TransactionClosedError(f"transaction {txn_id} is not open on {self.instance}")
         self.txns[txn_id] = (entry[0], time.monotonic())
         return entry[0]
+
+    def _check_writer(self) -> None:
+        """Refuse a commit up front unless this instance is the writer now.
+
+        Raises NothingDone: the client learns that nothing was written and may retry on
+        the new writer. A commit accepted here and failing later (fenced by storage, the
+        writer stepping down) carries no such promise: its outcome is unknown."""
+        role = self.inst.role
+        if role == "writer":
+            return
+        if role == "fenced":
+            raise NothingDone(self.inst.driver.fenced)
+        if role == "replica":
+            raise NothingDone(errors.ReadOnlyError(
+                f"{self.instance} is a read replica: writes go to the writer (the cluster endpoint)"))
+        raise NothingDone(errors.UnavailableError(f"instance {self.instance} is {role}, not serving writes yet"))
 
     async def reap_idle(self) -> None:
         while True:
@@ -137,6 +171,7 @@ class DatabaseService(pb_grpc.DatabaseServicer):
                 await self.ensure_tables([_table(request.table)])
                 txn.put(_table(request.table), request.key, request.value)
                 return pb.WriteReply(vdl=self.inst.vdl)
+            self._check_writer()
             await self.ensure_tables([_table(request.table)])
             lsn = await self.db.put(_table(request.table), request.key, request.value,
                                     timeout_s=_timeout(request.timeout_ms))
@@ -149,6 +184,7 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             if request.txn_id:
                 self._txn(request.txn_id).delete(_table(request.table), request.key)
                 return pb.WriteReply(vdl=self.inst.vdl)
+            self._check_writer()
             table = _table(request.table)
             if table not in self.db.tables() or await self.db.get(table, request.key) is None:
                 raise errors.KeyNotFound(f"key {request.key!r} not found in table {table!r}")
@@ -186,6 +222,12 @@ class DatabaseService(pb_grpc.DatabaseServicer):
         try:
             txn = self._txn(request.txn_id)
             self.txns.pop(request.txn_id, None)
+            if txn._writes:
+                try:
+                    self._check_writer()
+                except NothingDone:
+                    txn.abort()
+                    raise
             await self.ensure_tables(list(txn._writes))
             lsn = await txn.commit(timeout_s=_timeout(request.timeout_ms))
             return pb.WriteReply(commit_lsn=lsn or 0, vdl=self.inst.vdl)

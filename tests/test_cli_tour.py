@@ -1,9 +1,9 @@
 """End to end through the CLI only, as a new user would: the README tour on real processes.
 
 Scenario base: every test starts a real cluster (`aurora-lite up --detach`: control plane,
-six storage nodes, writer db1) on a temporary data dir and talks to it only by running
-`python -m engine.cli ...` and reading what it prints and its exit code. After `down`,
-or Ctrl-C on a foreground `up`, no process of the cluster may be left running.
+six storage nodes, writer db1, replica db2) on a temporary data dir and talks to it only
+by running `python -m engine.cli ...` and reading what it prints and its exit code. After
+`down`, or Ctrl-C on a foreground `up`, no process of the cluster may be left running.
 
 test_readme_tour also checks that the commands it runs are exactly the `$ aurora-lite`
 lines of README.md's Tour, in order, so the README cannot drift from what is tested.
@@ -28,7 +28,9 @@ from engine.launcher import DataDir, pid_belongs, pid_running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-NAMES = ["db1", "sn1", "sn2", "sn3", "sn4", "sn5", "sn6"]
+INSTANCES = ["db1", "db2"]          # `up` starts the writer db1 and one replica, db2
+STORAGE = ["sn1", "sn2", "sn3", "sn4", "sn5", "sn6"]
+NAMES = INSTANCES + STORAGE
 COMMIT_RE = re.compile(r"^OK \(commit LSN (\d+)\)$")
 
 _MISSING = [m for m in ("storage_node.server", "engine.database")
@@ -145,8 +147,8 @@ def test_readme_tour(cluster):
     assert "SCL of each segment" in text and "cluster endpoint:" in text
     state = cli.status()
     assert state["by_name"]["db1"]["vdl"] >= lsns[-1]
-    assert all(state["by_name"][n]["scl_max"] >= lsns[-1] for n in NAMES[1:])
-    assert all(state["by_name"][n]["bytes_received"] > 0 for n in NAMES[1:])
+    assert all(state["by_name"][n]["scl_max"] >= lsns[-1] for n in STORAGE)
+    assert all(state["by_name"][n]["bytes_received"] > 0 for n in STORAGE)
 
     out = cli("az", "down", "az-c").stdout
     assert re.search(r"^sn5 killed \(SIGKILL to pid \d+\)$", out, re.M), out
@@ -197,19 +199,19 @@ def test_readme_tour(cluster):
     deadline = time.monotonic() + 20
     while True:   # gossip fills sn5's and sn6's gaps
         state = cli.status()
-        lags = {n: state["by_name"][n]["lag_lsn"] for n in NAMES[1:]}
+        lags = {n: state["by_name"][n]["lag_lsn"] for n in STORAGE}
         if state["all_up"] and all(lag == 0 for lag in lags.values()):
             break
         assert time.monotonic() < deadline, (
             f"not caught up by gossip after 20s: lag {lags}; SCL per PG "
-            f"{ {n: state['by_name'][n]['scl'] for n in NAMES[1:]} }")
+            f"{ {n: state['by_name'][n]['scl'] for n in STORAGE} }")
         time.sleep(0.5)
-    assert all(state["by_name"][n]["scl_max"] >= stalled_lsn for n in NAMES[1:])
+    assert all(state["by_name"][n]["scl_max"] >= stalled_lsn for n in STORAGE)
     text = cli("status").stdout
     assert re.search(r"^sn5 .* up .*SCL \d+ .* 0 LSN$", text, re.M), text
 
     pids = cli.pids()
-    assert len(pids) == 8
+    assert len(pids) == 9
     out = cli("down").stdout
     assert "no process left running" in out, out
     assert_gone(pids)
@@ -290,7 +292,7 @@ def test_ctrl_c_on_foreground_up(tmp_path):
         for name in NAMES + ["control-plane"]:
             assert re.search(rf"^  {name} .* 127\.0\.0\.1:\d+ +\d+$", text, re.M), text
         pids = cli.pids()
-        assert len(pids) == 8 and all(pid_running(p) for p in pids)
+        assert len(pids) == 9 and all(pid_running(p) for p in pids)
         commit_lsn(cli("put", "k", "v"))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

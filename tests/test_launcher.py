@@ -2,9 +2,11 @@
 
 Scenario base: `aurora-lite up` runs the real control plane, but with $AURORA_LITE_EXEC
 pointing at this file, which stands in for `aurora-lite storage-node` (health +
-NodeStatus) and `aurora-lite writer` (health + an in-memory Database service). So these
-tests check the process management, the data dir, the CLI's output and exit codes, and
-the control plane's supervision in a few seconds, independently of the storage engine.
+NodeStatus) and `aurora-lite writer` / `replica` (health + an in-memory Database service
+that refuses writes while it is a replica, and InstanceAdmin: Promote makes it the writer,
+Follow a replica). So these tests check the process management, the data dir, the CLI's
+output and exit codes, failover and endpoints, and the control plane's supervision in a
+few seconds, independently of the storage engine.
 tests/test_cli_tour.py runs the same verbs against the real storage nodes and writer.
 
 Run as a script, this file is the fake node: ``python tests/test_launcher.py [--log-level L]
@@ -32,7 +34,8 @@ def _fake_main(argv: list[str]) -> int:
     from engine import cli
 
     args = cli.build_parser().parse_args(argv)
-    if args.command not in ("storage-node", "writer"):
+    if args.command not in ("storage-node", "writer", "replica") or (
+            args.command == "replica" and getattr(args, "action", None)):
         return cli.main(argv)
     import asyncio
     import logging
@@ -68,15 +71,19 @@ async def _fake_serve(args) -> int:
     else:
         store: dict[bytes, bytes] = {}
         txns: dict[int, dict] = {}
-        state = {"lsn": 0}
+        state = {"lsn": 0, "role": "replica" if args.command == "replica" else "writer",
+                 "following": getattr(args, "writer", None) or "", "epoch": 1}
 
-        async def fail(context, status, code, message):
-            context.set_trailing_metadata((("aurora-error", code),))
+        async def fail(context, status, code, message, *metadata):
+            context.set_trailing_metadata((("aurora-error", code), *metadata))
             await context.abort(status, message)
 
         class FakeDatabase(dpb_grpc.DatabaseServicer):
             async def _write(self, request, context, value):
                 key = request.key
+                if state["role"] != "writer" and not request.txn_id:
+                    await fail(context, grpc.StatusCode.FAILED_PRECONDITION, "READ_ONLY",
+                               f"{args.instance} is a read replica", ("aurora-nothing-done", "1"))
                 if key.startswith(b"quorum"):
                     await asyncio.sleep(request.timeout_ms / 1000.0)
                     await fail(context, grpc.StatusCode.UNAVAILABLE, "WRITE_QUORUM_UNAVAILABLE",
@@ -136,11 +143,27 @@ async def _fake_serve(args) -> int:
                 return dpb.AbortReply()
 
             async def Status(self, request, context):
-                return dpb.StatusReply(instance=args.instance, role="writer", vdl=state["lsn"],
-                                       volume_epoch=1, json=json.dumps(
-                                           {"driver": {"waiting_commits": 0, "pgcl": {"0": 105}}}))
+                body = {"driver": {"waiting_commits": 0, "pgcl": {"0": 105}}}
+                if state["role"] == "replica":
+                    body = {"replica": {"writer_address": state["following"], "lag_lsn": 0,
+                                        "lag_ms_last": 1.5, "lag_ms_p50": 1.0, "lag_ms_p99": 2.0}}
+                return dpb.StatusReply(instance=args.instance, role=state["role"], vdl=state["lsn"],
+                                       volume_epoch=state["epoch"], json=json.dumps(body))
+
+        class FakeAdmin(dpb_grpc.InstanceAdminServicer):
+            async def Promote(self, request, context):
+                if state["role"] != "writer":
+                    state["role"], state["epoch"] = "writer", state["epoch"] + 1
+                    logging.info("promoted to writer")
+                return dpb.PromoteReply(volume_epoch=state["epoch"], vdl=state["lsn"])
+
+            async def Follow(self, request, context):
+                state["role"], state["following"] = "replica", request.writer_address
+                logging.info("following %s", request.writer_address)
+                return dpb.FollowReply()
 
         dpb_grpc.add_DatabaseServicer_to_server(FakeDatabase(), server)
+        dpb_grpc.add_InstanceAdminServicer_to_server(FakeAdmin(), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
@@ -208,6 +231,16 @@ def assert_no_process_left(data_dir, pids):
     assert not alive, f"processes still running after down: {alive}"
 
 
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+
+
 def assert_one_line_error(result, fragment):
     assert "Traceback" not in result.stderr, result.stderr
     lines = [l for l in result.stderr.splitlines() if l.startswith("aurora-lite:")]
@@ -239,7 +272,7 @@ def test_plan_base_port_and_reuse(tmp_path):
         plan = launcher.plan_cluster(dd, base_port=base, intra_az_ms=0.5)
     except ValueError as exc:
         pytest.skip(f"ports near {base} busy: {exc}")
-    assert plan.control_port == base and plan.instance_ports == {"db1": base + 1}
+    assert plan.control_port == base and plan.instance_ports == {"db1": base + 1, "db2": base + 2}
     assert [n.address for n in plan.config.storage_nodes] == [
         f"127.0.0.1:{base + 11 + i}" for i in range(6)]
     assert [(n.name, n.az) for n in plan.config.storage_nodes] == launcher.STORAGE_NODES
@@ -278,12 +311,17 @@ def test_up_detach_status_verbs_and_down(fake_cluster):
     assert [n["name"] for n in config["storage_nodes"]] == ["sn1", "sn2", "sn3", "sn4", "sn5", "sn6"]
     state = status_json(data_dir)
     procs = {p["name"]: p for p in state["processes"]}
-    assert set(procs) == {"db1", "sn1", "sn2", "sn3", "sn4", "sn5", "sn6"}
+    assert set(procs) == {"db1", "db2", "sn1", "sn2", "sn3", "sn4", "sn5", "sn6"}
     assert state["all_up"] and all(p["up"] and p["state"] == "up" and p["pid"] for p in procs.values())
     assert [procs[n]["az"] for n in ("sn1", "sn2", "sn3", "sn4", "sn5", "sn6")] == \
         ["az-a", "az-a", "az-b", "az-b", "az-c", "az-c"]
     assert procs["db1"]["role"] == "writer" and procs["db1"]["az"] == "az-a"
+    assert procs["db1"]["tier"] == 0 and procs["db1"]["lag_ms"] is None
+    assert procs["db2"]["role"] == "replica" and procs["db2"]["az"] == "az-b" and procs["db2"]["tier"] == 1
+    assert procs["db2"]["following"] == procs["db1"]["address"]
+    assert procs["db2"]["lag_ms"] == 1.5 and procs["db2"]["lag_ms_p99"] == 2.0 and procs["db2"]["lag_lsn"] == 0
     assert state["cluster_endpoint"] == procs["db1"]["address"]
+    assert state["reader_endpoint"] == [procs["db2"]["address"]]
     assert procs["sn1"]["scl"] == {"0": 100, "1": 101} and procs["sn1"]["bytes_received"] == 1234
     assert procs["sn1"]["lag_lsn"] == 5            # fake writer's PGCL of PG 0 is 105
     assert procs["db1"]["vdl"] == 0 and procs["db1"]["lag_lsn"] is None
@@ -293,7 +331,8 @@ def test_up_detach_status_verbs_and_down(fake_cluster):
     assert f"--peers {','.join(others)}" in peers
 
     table = cli(data_dir, "status", check=0).stdout
-    for fragment in ("NAME", "sn6", "az-c", "SCL 101", "VDL 0 (epoch 1)", "cluster endpoint:"):
+    for fragment in ("NAME", "sn6", "az-c", "SCL 101", "VDL 0 (epoch 1)", "cluster endpoint:",
+                     "reader endpoint:", "1.5 ms, 0 LSN"):
         assert fragment in table, table
 
     assert cli(data_dir, "put", "a", "1", check=0).stdout.startswith("OK (commit LSN 1)")
@@ -350,9 +389,22 @@ def test_faults_and_network_delay(fake_cluster):
     assert procs["sn2"]["up"] and procs["sn2"]["pid"] != before["sn2"]["pid"]
     assert procs["sn2"]["address"] == before["sn2"]["address"] and procs["sn2"]["starts"] == 2
 
+    # The writer stops: the control plane promotes db2; db1 comes back as its replica.
     assert "stopped (pid" in cli(data_dir, "node", "stop", "db1", check=0).stdout
+    assert wait_for(lambda: status_json(data_dir)["writer"] == "db2", 10), status_json(data_dir)
+    assert cli(data_dir, "put", "x", "y", check=0).stdout.startswith("OK")
+    cli(data_dir, "node", "start", "db1", check=0)
+    launched = [l for l in open(DataDir(str(data_dir)).log("db1")) if "launching" in l][-1]
+    db2 = {p["name"]: p for p in status_json(data_dir)["processes"]}["db2"]
+    assert f" replica --writer {db2['address']} " in launched, launched
+    # No instance left to take over: a write fails at once, saying so.
+    cli(data_dir, "node", "stop", "db1", check=0)
+    cli(data_dir, "node", "stop", "db2", check=0)
+    started = time.monotonic()
     put = cli(data_dir, "put", "x", "y", check=3)
     assert_one_line_error(put, "does not answer")
+    assert time.monotonic() - started < 10
+    cli(data_dir, "node", "start", "db2", check=0)
     cli(data_dir, "node", "start", "db1", check=0)
 
     assert "paused (SIGSTOP" in cli(data_dir, "node", "pause", "sn4", check=0).stdout
@@ -385,7 +437,7 @@ def test_down_leaves_nothing_and_up_again(tmp_path):
     cli(data_dir, "up", "--detach", check=0)
     first = status_json(data_dir)
     pids = all_pids(data_dir)
-    assert len(pids) == 8
+    assert len(pids) == 9
     out = cli(data_dir, "down", check=0).stdout
     assert "no process left running" in out and "db1" in out
     assert_no_process_left(data_dir, pids)
@@ -445,7 +497,7 @@ def test_foreground_up_sigint_stops_everything(tmp_path):
         for name in ("db1", "sn1", "sn6", "control-plane"):
             assert name in text
         pids = all_pids(data_dir)
-        assert len(pids) == 8 and all(pid_running(p) for p in pids)
+        assert len(pids) == 9 and all(pid_running(p) for p in pids)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -531,3 +583,81 @@ def test_gossip_latency_follows_cluster_json(tmp_path):
     assert asyncio.run(timed_call()) >= 2 * 0.041
     assert delay_interceptors(None, sn3) == []
     ClusterConfig.load(dd.cluster_json)   # still a valid config
+
+
+def test_failover_replicas_and_endpoints_on_fakes(tmp_path):
+    """Scenario: `up --replicas 2` on fake nodes: tiers and AZs by name; `failover --target
+    db3` moves the writer (db1 steps down and follows); `replica add --tier 0` and `replica
+    remove`; custom endpoints are created, listed, resolved to their replicas and deleted;
+    the writer's death promotes the best tier; `down` then `up` brings every instance back
+    with the role it had (topology.json)."""
+    data_dir = tmp_path / "fo"
+    cli(data_dir, "up", "--detach", "--replicas", "2", check=0)
+    pids = all_pids(data_dir)
+    try:
+        procs = {p["name"]: p for p in status_json(data_dir)["processes"]}
+        assert [(procs[n]["role"], procs[n]["az"], procs[n]["tier"]) for n in ("db1", "db2", "db3")] == [
+            ("writer", "az-a", 0), ("replica", "az-b", 1), ("replica", "az-c", 2)]
+        assert_one_line_error(cli(data_dir, "failover", "--target", "db1", check=1), "already the writer")
+        assert_one_line_error(cli(data_dir, "failover", "--target", "db9", check=1), "no instance named 'db9'")
+
+        out = cli(data_dir, "failover", "--target", "db3", check=0).stdout
+        assert "db3 promoted" in out and "db1 stepped down: a replica of db3" in out, out
+        state = status_json(data_dir)
+        procs = {p["name"]: p for p in state["processes"]}
+        assert state["writer"] == "db3" and state["cluster_endpoint"] == procs["db3"]["address"]
+        assert procs["db1"]["role"] == "replica" and procs["db1"]["reported_role"] == "replica"
+        assert procs["db1"]["following"] == procs["db3"]["address"] == procs["db2"]["following"]
+        assert state["failovers"] == 1 and "db1 -> db3" in state["last_failover"]
+        assert json.load(open(DataDir(str(data_dir)).topology_json))["writer"] == "db3"
+
+        out = cli(data_dir, "replica", "add", "--tier", "0", check=0).stdout
+        assert out.startswith("db4 started") and "az-a, tier 0" in out, out
+        assert_one_line_error(cli(data_dir, "replica", "remove", "db3", check=1), "is the writer")
+        out = cli(data_dir, "endpoint", "create", "olap", "--members", "db2,db3", check=0).stdout
+        assert "members db2, db3" in out and "db2 (replica)" in out and "db3" not in out.split("leads to")[1]
+        assert_one_line_error(cli(data_dir, "endpoint", "create", "olap", "--members", "db2", check=1), "exists")
+        assert_one_line_error(cli(data_dir, "endpoint", "create", "x", "--members", "db7", check=1), "no instance")
+        listed = {e["endpoint"]: e for e in json.loads(cli(data_dir, "endpoint", "list", "--json", check=0).stdout)}
+        assert [t["instance"] for t in listed["reader"]["targets"]] == ["db1", "db2", "db4"]
+        assert [t["instance"] for t in listed["custom:olap"]["targets"]] == ["db2"]
+        assert [t["instance"] for t in listed["cluster"]["targets"]] == ["db3"]
+        assert cli(data_dir, "put", "k", "v", check=0).stdout.startswith("OK")   # on db3
+        assert_one_line_error(cli(data_dir, "put", "k", "v", "--endpoint", "custom:olap", check=1),
+                              "does not take writes")
+        assert_one_line_error(cli(data_dir, "get", "k", "--endpoint", "custom:nope", check=2),
+                              "no custom endpoint named 'nope'")
+        out = cli(data_dir, "replica", "remove", "db2", check=0).stdout
+        assert "db2 removed" in out
+        listed = {e["endpoint"]: e for e in json.loads(cli(data_dir, "endpoint", "list", "--json", check=0).stdout)}
+        assert listed["custom:olap"]["members"] == ["db3"]   # db2 left it; db3 is the writer now
+        assert [t["instance"] for t in listed["custom:olap"]["targets"]] == ["db3"]
+        cli(data_dir, "endpoint", "delete", "olap", check=0)
+        assert "custom:olap" not in cli(data_dir, "endpoint", "list", check=0).stdout
+
+        # The writer dies: db4 (tier 0, added after db1's tier 0: name breaks the tie) or
+        # db1: tiers 0, 0 -> db1 wins by name.
+        cli(data_dir, "node", "kill", "db3", check=0)
+        assert wait_for(lambda: status_json(data_dir)["writer"] == "db1", 10), status_json(data_dir)
+        out = cli(data_dir, "logs", "control", check=0).stdout
+        assert "writer db3 is down (db3 killed by SIGKILL): failing over" in out
+        pids = all_pids(data_dir)
+        cli(data_dir, "down", check=0)
+        assert_no_process_left(data_dir, pids)
+
+        assert_one_line_error(cli(data_dir, "up", "--detach", "--replicas", "1", check=2),
+                              "has 2 replica(s) (db3, db4)")
+        cli(data_dir, "up", "--detach", check=0)
+        pids = all_pids(data_dir)
+        state = status_json(data_dir)
+        roles = {p["name"]: p["role"] for p in state["processes"] if p["role"] != "storage"}
+        assert roles == {"db1": "writer", "db3": "replica", "db4": "replica"}
+        assert {p["name"]: p["tier"] for p in state["processes"] if p["tier"] is not None} == \
+            {"db1": 0, "db3": 2, "db4": 0}
+        launched = [l for l in open(DataDir(str(data_dir)).log("db3")) if "launching" in l][-1]
+        assert " replica --writer " in launched
+    finally:
+        cli(data_dir, "down")
+        for pid in pids + all_pids(data_dir):
+            if pid_belongs(pid, str(data_dir)):
+                os.kill(pid, signal.SIGKILL)
