@@ -245,7 +245,13 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 
     # 5. Repair: the records in (since, vdl] to a write quorum. ------------------------
     driver.epoch = new_epoch
-    driver.truncations = [(vdl, truncate_end, new_epoch)]
+    # Every range a returning node may have missed, oldest epoch first, then this one's
+    # (StorageDriver._send_truncations replays them to a node that answers EPOCH_AHEAD).
+    known_ranges = {(tr.start_lsn, tr.end_lsn, tr.epoch) for results in fenced.values()
+                    for r in results.values() if not isinstance(r, grpc.RpcError)
+                    for tr in r.truncations}
+    driver.truncations = sorted(known_ranges - {(vdl, truncate_end, new_epoch)},
+                                key=lambda t: (t[2], t[0])) + [(vdl, truncate_end, new_epoch)]
     repaired = await _repair(driver, since, vdl, tails, best_node, rpc_timeout_s)
 
     # 6. Open. -----------------------------------------------------------------------

@@ -92,8 +92,11 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(status, message or code)
 
 
+DEFAULT_TABLE = "default"
+
+
 def _table(name: str) -> str:
-    return name or "default"
+    return name or DEFAULT_TABLE
 
 
 def _timeout(ms: int) -> float | None:
@@ -340,6 +343,10 @@ class Instance:
             await db.bootstrap()
         else:
             await db.open()
+        if DEFAULT_TABLE not in db.tables():
+            # The table clients use when they name none always exists, so a read of it
+            # says "key not found", never "table not found".
+            await db.create_table(DEFAULT_TABLE)
         self.driver, self.db = driver, db
         self.hub = ReplicationHub(driver, self.name)
         self._background.append(asyncio.get_running_loop().create_task(self.hub.run_gc_horizon()))

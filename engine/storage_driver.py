@@ -338,8 +338,11 @@ class StorageDriver:
                     self._fence(node, exc)
                     return
                 if code == "EPOCH_AHEAD":
-                    await self._send_truncations(node)
-                    continue
+                    try:
+                        await self._send_truncations(node)
+                        continue
+                    except grpc.RpcError as truncate_exc:
+                        exc = truncate_exc  # the node went away meanwhile: back off, retry
                 node.failures += 1
                 if node.up:
                     log.warning("append to %s failed: %s %s", node.info.name,
@@ -393,13 +396,19 @@ class StorageDriver:
             raise self.fenced
 
     async def _send_truncations(self, node: _Node) -> None:
-        """A node missed recovery's Truncate: replay the ranges of this epoch to it."""
+        """A node missed one or more recoveries' Truncates: replay every known range to it,
+        oldest epoch first (a range older than the node's epoch is refused as stale: it
+        has that one already)."""
         log.info("node %s is behind epoch %d; sending it the truncation ranges", node.info.name, self.epoch)
         for start, end, epoch in self.truncations:
             for pg in range(self.layout.pg_count):
-                await node.stub.Truncate(pb.TruncateRequest(
-                    volume=self.volume, pg=pg, start_lsn=start, end_lsn=end, volume_epoch=epoch),
-                    timeout=self.rpc_timeout_s)
+                try:
+                    await node.stub.Truncate(pb.TruncateRequest(
+                        volume=self.volume, pg=pg, start_lsn=start, end_lsn=end, volume_epoch=epoch),
+                        timeout=self.rpc_timeout_s)
+                except grpc.RpcError as exc:
+                    if rpc_error_code(exc) != "STALE_EPOCH":
+                        raise
 
     def _observe_latency(self, node: _Node, seconds: float) -> None:
         node.latency_ewma_s = 0.8 * node.latency_ewma_s + 0.2 * seconds
