@@ -81,7 +81,9 @@ START_WAIT_S = 60.0          # `node start` waits this long for SERVING
 BOOT_STORAGE_WAIT_S = 30.0   # at boot, wait for the storage nodes before the writer
 KILL_WAIT_S = 5.0            # after SIGKILL, wait for the exit this long
 WATCH_S = 0.25               # the writer's health is checked this often
+WATCH_TIMEOUT_S = 0.75       # ... each check waits this long (a busy 2-core box is slow)
 FAILOVER_AFTER_S = 1.5       # ... and a failover starts after it failed for this long
+WATCH_FAILS_MIN = 2          # ... and at least this many checks in a row failed
 PROMOTE_TIMEOUT_S = 60.0     # one Promote (the replica's recovery)
 FOLLOW_TIMEOUT_S = 10.0      # one Follow
 RECONCILE_S = 1.0            # live instances are checked to follow the writer this often
@@ -432,21 +434,35 @@ class ControlPlane:
             return False
 
     async def watch_writer(self) -> None:
-        """Health-check the writer every WATCH_S; fail over once it has failed for
-        failover_after_s (a paused or unreachable writer: the process is still there)."""
+        """Health-check the writer every WATCH_S; fail over once no check has passed for
+        failover_after_s and the last WATCH_FAILS_MIN failed (a paused or unreachable
+        writer: the process is still there). With no replica up there is nothing to do
+        but say so, once per outage."""
+        fails = 0
+        told = False
         while not self.stopped.is_set():
             await asyncio.sleep(WATCH_S)
             try:
                 w = self.procs[self.writer]
                 if self.stopping or self.failing_over or w.state not in ("up", "paused") or not w.alive:
-                    self._writer_ok_at = time.monotonic()
+                    self._writer_ok_at, fails = time.monotonic(), 0
                     continue
-                if await self._healthy(w):
-                    self._writer_ok_at = time.monotonic()
+                if await self._healthy(w, WATCH_TIMEOUT_S):
+                    self._writer_ok_at, fails, told = time.monotonic(), 0, False
                     continue
+                fails += 1
                 silent_s = time.monotonic() - self._writer_ok_at
-                if silent_s > self.failover_after_s and w.name == self.writer and not self.failing_over:
-                    self.on_writer_down(w, f"no health check answer for {silent_s:.1f}s")
+                if silent_s <= self.failover_after_s or fails < WATCH_FAILS_MIN:
+                    continue
+                if w.name != self.writer or self.failing_over:
+                    continue
+                if not self._candidates():
+                    if not told:
+                        log.warning("writer %s has not answered for %.1fs and no replica is up "
+                                    "to take over", w.name, silent_s)
+                        told = True
+                    continue
+                self.on_writer_down(w, f"no health check answer for {silent_s:.1f}s")
             except Exception:
                 log.exception("writer watchdog failed")
 
@@ -492,6 +508,8 @@ class ControlPlane:
             if cand.state != "up" or not cand.alive:
                 raise PreconditionError(f"{target} is not up ({cand.state}); it cannot take over")
         async with self.failover_lock:
+            if target and target == self.writer:   # an automatic failover got there first
+                raise PreconditionError(f"{target} is already the writer")
             self.failing_over = True
             try:
                 old = self.procs[self.writer]
@@ -535,6 +553,10 @@ class ControlPlane:
     async def remove_replica(self, name: str) -> str:
         """`replica remove NAME`: stop it and forget it; it leaves every custom endpoint."""
         self._check_running()
+        async with self.failover_lock:   # never remove a replica being promoted
+            return await self._remove_replica(name)
+
+    async def _remove_replica(self, name: str) -> str:
         p = self.get_instance(name)
         if p.name == self.writer:
             raise PreconditionError(f"{name} is the writer; `aurora-lite failover` first")

@@ -133,7 +133,9 @@ def cluster(tmp_path):
 def test_readme_tour(cluster):
     """Scenario: the README tour. Writes go on with an AZ down (4/6), stall when one more
     node dies (3/6) while earlier reads go on, and the stalled commit completes when a
-    node comes back; the AZ returns and catches up by gossip; down leaves nothing."""
+    node comes back; the AZ returns and catches up by gossip; the writer is killed, the
+    replica db2 takes over by itself and the next put finds it, and db1 comes back as
+    db2's replica; down leaves nothing."""
     cli = cluster
     up(cli)
 
@@ -209,6 +211,28 @@ def test_readme_tour(cluster):
     assert all(state["by_name"][n]["scl_max"] >= stalled_lsn for n in STORAGE)
     text = cli("status").stdout
     assert re.search(r"^sn5 .* up .*SCL \d+ .* 0 LSN$", text, re.M), text
+
+    # Lose the writer: the control plane promotes db2; the next put finds it by itself.
+    epoch = cli.status()["by_name"]["db1"]["volume_epoch"]
+    out = cli("node", "kill", "db1").stdout
+    assert re.match(r"^db1 killed \(SIGKILL to pid \d+\)$", out.strip()), out
+    fig = commit_lsn(cli("put", "fig", "green"))
+    assert fig > stalled_lsn
+    assert cli("get", "elder").stdout == "purple\n"   # nothing acknowledged was lost
+    out = cli("node", "start", "db1").stdout
+    assert re.match(r"^db1 started: pid \d+, serving on 127\.0\.0\.1:\d+ after [\d.]+s$", out.strip()), out
+    text = cli("status").stdout
+    assert re.search(r"^db1 +replica +az-a +0 +\d+ +up .* ms, \d+ LSN$", text, re.M), text
+    assert re.search(r"^db2 +writer +az-b +1 +\d+ +up ", text, re.M), text
+    assert "(db2, the writer)" in text and "failovers: 1; last:" in text, text
+    state = cli.status()
+    db1, db2 = state["by_name"]["db1"], state["by_name"]["db2"]
+    assert state["writer"] == "db2" and state["cluster_endpoint"] == db2["address"]
+    assert db2["volume_epoch"] > epoch and db2["vdl"] >= fig
+    assert (db1["reported_role"], db1["following"]) == ("replica", db2["address"])
+    with open(DataDir(cli.data_dir).log("db1")) as f:
+        last_run = f.read().rsplit("--- ", 1)[1]
+    assert " replica --writer " in last_run.splitlines()[0] and "recovered volume" not in last_run
 
     pids = cli.pids()
     assert len(pids) == 9

@@ -589,8 +589,9 @@ def test_failover_replicas_and_endpoints_on_fakes(tmp_path):
     """Scenario: `up --replicas 2` on fake nodes: tiers and AZs by name; `failover --target
     db3` moves the writer (db1 steps down and follows); `replica add --tier 0` and `replica
     remove`; custom endpoints are created, listed, resolved to their replicas and deleted;
-    the writer's death promotes the best tier; `down` then `up` brings every instance back
-    with the role it had (topology.json)."""
+    the writer's death promotes the best tier; a writer that stops answering (paused) is
+    replaced too and follows once resumed; `down` then `up` brings every instance back with
+    the role it had (topology.json)."""
     data_dir = tmp_path / "fo"
     cli(data_dir, "up", "--detach", "--replicas", "2", check=0)
     pids = all_pids(data_dir)
@@ -641,17 +642,29 @@ def test_failover_replicas_and_endpoints_on_fakes(tmp_path):
         assert wait_for(lambda: status_json(data_dir)["writer"] == "db1", 10), status_json(data_dir)
         out = cli(data_dir, "logs", "control", check=0).stdout
         assert "writer db3 is down (db3 killed by SIGKILL): failing over" in out
+
+        # A writer that stops answering (SIGSTOP) is replaced after ~1.5 s; resumed, it is
+        # told to follow the new writer.
+        cli(data_dir, "node", "pause", "db1", check=0)
+        assert wait_for(lambda: status_json(data_dir)["writer"] == "db4", 15), status_json(data_dir)
+        assert "no health check answer for" in cli(data_dir, "logs", "control", check=0).stdout
+        cli(data_dir, "node", "resume", "db1", check=0)
+
+        def db1_follows_db4():
+            procs = {p["name"]: p for p in status_json(data_dir)["processes"]}
+            return procs["db1"]["reported_role"] == "replica" and procs["db1"]["following"] == procs["db4"]["address"]
+        assert wait_for(db1_follows_db4, 15), status_json(data_dir)
         pids = all_pids(data_dir)
         cli(data_dir, "down", check=0)
         assert_no_process_left(data_dir, pids)
 
         assert_one_line_error(cli(data_dir, "up", "--detach", "--replicas", "1", check=2),
-                              "has 2 replica(s) (db3, db4)")
+                              "has 2 replica(s) (db1, db3)")
         cli(data_dir, "up", "--detach", check=0)
         pids = all_pids(data_dir)
         state = status_json(data_dir)
         roles = {p["name"]: p["role"] for p in state["processes"] if p["role"] != "storage"}
-        assert roles == {"db1": "writer", "db3": "replica", "db4": "replica"}
+        assert roles == {"db1": "replica", "db3": "replica", "db4": "writer"}
         assert {p["name"]: p["tier"] for p in state["processes"] if p["tier"] is not None} == \
             {"db1": 0, "db3": 2, "db4": 0}
         launched = [l for l in open(DataDir(str(data_dir)).log("db3")) if "launching" in l][-1]
