@@ -24,7 +24,7 @@ test_replica_lag[rate]  A cluster started as a user starts it (`aurora-lite up -
       samples.
 
     A rate is "sustained" if the commits acknowledged in the window reach 95% of it; the
-    default rates include 250 tx/s because on the 2-core machine this is built on the
+    default rates include 100 and 250 tx/s because on the 2-core machine this is built on the
     whole cluster (writer, replica, six storage nodes, load generator) saturates below
     500 (the CPU columns say where the cores go). Goal: p99 under 20 ms at 1,000 tx/s
     ([P17] Table 4: 2.6 ms at 1,000 writes/s).
@@ -44,7 +44,7 @@ test_failover_time[promote]  Without a control plane (tests/harness.py storage n
     to the first commit acknowledged by the promoted replica. The bare mechanism.
 
 Goal: failover under 2 s. A results table is printed at the end of the run.
-Knobs (environment): AURORA_BENCH_RATES ("250,500,1000,2000"), AURORA_BENCH_DURATION_S (10),
+Knobs (environment): AURORA_BENCH_RATES ("100,250,500,1000,2000"), AURORA_BENCH_DURATION_S (10),
 AURORA_BENCH_WARMUP_S (2), AURORA_BENCH_FAILOVER_ROUNDS (3), AURORA_SEED.
 """
 
@@ -80,7 +80,7 @@ def _env_list(name: str, default: str) -> list[str]:
     return [x.strip() for x in os.environ.get(name, default).split(",") if x.strip()]
 
 
-RATES = [int(x) for x in _env_list("AURORA_BENCH_RATES", "250,500,1000,2000")]
+RATES = [int(x) for x in _env_list("AURORA_BENCH_RATES", "100,250,500,1000,2000")]
 DURATION_S = float(os.environ.get("AURORA_BENCH_DURATION_S", "10"))
 WARMUP_S = float(os.environ.get("AURORA_BENCH_WARMUP_S", "2"))
 FAILOVER_ROUNDS = int(os.environ.get("AURORA_BENCH_FAILOVER_ROUNDS", "3"))

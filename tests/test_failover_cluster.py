@@ -379,3 +379,28 @@ def test_reader_and_custom_endpoints_route_reads_to_replicas(cluster):
     assert "custom:olap" not in cluster("endpoint", "list").stdout
     missing = cluster("get", "colour", "--endpoint", "custom:olap", check=2)
     assert "no custom endpoint named 'olap'" in missing.stderr
+
+
+def test_up_again_after_a_failover_keeps_roles_and_data(cluster):
+    """Scenario: db1 dies and db2 takes over; db1 comes back as a replica; after `down`
+    and `up` on the same data dir, db2 is still the writer (it runs recovery) and db1 its
+    replica (started with the replica command line), and every committed key is there."""
+    cluster.up(replicas=1)
+    cluster("put", "k1", "one")
+    cluster("node", "kill", "db1")
+    cluster.wait_writer("db2")
+    cluster("put", "k2", "two")
+    cluster("node", "start", "db1")
+    cluster("put", "k3", "three")
+    cluster.down_and_check()
+
+    out = cluster("up", "--detach", timeout=120).stdout
+    assert re.search(r"^  db1 +replica +az-a +0 ", out, re.M) and re.search(r"^  db2 +writer +az-b +1 ", out, re.M), out
+    assert "(db2, the writer)" in out, out
+    state = cluster.status()
+    assert state["by_name"]["db1"]["reported_role"] == "replica"
+    assert state["by_name"]["db1"]["following"] == state["by_name"]["db2"]["address"]
+    with open(cluster.dd.log("db1")) as f:
+        assert " replica --writer " in f.read().rsplit("--- ", 1)[1].splitlines()[0]
+    assert cluster("scan").stdout == "k1\tone\nk2\ttwo\nk3\tthree\n"
+    assert cluster("put", "k4", "four").stdout.startswith("OK")
