@@ -33,6 +33,8 @@ When is a failed write retried? Only when the client KNOWS nothing was written
     connection lost mid-call, deadline, FENCED or "shutting     no        CommitOutcomeUnknown
       down" after the commit was accepted
     WRITE_QUORUM_UNAVAILABLE (the --timeout passed)             no        WriteQuorumUnavailable
+    no answer while the control plane made another instance    no        CommitOutcomeUnknown
+      the writer (the old one is paused or cut off; checked every WATCH_INTERVAL_S)
 
 so a commit whose outcome is unknown is never reported as done, nor silently sent twice.
 Reads are retried on any unavailability (they change nothing). A transaction lives on the
@@ -134,6 +136,22 @@ class Client:
         except grpc.RpcError as exc:
             raise translate(exc) from None
 
+    def _call_watched(self, method, request, timeout_s: float | None, abandon):
+        """_call for a commit that may wait long: every WATCH_INTERVAL_S ask ``abandon()``;
+        a reason (a string) cancels the call and raises CommitOutcomeUnknown (the commit
+        was sent: it may or may not complete on the instance we stop waiting for)."""
+        future = method.future(request, timeout=timeout_s)
+        while True:
+            try:
+                return future.result(timeout=WATCH_INTERVAL_S)
+            except grpc.FutureTimeoutError:
+                reason = abandon()
+                if reason:
+                    future.cancel()
+                    raise errors.CommitOutcomeUnknown(reason) from None
+            except grpc.RpcError as exc:
+                raise translate(exc) from None
+
     # --- Autocommit ----------------------------------------------------------------------
 
     def get(self, key: bytes, table: str = DEFAULT_TABLE) -> bytes:
@@ -231,6 +249,7 @@ class Transaction:
 # --- Through the control plane --------------------------------------------------------------
 
 ENDPOINT_KINDS = ("cluster", "reader", "instance", "custom")
+WATCH_INTERVAL_S = 0.5          # a waiting commit checks this often whether the writer moved
 FAILOVER_WAIT_S = 30.0          # how long a write waits for a new writer
 RETRY_DELAY_S = (0.05, 0.25)    # first and longest pause between resolutions
 RESOLVE_TIMEOUT_S = 5.0
@@ -347,12 +366,15 @@ class ClusterClient:
                 self._after_failure(attempt, deadline, f"{what} at {instance}", exc)
 
     def _write(self, what: str, call):
-        """A commit: retried on the (new) writer only if nothing was done (module doc)."""
+        """A commit: retried on the (new) writer only if nothing was done (module doc).
+        ``call(client, abandon)`` sends it, watching ``abandon`` while it waits."""
         deadline = time.monotonic() + self.failover_wait_s
         for attempt in itertools.count():
             instance, client = self._target()
             try:
-                return call(client)
+                return call(client, self._abandon_if_moved(instance))
+            except errors.CommitOutcomeUnknown:
+                raise
             except (errors.UnavailableError, errors.ReadOnlyError) as exc:
                 if isinstance(exc, errors.WriteQuorumUnavailable):
                     raise
@@ -385,6 +407,24 @@ class ClusterClient:
         self._pause(attempt, deadline, what, exc)
         self.resolve()
 
+    def _abandon_if_moved(self, instance: str):
+        """For a commit waiting on ``instance``: a reason to stop waiting once the control
+        plane has made another instance the writer (the one we wait on was deposed: it is
+        paused or cut off, and storage fences it). None while it is still the writer."""
+        def check() -> str | None:
+            if self.kind != "cluster":
+                return None
+            try:
+                reply = self.resolve()
+            except errors.DatabaseError:
+                return None
+            if reply.writer != instance:
+                return (f"the writer changed from {instance} to {reply.writer} while the "
+                        f"commit waited on {instance}: it may or may not have committed "
+                        f"(read the key to find out)")
+            return None
+        return check
+
     def _targets_now(self) -> list[tuple[str, str]]:
         with self._lock:
             return list(self._targets)
@@ -411,10 +451,14 @@ class ClusterClient:
             timeout_s: float | None = None) -> int:
         """Insert or replace; returns the commit LSN once durable. See the module doc for
         what happens when the writer fails meanwhile."""
-        return self._write(f"put {key!r}", lambda c: c.put(key, value, table, timeout_s))
+        request = pb.PutRequest(table=table, key=key, value=value, timeout_ms=_ms(timeout_s))
+        return self._write(f"put {key!r}", lambda c, abandon: c._call_watched(
+            c._stub.Put, request, _deadline(timeout_s, c.timeout_s), abandon).commit_lsn)
 
     def delete(self, key: bytes, table: str = DEFAULT_TABLE, timeout_s: float | None = None) -> int:
-        return self._write(f"delete {key!r}", lambda c: c.delete(key, table, timeout_s))
+        request = pb.DeleteRequest(table=table, key=key, timeout_ms=_ms(timeout_s))
+        return self._write(f"delete {key!r}", lambda c, abandon: c._call_watched(
+            c._stub.Delete, request, _deadline(timeout_s, c.timeout_s), abandon).commit_lsn)
 
     def status(self) -> pb.StatusReply:
         return self._read("status", lambda c: c.status())
@@ -422,7 +466,11 @@ class ClusterClient:
     def begin(self) -> "Transaction":
         """A transaction on the instance the endpoint leads to now; it stays there."""
         def call(c: Client):
-            return PinnedTransaction(c, c._call(c._stub.Begin, pb.BeginRequest()).txn_id)
+            txn = PinnedTransaction(c, c._call(c._stub.Begin, pb.BeginRequest()).txn_id)
+            with self._lock:
+                instance = next((i for i, a in self._targets if a == c.address), c.address)
+            txn.abandon = self._abandon_if_moved(instance)
+            return txn
         return self._read("begin", call)
 
     def transaction(self) -> "Transaction":
@@ -443,11 +491,19 @@ class ClusterClient:
 
 
 class PinnedTransaction(Transaction):
-    """A transaction of a ClusterClient: its commit says whether its outcome is known."""
+    """A transaction of a ClusterClient: its commit says whether its outcome is known, and
+    stops waiting (CommitOutcomeUnknown) once its instance is no longer the writer."""
+
+    abandon = staticmethod(lambda: None)   # set by ClusterClient.begin
 
     def commit(self, timeout_s: float | None = None) -> int:
+        c = self.client
+        self.closed = True
         try:
-            return super().commit(timeout_s)
+            return c._call_watched(c._stub.Commit, pb.CommitRequest(txn_id=self.txn_id, timeout_ms=_ms(timeout_s)),
+                                   _deadline(timeout_s, c.timeout_s), self.abandon).commit_lsn
+        except errors.CommitOutcomeUnknown:
+            raise
         except (errors.UnavailableError, errors.ReadOnlyError) as exc:
             if isinstance(exc, errors.WriteQuorumUnavailable):
                 raise   # the --timeout passed; the commit may still complete (as for Client)

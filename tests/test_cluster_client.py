@@ -54,6 +54,8 @@ class FakeInstance(dpb_grpc.DatabaseServicer):
         with self.lock:
             self.calls[method] += 1
             step = self.script.pop(0) if self.script else OK
+        if step[0] == "hang":   # a writer that stops answering (paused, cut off)
+            time.sleep(step[1])
         if step[0] == "fail":
             _, status, code, nothing_done, details = step
             metadata = []
@@ -175,6 +177,34 @@ def test_unknown_outcome_raises_and_is_never_resent(fakes, failure):
             db.put(b"k", b"v")
     assert "may or may not have committed" in str(info.value)
     assert (a.calls["Put"], b.calls["Put"], control.resolutions) == (1, 0, 1)
+
+
+def test_commit_waiting_on_a_deposed_writer_gives_up(fakes):
+    """Scenario: db1 stops answering a put that has no deadline (it was paused); the
+    control plane makes db2 the writer: within about a second the client stops waiting and
+    raises CommitOutcomeUnknown (db1 got the commit), without sending it to db2. The same
+    for a transaction's commit."""
+    control, a, b, _ = fakes
+    control.routes["cluster"] = [("db1", a.address, True)]
+    with client(control) as db:
+        a.script = [("hang", 3.0)]
+        threading.Timer(0.3, lambda: control.routes.update(cluster=[("db2", b.address, True)])).start()
+        started = time.monotonic()
+        with pytest.raises(errors.CommitOutcomeUnknown) as info:
+            db.put(b"k", b"v")
+        assert time.monotonic() - started < 2.0
+        assert "the writer changed from db1 to db2" in str(info.value)
+        assert (a.calls["Put"], b.calls["Put"]) == (1, 0)
+        assert db.put(b"k2", b"v") == 100 and b.calls["Put"] == 1   # the next one goes to db2
+
+        control.routes["cluster"] = [("db1", a.address, True)]
+        db.resolve()
+        txn = db.begin()
+        a.script = [("hang", 3.0)]
+        threading.Timer(0.3, lambda: control.routes.update(cluster=[("db2", b.address, True)])).start()
+        with pytest.raises(errors.CommitOutcomeUnknown):
+            txn.commit()
+        assert b.calls["Commit"] == 0
 
 
 def test_write_quorum_timeout_is_raised_as_is(fakes):
