@@ -185,7 +185,7 @@ class Transaction:
         writes = self._writes.get(table)
         if writes is not None and key in writes:
             return writes[key]
-        return await self._db._get(table, key)
+        return await self._db._get(table, key, txn=self)
 
     async def scan(self, table: str, start: bytes | None = None, end: bytes | None = None,
                    limit: int = SCAN_LIMIT_DEFAULT) -> list[tuple[bytes, bytes]]:
@@ -196,7 +196,7 @@ class Transaction:
                       if (start is None or k >= start) and (end is None or k < end))
         tombstones = sum(1 for _, v in mine if v is None)
         # Each tombstone can hide one tree row, so ask for that many more.
-        merged = dict(await self._db._scan(table, start, end, limit + tombstones))
+        merged = dict(await self._db._scan(table, start, end, limit + tombstones, txn=self))
         for key, value in mine:
             if value is None:
                 merged.pop(key, None)
@@ -403,19 +403,20 @@ class Database:
             return root
         return self._root(table)
 
-    async def _get(self, table: str, key: bytes) -> bytes | None:
+    async def _get(self, table: str, key: bytes, txn: "Transaction | None" = None) -> bytes | None:
         async def run(view):
             return await btree.get(view, await self._view_root(view, table), key)
-        return await self._read(run)
+        return await self._read(run, txn)
 
-    async def _scan(self, table: str, start, end, limit: int) -> list[tuple[bytes, bytes]]:
+    async def _scan(self, table: str, start, end, limit: int,
+                    txn: "Transaction | None" = None) -> list[tuple[bytes, bytes]]:
         start = None if start is None else btree.check_key(start)
         end = None if end is None else btree.check_key(end)
         async def run(view):
             return await btree.scan(view, await self._view_root(view, table), start, end, limit)
-        return await self._read(run)
+        return await self._read(run, txn)
 
-    async def _read(self, run: Callable[[_ReadView], Awaitable]):
+    async def _read(self, run: Callable[[_ReadView], Awaitable], txn: "Transaction | None" = None):
         """Run a read consistently (retry, then lock) and wait until what it saw is durable."""
         allocator = self.sink.allocator
         for _ in range(READ_OPTIMISTIC_TRIES):
@@ -438,7 +439,13 @@ class Database:
             except (WriteQuorumUnavailable, asyncio.TimeoutError):
                 # Storage is slow to make what we saw durable: read as of VDL instead.
                 self.counters["read_snapshots"] += 1
-                result = await run(_SnapshotView(self.pool, self.sink, self.sink.vdl))
+                read_point = self.sink.vdl
+                result = await run(_SnapshotView(self.pool, self.sink, read_point))
+                if txn is not None and txn.start_lsn is not None and read_point < txn.start_lsn:
+                    # The transaction read a state older than its begin: a commit after
+                    # that state, to a key it then writes, must still be a conflict
+                    # (first-committer-wins), or it would overwrite it unseen (lost update).
+                    txn.start_lsn = read_point
         return result
 
     # --- Internals: commits ----------------------------------------------------------------
@@ -548,12 +555,17 @@ class Database:
         self._prune_conflicts()
 
     def _prune_conflicts(self) -> None:
-        """Drop entries at or below the oldest active start; doom the oldest if still too many."""
+        """Drop entries at or below every active start and at or below VDL; doom the oldest
+        transaction if still too many. Entries above VDL stay: a transaction's read may fall
+        back to a snapshot at VDL (_read), lowering its start below them."""
         while True:
-            horizon = next(iter(self._active.values())).start_lsn if self._active else None
+            horizon = self.sink.vdl
+            for txn in self._active.values():
+                if txn.start_lsn is not None and txn.start_lsn < horizon:
+                    horizon = txn.start_lsn
             while self._last_write:
                 lsn = next(iter(self._last_write.values()))
-                if horizon is not None and lsn > horizon:
+                if lsn > horizon:
                     break
                 self._last_write.popitem(last=False)
             if len(self._last_write) <= self.conflict_keys_max or not self._active:
