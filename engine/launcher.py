@@ -236,11 +236,42 @@ def load_topology(dd: "DataDir", replicas: int | None = None) -> Topology:
 # --- Ports --------------------------------------------------------------------------------
 
 
+#: Listening ports are chosen below the kernel's ephemeral range, where the source ports of
+#: outgoing connections (every gRPC client here) come from: a port chosen inside it can be
+#: taken by a client connection before the server binds it, or before a restart rebinds it.
+LISTEN_PORT_LOW = 20000
+
+
+def ephemeral_port_low() -> int:
+    """Lowest port the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int, host: str = HOST) -> list[int]:
-    """n distinct ports that are free right now (all bound at once, then released)."""
+    """n distinct ports that are free right now, below the ephemeral range if it leaves
+    room (all bound at once, then released), else chosen by the kernel."""
+    import random
+
     socks = []
     try:
-        for _ in range(n):
+        high = ephemeral_port_low()
+        candidates = list(range(LISTEN_PORT_LOW, high))
+        random.shuffle(candidates)
+        for port in candidates:
+            if len(socks) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             socks.append(s)

@@ -61,17 +61,11 @@ FAST_TUNING = {
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports that were free a moment ago (all bound at once, then released)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct ports that were free a moment ago, below the kernel's ephemeral range
+    so that no client connection takes one before a node (re)binds it."""
+    from engine.launcher import free_ports as launcher_free_ports
+
+    return launcher_free_ports(n, host)
 
 
 def wait_serving(address: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None) -> None:

@@ -337,7 +337,8 @@ def test_two_clusters_side_by_side(tmp_path):
     """Scenario: two data dirs (one with --base-port) run at once on different ports and
     hold different data; each `down` stops only its own cluster."""
     a, b = Cli(tmp_path / "a"), Cli(tmp_path / "b")
-    base = next((p for p in range(42000, 60000, 100)
+    # Below the ephemeral range, so cluster a's client connections cannot take these.
+    base = next((p for p in range(21000, 31000, 100)
                  if all(launcher.port_free(p + i) for i in range(20))), None)
     pids_a, pids_b = [], []
     try:

@@ -184,28 +184,31 @@ def test_restart_of_every_process_keeps_acknowledged_writes(make_writer, storage
 
 
 def test_lal_stall_and_group_commit(make_writer):
-    """Scenario: LAL of 16 records and 8 concurrent clients: the writer stalls on the
+    """Scenario: LAL of 32 records and 16 concurrent clients committing 3-key transactions
+    (about 4 records each, so 16 in flight need about 64): the writer stalls on the
     allocation limit instead of racing ahead of storage (invariant 6), and everything
     commits."""
-    w = make_writer("lal", lal=16)
+    w = make_writer("lal", lal=32)
     errors = []
 
     def client_loop(c):
         try:
             with w.client() as db:
-                for i in range(25):
-                    db.put(b"c%d-%03d" % (c, i), b"v" * 50)
+                for i in range(10):
+                    with db.transaction() as txn:
+                        for k in range(3):
+                            txn.put(b"c%02d-%03d-%d" % (c, i, k), b"v" * 50)
         except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(8)]
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
     with w.client() as db:
-        assert len(db.scan(limit=1000)) == 200
+        assert len(db.scan(limit=1000)) == 16 * 10 * 3
         stats = status_json(db)["driver"]
     assert stats["stats"]["lal_stalls"] > 0, stats
     # LsnAllocator asserts invariant 6 on every allocation; a violation would be an ERROR
