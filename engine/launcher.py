@@ -265,6 +265,7 @@ def free_ports(n: int, host: str = HOST) -> list[int]:
             if len(socks) == n:
                 break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
             try:
                 s.bind((host, port))
             except OSError:
@@ -282,7 +283,11 @@ def free_ports(n: int, host: str = HOST) -> list[int]:
 
 
 def port_free(port: int, host: str = HOST) -> bool:
+    """True if a server could listen on ``port`` now. SO_REUSEADDR, as gRPC's own bind
+    uses: connections of a stopped server linger in TIME_WAIT on its port for a minute,
+    and they do not stop a new server from listening there."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
