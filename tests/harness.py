@@ -23,7 +23,8 @@ API (everything else is private)::
     cluster.data_dir(name) -> Path;  cluster.log_path(name) -> Path
     cluster.error_lines(name) -> list[str]          ERROR/CRITICAL lines of the node's log
     cluster.close() -> None                         SIGKILL everything still running
-    wait_serving(address, timeout_s=30.0, proc=None) health-check until SERVING
+    wait_serving(address, timeout_s=30.0, proc=None, service=SERVICE)
+                                                    health-check until SERVING
 
 StorageCluster is also a context manager (close() on exit, even on failure). The pytest
 fixture ``storage_cluster`` (tests/conftest.py) gives a six-node cluster shared by a test
@@ -68,7 +69,8 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return launcher_free_ports(n, host)
 
 
-def wait_serving(address: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_serving(address: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None,
+                 service: str = SERVICE) -> None:
     """Poll the gRPC health service of ``address`` until it says SERVING for the storage
     service; raise RuntimeError on timeout or if ``proc`` exits first."""
     deadline = time.monotonic() + timeout_s
@@ -78,7 +80,7 @@ def wait_serving(address: str, timeout_s: float = 30.0, proc: subprocess.Popen |
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{address}: process exited with code {proc.returncode}")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:

@@ -18,36 +18,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.client import Client
 from engine.cluster_config import ClusterConfig, Latency
 from engine.storage_driver import NodeInfo
-from tests.harness import NODE_AZS, REPO_ROOT, free_ports
+from tests.harness import NODE_AZS, REPO_ROOT, free_ports, wait_serving
 
 SERVICE = "aurora_pb.Database"
-
-
-def wait_writer_serving(address: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"writer exited with code {proc.returncode} before serving")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"writer at {address} not SERVING after {timeout_s}s")
-            time.sleep(0.05)
 
 
 class WriterProcess:
@@ -89,7 +69,7 @@ class WriterProcess:
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.base),
             start_new_session=True)
         log.close()
-        wait_writer_serving(self.address, self.proc, timeout_s)
+        wait_serving(self.address, timeout_s, self.proc, service=SERVICE)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
