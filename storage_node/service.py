@@ -15,6 +15,10 @@ nothing, and the node keeps serving: no handler lets an exception kill the serve
     CreateVolume   segments of a volume (idempotent)                CreateVolumeOp
     SetGcHorizon   PGMRPL for GC (invariant 12)                     SetGcHorizonOp
     NodeStatus     counters and per-segment state                   in-memory mirrors
+    FindCommit     a COMMIT record by time or LSN (time -> LSN)     Store.find_commit
+    VolumeHistory  the volume's truncation sets (timelines)         Store.history
+    DropVolume     mark a volume dropped (clones keep reading it)   DropVolumeOp
+    VolumeBytes    bytes a volume owns / shares with its ancestors  Store.volume_bytes
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import grpc
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine.page import META_PAGE_ID
 from engine.volume import DEFAULT_STRIPE_PAGES
 from storage_node.errors import StorageError
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import (
     AdoptEpochOp,
     CreateVolumeOp,
+    DropVolumeOp,
     SetGcHorizonOp,
     TruncateOp,
 )
@@ -106,15 +112,49 @@ class StorageService(pb_grpc.StorageServicer):
 
     @refusals
     async def Truncate(self, request: pb.TruncateRequest, context) -> pb.TruncateReply:
+        replace = None
+        if request.replace:
+            replace = tuple((t.start_lsn, t.end_lsn, t.epoch) for t in request.set)
         scl = await self.node.commit(TruncateOp(request.volume, request.pg, request.start_lsn,
-                                                request.end_lsn, request.volume_epoch))
+                                                request.end_lsn, request.volume_epoch, replace,
+                                                request.time_us, request.prev_vdl))
         return pb.TruncateReply(scl=scl)
+
+    @refusals
+    async def FindCommit(self, request: pb.FindCommitRequest, context) -> pb.FindCommitReply:
+        truncs = None
+        if request.use_set:
+            truncs = tuple((t.start_lsn, t.end_lsn, t.epoch) for t in request.set)
+        lsn, time_us = await self.node.read(functools.partial(
+            self.store.find_commit, request.volume, upto_lsn=request.upto_lsn,
+            max_time_us=request.max_time_us, after_lsn=request.after_lsn, truncs=truncs,
+            forward=request.forward))
+        info = self.store.volume(request.volume)
+        scl = self.store.segment(request.volume, info.layout.pg_of(META_PAGE_ID)).scl
+        return pb.FindCommitReply(lsn=lsn, time_us=time_us, scl=scl)
+
+    @refusals
+    async def VolumeHistory(self, request: pb.VolumeHistoryRequest, context) -> pb.VolumeHistoryReply:
+        entries = await self.node.read(self.store.history, request.volume)
+        return pb.VolumeHistoryReply(entries=[
+            pb.TimelineEntry(epoch=e, time_us=t, prev_vdl=v, set=_truncs_pb(truncs))
+            for e, t, v, truncs in entries])
+
+    @refusals
+    async def DropVolume(self, request: pb.DropVolumeRequest, context) -> pb.DropVolumeReply:
+        dropped = await self.node.commit(DropVolumeOp(request.volume))
+        return pb.DropVolumeReply(dropped=dropped)
+
+    @refusals
+    async def VolumeBytes(self, request: pb.VolumeBytesRequest, context) -> pb.VolumeBytesReply:
+        owned, shared = await self.node.read(self.store.volume_bytes, request.volume)
+        return pb.VolumeBytesReply(owned_bytes=owned, shared_bytes=shared)
 
     @refusals
     async def CreateVolume(self, request: pb.CreateVolumeRequest, context) -> pb.CreateVolumeReply:
         created = await self.node.commit(CreateVolumeOp(
             request.volume, request.pg_count, request.stripe_pages or DEFAULT_STRIPE_PAGES,
-            request.volume_epoch))
+            request.volume_epoch, request.parent, request.fork_lsn))
         return pb.CreateVolumeReply(created=created)
 
     @refusals
@@ -141,8 +181,11 @@ def status_reply(node: StorageNode) -> pb.NodeStatusReply:
             gc_horizon=m.gc_horizon, records=m.n_records, page_versions=m.n_versions,
             truncations=len(m.truncs), membership_epoch=m.membership_epoch,
             writer_vdl=m.writer_vdl))
+    by_id = {v.vol_id: v.name for v in store.volumes()}
     volumes = [pb.VolumeInfo(volume=v.name, pg_count=v.layout.pg_count,
-                             stripe_pages=v.layout.stripe_pages, volume_epoch=v.created_epoch)
+                             stripe_pages=v.layout.stripe_pages, volume_epoch=v.created_epoch,
+                             parent=by_id.get(v.parent_id, ""), fork_lsn=v.fork_lsn,
+                             dropped=v.dropped)
                for v in store.volumes()]
     return pb.NodeStatusReply(
         node_id=node.node_id, az=node.az, records_received=c.records_received,

@@ -21,6 +21,14 @@ page's versions in LSN order. Values are little-endian like the record and page 
                                                   4  4  pg_count       layout
                                                   8  4  stripe_pages   layout
                                                   12 8  created_epoch
+                                                  20 4  parent vol_id  0: not a clone
+                                                  24 8  fork_lsn       clone: parent as of it
+                                                  32 1  dropped        1: no writer may open it
+                                                  33 4  n_inherited    (rows of 20 bytes from
+                                                  37 24*n the parent's  older nodes: not a
+                                                        truncation      clone)
+                                                        ranges
+                                                        at the fork (start, end, epoch)
     segments    0  8  seg                         0  8  scl            invariant 4
                                                   8  8  volume_epoch   invariant 9
                                                   16 8  membership_epoch
@@ -44,6 +52,12 @@ page's versions in LSN order. Values are little-endian like the record and page 
     versions    0  8  seg                         0  8192 page image as of lsn (own CRC32;
                 8  4  page_id                           page_lsn == lsn)
                 12 8  lsn
+    history     0  4  vol_id BE                   0  8  time_us   when the truncation set
+                4  8  epoch BE                    8  8  prev_vdl  changed; VDL of the timeline
+                                                                  it ended (0: none)
+                                                  16 4  n
+                                                  20 24*n the whole truncation set from then
+                                                        on (start, end, epoch): a timeline
     quarantine  0  8  seg                         0  8  u64 unix time it was found bad
                 8  1  b"R": a log record          (invariant 13: removed from the
                 9  8  lsn                          readable set until repaired)
@@ -56,10 +70,17 @@ State transitions and the functions that make them (all inside ``apply_ops``):
     CreateVolumeOp   volumes + one segments row per PG          _op_create_volume
     AppendOp         log + pageidx rows, SCL walk, max_lsn,     _op_append
                      writer_vdl; repairs clear quarantine rows
-    TruncateOp       a truncation range + epoch; SCL recomputed; _op_truncate
-                     versions above the range start dropped
+    TruncateOp       a truncation range + epoch, or (backtrack,   _op_truncate
+                     recovery) a whole new truncation set that
+                     replaces the old one plus a history row;
+                     SCL recomputed; versions above the lowest
+                     changed LSN dropped; writer_vdl lowered
+                     out of any truncation range
+    DropVolumeOp     mark a volume dropped (clones keep reading   _op_drop_volume
+                     its segments; nothing is deleted)
     AdoptEpochOp     a higher epoch (fencing) and a peer's       _op_adopt_epoch
-                     truncation ranges (gossip)
+                     truncation set if its epoch is higher
+                     (gossip; replaces, never merges)
     SetGcHorizonOp   gc_horizon = max(old, new)                  _op_set_gc_horizon
     PutVersionsOp    versions rows from the coalescer / repair   _op_put_versions
     GcStepOp         delete records and versions no read point   _op_gc_step
@@ -111,7 +132,7 @@ from storage_node.errors import (
 
 FORMAT = 1
 DEFAULT_MAP_SIZE = 16 << 30  # sparse on Linux: the file grows only as pages are used
-MAX_DBS = 8
+MAX_DBS = 16
 PAGE_SIZE = pagefmt.PAGE_SIZE
 
 #: Upper bounds on one answer (TigerBeetle style: every batch has a limit).
@@ -130,13 +151,17 @@ _PAGE_LSN = struct.Struct(">IQ")
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _VOLUME = struct.Struct("<IIIQ")
+_VOLUME_CLONE = struct.Struct("<IQBI")
+_HISTORY = struct.Struct("<QQI")
 _META = struct.Struct("<QQQQQQQQQQQI")
 _TRUNC = struct.Struct("<QQQ")
 # Record header fields read straight from stored bytes (see engine/redo.py).
 _REC_PREV_VOL = 8
 _REC_PREV_PG = 16
 _REC_PAGE = 32
+_REC_TYPE = 36
 _REC_FLAGS = 37
+_RTYPE_COMMIT = 10  # engine.redo.RecordType.COMMIT; its payload is u64 txn_id, u64 timestamp_us
 
 KIND_RECORD = b"R"
 KIND_VERSION = b"V"
@@ -165,6 +190,29 @@ def page_key(prefix: bytes, page_id: int, lsn: int) -> bytes:
 _lsn_of = operator.itemgetter(2)
 
 
+def _trunc_epoch(truncs) -> int:
+    """The epoch a truncation set was recorded at: the highest of its ranges'."""
+    return max((t[2] for t in truncs), default=0)
+
+
+def _pack_truncs(truncs) -> bytes:
+    return _U32.pack(len(truncs)) + b"".join(_TRUNC.pack(*t) for t in truncs)
+
+
+def _unpack_truncs(buf, offset: int) -> tuple:
+    n = _U32.unpack_from(buf, offset)[0]
+    return tuple(_TRUNC.unpack_from(buf, offset + 4 + i * _TRUNC.size) for i in range(n))
+
+
+def lowest_difference(old, new) -> int | None:
+    """The lowest LSN whose visibility may differ between two truncation sets (the start
+    of the lowest range in one but not the other); None if they hide the same LSNs."""
+    a = {(s, e) for s, e, _ in old}
+    b = {(s, e) for s, e, _ in new}
+    diff = a ^ b
+    return min(s for s, _e in diff) if diff else None
+
+
 def _in_truncation(lsn: int, truncs) -> bool:
     for start, end, _epoch in truncs:
         if start < lsn <= end:
@@ -183,6 +231,28 @@ class VolumeInfo:
     vol_id: int
     layout: VolumeLayout
     created_epoch: int
+    parent_id: int = 0          # vol_id of the parent (0: not a clone)
+    fork_lsn: int = 0           # a clone reads its parent as of this LSN
+    dropped: bool = False
+    inherited: tuple = ()       # the parent's truncation set at the fork
+
+    def encode(self) -> bytes:
+        return (_VOLUME.pack(self.vol_id, self.layout.pg_count, self.layout.stripe_pages,
+                             self.created_epoch)
+                + _VOLUME_CLONE.pack(self.parent_id, self.fork_lsn, int(self.dropped),
+                                     len(self.inherited))
+                + b"".join(_TRUNC.pack(*t) for t in self.inherited))
+
+    @classmethod
+    def decode(cls, name: str, value: bytes) -> "VolumeInfo":
+        vol_id, pg_count, stripe, created = _VOLUME.unpack_from(value, 0)
+        parent_id = fork_lsn = dropped = 0
+        inherited: tuple = ()
+        if len(value) > _VOLUME.size:
+            parent_id, fork_lsn, dropped, _n = _VOLUME_CLONE.unpack_from(value, _VOLUME.size)
+            inherited = _unpack_truncs(value, _VOLUME.size + _VOLUME_CLONE.size - 4)
+        return cls(name, vol_id, VolumeLayout(pg_count, stripe), created, parent_id, fork_lsn,
+                   bool(dropped), inherited)
 
 
 @dataclass
@@ -241,15 +311,29 @@ class CreateVolumeOp:
     pg_count: int
     stripe_pages: int
     epoch: int
+    parent: str = ""     # a clone of this volume ...
+    fork_lsn: int = 0    # ... as of this LSN (a CPL <= the parent's VDL)
+
+
+@dataclass
+class DropVolumeOp:
+    volume: str
 
 
 @dataclass
 class TruncateOp:
+    """Add one range (start, end] under ``epoch``; or, when ``replace`` is not None, make
+    ``replace`` (ranges (start, end, epoch)) the segment's whole truncation set and write a
+    history row (time_us, prev_vdl). ``start_lsn``/``end_lsn`` are then unused."""
+
     volume: str
     pg: int
     start_lsn: int
     end_lsn: int
     epoch: int
+    replace: tuple | None = None
+    time_us: int = 0
+    prev_vdl: int = 0
 
 
 @dataclass
@@ -418,6 +502,7 @@ class Store:
         self.db_pageidx = self.env.open_db(b"pageidx")
         self.db_versions = self.env.open_db(b"versions")
         self.db_quarantine = self.env.open_db(b"quarantine")
+        self.db_history = self.env.open_db(b"history")
         self._volumes: dict[str, VolumeInfo] = {}
         self._by_id: dict[int, VolumeInfo] = {}
         self._segs: dict[tuple, SegMeta] = {}
@@ -459,10 +544,9 @@ class Store:
     def _load(self) -> None:
         with self.env.begin() as txn:
             for name, value in txn.cursor(db=self.db_volumes):
-                vol_id, pg_count, stripe, created = _VOLUME.unpack(value)
-                info = VolumeInfo(name.decode(), vol_id, VolumeLayout(pg_count, stripe), created)
+                info = VolumeInfo.decode(name.decode(), value)
                 self._volumes[info.name] = info
-                self._by_id[vol_id] = info
+                self._by_id[info.vol_id] = info
             for key, value in txn.cursor(db=self.db_segments):
                 vol_id, pg = _SEG.unpack(key)
                 seg = (self._by_id[vol_id].name, pg)
@@ -657,28 +741,73 @@ class Store:
             raise MalformedError(f"CreateVolume {op.volume!r}: pg_count and stripe_pages must be >= 1")
         if not op.volume:
             raise MalformedError("CreateVolume: empty volume name")
+        parent = None
+        if op.parent:
+            parent = self._vol_of(ctx, op.parent)
+            if parent.layout != VolumeLayout(op.pg_count, op.stripe_pages):
+                raise MalformedError(
+                    f"CreateVolume {op.volume!r}: a clone has its parent's layout {parent.layout}")
         existing = ctx.new_volumes.get(op.volume) or self._volumes.get(op.volume)
         if existing is not None:
             if existing.layout != VolumeLayout(op.pg_count, op.stripe_pages):
                 raise MalformedError(
                     f"CreateVolume {op.volume!r}: exists with layout {existing.layout}, "
                     f"asked for pg_count={op.pg_count} stripe_pages={op.stripe_pages}")
+            if parent is not None and (existing.parent_id, existing.fork_lsn) != (
+                    parent.vol_id, op.fork_lsn):
+                raise MalformedError(
+                    f"CreateVolume {op.volume!r}: a volume of that name already exists "
+                    f"(not a clone of {op.parent!r} at LSN {op.fork_lsn})")
             return False
+        inherited: tuple = ()
+        if parent is not None:
+            if op.fork_lsn < 1:
+                raise MalformedError(f"CreateVolume {op.volume!r}: a clone needs a fork LSN >= 1")
+            metas = [ctx.meta((parent.name, pg)) for pg in range(parent.layout.pg_count)]
+            horizon = max(m.gc_horizon for m in metas)
+            if horizon > op.fork_lsn:
+                raise ReadPointBelowGcError(
+                    f"CreateVolume {op.volume!r}: fork LSN {op.fork_lsn} is below the GC horizon "
+                    f"{horizon} of {parent.name!r}; pages as of it may be gone")
+            # The parent's set at the fork: every PG holds the same set once gossip settles;
+            # take the newest this node has, restricted to what lies at or below the fork.
+            newest = max((m.truncs for m in metas), key=_trunc_epoch)
+            inherited = tuple(t for t in newest if t[0] < op.fork_lsn)
         txn = ctx.txn
         vol_id = _U32.unpack(txn.get(b"next_vol_id", db=self.db_node))[0]
         txn.put(b"next_vol_id", _U32.pack(vol_id + 1), db=self.db_node)
-        info = VolumeInfo(op.volume, vol_id, VolumeLayout(op.pg_count, op.stripe_pages), op.epoch)
-        txn.put(op.volume.encode(), _VOLUME.pack(vol_id, op.pg_count, op.stripe_pages, op.epoch),
-                db=self.db_volumes)
+        info = VolumeInfo(op.volume, vol_id, VolumeLayout(op.pg_count, op.stripe_pages), op.epoch,
+                          parent.vol_id if parent else 0, op.fork_lsn if parent else 0, False,
+                          tuple(sorted(set(inherited))))
+        txn.put(op.volume.encode(), info.encode(), db=self.db_volumes)
         ctx.new_volumes[op.volume] = info
+        fork = info.fork_lsn
         for pg in range(op.pg_count):
-            ctx.metas[(op.volume, pg)] = SegMeta(volume_epoch=op.epoch)
-        self.log.info("created volume %r: %d PGs of stripe %d at epoch %d",
-                      op.volume, op.pg_count, op.stripe_pages, op.epoch)
+            # A clone's segments start complete up to the fork: its first records link to it.
+            ctx.metas[(op.volume, pg)] = SegMeta(scl=fork, volume_epoch=op.epoch, writer_vdl=fork,
+                                                 max_lsn=fork, log_floor=fork)
+        if parent is not None:
+            self.log.info("created volume %r: a clone of %r as of LSN %d, %d PGs, epoch %d",
+                          op.volume, parent.name, fork, op.pg_count, op.epoch)
+        else:
+            self.log.info("created volume %r: %d PGs of stripe %d at epoch %d",
+                          op.volume, op.pg_count, op.stripe_pages, op.epoch)
+        return True
+
+    def _op_drop_volume(self, ctx: _Txn, op: DropVolumeOp):
+        info = self._vol_of(ctx, op.volume)
+        if info.dropped:
+            return False
+        info = replace(info, dropped=True)
+        ctx.txn.put(op.volume.encode(), info.encode(), db=self.db_volumes)
+        ctx.new_volumes[op.volume] = info
+        self.log.info("volume %r dropped (its segments stay while clones read them)", op.volume)
         return True
 
     def _op_append(self, ctx: _Txn, op: AppendOp):
         info = self._vol_of(ctx, op.volume)
+        if info.dropped and op.epoch:
+            raise UnknownVolumeError(f"volume {op.volume!r} was dropped")
         # Validate everything before writing anything: a refused request stores nothing.
         for pg, membership_epoch, *_rest in op.batches:
             if not 0 <= pg < info.layout.pg_count:
@@ -799,14 +928,27 @@ class Store:
         m = ctx.meta(key)
         if (start, end, epoch) in m.truncs:
             return False
-        m.truncs = tuple(sorted(m.truncs + ((start, end, epoch),), key=lambda t: (t[2], t[0])))
-        m.volume_epoch = max(m.volume_epoch, epoch)
+        return self._change_truncations(ctx, key, prefix, m.truncs + ((start, end, epoch),))
+
+    def _change_truncations(self, ctx: _Txn, key: tuple, prefix: bytes, truncs) -> bool:
+        """Make ``truncs`` the segment's truncation set: recompute the SCL from below the
+        lowest LSN whose visibility changed, drop page versions above it (only a cache of
+        the log, invariant 14: the coalescer rebuilds them) and lower writer_vdl out of any
+        range (a VDL inside a range belongs to a timeline that is no longer current)."""
+        m = ctx.meta(key)
+        truncs = tuple(sorted(set(truncs), key=lambda t: (t[2], t[0])))
+        low = lowest_difference(m.truncs, truncs)
+        m.truncs = truncs
+        m.volume_epoch = max(m.volume_epoch, _trunc_epoch(truncs))
+        if low is None:
+            return False
         m.generation += 1
-        if m.scl > start:
-            m.scl = self._chain_point_at_or_below(ctx, key, prefix, start)
+        if m.scl > low:
+            m.scl = self._chain_point_at_or_below(ctx, key, prefix, low)
         self._advance_scl(ctx, key, prefix)
-        # Page versions above the range start may contain annulled records: drop them.
-        # They are only a cache of the log (invariant 14); the coalescer rebuilds them.
+        for start, end, _epoch in truncs:
+            if start < m.writer_vdl <= end:
+                m.writer_vdl = start
         vcur = ctx.txn.cursor(db=self.db_versions)
         dropped = 0
         if vcur.set_range(prefix):
@@ -814,7 +956,7 @@ class Store:
                 k = vcur.key()
                 if k[:8] != prefix:
                     break
-                if _BE64.unpack_from(k, 12)[0] > start:
+                if _BE64.unpack_from(k, 12)[0] > low:
                     vcur.delete()
                     dropped += 1
                     if not vcur.key():
@@ -823,28 +965,45 @@ class Store:
                     break
         m.n_versions -= dropped
         for item in self._quar_versions.get(key, ()):
-            if item[1] > start:
+            if item[1] > low:
                 ctx.txn.delete(prefix + KIND_VERSION + _PAGE_LSN.pack(*item), db=self.db_quarantine)
                 ctx.quar_del.append((key, KIND_VERSION, item))
         ctx.reset_dirty.add(key)
-        self.log.info("segment %s/%d: truncation (%d, %d] at epoch %d; SCL now %d; "
-                      "%d page versions dropped", key[0], key[1], start, end, epoch, m.scl, dropped)
+        self.log.info("segment %s/%d: truncation set %s at epoch %d (changed above %d); SCL now "
+                      "%d; %d page versions dropped", key[0], key[1],
+                      [(t[0], t[1]) for t in truncs], _trunc_epoch(truncs), low, m.scl, dropped)
         return True
 
     def _op_truncate(self, ctx: _Txn, op: TruncateOp):
         info = self._vol_of(ctx, op.volume)
         if not 0 <= op.pg < info.layout.pg_count:
             raise MalformedError(f"volume {op.volume!r} has no pg {op.pg}")
-        if op.end_lsn <= op.start_lsn:
-            raise MalformedError(f"Truncate: empty range ({op.start_lsn}, {op.end_lsn}]")
         key = (op.volume, op.pg)
         m = ctx.meta(key)
         if op.epoch < m.volume_epoch:
             raise StaleEpochError(
                 f"Truncate: epoch {op.epoch} is stale; segment {op.volume}/{op.pg} is at epoch "
                 f"{m.volume_epoch}", m.volume_epoch)
-        self._add_truncation(ctx, key, seg_prefix(info.vol_id, op.pg), op.start_lsn, op.end_lsn,
-                             op.epoch)
+        prefix = seg_prefix(info.vol_id, op.pg)
+        if op.replace is None:
+            if op.end_lsn <= op.start_lsn:
+                raise MalformedError(f"Truncate: empty range ({op.start_lsn}, {op.end_lsn}]")
+            self._add_truncation(ctx, key, prefix, op.start_lsn, op.end_lsn, op.epoch)
+        else:
+            for start, end, epoch in op.replace:
+                if end <= start or epoch > op.epoch:
+                    raise MalformedError(
+                        f"Truncate: bad range ({start}, {end}] of epoch {epoch} in a set of "
+                        f"epoch {op.epoch}")
+            if _trunc_epoch(op.replace) != op.epoch:
+                raise MalformedError(f"Truncate: a new truncation set must hold a range of its "
+                                     f"epoch {op.epoch}")
+            if op.epoch > _trunc_epoch(m.truncs) or set(op.replace) != set(m.truncs):
+                self._change_truncations(ctx, key, prefix, op.replace)
+            hist_key = _BE32.pack(info.vol_id) + _BE64.pack(op.epoch)
+            ctx.txn.put(hist_key, _HISTORY.pack(op.time_us, op.prev_vdl, len(op.replace))
+                        + b"".join(_TRUNC.pack(*t) for t in sorted(op.replace)),
+                        db=self.db_history)
         m.volume_epoch = max(m.volume_epoch, op.epoch)
         return m.scl
 
@@ -861,8 +1020,14 @@ class Store:
         if op.epoch < m.volume_epoch and not op.truncs:
             return m.volume_epoch
         prefix = seg_prefix(info.vol_id, op.pg)
-        for start, end, epoch in op.truncs:
-            self._add_truncation(ctx, key, prefix, start, end, epoch)
+        if op.truncs:
+            # A peer's set: a newer one replaces ours whole (a backtrack may have removed a
+            # range); one of the same epoch can only add ranges (older single-range adds).
+            theirs, ours = _trunc_epoch(op.truncs), _trunc_epoch(m.truncs)
+            if theirs > ours:
+                self._change_truncations(ctx, key, prefix, op.truncs)
+            elif theirs == ours and not set(op.truncs) <= set(m.truncs):
+                self._change_truncations(ctx, key, prefix, tuple(set(m.truncs) | set(op.truncs)))
         if op.epoch > m.volume_epoch:
             self.log.info("segment %s/%d: adopting epoch %d (was %d)", op.volume, op.pg,
                           op.epoch, m.volume_epoch)
@@ -977,6 +1142,7 @@ class Store:
         CreateVolumeOp: _op_create_volume,
         AppendOp: _op_append,
         TruncateOp: _op_truncate,
+        DropVolumeOp: _op_drop_volume,
         AdoptEpochOp: _op_adopt_epoch,
         SetGcHorizonOp: _op_set_gc_horizon,
         PutVersionsOp: _op_put_versions,
@@ -1082,11 +1248,39 @@ class Store:
                 parts.append(value)
         return b"".join(parts), len(parts)
 
+    def _clone_base(self, txn, volume: str, page_id: int) -> bytearray | None:
+        """A clone's page as of its fork: the parent's page as of fork_lsn, built from the
+        parent's segment on this node under the parent's truncation set at the fork; None
+        if the page did not exist then. Recursive for a clone of a clone."""
+        info = self._volumes[volume]
+        parent = self._by_id[info.parent_id]
+        pg = parent.layout.pg_of(page_id)
+        pkey = (parent.name, pg)
+        pprefix = seg_prefix(parent.vol_id, pg)
+        pm = self._read_meta(txn, pprefix)
+        if pm.scl < info.fork_lsn:
+            raise ReadPointAboveSclError(
+                f"clone {volume!r}: segment {parent.name}/{pg} of its parent is complete only to "
+                f"{pm.scl}, below the fork LSN {info.fork_lsn}")
+        # Versions above the lowest LSN where the parent's set now differs from the one the
+        # clone inherited were built for another timeline of the parent: not for us.
+        low = lowest_difference(pm.truncs, info.inherited)
+        cap = info.fork_lsn if low is None else min(info.fork_lsn, low)
+        view = replace(pm, truncs=info.inherited)
+        try:
+            return self._build_page(txn, pkey, pprefix, view, page_id, info.fork_lsn,
+                                    version_cap=cap)
+        except PageNotFoundError:
+            return None
+
     def _build_page(self, txn, key: tuple, prefix: bytes, m: SegMeta, page_id: int,
-                    read_point: int) -> bytearray:
-        """Materialise a page as of read_point from the newest good version plus records."""
-        candidates = self._page_versions_desc(txn, prefix, page_id, read_point, m.truncs,
+                    read_point: int, version_cap: int | None = None) -> bytearray:
+        """Materialise a page as of read_point from the newest good version plus records
+        (a clone's page with no version of its own starts from its parent's, _clone_base)."""
+        vupto = read_point if version_cap is None else min(read_point, version_cap)
+        candidates = self._page_versions_desc(txn, prefix, page_id, vupto, m.truncs,
                                               READ_VERSION_FALLBACKS)
+        clone = self._volumes[key[0]].parent_id != 0
         quarantined = [v for v in self._quar_versions.get(key, ()) if v[0] == page_id
                        and v[1] <= read_point]
         for base_lsn, base in candidates + [(0, None)]:
@@ -1094,6 +1288,11 @@ class Store:
                 self.suspects.append((key, KIND_VERSION, (page_id, base_lsn)))
                 continue  # never serve it; fall back to an older version
             records, n = self._page_records(txn, key, prefix, page_id, base_lsn, read_point, m.truncs)
+            if base is None and clone:
+                base = self._clone_base(txn, key[0], page_id)
+                if base is None and n == 0:
+                    raise PageNotFoundError(
+                        f"page {page_id} has no INIT_PAGE at or below read point {read_point}")
             try:
                 image = materialiser.apply(None if base is None else bytearray(base), page_id,
                                            records, upto_lsn=read_point)
@@ -1264,9 +1463,12 @@ class Store:
         if n < min_records or n == 0:
             return None
         try:
-            image = materialiser.apply(None if base is None else bytearray(base), page_id,
-                                       records, upto_lsn=upto)
-        except FormatError as exc:
+            if base is None and self._volumes[key[0]].parent_id:
+                start = self._clone_base(txn, key[0], page_id)
+            else:
+                start = None if base is None else bytearray(base)
+            image = materialiser.apply(start, page_id, records, upto_lsn=upto)
+        except (FormatError, StorageError) as exc:
             self.log.warning("coalesce %s/%d page %d: %s", key[0], key[1], page_id, exc)
             return None
         if image is None:
@@ -1325,6 +1527,25 @@ class Store:
                         counts[page_id] = counts.get(page_id, 0) + 1
         return counts
 
+    def _gc_cap(self, volume: str, m: SegMeta, horizon: int) -> int:
+        """Lower a GC horizon so GC keeps what other read points may need (invariant 12):
+        never into a truncation range that reaches above it (a backtrack may make those
+        records visible again) and never past a live clone's fork or the lowest LSN where
+        our set differs from the one that clone inherited."""
+        info = self._volumes[volume]
+        for child in self._volumes.values():
+            if child.parent_id == info.vol_id:
+                horizon = min(horizon, child.fork_lsn)
+                low = lowest_difference(m.truncs, child.inherited)
+                if low is not None:
+                    horizon = min(horizon, low)
+        for _ in range(len(m.truncs) + 1):
+            capped = min([horizon] + [t[0] for t in m.truncs if t[0] < horizon <= t[1]])
+            if capped == horizon:
+                break
+            horizon = capped
+        return horizon
+
     def plan_gc(self, volume: str, pg: int, horizon: int, start_page: int, max_pages: int = 16):
         """One bounded GC step below ``horizon`` (<= SCL) for pages from ``start_page``.
 
@@ -1343,7 +1564,7 @@ class Store:
             # upward from the highest writer_vdl a read quorum reports, through the
             # records above it, so those records must survive GC even if a (stale)
             # horizon says otherwise, or recovery would truncate acknowledged commits.
-            horizon = min(horizon, m.scl, m.writer_vdl)
+            horizon = self._gc_cap(volume, m, min(horizon, m.scl, m.writer_vdl))
             anchor = self._visible_at_or_below(txn, prefix, m, horizon)
             pages = self._pages_from(txn, prefix, start_page, max_pages + 1)
             next_page = pages[max_pages] if len(pages) > max_pages else None
@@ -1430,6 +1651,114 @@ class Store:
         while self.suspects:
             out.append(self.suspects.popleft())
         return out
+
+    def find_commit(self, volume: str, *, upto_lsn: int, max_time_us: int = 0,
+                    after_lsn: int = 0, truncs=None, forward: bool = False) -> tuple[int, int]:
+        """(lsn, timestamp_us) of a COMMIT record visible under ``truncs`` (default: the
+        segment's own set) in (after_lsn, upto_lsn]: the newest one with timestamp <=
+        max_time_us (0: any), or with ``forward`` the oldest one. (0, 0) if none.
+
+        COMMIT records all change the META page, so they live in its PG; this walks that
+        page's index (a linear walk: a real system would keep a time index). A clone
+        continues in its parent (under the set it inherited) below the fork.
+        """
+        info = self.volume(volume)
+        in_parent = info.parent_id and after_lsn < info.fork_lsn
+        if forward and in_parent:
+            found = self.find_commit(self._by_id[info.parent_id].name,
+                                     upto_lsn=min(upto_lsn, info.fork_lsn), after_lsn=after_lsn,
+                                     truncs=info.inherited, forward=True)
+            if found[0]:
+                return found
+        found = self._find_commit_own(info, upto_lsn, max_time_us, after_lsn, truncs, forward)
+        if found[0] or forward or not in_parent:
+            return found
+        return self.find_commit(self._by_id[info.parent_id].name,
+                                upto_lsn=min(upto_lsn, info.fork_lsn), max_time_us=max_time_us,
+                                after_lsn=after_lsn, truncs=info.inherited)
+
+    def _find_commit_own(self, info: VolumeInfo, upto_lsn: int, max_time_us: int,
+                         after_lsn: int, truncs, forward: bool) -> tuple[int, int]:
+        pg = info.layout.pg_of(pagefmt.META_PAGE_ID)
+        prefix = seg_prefix(info.vol_id, pg)
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            if truncs is None:
+                truncs = m.truncs
+            upto = min(upto_lsn, m.scl)
+            cur = txn.cursor(db=self.db_pageidx)
+            base = prefix + _BE32.pack(pagefmt.META_PAGE_ID)
+            if forward:
+                ok = cur.set_range(base + _BE64.pack(after_lsn + 1))
+            else:
+                positioned = cur.set_range(base + _BE64.pack(upto + 1))
+                ok = cur.prev() if positioned else cur.last()
+            while ok:
+                k = cur.key()
+                if k[:12] != base:
+                    break
+                lsn = _BE64.unpack_from(k, 12)[0]
+                if lsn <= after_lsn or lsn > upto:
+                    break
+                if not _in_truncation(lsn, truncs):
+                    rec = txn.get(prefix + _BE64.pack(lsn), db=self.db_log)
+                    if rec is not None and rec[_REC_TYPE] == _RTYPE_COMMIT:
+                        ts = _U64.unpack_from(rec, HEADER_SIZE + 8)[0]
+                        if forward or not max_time_us or ts <= max_time_us:
+                            return lsn, ts
+                ok = cur.next() if forward else cur.prev()
+        return 0, 0
+
+    def history(self, volume: str) -> list[tuple[int, int, int, tuple]]:
+        """[(epoch, time_us, prev_vdl, truncation set)] of every truncation set this node
+        recorded for the volume, oldest first (the timelines; see the module docstring)."""
+        info = self.volume(volume)
+        out = []
+        base = _BE32.pack(info.vol_id)
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db_history)
+            if cur.set_range(base):
+                for k, v in cur.iternext():
+                    if k[:4] != base:
+                        break
+                    time_us, prev_vdl, n = _HISTORY.unpack_from(v, 0)
+                    truncs = tuple(_TRUNC.unpack_from(v, _HISTORY.size + i * _TRUNC.size)
+                                   for i in range(n))
+                    out.append((_BE64.unpack_from(k, 4)[0], time_us, prev_vdl, truncs))
+        return out
+
+    def volume_bytes(self, volume: str) -> tuple[int, int]:
+        """(owned, shared) bytes: the log and versions stored in this volume's own segments,
+        and those of its ancestors' segments at or below the fork that it reads."""
+        info = self.volume(volume)
+        with self.env.begin() as txn:
+            owned = self._segment_bytes(txn, info.vol_id, LSN_MAX)
+            shared = 0
+            child = info
+            while child.parent_id:
+                parent = self._by_id[child.parent_id]
+                shared += self._segment_bytes(txn, parent.vol_id, child.fork_lsn)
+                child = parent
+        return owned, shared
+
+    def _segment_bytes(self, txn, vol_id: int, upto: int) -> int:
+        total = 0
+        vol = _BE32.pack(vol_id)
+        cur = txn.cursor(db=self.db_log)
+        if cur.set_range(vol):
+            for k, v in cur.iternext():
+                if k[:4] != vol:
+                    break
+                if _BE64.unpack_from(k, 8)[0] <= upto:
+                    total += len(k) + len(v)
+        cur = txn.cursor(db=self.db_versions)
+        if cur.set_range(vol):
+            for k, v in cur.iternext():
+                if k[:4] != vol:
+                    break
+                if _BE64.unpack_from(k, 12)[0] <= upto:
+                    total += len(k) + len(v)
+        return total
 
     def buildable_version(self, volume: str, pg: int, page_id: int, lsn: int):
         """Rebuild a quarantined page version from the local log if it still can be.
