@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -81,6 +82,40 @@ class RecoveryResult:
 
 class RecoveryError(UnavailableError):
     """Recovery could not reach the quorum it needs; nothing was opened."""
+
+
+def newest_truncation_set(sets) -> tuple:
+    """Of several truncation sets (each an iterable of TruncationRange messages or
+    (start, end, epoch) tuples), the one of the highest epoch as sorted (start, end, epoch)
+    tuples; sets of that same epoch are united (older single-range Truncates)."""
+    best_epoch, best = 0, set()
+    for ranges in sets:
+        tuples = {(t.start_lsn, t.end_lsn, t.epoch) if hasattr(t, "start_lsn") else tuple(t)
+                  for t in ranges}
+        epoch = max((t[2] for t in tuples), default=0)
+        if epoch > best_epoch:
+            best_epoch, best = epoch, tuples
+        elif epoch == best_epoch:
+            best |= tuples
+    return tuple(sorted(best, key=lambda t: (t[2], t[0])))
+
+
+def lower_out_of(lsn: int, truncs) -> int:
+    """``lsn``, or the start of the truncation range that hides it."""
+    for start, end, _epoch in truncs:
+        if start < lsn <= end:
+            return start
+    return lsn
+
+
+def truncate_request(volume: str, pg: int, epoch: int, truncs, time_us: int,
+                     prev_vdl: int) -> pb.TruncateRequest:
+    """A Truncate that makes ``truncs`` the segment's whole truncation set (and records
+    the timeline it starts: from time_us, after a timeline that ended at prev_vdl)."""
+    return pb.TruncateRequest(
+        volume=volume, pg=pg, volume_epoch=epoch, replace=True,
+        set=[pb.TruncationRange(start_lsn=s, end_lsn=e, epoch=ep) for s, e, ep in truncs],
+        time_us=time_us, prev_vdl=prev_vdl)
 
 
 async def _gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
@@ -136,7 +171,6 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
         learned = dict(await asyncio.gather(*(learn(pg) for pg in pgs)))
 
     old_epoch = 0
-    since = 0
     for pg, results in learned.items():
         replies = [r for r in results.values() if not isinstance(r, grpc.RpcError)]
         if len(replies) < VR:
@@ -145,8 +179,21 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
                 f"({_describe_errors(results)})")
         for r in replies:
             old_epoch = max(old_epoch, r.volume_epoch)
-            since = max(since, r.writer_vdl)
     new_epoch = old_epoch + 1
+    # The current timeline: the truncation set of the highest epoch any segment reports.
+    # Every set was written at a write quorum of every PG, so this read quorum sees the
+    # newest one that any writer opened with. Sets replace each other whole (a backtrack
+    # can remove a range), so a union of older sets would hide records of this timeline.
+    current_set = newest_truncation_set(
+        r.truncations for results in learned.values() for r in results.values()
+        if not isinstance(r, grpc.RpcError))
+    # since: the highest VDL a writer of THIS timeline reached. A writer_vdl inside a range
+    # belongs to a timeline that a backtrack or recovery left: its range start is a VDL.
+    since = 0
+    for results in learned.values():
+        for r in results.values():
+            if not isinstance(r, grpc.RpcError):
+                since = max(since, lower_out_of(r.writer_vdl, current_set))
 
     # 2. Fence. ----------------------------------------------------------------------
     async def fence_one(pg, stub):
@@ -183,13 +230,19 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     # this read quorum saw it even if the segment answering missed it (down during that
     # recovery, not yet told by gossip): such a segment still lists the annulled records,
     # whose backlinks collide with the newer epoch's, and would send the walk down them.
-    annulled_ranges = {(tr.start_lsn, tr.end_lsn) for results in fenced.values()
-                       for r in results.values() if not isinstance(r, grpc.RpcError)
-                       for tr in r.truncations}
+    current_set = newest_truncation_set(
+        [current_set] + [r.truncations for results in fenced.values() for r in results.values()
+                         if not isinstance(r, grpc.RpcError)])
+    annulled_ranges = {(start, end) for start, end, _epoch in current_set}
 
     def annulled(lsn: int) -> bool:
         return any(start < lsn <= end for start, end in annulled_ranges)
 
+    for results in fenced.values():  # the end of every range ever seen: LSNs allocated
+        for r in results.values():
+            if not isinstance(r, grpc.RpcError):
+                for tr in r.truncations:
+                    last_truncate_end = max(last_truncate_end, tr.end_lsn)
     for pg, results in fenced.items():
         replies = {n: r for n, r in results.items() if not isinstance(r, grpc.RpcError)}
         if len(replies) < VR:
@@ -228,11 +281,15 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     truncate_end = max(vdl + driver.lal, last_truncate_end + driver.lal, max_lsn_seen)
 
     # 4. Truncate at a write quorum of every PG. -------------------------------------
+    new_set = tuple(sorted(set(current_set) | {(vdl, truncate_end, new_epoch)},
+                           key=lambda t: (t[2], t[0])))
+    time_us = time.time_ns() // 1000
+
     async def truncate(pg):
         return pg, await _gather_per_node(
             driver, lambda name, stub: stub.Truncate(
-                pb.TruncateRequest(volume=volume, pg=pg, start_lsn=vdl, end_lsn=truncate_end,
-                                   volume_epoch=new_epoch), timeout=rpc_timeout_s),
+                truncate_request(volume, pg, new_epoch, new_set, time_us, vdl),
+                timeout=rpc_timeout_s),
             rpc_timeout_s)
 
     truncated = dict(await asyncio.gather(*(truncate(pg) for pg in pgs)))
@@ -245,13 +302,10 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 
     # 5. Repair: the records in (since, vdl] to a write quorum. ------------------------
     driver.epoch = new_epoch
-    # Every range a returning node may have missed, oldest epoch first, then this one's
-    # (StorageDriver._send_truncations replays them to a node that answers EPOCH_AHEAD).
-    known_ranges = {(tr.start_lsn, tr.end_lsn, tr.epoch) for results in fenced.values()
-                    for r in results.values() if not isinstance(r, grpc.RpcError)
-                    for tr in r.truncations}
-    driver.truncations = sorted(known_ranges - {(vdl, truncate_end, new_epoch)},
-                                key=lambda t: (t[2], t[0])) + [(vdl, truncate_end, new_epoch)]
+    # This epoch's whole set: StorageDriver._send_truncations sends it to a node that
+    # answers EPOCH_AHEAD (it missed this Truncate).
+    driver.truncations = list(new_set)
+    driver.truncation_history = (time_us, vdl)
     repaired = await _repair(driver, since, vdl, tails, best_node, rpc_timeout_s)
 
     # 6. Open. -----------------------------------------------------------------------

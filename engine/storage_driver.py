@@ -150,7 +150,8 @@ class StorageDriver:
         self.tracker = QuorumTracker([n.name for n in nodes], start_lsn, pg_tails)
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
         self.commits = CommitQueue()
-        self.truncations: list[tuple[int, int, int]] = []  # (start, end, epoch) to replay
+        self.truncations: list[tuple[int, int, int]] = []  # this epoch's truncation set
+        self.truncation_history: tuple[int, int] = (0, 0)  # (time_us, prev_vdl) of that set
         self.epoch_floor_lsn = start_lsn  # end of this epoch's truncation range
         self.fenced: FencedError | None = None
         # Observers of shipped MTRs and VDL advances (the replication hub): objects with
@@ -396,19 +397,19 @@ class StorageDriver:
             raise self.fenced
 
     async def _send_truncations(self, node: _Node) -> None:
-        """A node missed one or more recoveries' Truncates: replay every known range to it,
-        oldest epoch first (a range older than the node's epoch is refused as stale: it
-        has that one already)."""
-        log.info("node %s is behind epoch %d; sending it the truncation ranges", node.info.name, self.epoch)
-        for start, end, epoch in self.truncations:
-            for pg in range(self.layout.pg_count):
-                try:
-                    await node.stub.Truncate(pb.TruncateRequest(
-                        volume=self.volume, pg=pg, start_lsn=start, end_lsn=end, volume_epoch=epoch),
-                        timeout=self.rpc_timeout_s)
-                except grpc.RpcError as exc:
-                    if rpc_error_code(exc) != "STALE_EPOCH":
-                        raise
+        """A node missed one or more Truncates: send it this epoch's whole truncation set
+        (it replaces the node's older set; engine/recovery.py truncate_request)."""
+        from engine.recovery import truncate_request  # recovery imports this module
+        log.info("node %s is behind epoch %d; sending it the truncation set", node.info.name, self.epoch)
+        time_us, prev_vdl = self.truncation_history
+        for pg in range(self.layout.pg_count):
+            try:
+                await node.stub.Truncate(
+                    truncate_request(self.volume, pg, self.epoch, self.truncations, time_us,
+                                     prev_vdl), timeout=self.rpc_timeout_s)
+            except grpc.RpcError as exc:
+                if rpc_error_code(exc) != "STALE_EPOCH":
+                    raise
 
     def _observe_latency(self, node: _Node, seconds: float) -> None:
         node.latency_ewma_s = 0.8 * node.latency_ewma_s + 0.2 * seconds
