@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.add_argument("--volume", default=None,
+                   help="the volume to open (default: the cluster config's); e.g. a clone")
+    p.add_argument("--backtrack-window", type=float, default=None, metavar="SECONDS",
+                   help="how far back backtrack and as-of reads may go; storage keeps that "
+                        "much history (default 3600, at most 259200 = 72 h)")
     p.set_defaults(func=cmd_writer)
 
     # One subcommand, two uses: with --cluster/--writer it runs a replica process; with

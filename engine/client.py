@@ -66,6 +66,7 @@ ERROR_CLASSES = {
     "READ_ONLY": errors.ReadOnlyError,
     "FENCED": errors.FencedError,
     "TXN_CLOSED": errors.TransactionClosedError,
+    "OUT_OF_WINDOW": errors.OutOfWindowError,
 }
 DEFAULT_TABLE = "default"
 NOTHING_DONE_KEY = "aurora-nothing-done"     # engine/server.py sets it
@@ -154,9 +155,13 @@ class Client:
 
     # --- Autocommit ----------------------------------------------------------------------
 
-    def get(self, key: bytes, table: str = DEFAULT_TABLE) -> bytes:
-        """The value of key; raises KeyNotFound."""
-        return self._call(self._stub.Get, pb.GetRequest(table=table, key=key)).value
+    def get(self, key: bytes, table: str = DEFAULT_TABLE, *, as_of_lsn: int = 0,
+            as_of_time_us: int = 0) -> bytes:
+        """The value of key; raises KeyNotFound. ``as_of_lsn`` / ``as_of_time_us``: as the
+        volume was at the last commit at or before it (time travel, OutOfWindowError
+        outside the retention window)."""
+        return self._call(self._stub.Get, pb.GetRequest(
+            table=table, key=key, as_of_lsn=as_of_lsn, as_of_time_us=as_of_time_us)).value
 
     def put(self, key: bytes, value: bytes, table: str = DEFAULT_TABLE,
             timeout_s: float | None = None) -> int:
@@ -172,9 +177,13 @@ class Client:
         return reply.commit_lsn
 
     def scan(self, start: bytes = b"", end: bytes = b"", limit: int = 0,
-             table: str = DEFAULT_TABLE) -> list[tuple[bytes, bytes]]:
-        """Keys in [start, end) in order, at most limit (0: server default)."""
-        reply = self._call(self._stub.Scan, pb.ScanRequest(table=table, start=start, end=end, limit=limit))
+             table: str = DEFAULT_TABLE, *, as_of_lsn: int = 0,
+             as_of_time_us: int = 0) -> list[tuple[bytes, bytes]]:
+        """Keys in [start, end) in order, at most limit (0: server default); as of a
+        point like ``get``."""
+        reply = self._call(self._stub.Scan, pb.ScanRequest(
+            table=table, start=start, end=end, limit=limit, as_of_lsn=as_of_lsn,
+            as_of_time_us=as_of_time_us))
         return [(kv.key, kv.value) for kv in reply.items]
 
     def status(self) -> pb.StatusReply:
@@ -429,13 +438,14 @@ class ClusterClient:
         with self._lock:
             return list(self._targets)
 
-    def get(self, key: bytes, table: str = DEFAULT_TABLE) -> bytes:
-        """The value of key; raises KeyNotFound."""
-        return self._read("get", lambda c: c.get(key, table))
+    def get(self, key: bytes, table: str = DEFAULT_TABLE, **as_of) -> bytes:
+        """The value of key; raises KeyNotFound. ``as_of_lsn=`` / ``as_of_time_us=``:
+        time travel (Client.get)."""
+        return self._read("get", lambda c: c.get(key, table, **as_of))
 
     def scan(self, start: bytes = b"", end: bytes = b"", limit: int = 0,
-             table: str = DEFAULT_TABLE) -> list[tuple[bytes, bytes]]:
-        return self._read("scan", lambda c: c.scan(start, end, limit, table))
+             table: str = DEFAULT_TABLE, **as_of) -> list[tuple[bytes, bytes]]:
+        return self._read("scan", lambda c: c.scan(start, end, limit, table, **as_of))
 
     def get_at(self, key: bytes, table: str = DEFAULT_TABLE) -> tuple[bytes, int, str]:
         """(value, read point, instance): which instance answered and as of which VDL."""

@@ -257,6 +257,7 @@ class Database:
         self._commit_lock = asyncio.Lock()              # one MTR planned/emitted at a time
         self._next_txn_id = 1                           # txn_id of the next COMMIT record
         self._last_timestamp_us = 0                     # COMMIT timestamps never go back
+        self.on_commit = None                           # callable(timestamp_us, lsn) or None
         self._catalog_lsn = 0                           # LSN of the last catalog change
         self._begin_seq = 0
         self._active: dict[int, Transaction] = {}       # begin_seq -> txn, in begin order
@@ -349,6 +350,22 @@ class Database:
         """Up to ``limit`` committed (key, value) with start <= key < end, in key order."""
         _check_limit(limit)
         return await self._scan(table, start, end, limit)
+
+    async def get_as_of(self, table: str, key: bytes, read_point: int) -> bytes | None:
+        """The value of ``key`` as of ``read_point`` (a commit LSN <= VDL, inside the
+        retention window: engine/backtrack.py checks it), read from versioned storage."""
+        key = btree.check_key(key)
+        view = _SnapshotView(self.pool, self.sink, read_point)
+        return await btree.get(view, await self._view_root(view, table), key)
+
+    async def scan_as_of(self, table: str, start: bytes | None, end: bytes | None, limit: int,
+                         read_point: int) -> list[tuple[bytes, bytes]]:
+        """``scan`` as of ``read_point`` (see get_as_of)."""
+        _check_limit(limit)
+        start = None if start is None else btree.check_key(start)
+        end = None if end is None else btree.check_key(end)
+        view = _SnapshotView(self.pool, self.sink, read_point)
+        return await btree.scan(view, await self._view_root(view, table), start, end, limit)
 
     async def put(self, table: str, key: bytes, value: bytes, timeout_s: float | None = None) -> int:
         """Insert or update one key in its own transaction; returns the commit LSN."""
@@ -523,6 +540,8 @@ class Database:
                 plan.release()
             self._next_txn_id = txn_id + 1
             self._last_timestamp_us = timestamp_us
+            if self.on_commit is not None:
+                self.on_commit(timestamp_us, lsn)  # engine/backtrack.py CommitClock
             if plan.catalog_changed:
                 self._catalog_lsn = lsn
             self.counters["commits"] += 1

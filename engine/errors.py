@@ -94,5 +94,11 @@ class FencedError(ReadOnlyError):
     """Storage rejected this writer's volume epoch: a newer writer has taken over."""
 
 
+class OutOfWindowError(DatabaseError):
+    """A backtrack, as-of read or clone names a point outside what storage keeps (before
+    the retention window, before a clone's creation, after the VDL). The message says
+    what the window is."""
+
+
 class TransactionClosedError(DatabaseError):
     """The transaction was already committed or aborted."""

@@ -59,6 +59,8 @@ class ReplicationHub:
         # MTRs shipped but not yet covered by VDL: (cpl_lsn, packed records).
         self._above_vdl: deque[tuple[int, bytes]] = deque()
         self.vdl_time_us = time.time_ns() // 1000
+        self.retention_floor = None  # callable -> LSN the backtrack window still needs
+        self.closed = False
         driver.listeners.append(self)
 
     # --- Fed by the storage driver ---------------------------------------------------------
@@ -113,6 +115,13 @@ class ReplicationHub:
         sub.applied_vdl = max(sub.applied_vdl, fb.applied_vdl)
         sub.oldest_read_point = fb.oldest_read_point or sub.applied_vdl
 
+    def close(self) -> None:
+        """The writer closes (steps down, backtracks): end every stream; replicas
+        resubscribe and rebuild their caches from the next writer's snapshot."""
+        self.closed = True
+        for sub in self._subs.values():
+            sub.wakeup.set()
+
     def gc_horizon(self) -> int:
         """The GC horizon sent to storage: PGMRPL, further held back by lagging segments.
 
@@ -125,6 +134,8 @@ class ReplicationHub:
         segment has acked since this writer started do not count.
         """
         horizon = self.driver.vdl
+        if self.retention_floor is not None:  # backtrack window (engine/backtrack.py)
+            horizon = min(horizon, self.retention_floor())
         for sub in self._subs.values():
             horizon = min(horizon, sub.oldest_read_point)
         tracker = self.driver.tracker
@@ -172,6 +183,9 @@ class ReplicationService(pb_grpc.ReplicationServicer):
                 if not sub.queue:
                     sub.wakeup.clear()
                     await sub.wakeup.wait()
+                if hub.closed:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        "the writer reopened its volume (backtrack); resubscribe")
                 if sub.overflowed:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         "replica fell behind the redo stream; resubscribe")

@@ -32,6 +32,7 @@ from aurora_pb import database_pb2 as pb
 from aurora_pb import database_pb2_grpc as pb_grpc
 from aurora_pb import replication_pb2_grpc as rpb_grpc
 from engine import errors
+from engine.backtrack import TimeTravel
 from engine.cluster_config import ClusterConfig, LatencyWatcher
 from engine.database import Database
 from engine.recovery import RecoveryError, recover
@@ -56,6 +57,7 @@ ERROR_MAP: list[tuple[type, grpc.StatusCode, str]] = [
     (errors.FencedError, grpc.StatusCode.FAILED_PRECONDITION, "FENCED"),
     (errors.ReadOnlyError, grpc.StatusCode.FAILED_PRECONDITION, "READ_ONLY"),
     (errors.TransactionClosedError, grpc.StatusCode.FAILED_PRECONDITION, "TXN_CLOSED"),
+    (errors.OutOfWindowError, grpc.StatusCode.OUT_OF_RANGE, "OUT_OF_WINDOW"),
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"),
     (errors.DatabaseError, grpc.StatusCode.INVALID_ARGUMENT, "BAD_REQUEST"),
 ]
@@ -127,6 +129,9 @@ class DatabaseService(pb_grpc.DatabaseServicer):
         the new writer. A commit accepted here and failing later (fenced by storage, the
         writer stepping down) carries no such promise: its outcome is unknown."""
         role = self.inst.role
+        if self.inst.backtracking:
+            raise NothingDone(errors.UnavailableError(
+                f"{self.instance} is backtracking its volume; retry in a moment"))
         if role == "writer":
             return
         if role == "fenced":
@@ -157,13 +162,17 @@ class DatabaseService(pb_grpc.DatabaseServicer):
     async def Get(self, request, context):
         try:
             table = _table(request.table)
-            if request.txn_id:
+            read_point = self.inst.vdl
+            if request.as_of_lsn or request.as_of_time_us:
+                read_point = await self.inst.as_of_read_point(request)
+                value = await self.db.get_as_of(table, request.key, read_point)
+            elif request.txn_id:
                 value = await self._txn(request.txn_id).get(table, request.key)
             else:
                 value = await self.db.get(table, request.key)
             if value is None:
                 raise errors.KeyNotFound(f"key {request.key!r} not found in table {table!r}")
-            return pb.GetReply(value=value, read_point=self.inst.vdl)
+            return pb.GetReply(value=value, read_point=read_point)
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -203,12 +212,16 @@ class DatabaseService(pb_grpc.DatabaseServicer):
                 raise errors.DatabaseError(f"scan limit {limit} exceeds the maximum {SCAN_LIMIT_MAX}")
             start = request.start or None
             end = request.end or None
-            if request.txn_id:
+            read_point = self.inst.vdl
+            if request.as_of_lsn or request.as_of_time_us:
+                read_point = await self.inst.as_of_read_point(request)
+                items = await self.db.scan_as_of(_table(request.table), start, end, limit, read_point)
+            elif request.txn_id:
                 items = await self._txn(request.txn_id).scan(_table(request.table), start, end, limit)
             else:
                 items = await self.db.scan(_table(request.table), start, end, limit)
             return pb.ScanReply(items=[pb.KeyValue(key=k, value=v) for k, v in items],
-                                read_point=self.inst.vdl)
+                                read_point=read_point)
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -290,6 +303,8 @@ class Instance:
         self.hub: ReplicationHub | None = None
         self.replica: Replica | None = None
         self.recovery = None
+        self.timetravel: TimeTravel | None = None
+        self.backtracking = False
         self._background: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
 
@@ -347,8 +362,12 @@ class Instance:
             # The table clients use when they name none always exists, so a read of it
             # says "key not found", never "table not found".
             await db.create_table(DEFAULT_TABLE)
-        self.driver, self.db = driver, db
+        timetravel = TimeTravel(driver, getattr(self.args, "backtrack_window", None))
+        await timetravel.on_open()
+        db.on_commit = timetravel.clock.add
+        self.driver, self.db, self.timetravel = driver, db, timetravel
         self.hub = ReplicationHub(driver, self.name)
+        self.hub.retention_floor = timetravel.retention_floor
         self._background.append(asyncio.get_running_loop().create_task(self.hub.run_gc_horizon()))
 
     async def start_replica(self, writer_address: str) -> None:
@@ -380,13 +399,61 @@ class Instance:
             await self._stop_writer()
             await self.start_replica(writer_address)
 
+    # --- Time travel (engine/backtrack.py) -----------------------------------------------
+
+    def _writer_timetravel(self, what: str) -> TimeTravel:
+        if self.replica is not None:
+            raise errors.DatabaseError(f"{what} is served by the writer, not by replica {self.name}")
+        if self.timetravel is None or self.role != "writer":
+            raise errors.UnavailableError(f"{what}: {self.name} is not an open writer now")
+        return self.timetravel
+
+    async def as_of_read_point(self, request) -> int:
+        """The commit LSN an as-of Get/Scan reads at (inside the window)."""
+        tt = self._writer_timetravel("a time-travel read")
+        lsn, _time_us = await tt.resolve_current(lsn=request.as_of_lsn,
+                                                 time_us=request.as_of_time_us, what="as-of read")
+        return lsn
+
+    async def backtrack(self, to_lsn: int, to_time_us: int) -> dict:
+        """Rewind the volume in place (module doc of engine/backtrack.py): pause writes, hide
+        everything after the target under a new epoch (kept), reopen through recovery."""
+        async with self._lock:
+            tt = self._writer_timetravel("backtrack")
+            started = time.monotonic()
+            target, target_time_us, truncs = await tt.resolve_backtrack(lsn=to_lsn, time_us=to_time_us)
+            self.backtracking = True
+            try:
+                log.warning("backtrack of %s to commit LSN %d: pausing writes, dropping "
+                            "uncommitted work", self.config.volume, target)
+                await tt.write_backtrack(target, truncs)
+                await self._stop_writer()
+                self.database_service_reset()
+                await self.start_writer()
+            finally:
+                self.backtracking = False
+            seconds = time.monotonic() - started
+            log.warning("backtracked %s to LSN %d in %.3fs: epoch %d, VDL %d",
+                        self.config.volume, target, seconds, self.epoch, self.vdl)
+            return {"target_lsn": target, "target_time_us": target_time_us,
+                    "volume_epoch": self.epoch, "vdl": self.vdl, "seconds": seconds}
+
+    def database_service_reset(self) -> None:
+        """Open client transactions die with a backtrack (their reads were of the old state)."""
+        if self.service is not None:
+            self.service.txns.clear()
+
+    service = None
+
     async def _stop_writer(self) -> None:
         for task in self._background:
             task.cancel()
         self._background.clear()
+        if self.hub is not None:
+            self.hub.close()
         if self.driver is not None:
             await self.driver.close()
-        self.driver = self.db = self.hub = None
+        self.driver = self.db = self.hub = self.timetravel = None
 
     async def close(self) -> None:
         if self.replica is not None:
@@ -431,9 +498,99 @@ class InstanceAdminService(pb_grpc.InstanceAdminServicer):
         except Exception as exc:
             await abort_with(context, exc)
 
+    async def Backtrack(self, request, context):
+        try:
+            return pb.BacktrackReply(**await self.inst.backtrack(request.to_lsn, request.to_time_us))
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def BacktrackInfo(self, request, context):
+        try:
+            tt = self.inst._writer_timetravel("backtrack info")
+            await tt.load_history()
+            return pb.BacktrackInfoReply(**await tt.window())
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def CreateClone(self, request, context):
+        try:
+            started = time.monotonic()
+            tt = self.inst._writer_timetravel("clone")
+            if not request.name:
+                raise errors.DatabaseError("clone: a name is required")
+            if request.at_lsn or request.at_time_us:
+                lsn, time_us = await tt.resolve_current(lsn=request.at_lsn, time_us=request.at_time_us,
+                                                        what="clone")
+            else:
+                lsn, time_us = await tt.find_commit(upto_lsn=self.inst.vdl)
+            await tt.create_clone(request.name, lsn)
+            return pb.CreateCloneReply(fork_lsn=lsn, fork_time_us=time_us,
+                                       seconds=time.monotonic() - started)
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def ListVolumes(self, request, context):
+        try:
+            return pb.ListVolumesReply(volumes=await list_volumes(self.inst.driver))
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def DropVolume(self, request, context):
+        try:
+            if request.name == self.inst.config.volume:
+                raise errors.DatabaseError(f"{request.name!r} is this writer's own volume; stop "
+                                           f"its writer and drop it from another")
+            await drop_volume(self.inst.driver, request.name)
+            return pb.DropVolumeReply()
+        except Exception as exc:
+            await abort_with(context, exc)
+
+
+async def list_volumes(driver) -> list:
+    """Every volume the reachable storage nodes hold, with bytes from the first node that
+    answers for it (one copy of six)."""
+    from aurora_pb import storage_pb2 as spb
+    if driver is None:
+        raise errors.UnavailableError("no storage driver yet")
+    found: dict[str, object] = {}
+    for name in driver.node_names:
+        try:
+            reply = await driver.stub(name).NodeStatus(spb.NodeStatusRequest(), timeout=5.0)
+        except grpc.RpcError:
+            continue
+        for v in reply.volumes:
+            if v.volume in found:
+                continue
+            try:
+                b = await driver.stub(name).VolumeBytes(spb.VolumeBytesRequest(volume=v.volume),
+                                                        timeout=30.0)
+            except grpc.RpcError:
+                continue
+            found[v.volume] = pb.VolumeEntry(name=v.volume, parent=v.parent, fork_lsn=v.fork_lsn,
+                                             dropped=v.dropped, owned_bytes=b.owned_bytes,
+                                             shared_bytes=b.shared_bytes)
+    return [found[k] for k in sorted(found)]
+
+
+async def drop_volume(driver, volume: str) -> None:
+    from aurora_pb import storage_pb2 as spb
+    ok, errs = 0, []
+    for name in driver.node_names:
+        try:
+            await driver.stub(name).DropVolume(spb.VolumeDropRequest(volume=volume), timeout=5.0)
+            ok += 1
+        except grpc.RpcError as exc:
+            errs.append(exc)
+    if errs and errs[0].code() == grpc.StatusCode.NOT_FOUND and ok == 0:
+        raise errors.DatabaseError(f"no volume named {volume!r}")
+    if ok < 4:
+        raise errors.UnavailableError(f"drop of {volume!r} reached only {ok} storage nodes")
+
 
 async def serve(args) -> int:
     config = ClusterConfig.load(args.cluster)
+    if getattr(args, "volume", None):
+        config.volume = args.volume
     inst = Instance(args, config)
     role = "replica" if getattr(args, "writer", None) else "writer"
     if role == "writer":
@@ -441,6 +598,7 @@ async def serve(args) -> int:
     else:
         await inst.start_replica(args.writer)
     service = DatabaseService(inst)
+    inst.service = service
     server = grpc.aio.server()
     pb_grpc.add_DatabaseServicer_to_server(service, server)
     pb_grpc.add_InstanceAdminServicer_to_server(InstanceAdminService(inst), server)

@@ -141,9 +141,9 @@ class StorageService(pb_grpc.StorageServicer):
             for e, t, v, truncs in entries])
 
     @refusals
-    async def DropVolume(self, request: pb.DropVolumeRequest, context) -> pb.DropVolumeReply:
+    async def DropVolume(self, request: pb.VolumeDropRequest, context) -> pb.VolumeDropReply:
         dropped = await self.node.commit(DropVolumeOp(request.volume))
-        return pb.DropVolumeReply(dropped=dropped)
+        return pb.VolumeDropReply(dropped=dropped)
 
     @refusals
     async def VolumeBytes(self, request: pb.VolumeBytesRequest, context) -> pb.VolumeBytesReply:

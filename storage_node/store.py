@@ -1685,7 +1685,9 @@ class Store:
             m = self._read_meta(txn, prefix)
             if truncs is None:
                 truncs = m.truncs
-            upto = min(upto_lsn, m.scl)
+                upto = min(upto_lsn, m.scl)
+            else:  # another timeline: its records may lie above this timeline's SCL
+                upto = min(upto_lsn, m.max_lsn)
             cur = txn.cursor(db=self.db_pageidx)
             base = prefix + _BE32.pack(pagefmt.META_PAGE_ID)
             if forward:

@@ -36,7 +36,8 @@ class WriterProcess:
     def __init__(self, cluster, base_dir: str | Path, *, volume: str = "v1", pg_count: int = 8,
                  stripe_pages: int = 2, lal: int = 10_000, buffer_pool_pages: int = 256,
                  latency: Latency | None = None, instance: str = "db1",
-                 writer_address: str | None = None, config_path: Path | None = None) -> None:
+                 writer_address: str | None = None, config_path: Path | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.cluster = cluster
         self.base = Path(base_dir)
         self.base.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,7 @@ class WriterProcess:
         self.port = free_ports(1)[0]
         self.address = f"127.0.0.1:{self.port}"
         self.writer_address = writer_address   # set: this process is a replica of it
+        self.extra_args = list(extra_args or [])  # e.g. ["--backtrack-window", "600"]
         self.log_path = self.base / f"{instance}.log"
         self.proc: subprocess.Popen | None = None
         if config_path is not None:
@@ -65,7 +67,7 @@ class WriterProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", *role, "--cluster", str(self.config_path),
              "--instance", self.instance, "--port", str(self.port),
-             "--buffer-pool-pages", str(self.buffer_pool_pages)],
+             "--buffer-pool-pages", str(self.buffer_pool_pages), *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.base),
             start_new_session=True)
         log.close()
