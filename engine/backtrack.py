@@ -43,6 +43,7 @@ import asyncio
 import bisect
 import collections
 import logging
+import os
 import time
 
 import grpc
@@ -53,7 +54,7 @@ from engine.volume import VR, VW
 
 log = logging.getLogger(__name__)
 
-BACKTRACK_WINDOW_DEFAULT_S = 3600.0
+BACKTRACK_WINDOW_DEFAULT_S = float(os.environ.get("AURORA_BACKTRACK_WINDOW_S", "3600"))
 BACKTRACK_WINDOW_MAX_S = 72 * 3600.0
 RPC_TIMEOUT_S = 5.0
 CLOCK_SAMPLES_MAX = 100_000

@@ -204,6 +204,15 @@ def open_client(args, timeout_s: float = READ_TIMEOUT_S, failover_wait_s: float 
     return client
 
 
+def _client_for(args, **kwargs):
+    """The clone writer's Client for --volume NAME (engine/cli_clones.py), else the
+    cluster's ClusterClient."""
+    from engine.cli_clones import open_volume_client
+
+    client = open_volume_client(args)
+    return client if client is not None else open_client(args, **kwargs)
+
+
 def endpoint_text(args) -> str | None:
     """'ADDRESS (NAME, ENDPOINT endpoint)' of the client's current target, for messages."""
     client = getattr(args, "_client", None)
@@ -428,7 +437,10 @@ def cmd_up(args) -> int:
             argv += [flag, str(value)]
     # A fresh process in its own session: Ctrl-C in this terminal reaches only `up`,
     # which then stops the cluster in order.
-    popen = spawn(argv, dd.log("control"), new_session=True)
+    env = None
+    if args.backtrack_window is not None:   # the writers read it (engine/backtrack.py)
+        env = dict(os.environ, AURORA_BACKTRACK_WINDOW_S=str(args.backtrack_window))
+    popen = spawn(argv, dd.log("control"), new_session=True, env=env)
     print(f"starting a cluster in {dd.root} (control plane pid {popen.pid}) ...",
           file=sys.stderr, flush=True)
     stop = _StopSignal()
@@ -583,7 +595,11 @@ def _shutdown(dd: DataDir, info: dict, popen=None) -> int:
 
 @guarded
 def cmd_down(args) -> int:
+    from engine.cli_clones import stop_clone_writers
+
     dd = data_dir_of(args)
+    for line in stop_clone_writers(dd):   # before the storage nodes they write to
+        print(line)
     info = running_control(dd)
     if info is None:
         stale = read_control(dd)
@@ -627,7 +643,7 @@ def _out(data: bytes) -> None:
 
 @guarded
 def cmd_put(args) -> int:
-    with open_client(args) as db:
+    with _client_for(args) as db:
         lsn = db.put(_b(args.key), _b(args.value), timeout_s=args.timeout)
     print(f"OK (commit LSN {lsn})")
     return EXIT_OK
@@ -637,10 +653,13 @@ def cmd_put(args) -> int:
 def cmd_get(args) -> int:
     from engine import errors
 
-    with open_client(args, timeout_s=args.timeout or READ_TIMEOUT_S,
+    from engine.cli_clones import as_of_kwargs
+
+    as_of = as_of_kwargs(args)
+    with _client_for(args, timeout_s=args.timeout or READ_TIMEOUT_S,
                      failover_wait_s=args.timeout or READ_TIMEOUT_S) as db:
         try:
-            value = db.get(_b(args.key))
+            value = db.get(_b(args.key), **as_of)
         except errors.KeyNotFound:
             raise CliError(f"not found: key {args.key!r}", EXIT_NOT_FOUND) from None
     _out(value)
@@ -651,7 +670,7 @@ def cmd_get(args) -> int:
 def cmd_delete(args) -> int:
     from engine import errors
 
-    with open_client(args) as db:
+    with _client_for(args) as db:
         try:
             lsn = db.delete(_b(args.key), timeout_s=args.timeout)
         except errors.KeyNotFound:
@@ -662,9 +681,12 @@ def cmd_delete(args) -> int:
 
 @guarded
 def cmd_scan(args) -> int:
-    with open_client(args, timeout_s=args.timeout or READ_TIMEOUT_S,
+    from engine.cli_clones import as_of_kwargs
+
+    as_of = as_of_kwargs(args)
+    with _client_for(args, timeout_s=args.timeout or READ_TIMEOUT_S,
                      failover_wait_s=args.timeout or READ_TIMEOUT_S) as db:
-        items = db.scan(_b(args.start or ""), _b(args.end or ""), args.limit or 0)
+        items = db.scan(_b(args.start or ""), _b(args.end or ""), args.limit or 0, **as_of)
     for key, value in items:
         _out(key + b"\t" + value)
     return EXIT_OK
@@ -991,6 +1013,7 @@ def _endpoint_arg(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add the cluster verbs to `aurora-lite`'s subcommands."""
+    from engine.cli_clones import add_volume_args, register as register_clones
     p = subparsers.add_parser("up", help="start a local cluster (control plane, six storage nodes, writer, replicas)")
     _data_dir_arg(p)
     p.add_argument("--detach", action="store_true", help="return to the shell once every process serves")
@@ -1005,6 +1028,9 @@ def register(subparsers) -> None:
                         f"an existing data dir brings back the instances it had)")
     p.add_argument("--timeout", type=float, default=UP_TIMEOUT_S,
                    help=f"give up if not every process serves after this many seconds (default {UP_TIMEOUT_S:.0f})")
+    p.add_argument("--backtrack-window", type=float, default=None, metavar="SECONDS",
+                   help="how far back backtrack and as-of reads reach (default 3600; at most "
+                        "259200 = 72 h); storage keeps that much history")
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser("down", help="stop the cluster of a data dir")
@@ -1034,6 +1060,7 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="give up waiting for durability after S seconds (exit code 4); default: wait")
     _endpoint_arg(p)
+    add_volume_args(p, as_of=False)
     p.set_defaults(func=cmd_put)
 
     p = subparsers.add_parser("get", help="get KEY (exit code 1 if not found)")
@@ -1041,6 +1068,7 @@ def register(subparsers) -> None:
     p.add_argument("key")
     p.add_argument("--timeout", type=float, default=None, help=f"RPC deadline (default {READ_TIMEOUT_S:.0f}s)")
     _endpoint_arg(p)
+    add_volume_args(p, as_of=True)
     p.set_defaults(func=cmd_get)
 
     p = subparsers.add_parser("delete", help="delete KEY (exit code 1 if not found)")
@@ -1048,6 +1076,7 @@ def register(subparsers) -> None:
     p.add_argument("key")
     p.add_argument("--timeout", type=float, default=None, help="commit deadline, as for put")
     _endpoint_arg(p)
+    add_volume_args(p, as_of=False)
     p.set_defaults(func=cmd_delete)
 
     p = subparsers.add_parser("scan", help="keys in order: KEY<TAB>VALUE per line")
@@ -1057,6 +1086,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=0, help="at most N keys (default: server's, 1000)")
     p.add_argument("--timeout", type=float, default=None, help=f"RPC deadline (default {READ_TIMEOUT_S:.0f}s)")
     _endpoint_arg(p)
+    add_volume_args(p, as_of=True)
     p.set_defaults(func=cmd_scan)
 
     p = subparsers.add_parser("shell", help="interactive prompt: put/get/delete/scan, begin/commit/abort, status")
@@ -1126,6 +1156,8 @@ def register(subparsers) -> None:
     q.add_argument("name")
     _data_dir_arg(q)
     q.set_defaults(func=cmd_endpoint)
+
+    register_clones(subparsers)
 
     p = subparsers.add_parser("logs", help="print a process's log (NAME: sn1..sn6, db1, db2, ..., control)")
     _data_dir_arg(p)
