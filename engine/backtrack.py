@@ -177,17 +177,20 @@ class TimeTravel:
         await self.load_history()
         states = await self._each_node(lambda stub: stub.NodeStatus(pb.NodeStatusRequest(),
                                                                     timeout=RPC_TIMEOUT_S))
+        # For times before this writer opened, the floor is the GC horizon the previous
+        # writer left: it was at or below the floor of its time, and a floor only rises
+        # (a backtrack target is at or above it too). No scan of the log at open, so
+        # opening (failover) does not grow with the commits inside the window.
+        horizon = 0
         for a in states.values():
             if not isinstance(a, grpc.RpcError):
                 for v in a.volumes:
                     if v.volume == self.driver.volume and v.parent:
                         self.fork_lsn = max(self.fork_lsn, v.fork_lsn)
-        self.open_floor = await self._floor_from_storage(self.opened_us - int(self.window_s * 1e6))
-
-    async def _floor_from_storage(self, start_us: int) -> int:
-        vdl = self.driver.vdl
-        lsn, _t = await self.find_commit(upto_lsn=vdl, max_time_us=max(1, start_us))
-        return lsn
+                for seg in a.segments:
+                    if seg.volume == self.driver.volume:
+                        horizon = max(horizon, seg.gc_horizon)
+        self.open_floor = min(horizon, self.driver.vdl)
 
     def retention_floor(self) -> int:
         """Lowest LSN the window may still need (GC horizon cap, invariant 12): the
@@ -348,11 +351,28 @@ class TimeTravel:
                  [(s, e) for s, e, _ in new_set], new_epoch, target, end)
         return new_epoch, end
 
+    async def fork_tails(self, fork_lsn: int) -> list[int]:
+        """Per PG, the last record at or below fork_lsn: the highest tail any node reports
+        (each is durable on a write quorum, so a read quorum of answers holds it)."""
+        driver = self.driver
+
+        async def one_pg(pg):
+            request = pb.SegmentStateRequest(volume=driver.volume, pg=pg, tail_bound=fork_lsn)
+            answers = await self._each_node(lambda stub: stub.SegmentState(request, timeout=RPC_TIMEOUT_S))
+            good = [a for a in answers.values() if not isinstance(a, grpc.RpcError)]
+            if len(good) < VR:
+                raise UnavailableError(f"clone: PG {pg} answered from {len(good)} of the {VR} "
+                                       f"nodes it needs")
+            return max(a.tail_lsn for a in good)
+
+        return list(await asyncio.gather(*(one_pg(pg) for pg in range(driver.layout.pg_count))))
+
     async def create_clone(self, name: str, fork_lsn: int) -> None:
         driver = self.driver
         request = pb.CreateVolumeRequest(volume=name, pg_count=driver.layout.pg_count,
                                          stripe_pages=driver.layout.stripe_pages,
-                                         volume_epoch=1, parent=driver.volume, fork_lsn=fork_lsn)
+                                         volume_epoch=1, parent=driver.volume, fork_lsn=fork_lsn,
+                                         fork_tails=await self.fork_tails(fork_lsn))
         answers = await self._each_node(lambda stub: stub.CreateVolume(request, timeout=RPC_TIMEOUT_S))
         ok = [n for n, a in answers.items() if not isinstance(a, grpc.RpcError)]
         errors = [a for a in answers.values() if isinstance(a, grpc.RpcError)]

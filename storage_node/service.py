@@ -154,7 +154,7 @@ class StorageService(pb_grpc.StorageServicer):
     async def CreateVolume(self, request: pb.CreateVolumeRequest, context) -> pb.CreateVolumeReply:
         created = await self.node.commit(CreateVolumeOp(
             request.volume, request.pg_count, request.stripe_pages or DEFAULT_STRIPE_PAGES,
-            request.volume_epoch, request.parent, request.fork_lsn))
+            request.volume_epoch, request.parent, request.fork_lsn, tuple(request.fork_tails)))
         return pb.CreateVolumeReply(created=created)
 
     @refusals

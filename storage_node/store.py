@@ -28,6 +28,8 @@ page's versions in LSN order. Values are little-endian like the record and page 
                                                   37 24*n the parent's  older nodes: not a
                                                         truncation      clone)
                                                         ranges
+                                                  37+24n 8*pg_count fork_tails: per PG, the
+                                                        parent segment's last record <= fork
                                                         at the fork (start, end, epoch)
     segments    0  8  seg                         0  8  scl            invariant 4
                                                   8  8  volume_epoch   invariant 9
@@ -235,24 +237,30 @@ class VolumeInfo:
     fork_lsn: int = 0           # a clone reads its parent as of this LSN
     dropped: bool = False
     inherited: tuple = ()       # the parent's truncation set at the fork
+    fork_tails: tuple = ()      # per PG: the parent segment's last record <= fork_lsn
 
     def encode(self) -> bytes:
         return (_VOLUME.pack(self.vol_id, self.layout.pg_count, self.layout.stripe_pages,
                              self.created_epoch)
                 + _VOLUME_CLONE.pack(self.parent_id, self.fork_lsn, int(self.dropped),
                                      len(self.inherited))
-                + b"".join(_TRUNC.pack(*t) for t in self.inherited))
+                + b"".join(_TRUNC.pack(*t) for t in self.inherited)
+                + b"".join(_U64.pack(t) for t in self.fork_tails))
 
     @classmethod
     def decode(cls, name: str, value: bytes) -> "VolumeInfo":
         vol_id, pg_count, stripe, created = _VOLUME.unpack_from(value, 0)
         parent_id = fork_lsn = dropped = 0
         inherited: tuple = ()
+        tails: tuple = ()
         if len(value) > _VOLUME.size:
-            parent_id, fork_lsn, dropped, _n = _VOLUME_CLONE.unpack_from(value, _VOLUME.size)
+            parent_id, fork_lsn, dropped, n = _VOLUME_CLONE.unpack_from(value, _VOLUME.size)
             inherited = _unpack_truncs(value, _VOLUME.size + _VOLUME_CLONE.size - 4)
+            off = _VOLUME.size + _VOLUME_CLONE.size + n * _TRUNC.size
+            tails = tuple(_U64.unpack_from(value, off + 8 * i)[0]
+                          for i in range((len(value) - off) // 8))
         return cls(name, vol_id, VolumeLayout(pg_count, stripe), created, parent_id, fork_lsn,
-                   bool(dropped), inherited)
+                   bool(dropped), inherited, tails)
 
 
 @dataclass
@@ -313,6 +321,8 @@ class CreateVolumeOp:
     epoch: int
     parent: str = ""     # a clone of this volume ...
     fork_lsn: int = 0    # ... as of this LSN (a CPL <= the parent's VDL)
+    fork_tails: tuple = ()  # per PG: the parent's last record <= fork_lsn (the creator
+    #                        learns them from a read quorum; a reading node must hold them)
 
 
 @dataclass
@@ -763,6 +773,9 @@ class Store:
         if parent is not None:
             if op.fork_lsn < 1:
                 raise MalformedError(f"CreateVolume {op.volume!r}: a clone needs a fork LSN >= 1")
+            if len(op.fork_tails) != op.pg_count or any(t > op.fork_lsn for t in op.fork_tails):
+                raise MalformedError(f"CreateVolume {op.volume!r}: a clone needs one fork tail "
+                                     f"<= the fork LSN per PG ({op.pg_count})")
             metas = [ctx.meta((parent.name, pg)) for pg in range(parent.layout.pg_count)]
             horizon = max(m.gc_horizon for m in metas)
             if horizon > op.fork_lsn:
@@ -778,7 +791,8 @@ class Store:
         txn.put(b"next_vol_id", _U32.pack(vol_id + 1), db=self.db_node)
         info = VolumeInfo(op.volume, vol_id, VolumeLayout(op.pg_count, op.stripe_pages), op.epoch,
                           parent.vol_id if parent else 0, op.fork_lsn if parent else 0, False,
-                          tuple(sorted(set(inherited))))
+                          tuple(sorted(set(inherited))),
+                          tuple(op.fork_tails) if parent else ())
         txn.put(op.volume.encode(), info.encode(), db=self.db_volumes)
         ctx.new_volumes[op.volume] = info
         fork = info.fork_lsn
@@ -1258,10 +1272,11 @@ class Store:
         pkey = (parent.name, pg)
         pprefix = seg_prefix(parent.vol_id, pg)
         pm = self._read_meta(txn, pprefix)
-        if pm.scl < info.fork_lsn:
+        if pm.scl < info.fork_tails[pg]:
             raise ReadPointAboveSclError(
                 f"clone {volume!r}: segment {parent.name}/{pg} of its parent is complete only to "
-                f"{pm.scl}, below the fork LSN {info.fork_lsn}")
+                f"{pm.scl}, below its last record {info.fork_tails[pg]} at the fork "
+                f"{info.fork_lsn}; gossip will fill it")
         # Versions above the lowest LSN where the parent's set now differs from the one the
         # clone inherited were built for another timeline of the parent: not for us.
         low = lowest_difference(pm.truncs, info.inherited)

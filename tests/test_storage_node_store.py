@@ -286,3 +286,123 @@ def test_dropping_versions_and_rebuilding_gives_identical_bytes(tmp_path, seed):
         assert S.rebuild_page_versions(path, "v", pg, versions) == versions
         for (page_id, lsn), image in versions.items():
             assert image == chain.oracle_page(page_id, lsn)
+
+
+# --- Timelines (backtrack) and clones: engine/backtrack.py's storage side ---------------------
+
+
+def replace_set(store: S.Store, chain: ChainBuilder, truncs, epoch: int, prev_vdl: int = 0):
+    """Make ``truncs`` every segment's whole truncation set (Truncate with replace)."""
+    for pg in range(chain.layout.pg_count):
+        [result] = store.apply_ops([S.TruncateOp(chain.volume, pg, 0, 0, epoch, tuple(truncs),
+                                                 time_us=epoch * 1000, prev_vdl=prev_vdl)])
+        assert not isinstance(result, Exception), result
+    chain.truncations = [(s, e) for s, e, _ in truncs]
+    chain.lsn = max([chain.lsn] + [e for _s, e, _ in truncs])
+    chain._rebuild_heads()
+    chain.epoch = epoch
+
+
+def test_a_newer_truncation_set_replaces_the_old_one_and_records_come_back(store, seed):
+    """Scenario (backtrack back and forth): hide everything after P, write a new branch,
+    then replace the set by one that hides only what follows Q > P on the OLD branch:
+    the old records in (P, Q] become visible again (SCL walks through them, reads equal
+    the oracle), the new branch is hidden but kept, and the history has every set."""
+    chain = ChainBuilder("v", seed=seed)
+    create(store, chain)
+    append(store, chain, chain.next_records(120))
+    coalesce_all(store, chain)
+    old = list(chain.records)
+    p_lsn, q_lsn = old[40].lsn, old[90].lsn
+    e1 = chain.lsn + 50
+    replace_set(store, chain, [(p_lsn, e1, 2)], 2, prev_vdl=chain.lsn)
+    assert scls(store, chain) == {pg: chain.pg_scl(pg) for pg in range(chain.layout.pg_count)}, f"seed={seed}"
+    check_pages(store, chain, chain.lsn)
+    append(store, chain, chain.next_records(40))
+    coalesce_all(store, chain)
+    branch_end = chain.lsn
+    e2 = chain.lsn + 50
+    replace_set(store, chain, [(q_lsn, e2, 3)], 3, prev_vdl=branch_end)
+    assert scls(store, chain) == {pg: chain.pg_scl(pg) for pg in range(chain.layout.pg_count)}, f"seed={seed}"
+    assert max(chain.pg_scl(pg) for pg in range(chain.layout.pg_count)) == q_lsn
+    check_pages(store, chain, q_lsn)
+    check_pages(store, chain, p_lsn)
+    append(store, chain, chain.next_records(30))
+    check_pages(store, chain, chain.lsn)
+    # The hidden branch is still stored: a set that uncovers it again could bring it back.
+    n_records = sum(store.segment("v", pg).n_records for pg in range(chain.layout.pg_count))
+    assert n_records == len(chain.records), f"seed={seed}: truncation must not delete records"
+    assert [h[0] for h in store.history("v")] == [2, 3]
+    assert store.history("v")[1][2:] == (branch_end, ((q_lsn, e2, 3),))
+    # Gossip: an older set changes nothing, a newer one replaces ours whole.
+    [r] = store.apply_ops([S.AdoptEpochOp("v", 0, 0, ((p_lsn, e1, 2),))])
+    assert store.segment("v", 0).truncs == ((q_lsn, e2, 3),)
+    [r] = store.apply_ops([S.AdoptEpochOp("v", 0, 0, ((q_lsn, e2, 3), (chain.lsn, chain.lsn + 9, 4)))])
+    assert store.segment("v", 0).truncs == ((q_lsn, e2, 3), (chain.lsn, chain.lsn + 9, 4))
+    # A writer_vdl inside a range belongs to a timeline left behind: lowered to its start.
+    assert store.segment("v", 0).writer_vdl <= chain.lsn
+
+
+def _clone_chain(parent: ChainBuilder, name: str, fork: int) -> ChainBuilder:
+    """A builder for a clone: the parent's records up to the fork (its oracle), its own
+    chain linking to the fork in every PG (a clone segment starts complete to the fork)."""
+    import copy
+
+    clone = copy.deepcopy(parent)
+    clone.volume = name
+    clone.records = [r for r in clone.records if r.lsn <= fork]
+    clone.lsn = fork
+    clone._rebuild_heads()
+    for pg in range(clone.layout.pg_count):
+        clone._last_pg[pg] = fork
+    return clone
+
+
+def test_a_clone_reads_its_parent_as_of_the_fork_and_writes_only_its_own(store, seed):
+    """Scenario (fast clone): a clone created at F copies nothing; its pages are the
+    parent's as of F plus its own records; parent writes after F never show in it and
+    the reverse; parent GC stops at F; dropping the parent keeps the clone readable; a
+    clone of the clone works."""
+    parent = ChainBuilder("p", seed=seed)
+    create(store, parent)
+    append(store, parent, parent.next_records(150))
+    coalesce_all(store, parent)
+    fork = parent.lsn
+    before = store.lmdb_bytes_written
+    tails = tuple(parent.pg_read_point(pg, fork) for pg in range(parent.layout.pg_count))
+    [created] = store.apply_ops([S.CreateVolumeOp("c", parent.layout.pg_count,
+                                                  parent.layout.stripe_pages, 1, "p", fork, tails)])
+    assert created is True
+    assert store.lmdb_bytes_written - before < 4096, "a clone must copy no page or record"
+    clone = _clone_chain(parent, "c", fork)
+    check_pages(store, clone, fork)
+    append(store, parent, parent.next_records(80), writer_vdl=fork)
+    append(store, clone, clone.next_records(60))
+    coalesce_all(store, clone)
+    check_pages(store, clone, clone.lsn)
+    check_pages(store, parent, parent.lsn)
+    owned, shared = store.volume_bytes("c")
+    assert owned > 0 and shared > 0
+    # Parent GC: a horizon past the fork is capped at it.
+    append(store, parent, parent.next_records(5), writer_vdl=parent.lsn)
+    store.apply_ops([S.SetGcHorizonOp("p", parent.lsn, 1)])
+    for pg in range(parent.layout.pg_count):
+        start = 0
+        while start is not None:
+            op, start = store.plan_gc("p", pg, parent.lsn, start)
+            store.apply_ops([op])
+        assert store.segment("p", pg).gc_done <= fork, f"seed={seed}: parent GC passed the fork"
+    check_pages(store, clone, clone.lsn)
+    # A clone of the clone, then drop the middle one: both descendants still read.
+    fork2 = clone.lsn
+    tails2 = tuple(clone.pg_read_point(pg, fork2) for pg in range(parent.layout.pg_count))
+    store.apply_ops([S.CreateVolumeOp("cc", parent.layout.pg_count, parent.layout.stripe_pages,
+                                      1, "c", fork2, tails2)])
+    grand = _clone_chain(clone, "cc", fork2)
+    append(store, grand, grand.next_records(30))
+    [dropped] = store.apply_ops([S.DropVolumeOp("c")])
+    assert dropped is True
+    check_pages(store, grand, grand.lsn)
+    check_pages(store, clone, clone.lsn)
+    with pytest.raises(E.UnknownVolumeError):
+        append(store, clone, clone.next_records(1))
