@@ -136,6 +136,11 @@ class Gossip:
 
     async def _learn_volumes(self, status: pb.NodeStatusReply) -> None:
         for v in status.volumes:
+            if v.parent:
+                # A clone needs its fork tails and inherited set, which only its creator
+                # (engine/backtrack.py) knows: a node that missed CreateVolume does without
+                # the clone (the writer needs 4 of 6; membership change is absent).
+                continue
             try:
                 self.store.volume(v.volume)
             except StorageError:
@@ -158,7 +163,10 @@ class Gossip:
         if state.volume_epoch > m.volume_epoch or missing:
             self.log.info("gossip: segment %s/%d adopts epoch %d and %d truncation ranges from %s",
                           volume, pg, state.volume_epoch, len(missing), state.node_id or peer)
-            await self.node.commit(AdoptEpochOp(volume, pg, state.volume_epoch, missing),
+            # The peer's WHOLE set: a newer set replaces ours (a backtrack may have removed
+            # a range), so a partial one would drop ranges we must keep.
+            theirs = tuple((t.start_lsn, t.end_lsn, t.epoch) for t in state.truncations)
+            await self.node.commit(AdoptEpochOp(volume, pg, state.volume_epoch, theirs),
                                    background=True)
 
     async def _pull(self, stub, peer: str, key: tuple, peer_scl: int, budget: int) -> tuple[int, int]:
