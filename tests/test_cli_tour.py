@@ -109,10 +109,10 @@ def up(cli: Cli, *flags) -> list[int]:
     return cli.pids()
 
 
-def readme_tour_commands() -> list[str]:
+def readme_tour_commands(section: str = "Tour") -> list[str]:
     with open(README) as f:
         text = f.read()
-    tour = text.split("\n## Tour", 1)[1].split("\n## ", 1)[0]
+    tour = text.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
     return [line[len("$ aurora-lite "):].strip() for line in tour.splitlines()
             if line.startswith("$ aurora-lite ")]
 
@@ -364,3 +364,51 @@ def test_two_clusters_side_by_side(tmp_path):
         for cli, pids in ((a, pids_a), (b, pids_b)):
             cli("down", check=None, record=False)
             cli.kill_leftovers(pids)
+
+
+def test_readme_time_travel(tmp_path):
+    """Scenario: README.md's "Time travel" section on a fresh data dir: an as-of scan, a
+    clone at an older commit that takes its own writes, a backtrack that hides the last
+    commit and one that brings it back, then down (which also stops the clone's writer).
+    LSNs are taken from the puts' answers (the README shows those of one run)."""
+    cli = Cli(tmp_path / "aurora")
+    pids: list[int] = []
+    try:
+        out = cli("up", "--detach", timeout=90).stdout
+        assert "aurora-lite cluster is up" in out, out
+        pids = cli.pids()
+        apple = commit_lsn(cli("put", "apple", "red"))
+        banana = commit_lsn(cli("put", "banana", "yellow"))
+        cherry = commit_lsn(cli("put", "cherry", "dark-red"))
+        assert apple < banana < cherry
+        assert cli("scan", "--as-of-lsn", str(banana)).stdout == "apple\tred\nbanana\tyellow\n"
+        out = cli("clone", "create", "experiment", "--at-lsn", str(banana)).stdout
+        assert f"as of commit LSN {banana} " in out and "no data copied" in out, out
+        out = cli("clone", "start", "experiment", timeout=120).stdout
+        assert "writer of volume experiment serving on" in out, out
+        commit_lsn(cli("put", "kiwi", "brown", "--volume", "experiment"))
+        assert cli("scan", "--volume", "experiment").stdout == (
+            "apple\tred\nbanana\tyellow\nkiwi\tbrown\n")
+        assert cli("get", "kiwi", check=1, record=False).returncode == 1  # not in the parent
+        out = cli("clone", "list").stdout
+        assert re.search(rf"^experiment +main +{banana} +[\d,]+ B +[1-9][\d,]* B +writer up$",
+                         out, re.M), out
+        out = cli("backtrack", "--to-lsn", str(banana), timeout=120).stdout
+        assert out.startswith(f"backtracked to commit LSN {banana} "), out
+        assert one_error_line(cli("get", "cherry", check=1)) == "aurora-lite: not found: key 'cherry'"
+        out = cli("backtrack", "--to-lsn", str(cherry), timeout=120).stdout
+        assert out.startswith(f"backtracked to commit LSN {cherry} "), out
+        assert cli("get", "cherry").stdout == "dark-red\n"
+        out = cli("backtrack", "info").stdout
+        assert f"latest reachable:   LSN {cherry} " in out and "timelines recorded" in out, out
+        clone_pid = json.load(open(os.path.join(cli.data_dir, "clones", "experiment.json")))["pid"]
+        out = cli("down").stdout
+        assert "clone writer experiment" in out and "no process left running" in out, out
+        assert_gone(pids + [clone_pid])
+        normalise = lambda cmds: [re.sub(r"\b\d{5,}\b", "LSN", c) for c in cmds]
+        assert normalise(cli.ran) == normalise(readme_tour_commands("Time travel")), (
+            "README.md's time-travel section and this test differ")
+        assert_no_error_lines(cli)
+    finally:
+        cli("down", check=None, record=False)
+        cli.kill_leftovers(pids)
