@@ -60,6 +60,14 @@ RPC_TIMEOUT_S = 5.0
 CLOCK_SAMPLES_MAX = 100_000
 
 
+class BacktrackNotStarted(Exception):
+    """A backtrack refused before it wrote anything (wraps the error to report)."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
 def fmt_time(time_us: int) -> str:
     if not time_us:
         return "-"
@@ -318,6 +326,11 @@ class TimeTravel:
         volume, layout = driver.volume, driver.layout
         states = await self._each_node(lambda stub: stub.NodeStatus(pb.NodeStatusRequest(),
                                                                     timeout=RPC_TIMEOUT_S))
+        answered = [a for a in states.values() if not isinstance(a, grpc.RpcError)]
+        if len(answered) < VW:
+            raise BacktrackNotStarted(UnavailableError(
+                f"backtrack needs {VW} storage nodes to write its truncation set; "
+                f"{len(answered)} answer. Nothing was changed"))
         epoch, max_lsn = driver.epoch, driver.vdl
         for a in states.values():
             if isinstance(a, grpc.RpcError):

@@ -32,7 +32,7 @@ from aurora_pb import database_pb2 as pb
 from aurora_pb import database_pb2_grpc as pb_grpc
 from aurora_pb import replication_pb2_grpc as rpb_grpc
 from engine import errors
-from engine.backtrack import TimeTravel
+from engine.backtrack import BacktrackNotStarted, TimeTravel
 from engine.cluster_config import ClusterConfig, LatencyWatcher
 from engine.database import Database
 from engine.recovery import RecoveryError, recover
@@ -426,7 +426,22 @@ class Instance:
             try:
                 log.warning("backtrack of %s to commit LSN %d: pausing writes, dropping "
                             "uncommitted work", self.config.volume, target)
-                await tt.write_backtrack(target, truncs)
+                try:
+                    await tt.write_backtrack(target, truncs)
+                except BacktrackNotStarted as exc:
+                    raise exc.exc from None
+                except Exception as exc:
+                    # Part of the new set may be on some nodes, and this writer's epoch is
+                    # stale there: reopen through recovery, which takes the newest set a
+                    # read quorum holds (the backtrack happened or it did not).
+                    log.warning("backtrack of %s failed while writing (%s); reopening "
+                                "through recovery", self.config.volume, exc)
+                    await self._stop_writer()
+                    self.database_service_reset()
+                    await self.start_writer()
+                    raise errors.UnavailableError(
+                        f"backtrack interrupted ({exc}); the writer reopened at VDL "
+                        f"{self.vdl}: check with `backtrack info` or a read") from None
                 await self._stop_writer()
                 self.database_service_reset()
                 await self.start_writer()
