@@ -238,6 +238,8 @@ class TimeTravel:
                 earliest = (at[0], max(at[1], start_us))
         if not earliest[0]:
             earliest = await self.find_commit(upto_lsn=vdl, forward=True)
+        if self.fork_lsn and earliest[0] < self.fork_lsn:   # a clone starts at its fork
+            earliest = await self.find_commit(upto_lsn=self.fork_lsn)
         return {"earliest_lsn": earliest[0], "earliest_time_us": earliest[1],
                 "latest_lsn": latest[0], "latest_time_us": latest[1], "window_s": self.window_s,
                 "timelines": len(self.history)}
@@ -269,6 +271,9 @@ class TimeTravel:
         floor = self.retention_floor()
         start_us = time.time_ns() // 1000 - int(self.window_s * 1e6)
         target = f"LSN {lsn}" if lsn else f"time {fmt_time(time_us)}"
+        if self.fork_lsn and ((lsn and lsn < self.fork_lsn) or found[0] < self.fork_lsn):
+            raise OutOfWindowError(f"{what}: {target} is before this clone's creation point "
+                                   f"(fork LSN {self.fork_lsn})")
         if not found[0]:
             raise OutOfWindowError(f"{what}: no commit at or before {target} is kept; "
                                    f"{self._window_text(await self.window())}")
@@ -350,7 +355,7 @@ class TimeTravel:
 
         async def one_pg(pg):
             return pg, await self._each_node(lambda stub: stub.Truncate(
-                truncate_request(volume, pg, new_epoch, new_set, now_us, driver.vdl),
+                truncate_request(volume, pg, new_epoch, new_set, now_us, driver.vdl, target),
                 timeout=RPC_TIMEOUT_S))
 
         done = dict(await asyncio.gather(*(one_pg(pg) for pg in range(layout.pg_count))))
@@ -382,6 +387,11 @@ class TimeTravel:
 
     async def create_clone(self, name: str, fork_lsn: int) -> None:
         driver = self.driver
+        states = await self._each_node(lambda stub: stub.NodeStatus(pb.NodeStatusRequest(),
+                                                                    timeout=RPC_TIMEOUT_S))
+        for a in states.values():
+            if not isinstance(a, grpc.RpcError) and any(v.volume == name for v in a.volumes):
+                raise DatabaseError(f"clone {name!r}: a volume of that name already exists")
         request = pb.CreateVolumeRequest(volume=name, pg_count=driver.layout.pg_count,
                                          stripe_pages=driver.layout.stripe_pages,
                                          volume_epoch=1, parent=driver.volume, fork_lsn=fork_lsn,

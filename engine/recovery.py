@@ -109,13 +109,13 @@ def lower_out_of(lsn: int, truncs) -> int:
 
 
 def truncate_request(volume: str, pg: int, epoch: int, truncs, time_us: int,
-                     prev_vdl: int) -> pb.TruncateRequest:
+                     prev_vdl: int, set_writer_vdl: int = 0) -> pb.TruncateRequest:
     """A Truncate that makes ``truncs`` the segment's whole truncation set (and records
     the timeline it starts: from time_us, after a timeline that ended at prev_vdl)."""
     return pb.TruncateRequest(
         volume=volume, pg=pg, volume_epoch=epoch, replace=True,
         set=[pb.TruncationRange(start_lsn=s, end_lsn=e, epoch=ep) for s, e, ep in truncs],
-        time_us=time_us, prev_vdl=prev_vdl)
+        time_us=time_us, prev_vdl=prev_vdl, set_writer_vdl=set_writer_vdl)
 
 
 async def _gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:

@@ -117,7 +117,8 @@ class StorageService(pb_grpc.StorageServicer):
             replace = tuple((t.start_lsn, t.end_lsn, t.epoch) for t in request.set)
         scl = await self.node.commit(TruncateOp(request.volume, request.pg, request.start_lsn,
                                                 request.end_lsn, request.volume_epoch, replace,
-                                                request.time_us, request.prev_vdl))
+                                                request.time_us, request.prev_vdl,
+                                                request.set_writer_vdl))
         return pb.TruncateReply(scl=scl)
 
     @refusals

@@ -75,9 +75,9 @@ State transitions and the functions that make them (all inside ``apply_ops``):
     TruncateOp       a truncation range + epoch, or (backtrack,   _op_truncate
                      recovery) a whole new truncation set that
                      replaces the old one plus a history row;
-                     SCL recomputed; versions above the lowest
-                     changed LSN dropped; writer_vdl lowered
-                     out of any truncation range
+                     SCL recomputed from the lowest changed
+                     LSN; writer_vdl lowered out of any range
+                     (or set to a backtrack's target)
     DropVolumeOp     mark a volume dropped (clones keep reading   _op_drop_volume
                      its segments; nothing is deleted)
     AdoptEpochOp     a higher epoch (fencing) and a peer's       _op_adopt_epoch
@@ -215,6 +215,14 @@ def lowest_difference(old, new) -> int | None:
     return min(s for s, _e in diff) if diff else None
 
 
+def _range_of(lsn: int, truncs):
+    """The (start, end, epoch) range hiding ``lsn``, or None."""
+    for t in truncs:
+        if t[0] < lsn <= t[1]:
+            return t
+    return None
+
+
 def _in_truncation(lsn: int, truncs) -> bool:
     for start, end, _epoch in truncs:
         if start < lsn <= end:
@@ -344,6 +352,7 @@ class TruncateOp:
     replace: tuple | None = None
     time_us: int = 0
     prev_vdl: int = 0
+    set_writer_vdl: int = 0  # backtrack: the target is durable and the new lowest VDL
 
 
 @dataclass
@@ -899,8 +908,9 @@ class Store:
             if k[:8] != prefix:
                 break
             lsn = _BE64.unpack_from(k, 8)[0]
-            if truncs and _in_truncation(lsn, truncs):
-                if not cur.next():
+            hidden = truncs and _range_of(lsn, truncs)
+            if hidden:  # jump over the whole range: a deep backtrack hides many records
+                if hidden[1] >= LSN_MAX or not cur.set_range(prefix + _BE64.pack(hidden[1] + 1)):
                     break
                 continue
             v = cur.value()
@@ -925,10 +935,12 @@ class Store:
             if k[:8] != prefix:
                 break
             lsn = _BE64.unpack_from(k, 8)[0]
-            if not _in_truncation(lsn, m.truncs):
+            hidden = _range_of(lsn, m.truncs)
+            if hidden is None:
                 found = lsn
                 break
-            ok = cur.prev()
+            ok = cur.set_range(prefix + _BE64.pack(hidden[0] + 1))   # jump below the range
+            ok = cur.prev() if ok else cur.last()
         quarantined = [q for q in self._quar_records.get(key, ()) if q <= limit
                        and not _in_truncation(q, m.truncs)]
         if quarantined:
@@ -946,9 +958,10 @@ class Store:
 
     def _change_truncations(self, ctx: _Txn, key: tuple, prefix: bytes, truncs) -> bool:
         """Make ``truncs`` the segment's truncation set: recompute the SCL from below the
-        lowest LSN whose visibility changed, drop page versions above it (only a cache of
-        the log, invariant 14: the coalescer rebuilds them) and lower writer_vdl out of any
-        range (a VDL inside a range belongs to a timeline that is no longer current)."""
+        lowest LSN whose visibility changed and lower writer_vdl out of any range (a VDL
+        inside a range belongs to a timeline that is no longer current). Page versions
+        stay (see below). Cost: independent of how many records the new set hides or
+        uncovers, apart from the SCL walk through uncovered ones."""
         m = ctx.meta(key)
         truncs = tuple(sorted(set(truncs), key=lambda t: (t[2], t[0])))
         low = lowest_difference(m.truncs, truncs)
@@ -963,29 +976,19 @@ class Store:
         for start, end, _epoch in truncs:
             if start < m.writer_vdl <= end:
                 m.writer_vdl = start
-        vcur = ctx.txn.cursor(db=self.db_versions)
-        dropped = 0
-        if vcur.set_range(prefix):
-            while True:
-                k = vcur.key()
-                if k[:8] != prefix:
-                    break
-                if _BE64.unpack_from(k, 12)[0] > low:
-                    vcur.delete()
-                    dropped += 1
-                    if not vcur.key():
-                        break
-                elif not vcur.next():
-                    break
-        m.n_versions -= dropped
+        # Page versions stay: reads, coalescing and GC skip a version whose LSN a range
+        # hides, and a version at a visible LSN is right on every timeline where that LSN
+        # is visible (timelines share their history up to any LSN they both show: each
+        # is an older one cut at its target, plus LSNs above everything allocated before).
+        # Dropping them would cost time in proportion to what a backtrack hides.
         for item in self._quar_versions.get(key, ()):
             if item[1] > low:
                 ctx.txn.delete(prefix + KIND_VERSION + _PAGE_LSN.pack(*item), db=self.db_quarantine)
                 ctx.quar_del.append((key, KIND_VERSION, item))
         ctx.reset_dirty.add(key)
         self.log.info("segment %s/%d: truncation set %s at epoch %d (changed above %d); SCL now "
-                      "%d; %d page versions dropped", key[0], key[1],
-                      [(t[0], t[1]) for t in truncs], _trunc_epoch(truncs), low, m.scl, dropped)
+                      "%d", key[0], key[1], [(t[0], t[1]) for t in truncs], _trunc_epoch(truncs),
+                      low, m.scl)
         return True
 
     def _op_truncate(self, ctx: _Txn, op: TruncateOp):
@@ -1014,6 +1017,11 @@ class Store:
                                      f"epoch {op.epoch}")
             if op.epoch > _trunc_epoch(m.truncs) or set(op.replace) != set(m.truncs):
                 self._change_truncations(ctx, key, prefix, op.replace)
+            if op.set_writer_vdl:
+                # A backtrack target is a commit at or below the VDL of its timeline, so
+                # everything visible at or below it is durable: recovery starts there
+                # instead of re-walking (and re-appending) what a forward backtrack uncovered.
+                m.writer_vdl = op.set_writer_vdl
             hist_key = _BE32.pack(info.vol_id) + _BE64.pack(op.epoch)
             ctx.txn.put(hist_key, _HISTORY.pack(op.time_us, op.prev_vdl, len(op.replace))
                         + b"".join(_TRUNC.pack(*t) for t in sorted(op.replace)),
@@ -1214,9 +1222,11 @@ class Store:
             if k[:8] != prefix:
                 break
             lsn = _BE64.unpack_from(k, 8)[0]
-            if not _in_truncation(lsn, m.truncs):
+            hidden = _range_of(lsn, m.truncs)
+            if hidden is None:
                 return lsn
-            ok = cur.prev()
+            ok = cur.set_range(prefix + _BE64.pack(hidden[0] + 1))   # jump below the range
+            ok = cur.prev() if ok else cur.last()
         return 0
 
     def _page_versions_desc(self, txn, prefix: bytes, page_id: int, upto: int, truncs, limit: int):
