@@ -15,7 +15,7 @@ page's versions in LSN order. Values are little-endian like the record and page 
 
     DB          KEY: OFFSET SIZE MEANING          VALUE: OFFSET SIZE MEANING
     node        0  n  b"node_id"                  0  n  node id (utf-8); refuse another
-                0  n  b"format"                   0  4  u32 layout version (FORMAT = 1)
+                0  n  b"format"                   0  4  u32 layout version (FORMAT = 2)
                 0  n  b"next_vol_id"              0  4  u32 next volume id to assign
     volumes     0  n  volume name (utf-8)         0  4  vol_id
                                                   4  4  pg_count       layout
@@ -38,9 +38,11 @@ page's versions in LSN order. Values are little-endian like the record and page 
                                                         epoch u64 that recorded it
     log         0  8  seg                         0  n  the redo record exactly as received
                 8  8  lsn                               (header + payload, own CRC32)
-    pageidx     0  8  seg                         0  0  (empty) page -> LSN index: the
-                8  4  page_id                           records of one page in LSN order
-                12 8  lsn
+    pageidx     0  8  seg                         0  8n a group: the LSNs (u64 BE,
+                8  4  page_id                           strictly ascending, n <= 512) of
+                12 8  last_lsn: the group's highest     some of the page's records; 0
+                      LSN                               bytes (format 1 rows) = the key's
+                                                        LSN alone. See "page index" below.
     versions    0  8  seg                         0  8192 page image as of lsn (own CRC32;
                 8  4  page_id                           page_lsn == lsn)
                 12 8  lsn
@@ -50,6 +52,27 @@ page's versions in LSN order. Values are little-endian like the record and page 
                 8  1  b"V": a page version
                 9  4  page_id
                 13 8  lsn
+
+The page index (format 2). One row per page per write transaction, not one per record:
+LMDB puts dominate the append path (py-lmdb gives the GIL up and takes it back around
+every put), and a batch of N records touches far fewer than N pages. Its rules:
+
+    * a group holds LSNs of one page, ascending, each stored in ``log`` (or quarantined);
+      its key carries its highest LSN, so ``set_range(seg|page|after+1)`` lands on the
+      first group that can hold an LSN above ``after``;
+    * the groups of one page cover disjoint LSN ranges [first, last], and every record of
+      the page is in exactly one group. So a range walk stops at the first group whose
+      first LSN is above its upper bound. An append whose LSNs are all above the
+      segment's max_lsn (the usual case) cannot overlap any stored group and is put
+      directly; otherwise (retransmit, gossip filling a hole, repair) the overlapping
+      groups are read, merged with the new LSNs (duplicates dropped) and rewritten;
+    * GC rewrites the groups it deletes LSNs from; truncation and quarantine leave the
+      index alone (the record's bytes are what is hidden or missing).
+
+    Example: page 7 gets LSNs 10, 14 in one transaction and 20 in the next: rows
+    (7, 14) = [10, 14] and (7, 20) = [20]. A retransmit of 12 overlaps [10, 14] and
+    rewrites it as (7, 14) = [10, 12, 14]. A read of (11, 15] seeks (7, 12), finds
+    (7, 14), takes 12 and 14, and stops at (7, 20) (first LSN 20 > 15).
 
 State transitions and the functions that make them (all inside ``apply_ops``):
 
@@ -109,7 +132,9 @@ from storage_node.errors import (
     WrongPgError,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: grouped page index rows. Format 1 dirs open and are upgraded in place
+#              (their empty pageidx values are groups of one); older code refuses 2.
+IDX_GROUP_MAX = 512  # LSNs in one page-index group (a 4 KiB value at most)
 DEFAULT_MAP_SIZE = 16 << 30  # sparse on Linux: the file grows only as pages are used
 MAX_DBS = 8
 PAGE_SIZE = pagefmt.PAGE_SIZE
@@ -163,6 +188,20 @@ def page_key(prefix: bytes, page_id: int, lsn: int) -> bytes:
 
 
 _lsn_of = operator.itemgetter(2)
+
+
+def _group_of(key: bytes, value) -> bytes:
+    """The LSNs of a page-index row, packed u64 BE (a format-1 row holds its key's LSN)."""
+    return bytes(value) if value else bytes(key[12:20])
+
+
+def _group_lsns(group: bytes) -> tuple:
+    """The LSNs of a packed group as ints, ascending."""
+    return struct.unpack(f">{len(group) >> 3}Q", group)
+
+
+def _pack_lsns(lsns) -> bytes:
+    return struct.pack(f">{len(lsns)}Q", *lsns)
 
 
 def _in_truncation(lsn: int, truncs) -> bool:
@@ -334,20 +373,25 @@ def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
     return refs
 
 
-def prepare_items(vol_id: int, pg: int, buf: bytes, refs: list) -> tuple[list, list]:
-    """The (key, value) items a verified batch puts into ``log`` and ``pageidx``.
+def prepare_items(vol_id: int, pg: int, buf: bytes, refs: list) -> tuple[list, dict]:
+    """What a verified batch puts into ``log`` and ``pageidx``: the log's (key, value)
+    items, and per page the LSNs of its records (``{page_id: [lsn]}``, batch order).
 
     Built before the batch reaches the writer thread (on the event loop, while the writer
-    waits for its fsync), so the write transaction itself only calls putmulti.
-    Comprehensions, not loops: this is the per-record hot path of every Append.
+    waits for its fsync), so the write transaction only calls putmulti and joins the page
+    lists of its batches into one index group per page.
     """
     prefix = seg_prefix(vol_id, pg)
     log_key_of = _LOG_KEY.pack
-    idx_key_of = _IDX_KEY.pack
-    log_keys = [log_key_of(prefix, r[2]) for r in refs]
-    values = [buf[r[0]:r[0] + r[1]] for r in refs]
-    idx_keys = [idx_key_of(prefix, r[6], r[2]) for r in refs]
-    return list(zip(log_keys, values)), list(zip(idx_keys, [b""] * len(refs)))
+    items = [(log_key_of(prefix, r[2]), buf[r[0]:r[0] + r[1]]) for r in refs]
+    pages: dict[int, list] = {}
+    for r in refs:
+        lsns = pages.get(r[6])
+        if lsns is None:
+            pages[r[6]] = [r[2]]
+        else:
+            lsns.append(r[2])
+    return items, pages
 
 
 def verify_stored_record(key_lsn: int, value) -> bool:
@@ -377,6 +421,9 @@ class _Txn:
         self.log_cur = txn.cursor(db=store.db_log)
         self.idx_cur = txn.cursor(db=store.db_pageidx)
         self.metas: dict[tuple, SegMeta] = {}
+        #: Page-index groups to write at the end of the transaction, per segment:
+        #: {key: (prefix, max_lsn before this txn, {page_id: [lsn]})}.
+        self.idx_pending: dict[tuple, tuple] = {}
         self.new_volumes: dict[str, VolumeInfo] = {}
         self.dirty: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.reset_dirty: set = set()
@@ -453,7 +500,13 @@ class Store:
                 raise RuntimeError(
                     f"data dir {self.path} belongs to node {stored.decode()!r}, not {self.node_id!r}")
             fmt = _U32.unpack(txn.get(b"format"))[0]
-            if fmt != FORMAT:
+            if fmt == 1:
+                # Format 1 wrote one empty pageidx row per record: each is a valid group of
+                # one (_group_of), so the upgrade only records the new format, which makes
+                # code that knows only format 1 refuse this dir from now on.
+                txn.put(b"format", _U32.pack(FORMAT))
+                self.log.info("data dir %s: layout format 1 upgraded to %d", self.path, FORMAT)
+            elif fmt != FORMAT:
                 raise RuntimeError(f"data dir {self.path}: unknown layout format {fmt}")
 
     def _load(self) -> None:
@@ -571,10 +624,13 @@ class Store:
         with self.env.begin(write=True) as txn:
             ctx = _Txn(self, txn)
             for i, op in enumerate(ops):
+                if ctx.idx_pending and type(op) is not AppendOp:
+                    self._flush_index(ctx)  # GC and others see the index complete
                 try:
                     results[i] = self._dispatch[type(op)](self, ctx, op)
                 except StorageError as exc:
                     results[i] = exc
+            self._flush_index(ctx)
             for key, m in ctx.metas.items():
                 prefix = seg_prefix(self._vol_of(ctx, key[0]).vol_id, key[1])
                 value = m.encode()
@@ -699,10 +755,19 @@ class Store:
             if not refs:
                 continue
             new.extend(refs)
-            items, idx = batch[4:] if len(batch) == 6 else prepare_items(info.vol_id, pg, buf, refs)
+            items, pages = batch[4:] if len(batch) == 6 else prepare_items(info.vol_id, pg, buf, refs)
             _consumed, added = ctx.log_cur.putmulti(items, overwrite=False)
-            ctx.idx_cur.putmulti(idx)
-            ctx.bytes_written += len(buf) + len(refs) * (_LOG_KEY.size + _IDX_KEY.size)
+            pending = ctx.idx_pending.get(key)
+            if pending is None:
+                pending = ctx.idx_pending[key] = (seg_prefix(info.vol_id, pg), m.max_lsn, {})
+            index = pending[2]
+            for page_id, lsns in pages.items():
+                have = index.get(page_id)
+                if have is None:
+                    index[page_id] = list(lsns)
+                else:
+                    have.extend(lsns)
+            ctx.bytes_written += len(buf) + len(refs) * (_LOG_KEY.size + 8)
             m.n_records += added
             quarantined = self._quar_records.get(key)
             if quarantined:
@@ -724,6 +789,66 @@ class Store:
         for pg, new in touched.items():
             self._advance_scl(ctx, (op.volume, pg), seg_prefix(info.vol_id, pg), new)
         return {pg: 0 for pg in touched}
+
+    def _flush_index(self, ctx: _Txn) -> None:
+        """Write the page-index groups of the appends run so far in this transaction."""
+        for prefix, floor, pages in ctx.idx_pending.values():
+            self._put_index(ctx, prefix, floor, pages)
+        ctx.idx_pending.clear()
+
+    def _put_index(self, ctx: _Txn, prefix: bytes, floor: int, pages: dict) -> None:
+        """Write one page-index group per page (see "The page index" in the module doc).
+
+        ``floor``: the segment's max_lsn before this transaction; LSNs above it cannot be
+        in any stored group, so a page whose new LSNs are all above it needs no read.
+        """
+        cur = ctx.idx_cur
+        puts = []
+        for page_id, lsns in pages.items():
+            lsns = sorted(set(lsns))
+            base = prefix + _BE32.pack(page_id)
+            if lsns[0] <= floor:  # may overlap stored groups: merge them in
+                merged = set(lsns)
+                old = []
+                if cur.set_range(base + _BE64.pack(lsns[0])):
+                    for k, v in cur.iternext():
+                        if k[:12] != base:
+                            break
+                        group = _group_of(k, v)
+                        if _BE64.unpack_from(group)[0] > lsns[-1]:
+                            break  # groups are disjoint and ordered: no later one overlaps
+                        old.append(bytes(k))
+                        merged.update(_group_lsns(group))
+                for k in old:
+                    ctx.txn.delete(k, db=self.db_pageidx)
+                lsns = sorted(merged)
+            for i in range(0, len(lsns), IDX_GROUP_MAX):
+                chunk = lsns[i:i + IDX_GROUP_MAX]
+                puts.append((base + _BE64.pack(chunk[-1]), _pack_lsns(chunk)))
+        cur.putmulti(puts)
+        ctx.bytes_written += len(puts) * _IDX_KEY.size
+
+    def _unindex(self, ctx: _Txn, prefix: bytes, page_id: int, dels: set) -> None:
+        """Remove LSNs ``dels`` of one page from its page-index groups (GC)."""
+        cur = ctx.idx_cur
+        base = prefix + _BE32.pack(page_id)
+        lo, hi = min(dels), max(dels)
+        rows = []
+        if cur.set_range(base + _BE64.pack(lo)):
+            for k, v in cur.iternext():
+                if k[:12] != base:
+                    break
+                group = _group_of(k, v)
+                if _BE64.unpack_from(group)[0] > hi:
+                    break
+                rows.append((bytes(k), _group_lsns(group)))
+        for k, lsns in rows:
+            keep = [lsn for lsn in lsns if lsn not in dels]
+            if len(keep) == len(lsns):
+                continue
+            ctx.txn.delete(k, db=self.db_pageidx)
+            if keep:
+                ctx.txn.put(base + _BE64.pack(keep[-1]), _pack_lsns(keep), db=self.db_pageidx)
 
     def _advance_scl(self, ctx: _Txn, key: tuple, prefix: bytes, new: list = ()) -> None:
         """Follow the segment backlink chain from the SCL as far as it goes (invariant 4).
@@ -925,11 +1050,14 @@ class Store:
         for page_id, lsn, image in op.put_versions:
             self._put_version(ctx, key, prefix, m, page_id, lsn, image)
         removed = 0
+        unindex: dict[int, set] = {}
         for page_id, lsn in op.delete_records:
             if ctx.txn.delete(prefix + _BE64.pack(lsn), db=self.db_log):
                 m.n_records -= 1
                 removed += 1
-            ctx.txn.delete(prefix + _PAGE_LSN.pack(page_id, lsn), db=self.db_pageidx)
+            unindex.setdefault(page_id, set()).add(lsn)
+        for page_id, dels in unindex.items():
+            self._unindex(ctx, prefix, page_id, dels)
         for page_id, lsn in op.delete_versions:
             if ctx.txn.delete(prefix + _PAGE_LSN.pack(page_id, lsn), db=self.db_versions):
                 m.n_versions -= 1
@@ -1062,25 +1190,40 @@ class Store:
     def _page_records(self, txn, key: tuple, prefix: bytes, page_id: int, after: int, upto: int,
                       truncs) -> tuple[bytes, int]:
         """The page's visible records in (after, upto], packed, and how many."""
+        lsns = self._page_lsns(txn, prefix, page_id, after, upto)
+        if truncs:
+            lsns = [lsn for lsn in lsns if not _in_truncation(lsn, truncs)]
+        if not lsns:
+            return b"", 0
+        pack = _BE64.pack
+        keys = [prefix + pack(lsn) for lsn in lsns]
+        found = txn.cursor(db=self.db_log).getmulti(keys)
+        if len(found) != len(keys):
+            have = {bytes(k) for k, _v in found}
+            lsn = next(lsn for lsn, k in zip(lsns, keys) if k not in have)
+            raise CorruptError(
+                f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
+                f"(failed its checksum) and not repaired yet")
+        return b"".join([v for _k, v in found]), len(found)
+
+    def _page_lsns(self, txn, prefix: bytes, page_id: int, after: int, upto: int) -> list[int]:
+        """The LSNs in (after, upto] the page index lists for a page, ascending."""
         cur = txn.cursor(db=self.db_pageidx)
         base = prefix + _BE32.pack(page_id)
-        parts = []
-        if cur.set_range(prefix + _PAGE_LSN.pack(page_id, after + 1)):
-            for k in cur.iternext(keys=True, values=False):
-                if k[:12] != base:
-                    break
-                lsn = _BE64.unpack_from(k, 12)[0]
-                if lsn > upto:
-                    break
-                if truncs and _in_truncation(lsn, truncs):
-                    continue
-                value = txn.get(prefix + _BE64.pack(lsn), db=self.db_log)
-                if value is None:
-                    raise CorruptError(
-                        f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
-                        f"(failed its checksum) and not repaired yet")
-                parts.append(value)
-        return b"".join(parts), len(parts)
+        out: list[int] = []
+        if after >= upto or not cur.set_range(base + _BE64.pack(after + 1)):
+            return out
+        for k, v in cur.iternext():
+            if k[:12] != base:
+                break
+            lsns = _group_lsns(_group_of(k, v))
+            if lsns[0] > upto:
+                break
+            if lsns[0] > after and lsns[-1] <= upto:
+                out.extend(lsns)
+            else:
+                out.extend(lsn for lsn in lsns if after < lsn <= upto)
+        return out
 
     def _build_page(self, txn, key: tuple, prefix: bytes, m: SegMeta, page_id: int,
                     read_point: int) -> bytearray:
@@ -1316,13 +1459,15 @@ class Store:
                         newest[page_id] = lsn
             cur = txn.cursor(db=self.db_pageidx)
             if cur.set_range(prefix):
-                for k in cur.iternext(keys=True, values=False):
+                for k, v in cur.iternext():
                     if k[:8] != prefix:
                         break
-                    page_id, lsn = _PAGE_LSN.unpack_from(k, 8)
-                    if lsn <= m.scl and lsn > newest.get(page_id, 0) and \
-                            not _in_truncation(lsn, m.truncs):
-                        counts[page_id] = counts.get(page_id, 0) + 1
+                    page_id = _BE32.unpack_from(k, 8)[0]
+                    floor = newest.get(page_id, 0)
+                    n = sum(1 for lsn in _group_lsns(_group_of(k, v))
+                            if floor < lsn <= m.scl and not _in_truncation(lsn, m.truncs))
+                    if n:
+                        counts[page_id] = counts.get(page_id, 0) + n
         return counts
 
     def plan_gc(self, volume: str, pg: int, horizon: int, start_page: int, max_pages: int = 16):
@@ -1351,15 +1496,8 @@ class Store:
             for page_id in pages[:max_pages]:
                 if any(v[0] == page_id for v in qv):
                     continue
-                recs = []
-                icur = txn.cursor(db=self.db_pageidx)
-                if icur.set_range(prefix + _PAGE_LSN.pack(page_id, 0)):
-                    for k in icur.iternext(keys=True, values=False):
-                        p, lsn = _PAGE_LSN.unpack_from(k, 8)
-                        if k[:8] != prefix or p != page_id or lsn > horizon:
-                            break
-                        if not _in_truncation(lsn, m.truncs):
-                            recs.append(lsn)
+                recs = [lsn for lsn in self._page_lsns(txn, prefix, page_id, 0, horizon)
+                        if not _in_truncation(lsn, m.truncs)]
                 if any(r in qr for r in recs):
                     continue
                 versions = [lsn for lsn, _b in self._page_versions_desc(
