@@ -1195,16 +1195,17 @@ class Store:
             lsns = [lsn for lsn in lsns if not _in_truncation(lsn, truncs)]
         if not lsns:
             return b"", 0
+        get = txn.get
         pack = _BE64.pack
-        keys = [prefix + pack(lsn) for lsn in lsns]
-        found = txn.cursor(db=self.db_log).getmulti(keys)
-        if len(found) != len(keys):
-            have = {bytes(k) for k, _v in found}
-            lsn = next(lsn for lsn, k in zip(lsns, keys) if k not in have)
+        db = self.db_log
+        # One get per record (py-lmdb's Cursor.getmulti measured slower per key).
+        parts = [get(prefix + pack(lsn), db=db) for lsn in lsns]
+        if None in parts:
+            lsn = lsns[parts.index(None)]
             raise CorruptError(
                 f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
                 f"(failed its checksum) and not repaired yet")
-        return b"".join([v for _k, v in found]), len(found)
+        return b"".join(parts), len(parts)
 
     def _page_lsns(self, txn, prefix: bytes, page_id: int, after: int, upto: int) -> list[int]:
         """The LSNs in (after, upto] the page index lists for a page, ascending."""
