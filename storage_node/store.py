@@ -358,10 +358,32 @@ def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
         raise BadChecksumError(f"pg {pg}: {exc}") from None
     except FormatError as exc:
         raise MalformedError(f"pg {pg}: {exc}") from None
+    _check_refs(layout, pg, refs)
+    return refs
+
+
+def verify_and_prepare(layout: VolumeLayout, vol_id: int, pg: int, buf: bytes) -> tuple:
+    """verify_batch and prepare_items in one pass over the records (the Append hot path):
+    (refs, log items, {page_id: [lsn]}). Same refusals as verify_batch."""
+    if not 0 <= pg < layout.pg_count:
+        raise MalformedError(f"pg {pg} out of range (volume has {layout.pg_count} PGs)")
+    try:
+        refs, items, pages = materialiser.scan_batch_items(buf, seg_prefix(vol_id, pg))
+    except ChecksumError as exc:
+        raise BadChecksumError(f"pg {pg}: {exc}") from None
+    except FormatError as exc:
+        raise MalformedError(f"pg {pg}: {exc}") from None
+    _check_refs(layout, pg, refs, pages)
+    return refs, items, pages
+
+
+def _check_refs(layout: VolumeLayout, pg: int, refs: list, pages=None) -> None:
+    """WrongPgError unless every record's page is in ``pg``; MalformedError unless every
+    backlink is below its record's LSN."""
     stripe = layout.stripe_pages
     count = layout.pg_count
     # Per distinct page, not per record: a batch touches few pages many times.
-    for page_id in {r[6] for r in refs}:
+    for page_id in (pages if pages is not None else {r[6] for r in refs}):
         if (page_id // stripe) % count != pg:
             lsn = next(r[2] for r in refs if r[6] == page_id)
             raise WrongPgError(
@@ -370,7 +392,6 @@ def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
     for r in refs:
         if r[3] >= r[2] or r[4] >= r[2] or r[5] >= r[2]:
             raise MalformedError(f"record lsn {r[2]}: a backlink is not below its own LSN")
-    return refs
 
 
 def prepare_items(vol_id: int, pg: int, buf: bytes, refs: list) -> tuple[list, dict]:
