@@ -4,7 +4,7 @@
 
 This is a line-by-line transcription of engine/materialise_py.py, which is the reference:
 when the two disagree, materialise_py.py is right and this file has a bug. Both export
-exactly IMPLEMENTATION, scan_batch, apply_to_pages and apply (see materialise_py's module
+exactly IMPLEMENTATION, scan_batch, scan_batch_items, apply_to_pages and apply (see materialise_py's module
 doc for what they do); engine/materialiser.py picks one at import time. For every input
 the two give byte-identical pages, and on bad input they raise the same exception class
 (engine.errors) with the same message at the same point, leaving the same partial changes
@@ -51,6 +51,7 @@ zlib headers. _crc32 is exported for the tests only.
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.buffer cimport (
     PyBUF_SIMPLE,
     PyBUF_WRITABLE,
@@ -71,7 +72,7 @@ from engine.errors import (
 )
 from engine.redo import LSN_MAX
 
-__all__ = ["IMPLEMENTATION", "scan_batch", "apply_to_pages", "apply"]
+__all__ = ["IMPLEMENTATION", "scan_batch", "scan_batch_items", "apply_to_pages", "apply"]
 
 IMPLEMENTATION = "cython"
 
@@ -412,6 +413,45 @@ def scan_batch(buf):
                         h.prev_page_lsn, h.page_id, h.rtype, h.flags))
             offset += h.size
         return out
+    finally:
+        PyBuffer_Release(&view)
+
+
+def scan_batch_items(buf, prefix):
+    """scan_batch, plus the storage node's log items and per-page LSNs (see the reference)."""
+    cdef Py_buffer view
+    cdef RecHdr h
+    cdef Py_ssize_t offset = 0
+    cdef bytes pfx = bytes(prefix)
+    cdef Py_ssize_t plen = len(pfx)
+    cdef bytes key
+    cdef uint8_t* kp
+    cdef int i
+    cdef dict pages = {}
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        refs = []
+        items = []
+        while offset < view.len:
+            _read_header(<const uint8_t*>view.buf, view.len, offset, &h)
+            lsn = h.lsn
+            page = h.page_id
+            refs.append((offset, h.size, lsn, h.prev_volume_lsn, h.prev_pg_lsn,
+                         h.prev_page_lsn, page, h.rtype, h.flags))
+            key = PyBytes_FromStringAndSize(NULL, plen + 8)
+            kp = <uint8_t*>PyBytes_AS_STRING(key)
+            memcpy(kp, PyBytes_AS_STRING(pfx), plen)
+            for i in range(8):
+                kp[plen + i] = <uint8_t>(h.lsn >> (56 - 8 * i))
+            items.append((key, PyBytes_FromStringAndSize(
+                <const char*>view.buf + offset, h.size)))
+            lsns = pages.get(page)
+            if lsns is None:
+                pages[page] = [lsn]
+            else:
+                (<list>lsns).append(lsn)
+            offset += h.size
+        return refs, items, pages
     finally:
         PyBuffer_Release(&view)
 

@@ -12,6 +12,12 @@ Public functions (both implementations export exactly these):
         one (offset, size, lsn, prev_volume_lsn, prev_pg_lsn, prev_page_lsn, page_id,
         rtype, flags) tuple per record. Storage calls it once per incoming batch.
 
+    scan_batch_items(buf, prefix) -> (list[tuple], list[tuple], dict)
+        scan_batch (same checks, same errors at the same point), plus what a storage
+        node stores for the batch, built in the same pass: the log items
+        [(prefix + lsn as u64 big-endian, the record's bytes)] and the page index
+        entries {page_id: [lsn, ...]} in batch order.
+
     apply_to_pages(pages, buf, upto_lsn=LSN_MAX, verify_pages=True) -> dict
         pages maps page_id (an int) -> bytearray image (changed in place) or None (page
         not yet initialised). Records of buf are applied in buffer order to the pages named in
@@ -79,6 +85,7 @@ IMPLEMENTATION = "python"
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_U64_BE = struct.Struct(">Q")
 _CELL = struct.Struct("<HH")
 _AUX = struct.Struct("<BQ")
 _COMMIT = struct.Struct("<QQ")
@@ -122,6 +129,29 @@ def scan_batch(buf) -> list[tuple]:
         out.append(ref)
         offset += ref[1]
     return out
+
+
+def scan_batch_items(buf, prefix: bytes) -> tuple[list, list, dict]:
+    """scan_batch, plus the storage node's log items and per-page LSNs (module doc)."""
+    view = memoryview(buf).cast("B")
+    prefix = bytes(prefix)
+    refs = []
+    items = []
+    pages: dict[int, list] = {}
+    offset = 0
+    end = len(view)
+    while offset < end:
+        ref = _read_header(view, offset)
+        refs.append(ref)
+        lsn = ref[2]
+        items.append((prefix + _U64_BE.pack(lsn), bytes(view[offset:offset + ref[1]])))
+        lsns = pages.get(ref[6])
+        if lsns is None:
+            pages[ref[6]] = [lsn]
+        else:
+            lsns.append(lsn)
+        offset += ref[1]
+    return refs, items, pages
 
 
 # --- Page primitives ---------------------------------------------------------------------

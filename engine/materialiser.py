@@ -28,5 +28,6 @@ else:
 
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 scan_batch = impl.scan_batch
+scan_batch_items = impl.scan_batch_items
 apply_to_pages = impl.apply_to_pages
 apply = impl.apply

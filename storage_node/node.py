@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, fields
 
 from storage_node.commit import GroupCommitter
-from storage_node.store import AppendOp, Store, prepare_items, verify_batch
+from storage_node.store import AppendOp, Store, verify_and_prepare
 
 
 #: False when the process's log format already carries ``[node az]`` (engine/cli.py does
@@ -142,9 +142,8 @@ class StorageNode:
         info = self.store.volume(volume)
         verified = []
         for pg, membership_epoch, buf in batches:
-            refs = verify_batch(info.layout, pg, buf)
-            verified.append((pg, membership_epoch, buf, refs,
-                             *prepare_items(info.vol_id, pg, buf, refs)))
+            verified.append((pg, membership_epoch, buf,
+                             *verify_and_prepare(info.layout, info.vol_id, pg, buf)))
         return AppendOp(volume, epoch, writer_vdl, verified, source)
 
     async def append(self, op: AppendOp, background: bool = False) -> dict[int, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -102,6 +103,9 @@ async def serve(args: argparse.Namespace) -> int:
              args.data_dir, len(peers), _materialiser_name())
     if args.port_file:
         _write_port_file(args.port_file, port)
+    # Everything built at start (modules, grpc, the store's mirrors) lives until exit:
+    # move it out of the collector's sight, so full collections stay cheap.
+    gc.freeze()
 
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
@@ -126,9 +130,19 @@ def _materialiser_name() -> str:
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
+#: Cyclic-GC thresholds of a storage-node process. An Append of 256 records allocates
+#: ~800 tuples (record headers, LMDB items) that are garbage a few ms later through
+#: reference counting alone; with CPython's default (700, 10, 10) that ran a collection
+#: per request, each walking the 32 requests in flight: measured, 17% of the node's CPU
+#: at 256 records per batch, all of it holding the GIL. Real cycles (rare here) are
+#: still collected, just after more allocations.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``aurora-lite storage-node`` (engine/cli.py); returns the exit code."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    gc.set_threshold(*GC_THRESHOLDS)
     tag = f"[{args.node_id} {args.az}]"
     handlers = logging.getLogger().handlers
     if handlers and all(tag in (getattr(h.formatter, "_fmt", "") or "") for h in handlers):

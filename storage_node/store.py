@@ -15,7 +15,7 @@ page's versions in LSN order. Values are little-endian like the record and page 
 
     DB          KEY: OFFSET SIZE MEANING          VALUE: OFFSET SIZE MEANING
     node        0  n  b"node_id"                  0  n  node id (utf-8); refuse another
-                0  n  b"format"                   0  4  u32 layout version (FORMAT = 1)
+                0  n  b"format"                   0  4  u32 layout version (FORMAT = 2)
                 0  n  b"next_vol_id"              0  4  u32 next volume id to assign
     volumes     0  n  volume name (utf-8)         0  4  vol_id
                                                   4  4  pg_count       layout
@@ -48,9 +48,11 @@ page's versions in LSN order. Values are little-endian like the record and page 
                                                         epoch u64 that recorded it
     log         0  8  seg                         0  n  the redo record exactly as received
                 8  8  lsn                               (header + payload, own CRC32)
-    pageidx     0  8  seg                         0  0  (empty) page -> LSN index: the
-                8  4  page_id                           records of one page in LSN order
-                12 8  lsn
+    pageidx     0  8  seg                         0  8n a group: the LSNs (u64 BE,
+                8  4  page_id                           strictly ascending, n <= 512) of
+                12 8  last_lsn: the group's highest     some of the page's records; 0
+                      LSN                               bytes (format 1 rows) = the key's
+                                                        LSN alone. See "page index" below.
     versions    0  8  seg                         0  8192 page image as of lsn (own CRC32;
                 8  4  page_id                           page_lsn == lsn)
                 12 8  lsn
@@ -66,6 +68,27 @@ page's versions in LSN order. Values are little-endian like the record and page 
                 8  1  b"V": a page version
                 9  4  page_id
                 13 8  lsn
+
+The page index (format 2). One row per page per write transaction, not one per record:
+LMDB puts dominate the append path (py-lmdb gives the GIL up and takes it back around
+every put), and a batch of N records touches far fewer than N pages. Its rules:
+
+    * a group holds LSNs of one page, ascending, each stored in ``log`` (or quarantined);
+      its key carries its highest LSN, so ``set_range(seg|page|after+1)`` lands on the
+      first group that can hold an LSN above ``after``;
+    * the groups of one page cover disjoint LSN ranges [first, last], and every record of
+      the page is in exactly one group. So a range walk stops at the first group whose
+      first LSN is above its upper bound. An append whose LSNs are all above the
+      segment's max_lsn (the usual case) cannot overlap any stored group and is put
+      directly; otherwise (retransmit, gossip filling a hole, repair) the overlapping
+      groups are read, merged with the new LSNs (duplicates dropped) and rewritten;
+    * GC rewrites the groups it deletes LSNs from; truncation and quarantine leave the
+      index alone (the record's bytes are what is hidden or missing).
+
+    Example: page 7 gets LSNs 10, 14 in one transaction and 20 in the next: rows
+    (7, 14) = [10, 14] and (7, 20) = [20]. A retransmit of 12 overlaps [10, 14] and
+    rewrites it as (7, 14) = [10, 12, 14]. A read of (11, 15] seeks (7, 12), finds
+    (7, 14), takes 12 and 14, and stops at (7, 20) (first LSN 20 > 15).
 
 State transitions and the functions that make them (all inside ``apply_ops``):
 
@@ -132,7 +155,9 @@ from storage_node.errors import (
     WrongPgError,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: grouped page index rows. Format 1 dirs open and are upgraded in place
+#              (their empty pageidx values are groups of one); older code refuses 2.
+IDX_GROUP_MAX = 512  # LSNs in one page-index group (a 4 KiB value at most)
 DEFAULT_MAP_SIZE = 16 << 30  # sparse on Linux: the file grows only as pages are used
 MAX_DBS = 16
 PAGE_SIZE = pagefmt.PAGE_SIZE
@@ -221,6 +246,20 @@ def _range_of(lsn: int, truncs):
         if t[0] < lsn <= t[1]:
             return t
     return None
+
+
+def _group_of(key: bytes, value) -> bytes:
+    """The LSNs of a page-index row, packed u64 BE (a format-1 row holds its key's LSN)."""
+    return bytes(value) if value else bytes(key[12:20])
+
+
+def _group_lsns(group: bytes) -> tuple:
+    """The LSNs of a packed group as ints, ascending."""
+    return struct.unpack(f">{len(group) >> 3}Q", group)
+
+
+def _pack_lsns(lsns) -> bytes:
+    return struct.pack(f">{len(lsns)}Q", *lsns)
 
 
 def _in_truncation(lsn: int, truncs) -> bool:
@@ -422,10 +461,32 @@ def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
         raise BadChecksumError(f"pg {pg}: {exc}") from None
     except FormatError as exc:
         raise MalformedError(f"pg {pg}: {exc}") from None
+    _check_refs(layout, pg, refs)
+    return refs
+
+
+def verify_and_prepare(layout: VolumeLayout, vol_id: int, pg: int, buf: bytes) -> tuple:
+    """verify_batch and prepare_items in one pass over the records (the Append hot path):
+    (refs, log items, {page_id: [lsn]}). Same refusals as verify_batch."""
+    if not 0 <= pg < layout.pg_count:
+        raise MalformedError(f"pg {pg} out of range (volume has {layout.pg_count} PGs)")
+    try:
+        refs, items, pages = materialiser.scan_batch_items(buf, seg_prefix(vol_id, pg))
+    except ChecksumError as exc:
+        raise BadChecksumError(f"pg {pg}: {exc}") from None
+    except FormatError as exc:
+        raise MalformedError(f"pg {pg}: {exc}") from None
+    _check_refs(layout, pg, refs, pages)
+    return refs, items, pages
+
+
+def _check_refs(layout: VolumeLayout, pg: int, refs: list, pages=None) -> None:
+    """WrongPgError unless every record's page is in ``pg``; MalformedError unless every
+    backlink is below its record's LSN."""
     stripe = layout.stripe_pages
     count = layout.pg_count
     # Per distinct page, not per record: a batch touches few pages many times.
-    for page_id in {r[6] for r in refs}:
+    for page_id in (pages if pages is not None else {r[6] for r in refs}):
         if (page_id // stripe) % count != pg:
             lsn = next(r[2] for r in refs if r[6] == page_id)
             raise WrongPgError(
@@ -434,23 +495,27 @@ def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
     for r in refs:
         if r[3] >= r[2] or r[4] >= r[2] or r[5] >= r[2]:
             raise MalformedError(f"record lsn {r[2]}: a backlink is not below its own LSN")
-    return refs
 
 
-def prepare_items(vol_id: int, pg: int, buf: bytes, refs: list) -> tuple[list, list]:
-    """The (key, value) items a verified batch puts into ``log`` and ``pageidx``.
+def prepare_items(vol_id: int, pg: int, buf: bytes, refs: list) -> tuple[list, dict]:
+    """What a verified batch puts into ``log`` and ``pageidx``: the log's (key, value)
+    items, and per page the LSNs of its records (``{page_id: [lsn]}``, batch order).
 
     Built before the batch reaches the writer thread (on the event loop, while the writer
-    waits for its fsync), so the write transaction itself only calls putmulti.
-    Comprehensions, not loops: this is the per-record hot path of every Append.
+    waits for its fsync), so the write transaction only calls putmulti and joins the page
+    lists of its batches into one index group per page.
     """
     prefix = seg_prefix(vol_id, pg)
     log_key_of = _LOG_KEY.pack
-    idx_key_of = _IDX_KEY.pack
-    log_keys = [log_key_of(prefix, r[2]) for r in refs]
-    values = [buf[r[0]:r[0] + r[1]] for r in refs]
-    idx_keys = [idx_key_of(prefix, r[6], r[2]) for r in refs]
-    return list(zip(log_keys, values)), list(zip(idx_keys, [b""] * len(refs)))
+    items = [(log_key_of(prefix, r[2]), buf[r[0]:r[0] + r[1]]) for r in refs]
+    pages: dict[int, list] = {}
+    for r in refs:
+        lsns = pages.get(r[6])
+        if lsns is None:
+            pages[r[6]] = [r[2]]
+        else:
+            lsns.append(r[2])
+    return items, pages
 
 
 def verify_stored_record(key_lsn: int, value) -> bool:
@@ -480,6 +545,9 @@ class _Txn:
         self.log_cur = txn.cursor(db=store.db_log)
         self.idx_cur = txn.cursor(db=store.db_pageidx)
         self.metas: dict[tuple, SegMeta] = {}
+        #: Page-index groups to write at the end of the transaction, per segment:
+        #: {key: (prefix, max_lsn before this txn, {page_id: [lsn]})}.
+        self.idx_pending: dict[tuple, tuple] = {}
         self.new_volumes: dict[str, VolumeInfo] = {}
         self.dirty: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.reset_dirty: set = set()
@@ -557,7 +625,13 @@ class Store:
                 raise RuntimeError(
                     f"data dir {self.path} belongs to node {stored.decode()!r}, not {self.node_id!r}")
             fmt = _U32.unpack(txn.get(b"format"))[0]
-            if fmt != FORMAT:
+            if fmt == 1:
+                # Format 1 wrote one empty pageidx row per record: each is a valid group of
+                # one (_group_of), so the upgrade only records the new format, which makes
+                # code that knows only format 1 refuse this dir from now on.
+                txn.put(b"format", _U32.pack(FORMAT))
+                self.log.info("data dir %s: layout format 1 upgraded to %d", self.path, FORMAT)
+            elif fmt != FORMAT:
                 raise RuntimeError(f"data dir {self.path}: unknown layout format {fmt}")
 
     def _load(self) -> None:
@@ -674,10 +748,13 @@ class Store:
         with self.env.begin(write=True) as txn:
             ctx = _Txn(self, txn)
             for i, op in enumerate(ops):
+                if ctx.idx_pending and type(op) is not AppendOp:
+                    self._flush_index(ctx)  # GC and others see the index complete
                 try:
                     results[i] = self._dispatch[type(op)](self, ctx, op)
                 except StorageError as exc:
                     results[i] = exc
+            self._flush_index(ctx)
             for key, m in ctx.metas.items():
                 prefix = seg_prefix(self._vol_of(ctx, key[0]).vol_id, key[1])
                 value = m.encode()
@@ -851,10 +928,19 @@ class Store:
             if not refs:
                 continue
             new.extend(refs)
-            items, idx = batch[4:] if len(batch) == 6 else prepare_items(info.vol_id, pg, buf, refs)
+            items, pages = batch[4:] if len(batch) == 6 else prepare_items(info.vol_id, pg, buf, refs)
             _consumed, added = ctx.log_cur.putmulti(items, overwrite=False)
-            ctx.idx_cur.putmulti(idx)
-            ctx.bytes_written += len(buf) + len(refs) * (_LOG_KEY.size + _IDX_KEY.size)
+            pending = ctx.idx_pending.get(key)
+            if pending is None:
+                pending = ctx.idx_pending[key] = (seg_prefix(info.vol_id, pg), m.max_lsn, {})
+            index = pending[2]
+            for page_id, lsns in pages.items():
+                have = index.get(page_id)
+                if have is None:
+                    index[page_id] = list(lsns)
+                else:
+                    have.extend(lsns)
+            ctx.bytes_written += len(buf) + len(refs) * (_LOG_KEY.size + 8)
             m.n_records += added
             quarantined = self._quar_records.get(key)
             if quarantined:
@@ -876,6 +962,66 @@ class Store:
         for pg, new in touched.items():
             self._advance_scl(ctx, (op.volume, pg), seg_prefix(info.vol_id, pg), new)
         return {pg: 0 for pg in touched}
+
+    def _flush_index(self, ctx: _Txn) -> None:
+        """Write the page-index groups of the appends run so far in this transaction."""
+        for prefix, floor, pages in ctx.idx_pending.values():
+            self._put_index(ctx, prefix, floor, pages)
+        ctx.idx_pending.clear()
+
+    def _put_index(self, ctx: _Txn, prefix: bytes, floor: int, pages: dict) -> None:
+        """Write one page-index group per page (see "The page index" in the module doc).
+
+        ``floor``: the segment's max_lsn before this transaction; LSNs above it cannot be
+        in any stored group, so a page whose new LSNs are all above it needs no read.
+        """
+        cur = ctx.idx_cur
+        puts = []
+        for page_id, lsns in pages.items():
+            lsns = sorted(set(lsns))
+            base = prefix + _BE32.pack(page_id)
+            if lsns[0] <= floor:  # may overlap stored groups: merge them in
+                merged = set(lsns)
+                old = []
+                if cur.set_range(base + _BE64.pack(lsns[0])):
+                    for k, v in cur.iternext():
+                        if k[:12] != base:
+                            break
+                        group = _group_of(k, v)
+                        if _BE64.unpack_from(group)[0] > lsns[-1]:
+                            break  # groups are disjoint and ordered: no later one overlaps
+                        old.append(bytes(k))
+                        merged.update(_group_lsns(group))
+                for k in old:
+                    ctx.txn.delete(k, db=self.db_pageidx)
+                lsns = sorted(merged)
+            for i in range(0, len(lsns), IDX_GROUP_MAX):
+                chunk = lsns[i:i + IDX_GROUP_MAX]
+                puts.append((base + _BE64.pack(chunk[-1]), _pack_lsns(chunk)))
+        cur.putmulti(puts)
+        ctx.bytes_written += len(puts) * _IDX_KEY.size
+
+    def _unindex(self, ctx: _Txn, prefix: bytes, page_id: int, dels: set) -> None:
+        """Remove LSNs ``dels`` of one page from its page-index groups (GC)."""
+        cur = ctx.idx_cur
+        base = prefix + _BE32.pack(page_id)
+        lo, hi = min(dels), max(dels)
+        rows = []
+        if cur.set_range(base + _BE64.pack(lo)):
+            for k, v in cur.iternext():
+                if k[:12] != base:
+                    break
+                group = _group_of(k, v)
+                if _BE64.unpack_from(group)[0] > hi:
+                    break
+                rows.append((bytes(k), _group_lsns(group)))
+        for k, lsns in rows:
+            keep = [lsn for lsn in lsns if lsn not in dels]
+            if len(keep) == len(lsns):
+                continue
+            ctx.txn.delete(k, db=self.db_pageidx)
+            if keep:
+                ctx.txn.put(base + _BE64.pack(keep[-1]), _pack_lsns(keep), db=self.db_pageidx)
 
     def _advance_scl(self, ctx: _Txn, key: tuple, prefix: bytes, new: list = ()) -> None:
         """Follow the segment backlink chain from the SCL as far as it goes (invariant 4).
@@ -1112,11 +1258,14 @@ class Store:
         for page_id, lsn, image in op.put_versions:
             self._put_version(ctx, key, prefix, m, page_id, lsn, image)
         removed = 0
+        unindex: dict[int, set] = {}
         for page_id, lsn in op.delete_records:
             if ctx.txn.delete(prefix + _BE64.pack(lsn), db=self.db_log):
                 m.n_records -= 1
                 removed += 1
-            ctx.txn.delete(prefix + _PAGE_LSN.pack(page_id, lsn), db=self.db_pageidx)
+            unindex.setdefault(page_id, set()).add(lsn)
+        for page_id, dels in unindex.items():
+            self._unindex(ctx, prefix, page_id, dels)
         for page_id, lsn in op.delete_versions:
             if ctx.txn.delete(prefix + _PAGE_LSN.pack(page_id, lsn), db=self.db_versions):
                 m.n_versions -= 1
@@ -1252,25 +1401,41 @@ class Store:
     def _page_records(self, txn, key: tuple, prefix: bytes, page_id: int, after: int, upto: int,
                       truncs) -> tuple[bytes, int]:
         """The page's visible records in (after, upto], packed, and how many."""
+        lsns = self._page_lsns(txn, prefix, page_id, after, upto)
+        if truncs:
+            lsns = [lsn for lsn in lsns if not _in_truncation(lsn, truncs)]
+        if not lsns:
+            return b"", 0
+        get = txn.get
+        pack = _BE64.pack
+        db = self.db_log
+        # One get per record (py-lmdb's Cursor.getmulti measured slower per key).
+        parts = [get(prefix + pack(lsn), db=db) for lsn in lsns]
+        if None in parts:
+            lsn = lsns[parts.index(None)]
+            raise CorruptError(
+                f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
+                f"(failed its checksum) and not repaired yet")
+        return b"".join(parts), len(parts)
+
+    def _page_lsns(self, txn, prefix: bytes, page_id: int, after: int, upto: int) -> list[int]:
+        """The LSNs in (after, upto] the page index lists for a page, ascending."""
         cur = txn.cursor(db=self.db_pageidx)
         base = prefix + _BE32.pack(page_id)
-        parts = []
-        if cur.set_range(prefix + _PAGE_LSN.pack(page_id, after + 1)):
-            for k in cur.iternext(keys=True, values=False):
-                if k[:12] != base:
-                    break
-                lsn = _BE64.unpack_from(k, 12)[0]
-                if lsn > upto:
-                    break
-                if truncs and _in_truncation(lsn, truncs):
-                    continue
-                value = txn.get(prefix + _BE64.pack(lsn), db=self.db_log)
-                if value is None:
-                    raise CorruptError(
-                        f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
-                        f"(failed its checksum) and not repaired yet")
-                parts.append(value)
-        return b"".join(parts), len(parts)
+        out: list[int] = []
+        if after >= upto or not cur.set_range(base + _BE64.pack(after + 1)):
+            return out
+        for k, v in cur.iternext():
+            if k[:12] != base:
+                break
+            lsns = _group_lsns(_group_of(k, v))
+            if lsns[0] > upto:
+                break
+            if lsns[0] > after and lsns[-1] <= upto:
+                out.extend(lsns)
+            else:
+                out.extend(lsn for lsn in lsns if after < lsn <= upto)
+        return out
 
     def _clone_base(self, txn, volume: str, page_id: int) -> bytearray | None:
         """A clone's page as of its fork: the parent's page as of fork_lsn, built from the
@@ -1543,13 +1708,15 @@ class Store:
                         newest[page_id] = lsn
             cur = txn.cursor(db=self.db_pageidx)
             if cur.set_range(prefix):
-                for k in cur.iternext(keys=True, values=False):
+                for k, v in cur.iternext():
                     if k[:8] != prefix:
                         break
-                    page_id, lsn = _PAGE_LSN.unpack_from(k, 8)
-                    if lsn <= m.scl and lsn > newest.get(page_id, 0) and \
-                            not _in_truncation(lsn, m.truncs):
-                        counts[page_id] = counts.get(page_id, 0) + 1
+                    page_id = _BE32.unpack_from(k, 8)[0]
+                    floor = newest.get(page_id, 0)
+                    n = sum(1 for lsn in _group_lsns(_group_of(k, v))
+                            if floor < lsn <= m.scl and not _in_truncation(lsn, m.truncs))
+                    if n:
+                        counts[page_id] = counts.get(page_id, 0) + n
         return counts
 
     def _gc_cap(self, volume: str, m: SegMeta, horizon: int) -> int:
@@ -1597,15 +1764,8 @@ class Store:
             for page_id in pages[:max_pages]:
                 if any(v[0] == page_id for v in qv):
                     continue
-                recs = []
-                icur = txn.cursor(db=self.db_pageidx)
-                if icur.set_range(prefix + _PAGE_LSN.pack(page_id, 0)):
-                    for k in icur.iternext(keys=True, values=False):
-                        p, lsn = _PAGE_LSN.unpack_from(k, 8)
-                        if k[:8] != prefix or p != page_id or lsn > horizon:
-                            break
-                        if not _in_truncation(lsn, m.truncs):
-                            recs.append(lsn)
+                recs = [lsn for lsn in self._page_lsns(txn, prefix, page_id, 0, horizon)
+                        if not _in_truncation(lsn, m.truncs)]
                 if any(r in qr for r in recs):
                     continue
                 versions = [lsn for lsn, _b in self._page_versions_desc(
@@ -1706,6 +1866,7 @@ class Store:
                          after_lsn: int, truncs, forward: bool) -> tuple[int, int]:
         pg = info.layout.pg_of(pagefmt.META_PAGE_ID)
         prefix = seg_prefix(info.vol_id, pg)
+        base = prefix + _BE32.pack(pagefmt.META_PAGE_ID)
         with self.env.begin() as txn:
             m = self._read_meta(txn, prefix)
             if truncs is None:
@@ -1714,27 +1875,61 @@ class Store:
             else:  # another timeline: its records may lie above this timeline's SCL
                 upto = min(upto_lsn, m.max_lsn)
             cur = txn.cursor(db=self.db_pageidx)
-            base = prefix + _BE32.pack(pagefmt.META_PAGE_ID)
-            if forward:
-                ok = cur.set_range(base + _BE64.pack(after_lsn + 1))
-            else:
-                positioned = cur.set_range(base + _BE64.pack(upto + 1))
-                ok = cur.prev() if positioned else cur.last()
-            while ok:
-                k = cur.key()
-                if k[:12] != base:
-                    break
-                lsn = _BE64.unpack_from(k, 12)[0]
-                if lsn <= after_lsn or lsn > upto:
-                    break
-                if not _in_truncation(lsn, truncs):
+            low, high = after_lsn, upto
+            while low < high:
+                jumped = False
+                walk = self._meta_lsns_up(cur, base, low) if forward else \
+                    self._meta_lsns_down(cur, base, high)
+                for lsn in walk:
+                    if lsn <= low or lsn > high:
+                        if forward and lsn > high or not forward and lsn <= low:
+                            break
+                        continue
+                    hidden = _range_of(lsn, truncs)
+                    if hidden is not None:  # skip the whole range in one seek
+                        if forward:
+                            low = hidden[1]
+                        else:
+                            high = hidden[0]
+                        jumped = True
+                        break
                     rec = txn.get(prefix + _BE64.pack(lsn), db=self.db_log)
                     if rec is not None and rec[_REC_TYPE] == _RTYPE_COMMIT:
                         ts = _U64.unpack_from(rec, HEADER_SIZE + 8)[0]
                         if forward or not max_time_us or ts <= max_time_us:
                             return lsn, ts
-                ok = cur.next() if forward else cur.prev()
+                if not jumped:
+                    break
         return 0, 0
+
+    @staticmethod
+    def _meta_lsns_down(cur, base: bytes, high: int):
+        """The META page's indexed LSNs <= high, newest first (page-index groups)."""
+        positioned = cur.set_range(base + _BE64.pack(high))
+        ok = positioned and cur.key()[:12] == base
+        if not ok:
+            ok = cur.prev() if positioned else cur.last()
+        while ok:
+            k = cur.key()
+            if k[:12] != base:
+                return
+            for lsn in reversed(_group_lsns(_group_of(k, cur.value()))):
+                if lsn <= high:
+                    yield lsn
+            ok = cur.prev()
+
+    @staticmethod
+    def _meta_lsns_up(cur, base: bytes, low: int):
+        """The META page's indexed LSNs > low, oldest first."""
+        ok = cur.set_range(base + _BE64.pack(low + 1))
+        while ok:
+            k = cur.key()
+            if k[:12] != base:
+                return
+            for lsn in _group_lsns(_group_of(k, cur.value())):
+                if lsn > low:
+                    yield lsn
+            ok = cur.next()
 
     def history(self, volume: str) -> list[tuple[int, int, int, tuple]]:
         """[(epoch, time_us, prev_vdl, truncation set)] of every truncation set this node

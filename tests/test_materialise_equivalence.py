@@ -416,9 +416,10 @@ def test_extension_is_the_compiled_twin():
     """Scenario: the imported extension is real Cython code, not a re-export of the reference."""
     assert cy.IMPLEMENTATION == "cython" and py.IMPLEMENTATION == "python"
     assert cy.__file__.endswith((".so", ".pyd"))
-    for name in ("scan_batch", "apply_to_pages", "apply"):
+    for name in ("scan_batch", "scan_batch_items", "apply_to_pages", "apply"):
         assert getattr(cy, name) is not getattr(py, name)
-    assert sorted(cy.__all__) == sorted(["IMPLEMENTATION", "scan_batch", "apply_to_pages", "apply"])
+    assert sorted(cy.__all__) == sorted(["IMPLEMENTATION", "scan_batch", "scan_batch_items",
+                                         "apply_to_pages", "apply"])
 
 
 @SETTINGS
@@ -473,6 +474,45 @@ def test_apply_each_page_matches_reference_and_model(b):
         b.check_page(page_id, got)
     assert cy.scan_batch(buf) == py.scan_batch(buf)
     assert cy.scan_batch(memoryview(bytearray(buf))) == py.scan_batch(buf)
+    refs, items, pages = same_items(buf)
+    assert refs == py.scan_batch(buf)
+    assert same_items(memoryview(bytearray(buf))) == (refs, items, pages)
+    assert b"".join(v for _k, v in items) == buf
+    assert [k for k, _v in items] == [PREFIX + struct.pack(">Q", r[2]) for r in refs]
+    assert pages == {p: [r[2] for r in refs if r[6] == p] for p in {r[6] for r in refs}}
+
+
+PREFIX = struct.pack(">II", 7, 3)  # a storage segment prefix (vol_id 7, pg 3)
+
+
+def same_items(buf, prefix=PREFIX):
+    """scan_batch_items of both twins: equal results, or the same error class and message
+    (raised again here)."""
+    results = []
+    for impl in IMPLS:
+        try:
+            results.append(("ok", impl.scan_batch_items(buf, prefix)))
+        except FormatError as exc:
+            results.append(("err", (type(exc), str(exc))))
+    assert results[0] == results[1]
+    if results[0][0] == "err":
+        cls, msg = results[0][1]
+        raise cls(msg)
+    return results[0][1]
+
+
+def test_scan_batch_items_empty_and_errors_match():
+    """Scenario: an empty batch gives empty results; a corrupt one the same error as
+    scan_batch, in both twins."""
+    assert same_items(b"") == ([], [], {})
+    rec = bytearray(redo.encode_record(5, 4, 3, 2, 9, RT.INIT_PAGE, 0,
+                                       redo.p_init_page(pg.PageType.LEAF)))
+    assert same_items(bytes(rec))[2] == {9: [5]}
+    rec[-1] ^= 1
+    with pytest.raises(ChecksumError):
+        same_items(bytes(rec))
+    with pytest.raises(ChecksumError):
+        py.scan_batch(bytes(rec))
 
 
 @SETTINGS
@@ -548,6 +588,8 @@ def test_flipped_byte(b, data):
     buf[pos] ^= 1 << data.draw(st.integers(0, 7), label="bit")
     err, _ = same_outcome(all_none(b), bytes(buf))
     assert err is not None and err[0] in (ChecksumError, BadLengthError, TruncatedError)
+    with pytest.raises(err[0]):
+        same_items(bytes(buf))
     page_id = data.draw(st.sampled_from(sorted(b.model)), label="page")
     same_outcome({page_id: None}, bytes(buf))
 
@@ -560,6 +602,11 @@ def test_truncated_batch(b, data):
     buf = b.buf()
     cut = data.draw(st.integers(0, len(buf) - 1), label="cut")
     err, _ = same_outcome(all_none(b), buf[:cut])
+    if err is None:
+        same_items(buf[:cut])
+    else:
+        with pytest.raises(err[0]):
+            same_items(buf[:cut])
     ends = set()
     pos = 0
     for _, _, rec in b.records:

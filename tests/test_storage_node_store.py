@@ -406,3 +406,135 @@ def test_a_clone_reads_its_parent_as_of_the_fork_and_writes_only_its_own(store, 
     check_pages(store, clone, clone.lsn)
     with pytest.raises(E.UnknownVolumeError):
         append(store, clone, clone.next_records(1))
+
+
+def index_of(store: S.Store, chain: ChainBuilder, pg: int) -> dict[int, list[tuple[int, ...]]]:
+    """The page-index groups of a segment: {page_id: [group LSNs, in key order]}, after
+    checking each row's shape (key LSN = the group's highest, LSNs strictly ascending)."""
+    prefix = store._prefix(chain.volume, pg)
+    out: dict[int, list] = {}
+    with store.env.begin() as txn:
+        cur = txn.cursor(db=store.db_pageidx)
+        if cur.set_range(prefix):
+            for k, v in cur.iternext():
+                if k[:8] != prefix:
+                    break
+                page_id, last = S._PAGE_LSN.unpack_from(k, 8)
+                lsns = S._group_lsns(S._group_of(k, v))
+                assert 1 <= len(lsns) <= S.IDX_GROUP_MAX and lsns[-1] == last
+                assert list(lsns) == sorted(set(lsns)), "a group is strictly ascending"
+                out.setdefault(page_id, []).append(lsns)
+    return out
+
+
+def check_index(store: S.Store, chain: ChainBuilder) -> None:
+    """Every stored record is in exactly one group of its page, groups of a page cover
+    disjoint LSN ranges in key order, and nothing else is indexed."""
+    for pg in range(chain.layout.pg_count):
+        stored: dict[int, set] = {}
+        with store.env.begin() as txn:
+            prefix = store._prefix(chain.volume, pg)
+            cur = txn.cursor(db=store.db_log)
+            if cur.set_range(prefix):
+                for k, v in cur.iternext():
+                    if k[:8] != prefix:
+                        break
+                    lsn = S._BE64.unpack_from(k, 8)[0]
+                    stored.setdefault(S._U32.unpack_from(v, S._REC_PAGE)[0], set()).add(lsn)
+        index = index_of(store, chain, pg)
+        assert set(index) == set(stored)
+        for page_id, groups in index.items():
+            for a, b in zip(groups, groups[1:]):
+                assert a[-1] < b[0], f"page {page_id}: groups {a} and {b} overlap"
+            flat = [lsn for g in groups for lsn in g]
+            assert sorted(flat) == sorted(stored[page_id]), f"page {page_id}: index != log"
+
+
+def test_page_index_groups_survive_disorder_retransmits_and_gc(store, seed):
+    """Scenario: records arrive out of order, in requests of random sizes, several
+    requests per transaction, with retransmits of what is already stored (holes filled
+    inside a stored group's LSN range). After every transaction the page index lists
+    each stored record exactly once in disjoint groups; reads equal the oracle; GC then
+    removes records from the groups and both still hold."""
+    rng = random.Random(seed)
+    chain = ChainBuilder("v", seed=seed, pages=list(range(1, 9)))  # few pages: big groups
+    create(store, chain)
+    recs = chain.next_records(1500)
+    info = store.volume("v")
+    order = list(range(0, len(recs), 25))
+    rng.shuffle(order)
+    sent: list = []
+    while order:
+        ops = []
+        for _ in range(rng.randint(1, 4)):
+            if not order:
+                break
+            part = recs[order.pop():][:25]
+            if sent and rng.random() < 0.4:
+                part = part + rng.sample(sent, min(len(sent), rng.randint(1, 30)))  # retransmits
+            sent.extend(part)
+            part.sort(key=lambda r: r.lsn)
+            batches = [(pg, 0, buf, S.verify_batch(info.layout, pg, buf))
+                       for pg, buf in sorted(ChainBuilder.pack(part).items())]
+            ops.append(S.AppendOp("v", chain.epoch, 0, batches))
+        assert not any(isinstance(r, Exception) for r in store.apply_ops(ops))
+        check_index(store, chain)
+    assert scls(store, chain) == {pg: chain.pg_scl(pg) for pg in range(chain.layout.pg_count)}
+    check_pages(store, chain, chain.lsn)
+    check_pages(store, chain, recs[700].lsn)
+    horizon = recs[1000].lsn
+    append(store, chain, chain.next_records(50), writer_vdl=horizon)
+    store.apply_ops([S.SetGcHorizonOp("v", horizon, chain.epoch)])
+    for pg in range(chain.layout.pg_count):
+        start = 0
+        while start is not None:
+            op, start = store.plan_gc("v", pg, horizon, start)
+            store.apply_ops([op])
+    check_index(store, chain)
+    check_pages(store, chain, horizon)
+    check_pages(store, chain, chain.lsn)
+
+
+def test_format_1_data_dir_is_upgraded_in_place(tmp_path, seed):
+    """Scenario: a data dir written with layout format 1 (one empty pageidx row per
+    record) opens, is marked format 2, serves the same pages, and takes new appends
+    (including retransmits that merge with its one-record rows)."""
+    path = str(tmp_path / "sn-old")
+    chain = ChainBuilder("v", seed=seed, pages=list(range(1, 9)))
+    st = S.Store(path, "sn-old", map_size=1 << 30)
+    create(st, chain)
+    recs = chain.next_records(300)
+    append(st, chain, recs)
+    with st.env.begin(write=True) as txn:  # rewrite the index as format 1 wrote it
+        cur = txn.cursor(db=st.db_pageidx)
+        rows = [(bytes(k), S._group_lsns(S._group_of(k, v))) for k, v in cur]
+        for k, _lsns in rows:
+            txn.delete(k, db=st.db_pageidx)
+        for k, lsns in rows:
+            for lsn in lsns:
+                txn.put(k[:12] + S._BE64.pack(lsn), b"", db=st.db_pageidx)
+        txn.put(b"format", S._U32.pack(1), db=st.db_node)
+    st.close()
+    st = S.Store(path, "sn-old", map_size=1 << 30)
+    try:
+        with st.env.begin(db=st.db_node) as txn:
+            assert S._U32.unpack(txn.get(b"format"))[0] == S.FORMAT == 2
+        check_pages(st, chain, chain.lsn)
+        append(st, chain, recs[100:140] + chain.next_records(200))
+        check_index(st, chain)
+        check_pages(st, chain, chain.lsn)
+        check_pages(st, chain, recs[150].lsn)
+    finally:
+        st.close()
+
+
+def test_unknown_format_is_refused(tmp_path):
+    """Scenario: a data dir of a layout format this code does not know is not opened."""
+    path = str(tmp_path / "sn-new")
+    S.Store(path, "sn-new", map_size=1 << 30).close()
+    st = S.Store(path, "sn-new", map_size=1 << 30)
+    with st.env.begin(write=True) as txn:
+        txn.put(b"format", S._U32.pack(S.FORMAT + 1), db=st.db_node)
+    st.close()
+    with pytest.raises(RuntimeError, match="unknown layout format"):
+        S.Store(path, "sn-new", map_size=1 << 30)
