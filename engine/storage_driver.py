@@ -46,6 +46,7 @@ import grpc
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine import faults
 from engine.errors import FencedError, UnavailableError, WriteQuorumUnavailable
 from engine.quorum import CommitQueue, QuorumTracker
 from engine.redo import FLAG_CPL
@@ -175,7 +176,10 @@ class StorageDriver:
 
     async def start(self) -> None:
         for info in self.node_infos:
-            channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+            # Injected network faults (engine/faults.py): none unless $AURORA_FAULTS_FILE.
+            channel = grpc.aio.insecure_channel(
+                info.address, options=CHANNEL_OPTIONS,
+                interceptors=faults.client_interceptors(self.instance, info.address) or None)
             stub = pb_grpc.StorageStub(channel)
             append_raw = channel.unary_unary(
                 APPEND_METHOD, request_serializer=None,

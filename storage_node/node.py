@@ -18,6 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, fields
 
+from engine import planted_bugs
 from storage_node.commit import GroupCommitter
 from storage_node.store import AppendOp, Store, prepare_items, verify_batch
 
@@ -156,4 +157,17 @@ class StorageNode:
             self.counters.bytes_received += nbytes
         else:
             self.counters.gossip_records_pulled += n
+        defer_s = planted_bugs.ack_before_commit_s()
+        if defer_s and op.source == "writer" and not background:
+            return self._ack_before_commit(op, defer_s)   # PLANTED BUG, test only
         return await self.commit(op, background)
+
+    def _ack_before_commit(self, op: AppendOp, defer_s: float) -> dict[int, int]:
+        """Planted bug (engine/planted_bugs.py): claim every batch is stored, commit later."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(defer_s, lambda: loop.create_task(self.commit(op)))
+        acks: dict[int, int] = {}
+        for pg, _epoch, _buf, refs, *_rest in op.batches:
+            scl = self.store.segment(op.volume, pg).scl
+            acks[pg] = max([scl] + [ref[2] for ref in refs])
+        return acks
