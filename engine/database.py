@@ -66,6 +66,7 @@ was half applied (a bug: MTRs are planned on copies first) sets it permanently.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import OrderedDict
 from typing import Awaitable, Callable
@@ -94,6 +95,12 @@ READ_OPTIMISTIC_TRIES = 3        # lock-free attempts of a read before it takes 
 DURABLE_TIMEOUT_S = 30.0         # default wait for VDL to pass a commit
 READ_DURABLE_WAIT_S = 0.1        # a read waits this long for what it saw to become durable,
                                  # then reads as of VDL instead (see _SnapshotView)
+
+#: The read point of the last read of the current asyncio task (one request): the LSN as
+#: of which its result is exact, <= VDL. Set by Database._read; the server returns it as
+#: GetReply/ScanReply.read_point (the VDL taken after the read could name a commit the read
+#: did not see: found by the chaos bank checker, docs/reliability.md).
+LAST_READ_POINT: contextvars.ContextVar[int] = contextvars.ContextVar("last_read_point", default=0)
 
 
 class _ReadView:
@@ -430,8 +437,10 @@ class Database:
             self.counters["read_locked"] += 1
             async with self._commit_lock:
                 view = _ReadView(self.pool)
+                version = allocator.last_volume_lsn
                 result = await run(view)
         seen = max(view.seen_lsn, self._catalog_lsn)
+        read_point = None
         if seen > self.sink.vdl:
             self.counters["read_durable_waits"] += 1
             try:
@@ -446,6 +455,9 @@ class Database:
                     # that state, to a key it then writes, must still be a conflict
                     # (first-committer-wins), or it would overwrite it unseen (lost update).
                     txn.start_lsn = read_point
+        # Exact for the pages read: every MTR that touched them is <= seen <= VDL now, and
+        # the state is that of every MTR <= version.
+        LAST_READ_POINT.set(read_point if read_point is not None else min(version, self.sink.vdl))
         return result
 
     # --- Internals: commits ----------------------------------------------------------------

@@ -223,7 +223,7 @@ def test_corruption_repaired_by_scrub(chaos):
     run = chaos().start()
     wait_ok(run, 30)
     run.nemesis.kill("sn2")
-    flips = run.nemesis.corrupt("sn2", b"acct-")
+    flips = run.nemesis.corrupt("sn2", b"acct-", max_flips=1_000_000)
     assert flips > 0, "nothing to corrupt"
     run.nemesis.start("sn2")
     deadline = time.monotonic() + 45
