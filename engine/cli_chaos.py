@@ -49,10 +49,10 @@ class ControlTarget:
         self.fault_file = Path(data_dir) / "faults.json"
         info = read_control(self.dd)
         procs = info["processes"]
-        self.storage = [p["name"] for p in procs if p["role"] == "storage"]
-        self.instances = [p["name"] for p in procs if p["role"] in ("writer", "replica")]
-        self._az = {p["name"]: p["az"] for p in procs}
-        self._addr = {p["name"]: p["address"] for p in procs}
+        self.storage = [n for n, p in procs.items() if p["role"] == "storage"]
+        self.instances = [n for n, p in procs.items() if p["role"] in ("writer", "replica")]
+        self._az = {n: p["az"] for n, p in procs.items()}
+        self._addr = {n: p["address"] for n, p in procs.items()}
         self.control_address = info["control"]["address"]
         self._channel = grpc.insecure_channel(self.control_address)
         from aurora_pb import control_pb2_grpc
@@ -63,7 +63,7 @@ class ControlTarget:
         return read_control(self.dd)
 
     def _proc(self, name: str) -> dict:
-        return next(p for p in self._info()["processes"] if p["name"] == name)
+        return self._info()["processes"][name]
 
     def _action(self, name: str, action: str, wait_s: float = 0.0) -> str:
         from aurora_pb import control_pb2 as pb
@@ -86,7 +86,7 @@ class ControlTarget:
 
     def running(self, name: str) -> bool:
         p = self._proc(name)
-        return p["state"] not in ("down",) and p.get("pid") not in (None, 0)
+        return p["state"] != "down"
 
     def paused(self, name: str) -> bool:
         return self._proc(name)["state"] == "paused"
@@ -181,6 +181,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                 pass
         return out
 
+    logging.getLogger("aurora_lite.nemesis").setLevel(logging.WARNING)   # printed by _say
     nemesis = Nemesis(target, seed, out=_say)
     schedule = nemesis.random_schedule(args.duration, kinds)
     _say(f"chaos: schedule of {len(schedule)} episodes over {args.duration:g}s:")
