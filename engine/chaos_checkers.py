@@ -378,6 +378,9 @@ class StateSampler:
         self.vdl_samples: list[tuple[float, int, int]] = []          # (t, epoch, vdl)
         self.scl_samples: list[tuple[float, str, object, str, int, int, int]] = []
         self._stop = threading.Event()
+        # One sample at a time: two overlapping samples would append an older answer
+        # after a newer one and look like an SCL going back.
+        self._sample_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="state-sampler")
 
     def start(self) -> "StateSampler":
@@ -389,6 +392,10 @@ class StateSampler:
         self._thread.join(30)
 
     def sample(self) -> None:
+        with self._sample_lock:
+            self._sample()
+
+    def _sample(self) -> None:
         try:
             st = self.instance_status()
             if st is not None and st.role == "writer":

@@ -292,3 +292,37 @@ def test_wiped_node_rebuilt_from_peers(chaos):
         time.sleep(0.5)
     assert caught_up, f"sn4 did not rebuild: {mine} vs {best}"
     run.assert_green()
+
+
+def _put_latencies_ms(run: ChaosRun, n: int, tag: str) -> list[float]:
+    db = run.writer_client()
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        db.put(b"lat-%s-%04d" % (tag.encode(), i), b"x" * 64)
+        out.append((time.perf_counter() - t0) * 1000)
+    return sorted(out)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def test_outlier_tolerance_two_slow_disks(chaos):
+    """Scenario: sn5 and sn6 get a 50 ms delay before every LMDB commit. A commit needs 4
+    of 6 acks, so it must not wait for the slowest two: the median (and p90) commit
+    latency stays within half of the 50 ms that a quorum waiting for them would add.
+    Compared with a healthy phase of the same run, because the machine is shared.""" 
+    run = chaos().start(workload=False)
+    healthy = _put_latencies_ms(run, 120, "healthy")
+    run.nemesis.slow_disk("sn5", 50)
+    run.nemesis.slow_disk("sn6", 50)
+    time.sleep(1.0)   # the nodes re-read the fault file
+    slow = _put_latencies_ms(run, 120, "slow")
+    summary = (f"healthy p50 {_pct(healthy, .5):.1f} ms p99 {_pct(healthy, .99):.1f} ms; "
+               f"two slow disks p50 {_pct(slow, .5):.1f} ms p99 {_pct(slow, .99):.1f} ms")
+    run.nemesis.note(summary)
+    assert _pct(slow, 0.5) < _pct(healthy, 0.5) + 25.0, summary + "\n" + run.header()
+    assert _pct(slow, 0.9) < _pct(healthy, 0.9) + 40.0, summary + "\n" + run.header()
+    run.nemesis.clear_disk()
+    run.assert_green(min_ok=0)
