@@ -212,6 +212,7 @@ class _StreamFaults(grpc.aio.StreamStreamClientInterceptor):
         if self._partitioned():
             raise _unavailable(f"nemesis: link {self.state.me} -> {self.address} is partitioned")
         call = await continuation(client_call_details, request_iterator)
+        call.add_done_callback(_stop_request_poller)
         return self._responses(call)
 
     async def _responses(self, call):
@@ -237,6 +238,16 @@ class _StreamFaults(grpc.aio.StreamStreamClientInterceptor):
             if "delay" in rules:
                 await asyncio.sleep(float(rules["delay"].get("ms", 0.0)) / 1000.0)
             yield msg
+
+
+def _stop_request_poller(call) -> None:
+    """Work around grpc.aio (1.85): an intercepted stream-stream call that FAILS keeps its
+    request-consuming task blocked forever (cancel() skips it once the call is done); the
+    task is then destroyed pending and asyncio logs ERROR lines. Cancel it when the call
+    ends. The attribute is private, hence the getattr."""
+    poller = getattr(call, "_async_request_poller", None)
+    if poller is not None and not poller.done():
+        poller.cancel()
 
 
 def client_interceptors(me: str, address: str) -> list:

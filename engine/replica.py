@@ -191,6 +191,10 @@ class Replica:
             except grpc.RpcError as exc:
                 log.info("redo stream from %s ended: %s %s", self.writer_address,
                          exc.code().name, exc.details())
+            except asyncio.InvalidStateError as exc:
+                # The feedback write found the call already finished (the writer went
+                # away between two reads): the same as the stream ending.
+                log.info("redo stream from %s ended: %s", self.writer_address, exc)
             except Exception:
                 log.exception("replica stream failed; resubscribing")
             self.connected = False
