@@ -449,12 +449,15 @@ class Database:
                 # Storage is slow to make what we saw durable: read as of VDL instead.
                 self.counters["read_snapshots"] += 1
                 read_point = self.sink.vdl
-                result = await run(_SnapshotView(self.pool, self.sink, read_point))
                 if txn is not None and txn.start_lsn is not None and read_point < txn.start_lsn:
-                    # The transaction read a state older than its begin: a commit after
+                    # The transaction reads a state older than its begin: a commit after
                     # that state, to a key it then writes, must still be a conflict
                     # (first-committer-wins), or it would overwrite it unseen (lost update).
+                    # Lowered BEFORE the snapshot read awaits storage: during that await
+                    # VDL can pass such a commit and a prune (horizon = min(VDL, active
+                    # starts)) would forget its conflict entry (found by chaos, seed 11).
                     txn.start_lsn = read_point
+                result = await run(_SnapshotView(self.pool, self.sink, read_point))
         # Exact for the pages read: every MTR that touched them is <= seen <= VDL now, and
         # the state is that of every MTR <= version.
         LAST_READ_POINT.set(read_point if read_point is not None else min(version, self.sink.vdl))
