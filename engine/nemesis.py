@@ -360,7 +360,14 @@ class Nemesis:
             sleep(min(step.hold_s, 1.0))
             self.resume(w)
         elif k == "replica-partition":
-            self.partition([a["replica"]], [w])
+            replica = a["replica"]
+            if replica == w:   # a failover made it the writer since the schedule was drawn
+                others = self.target.replicas()
+                if not others:
+                    self.note(f"skipped: {replica} is the writer now and no replica is left")
+                    return
+                replica = others[0]
+            self.partition([replica], [w])
             sleep(step.hold_s)
             self.clear_links()
         elif k == "corrupt":
