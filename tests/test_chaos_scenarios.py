@@ -280,7 +280,7 @@ def test_wiped_node_rebuilt_from_peers(chaos):
     run.nemesis.start("sn4")
     wait_ok(run, 10)
     run.workload.stop()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 10
     caught_up = False
     while time.monotonic() < deadline and not caught_up:
         st = run.node_status()
