@@ -46,7 +46,7 @@ import grpc
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
-from engine import faults
+from engine import faults, planted_bugs
 from engine.errors import FencedError, UnavailableError, WriteQuorumUnavailable
 from engine.quorum import CommitQueue, QuorumTracker
 from engine.redo import FLAG_CPL
@@ -175,6 +175,7 @@ class StorageDriver:
     # --- Lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        planted_bugs.warn_if_planted(f"instance {self.instance}")   # test-only switches
         for info in self.node_infos:
             # Injected network faults (engine/faults.py): none unless $AURORA_FAULTS_FILE.
             channel = grpc.aio.insecure_channel(

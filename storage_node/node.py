@@ -105,6 +105,7 @@ class StorageNode:
         self.store = Store(data_dir, node_id, map_size=self.tuning.map_size,
                            logger=node_logger("storage_node.store", node_id, az))
         self.counters = Counters()
+        planted_bugs.warn_if_planted(f"storage node {node_id}")   # test-only switches
         self.committer: GroupCommitter | None = None
         self.read_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lmdb-read")
         self.bg_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmdb-bg")
