@@ -31,7 +31,10 @@ Faults (each ``Nemesis`` method logs one line ``nemesis +12.3s: <what>``)::
 
 ``Nemesis.down_intervals`` records, for every storage node, when it could not have acked
 the writer (killed, paused, partitioned from the writer), for the durability checker
-(engine/chaos_checkers.py).
+(engine/chaos_checkers.py). The intervals are conservative in the checker's favour of
+NOT reporting: a node counts as down only from after the kill / SIGSTOP returned (a
+partition: from FAULT_PROPAGATION_S after the rewrite) and as up again from BEFORE the
+start / SIGCONT / rewrite that heals it.
 """
 
 from __future__ import annotations
@@ -142,9 +145,10 @@ class Nemesis:
     def start(self, name: str) -> None:
         if self.target.running(name):
             return
-        self.target.start(name)
+        # Counted up from BEFORE the start: it may serve (and ack) before start() returns.
         if name not in self._writer_cut_from():
             self._up(name)
+        self.target.start(name)
         self.note(f"started {name}")
 
     def restart(self, name: str) -> None:
@@ -157,9 +161,9 @@ class Nemesis:
         self.note(f"SIGSTOP {name}")
 
     def resume(self, name: str) -> None:
-        self.target.resume(name)
         if name not in self._writer_cut_from():
-            self._up(name)
+            self._up(name)   # before SIGCONT: it may ack at once
+        self.target.resume(name)
         self.note(f"SIGCONT {name}")
 
     def az_nodes(self, az: str) -> list[str]:
@@ -174,8 +178,8 @@ class Nemesis:
     def az_up(self, az: str) -> None:
         for n in self.az_nodes(az):
             if not self.target.running(n):
+                self._up(n)   # before the start: it may ack before start() returns
                 self.target.start(n)
-                self._up(n)
         self.note(f"AZ {az} up")
 
     # --- network and disk faults --------------------------------------------------------
@@ -205,11 +209,11 @@ class Nemesis:
 
     def clear_links(self) -> None:
         cut = self._writer_cut_from()
+        now = time.monotonic()   # before the rewrite: processes may see it at once
         self.links = []
         self._write_faults()
-        now = time.monotonic()
         for n in cut:
-            if self.target.running(n) and n in self.down_intervals:
+            if self.target.running(n) and not self.target.paused(n) and n in self.down_intervals:
                 self._up(n, now)
         self.note("network healed (all link faults cleared)")
 
@@ -254,8 +258,13 @@ class Nemesis:
 
     def heal(self) -> None:
         """Clear every network and disk fault, resume paused and start stopped processes."""
+        cut = self._writer_cut_from()
+        now = time.monotonic()
         self.links, self.disk = [], {}
         self._write_faults()
+        for n in cut:
+            if self.target.running(n) and not self.target.paused(n):
+                self._up(n, now)
         for name in [*self.target.storage, *self.target.instances]:
             if self.target.paused(name):
                 self.resume(name)
