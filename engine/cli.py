@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_replica_process)
     __import__("engine.cli_cluster").cli_cluster.register(sub)  # up, down, status, put, ... (docs/cli.md)
     __import__("engine.cli_bench").cli_bench.register(sub)  # bench write-amplification, block-server
+    __import__("engine.cli_chaos").cli_chaos.register(sub)  # chaos (docs/reliability.md)
     return parser
 
 

@@ -66,6 +66,7 @@ was half applied (a bug: MTRs are planned on copies first) sets it permanently.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import OrderedDict
 from typing import Awaitable, Callable
@@ -94,6 +95,12 @@ READ_OPTIMISTIC_TRIES = 3        # lock-free attempts of a read before it takes 
 DURABLE_TIMEOUT_S = 30.0         # default wait for VDL to pass a commit
 READ_DURABLE_WAIT_S = 0.1        # a read waits this long for what it saw to become durable,
                                  # then reads as of VDL instead (see _SnapshotView)
+
+#: The read point of the last read of the current asyncio task (one request): the LSN as
+#: of which its result is exact, <= VDL. Set by Database._read; the server returns it as
+#: GetReply/ScanReply.read_point (the VDL taken after the read could name a commit the read
+#: did not see: found by the chaos bank checker, docs/reliability.md).
+LAST_READ_POINT: contextvars.ContextVar[int] = contextvars.ContextVar("last_read_point", default=0)
 
 
 class _ReadView:
@@ -447,8 +454,10 @@ class Database:
             self.counters["read_locked"] += 1
             async with self._commit_lock:
                 view = _ReadView(self.pool)
+                version = allocator.last_volume_lsn
                 result = await run(view)
         seen = max(view.seen_lsn, self._catalog_lsn)
+        read_point = None
         if seen > self.sink.vdl:
             self.counters["read_durable_waits"] += 1
             try:
@@ -457,12 +466,18 @@ class Database:
                 # Storage is slow to make what we saw durable: read as of VDL instead.
                 self.counters["read_snapshots"] += 1
                 read_point = self.sink.vdl
-                result = await run(_SnapshotView(self.pool, self.sink, read_point))
                 if txn is not None and txn.start_lsn is not None and read_point < txn.start_lsn:
-                    # The transaction read a state older than its begin: a commit after
+                    # The transaction reads a state older than its begin: a commit after
                     # that state, to a key it then writes, must still be a conflict
                     # (first-committer-wins), or it would overwrite it unseen (lost update).
+                    # Lowered BEFORE the snapshot read awaits storage: during that await
+                    # VDL can pass such a commit and a prune (horizon = min(VDL, active
+                    # starts)) would forget its conflict entry (found by chaos, seed 11).
                     txn.start_lsn = read_point
+                result = await run(_SnapshotView(self.pool, self.sink, read_point))
+        # Exact for the pages read: every MTR that touched them is <= seen <= VDL now, and
+        # the state is that of every MTR <= version.
+        LAST_READ_POINT.set(read_point if read_point is not None else min(version, self.sink.vdl))
         return result
 
     # --- Internals: commits ----------------------------------------------------------------

@@ -34,7 +34,11 @@ import heapq
 from collections import deque
 from typing import Any, Iterable
 
+from engine import planted_bugs
 from engine.volume import V, VW
+
+# Test-only planted bug (engine/planted_bugs.py): PGCL one segment short of Vw.
+_PGCL_RANK = VW - 1 if planted_bugs.vdl_short_quorum() else VW
 
 
 class QuorumTracker:
@@ -107,7 +111,7 @@ class QuorumTracker:
     def _quorum_scl(self, pg: int) -> int:
         """The VW-th highest SCL of pg's segments (0 if fewer than VW have reported)."""
         scls = sorted((self.scl.get((n, pg), 0) for n in self.nodes), reverse=True)
-        return scls[VW - 1]
+        return scls[_PGCL_RANK - 1]
 
     def _advance(self) -> bool:
         old_vdl = self.vdl

@@ -37,7 +37,7 @@ import grpc
 
 from aurora_pb import replication_pb2 as rpb
 from aurora_pb import replication_pb2_grpc as rpb_grpc
-from engine import materialiser
+from engine import faults, materialiser
 from engine.database import Database
 from engine.errors import ReadOnlyError, WriteQuorumUnavailable
 from engine.redo import FLAG_CPL
@@ -191,6 +191,10 @@ class Replica:
             except grpc.RpcError as exc:
                 log.info("redo stream from %s ended: %s %s", self.writer_address,
                          exc.code().name, exc.details())
+            except asyncio.InvalidStateError as exc:
+                # The feedback write found the call already finished (the writer went
+                # away between two reads): the same as the stream ending.
+                log.info("redo stream from %s ended: %s", self.writer_address, exc)
             except Exception:
                 log.exception("replica stream failed; resubscribing")
             self.connected = False
@@ -198,7 +202,8 @@ class Replica:
             delay_s = min(delay_s * 2, 1.0)
 
     async def _follow_once(self) -> None:
-        async with grpc.aio.insecure_channel(self.writer_address) as channel:
+        interceptors = faults.client_interceptors(self.instance, self.writer_address) or None
+        async with grpc.aio.insecure_channel(self.writer_address, interceptors=interceptors) as channel:
             stub = rpb_grpc.ReplicationStub(channel)
             call = stub.Subscribe()   # feedback goes out with call.write (no generator)
             try:

@@ -172,6 +172,8 @@ class DatabaseService(pb_grpc.DatabaseServicer):
                 value = await self.db.get(table, request.key)
             if value is None:
                 raise errors.KeyNotFound(f"key {request.key!r} not found in table {table!r}")
+            if not (request.as_of_lsn or request.as_of_time_us):
+                read_point = _read_point(request, self.inst.vdl)
             return pb.GetReply(value=value, read_point=read_point)
         except Exception as exc:
             await abort_with(context, exc)
@@ -221,7 +223,8 @@ class DatabaseService(pb_grpc.DatabaseServicer):
             else:
                 items = await self.db.scan(_table(request.table), start, end, limit)
             return pb.ScanReply(items=[pb.KeyValue(key=k, value=v) for k, v in items],
-                                read_point=read_point)
+                                read_point=read_point if (request.as_of_lsn or request.as_of_time_us)
+                                else _read_point(request, self.inst.vdl))
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -266,6 +269,12 @@ class DatabaseService(pb_grpc.DatabaseServicer):
                  "open_txns": len(self.txns), **self.inst.status()}
         return pb.StatusReply(instance=self.instance, role=self.inst.role, vdl=self.inst.vdl,
                               volume_epoch=self.inst.epoch, json=json.dumps(state))
+
+
+def _read_point(request, vdl: int) -> int:
+    """The read point of the read this request just did (engine.database.LAST_READ_POINT)."""
+    from engine.database import LAST_READ_POINT
+    return (LAST_READ_POINT.get() or vdl) if not request.txn_id else vdl
 
 
 async def recover_until_open(driver: StorageDriver, recovery_timeout_s: float = 120.0):

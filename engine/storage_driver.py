@@ -46,6 +46,7 @@ import grpc
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine import faults, planted_bugs
 from engine.errors import FencedError, UnavailableError, WriteQuorumUnavailable
 from engine.quorum import CommitQueue, QuorumTracker
 from engine.redo import FLAG_CPL
@@ -175,8 +176,12 @@ class StorageDriver:
     # --- Lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        planted_bugs.warn_if_planted(f"instance {self.instance}")   # test-only switches
         for info in self.node_infos:
-            channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+            # Injected network faults (engine/faults.py): none unless $AURORA_FAULTS_FILE.
+            channel = grpc.aio.insecure_channel(
+                info.address, options=CHANNEL_OPTIONS,
+                interceptors=faults.client_interceptors(self.instance, info.address) or None)
             stub = pb_grpc.StorageStub(channel)
             append_raw = channel.unary_unary(
                 APPEND_METHOD, request_serializer=None,

@@ -34,6 +34,7 @@ import grpc
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
 from storage_node.errors import StorageError
+from engine import faults
 from storage_node.latency import PeerLatency, delay_interceptors
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import AdoptEpochOp, CreateVolumeOp, PutVersionsOp, verify_stored_page
@@ -84,7 +85,8 @@ class Gossip:
         ch = self._channels.get(peer)
         if ch is None:
             ch = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS,
-                                           interceptors=delay_interceptors(self.latency, peer))
+                                           interceptors=delay_interceptors(self.latency, peer)
+                                           + faults.client_interceptors(self.node.node_id, peer))
             self._channels[peer] = ch
         return pb_grpc.StorageStub(ch)
 

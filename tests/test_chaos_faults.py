@@ -1,0 +1,127 @@
+"""The fault interceptors (engine/faults.py) do what the fault file says.
+
+Scenario base: an in-process grpc.aio Storage server whose NodeStatus counts calls, and a
+client channel with the interceptors of process "db1" towards it (named "sn1" in the
+fault file). No cluster: these tests only prove that each link fault really acts, so the
+scenario tests that rely on them are not vacuous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import pytest
+
+from aurora_pb import storage_pb2 as pb
+from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine import faults
+
+
+class CountingStorage(pb_grpc.StorageServicer):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def NodeStatus(self, request, context):
+        self.calls += 1
+        return pb.NodeStatusReply(node_id="sn1")
+
+
+def run_with(tmp_path, monkeypatch, rules, body):
+    path = tmp_path / "faults.json"
+    monkeypatch.setenv(faults.FAULTS_FILE_ENV, str(path))
+    monkeypatch.setattr(faults, "_STATES", {})
+
+    async def main():
+        server = grpc.aio.server()
+        servicer = CountingStorage()
+        pb_grpc.add_StorageServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        address = f"127.0.0.1:{port}"
+        path.write_text(json.dumps({"names": {address: "sn1"}, "links": rules}))
+        channel = grpc.aio.insecure_channel(address, interceptors=faults.client_interceptors("db1", address))
+        stub = pb_grpc.StorageStub(channel)
+        try:
+            return await body(stub, servicer, path, address)
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    return asyncio.run(main())
+
+
+async def _outcomes(stub, n):
+    ok = err = 0
+    for _ in range(n):
+        try:
+            await stub.NodeStatus(pb.NodeStatusRequest(), timeout=2)
+            ok += 1
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            err += 1
+    return ok, err
+
+
+def test_partition_sends_nothing(tmp_path, monkeypatch):
+    async def body(stub, srv, path, address):
+        return await _outcomes(stub, 5), srv.calls
+    (ok, err), calls = run_with(tmp_path, monkeypatch, [{"src": "db1", "dst": "sn1", "kind": "partition"}], body)
+    assert (ok, err, calls) == (0, 5, 0)
+
+
+def test_rules_of_other_links_do_not_apply(tmp_path, monkeypatch):
+    async def body(stub, srv, path, address):
+        return await _outcomes(stub, 3), srv.calls
+    rules = [{"src": "db2", "dst": "sn1", "kind": "partition"}, {"src": "db1", "dst": "sn2", "kind": "partition"}]
+    (ok, err), calls = run_with(tmp_path, monkeypatch, rules, body)
+    assert (ok, err, calls) == (3, 0, 3)
+
+
+def test_drop_loses_requests_and_replies(tmp_path, monkeypatch):
+    """p=1: every call fails; about half reached the server (their replies were lost)."""
+    async def body(stub, srv, path, address):
+        return await _outcomes(stub, 40), srv.calls
+    (ok, err), calls = run_with(tmp_path, monkeypatch, [{"src": "*", "dst": "sn1", "kind": "drop", "p": 1.0}], body)
+    assert ok == 0 and err == 40
+    assert 5 <= calls <= 35, calls   # both requests and replies were dropped
+
+
+def test_duplicate_sends_twice(tmp_path, monkeypatch):
+    async def body(stub, srv, path, address):
+        return await _outcomes(stub, 4), srv.calls
+    (ok, err), calls = run_with(tmp_path, monkeypatch, [{"src": "db1", "dst": "*", "kind": "duplicate", "p": 1.0}], body)
+    assert (ok, err, calls) == (4, 0, 8)
+
+
+def test_delay_and_reorder_wait(tmp_path, monkeypatch):
+    async def body(stub, srv, path, address):
+        started = time.monotonic()
+        await _outcomes(stub, 3)
+        return time.monotonic() - started
+    elapsed = run_with(tmp_path, monkeypatch, [{"src": "db1", "dst": "sn1", "kind": "delay", "ms": 50}], body)
+    assert elapsed >= 3 * 2 * 0.05
+
+
+def test_fault_file_rewrite_is_picked_up(tmp_path, monkeypatch):
+    """A partition written while the channel is open acts within CHECK_INTERVAL_S, and
+    clearing it heals the link."""
+    async def body(stub, srv, path, address):
+        first = await _outcomes(stub, 1)
+        path.write_text(json.dumps({"names": {address: "sn1"},
+                                    "links": [{"src": "db1", "dst": "sn1", "kind": "partition"}]}))
+        await asyncio.sleep(faults.CHECK_INTERVAL_S + 0.1)
+        cut = await _outcomes(stub, 1)
+        path.write_text(json.dumps({"names": {address: "sn1"}, "links": []}))
+        await asyncio.sleep(faults.CHECK_INTERVAL_S + 0.1)
+        healed = await _outcomes(stub, 1)
+        return first, cut, healed
+    assert run_with(tmp_path, monkeypatch, [], body) == ((1, 0), (0, 1), (1, 0))
+
+
+def test_no_fault_file_no_interceptors(monkeypatch):
+    monkeypatch.delenv(faults.FAULTS_FILE_ENV, raising=False)
+    assert faults.client_interceptors("db1", "127.0.0.1:1") == []
+    assert faults.disk_delay_s("sn1") == 0.0

@@ -1,0 +1,330 @@
+"""The reliability scenario matrix (issue 9) on real processes, one scenario per test.
+
+Scenario base: six storage nodes, writer db1 (and replicas where the scenario needs them),
+each a real process obeying the fault file (engine/faults.py); a bank + register + reads
+workload through the real client (engine/chaos_checkers.py); the nemesis
+(engine/nemesis.py) applies the faults. Every test ends with ``run.assert_green()``:
+heal, then every checker (bank reads at their read points, lost writes, monotonic VDL and
+SCL, durability at ack, ERROR lines in every log). A failure prints the seed and the
+nemesis history; ``AURORA_SEED=<seed> pytest tests/test_chaos_scenarios.py`` replays the
+same schedule.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.nemesis import seed_from_env
+from tests.chaos_harness import ChaosRun
+
+SEED = seed_from_env(default=9)
+
+
+@pytest.fixture
+def chaos(tmp_path):
+    runs = []
+
+    def make(**kw) -> ChaosRun:
+        run = ChaosRun(tmp_path / f"run{len(runs)}", SEED, **kw)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.close()
+
+
+def wait_ok(run: ChaosRun, n: int, timeout_s: float = 30.0) -> None:
+    """Wait until ``n`` more ops are acknowledged (the workload makes progress)."""
+    c = run.workload.counts()
+    target = c["transfers_ok"] + c["puts_ok"] + n
+    deadline = time.monotonic() + timeout_s
+    while True:
+        c = run.workload.counts()
+        if c["transfers_ok"] + c["puts_ok"] >= target:
+            return
+        assert time.monotonic() < deadline, f"no progress: {c}\n" + run.header()
+        time.sleep(0.2)
+
+
+def test_one_node_down(chaos):
+    """Scenario: sn3 is SIGKILLed under load; writes go on at 5 of 6; it comes back and
+    catches up; nothing acknowledged is lost."""
+    run = chaos().start()
+    wait_ok(run, 10)
+    run.nemesis.kill("sn3")
+    wait_ok(run, 20)
+    run.nemesis.start("sn3")
+    wait_ok(run, 10)
+    run.assert_green()
+
+
+def test_one_az_down(chaos):
+    """Scenario: both nodes of az-c are SIGKILLed; 4 of 6 is still a write quorum, so
+    writes go on; the AZ comes back and catches up."""
+    run = chaos().start()
+    wait_ok(run, 10)
+    run.nemesis.az_down("az-c")
+    wait_ok(run, 20)
+    run.nemesis.az_up("az-c")
+    wait_ok(run, 10)
+    run.assert_green()
+
+
+def acked_between(run: ChaosRun, t0: float, t1: float) -> int:
+    ops = run.workload.transfers + run.workload.puts
+    return sum(1 for o in ops if o.outcome == "ok" and o.t0 >= t0 and o.t1 <= t1)
+
+
+def test_az_plus_one_down_writes_wait_reads_go_on(chaos):
+    """Scenario: az-c and sn1 are down (3 of 6 left: a read quorum, not a write quorum).
+    No write started in the outage is acknowledged during it; reads on the writer go on;
+    after heal the waiting writes complete and nothing acknowledged is lost."""
+    run = chaos().start()
+    wait_ok(run, 10)
+    run.nemesis.az_down("az-c")
+    run.nemesis.kill("sn1")
+    t_down = time.monotonic()
+    reads_before = len(run.workload.reads)
+    time.sleep(4.0)
+    t_up = time.monotonic()
+    assert acked_between(run, t_down, t_up) == 0, "a write was acknowledged with 3 of 6 nodes\n" + run.header()
+    assert len(run.workload.reads) > reads_before + 3, "reads stopped during AZ+1\n" + run.header()
+    run.nemesis.start("sn1")
+    wait_ok(run, 10)
+    run.nemesis.az_up("az-c")
+    run.assert_green()
+
+
+def test_rolling_restart_of_every_storage_node_under_load(chaos):
+    """Scenario: each storage node in turn is SIGKILLed and started again while the load
+    runs; writes continue throughout and nothing is lost; replica db2 keeps applying the
+    redo stream and its reads match the writer's history at their read points."""
+    run = chaos(replicas=1).start()
+    wait_ok(run, 5)
+    for node in run.target.storage:
+        run.nemesis.restart(node)
+        wait_ok(run, 5)
+    run.assert_green()
+
+
+def test_writer_killed_during_recovery(chaos):
+    """Scenario: the writer is SIGKILLed under load, then started while only 3 storage
+    nodes are up: recovery fences a read quorum but cannot truncate at a write quorum and
+    retries; it is SIGKILLed again in the middle of that recovery. With every node back a
+    third start recovers; no acknowledged write is lost and the epoch/VDL checks hold.
+    Replica db2 follows the writer across both recoveries (its reads are checked too)."""
+    import threading
+
+    run = chaos(replicas=1).start()
+    wait_ok(run, 20)
+    run.nemesis.kill("db1")
+    run.nemesis.az_down("az-c")
+    run.nemesis.kill("sn1")
+    log_size = run.writer.log_path.stat().st_size
+    starter = threading.Thread(target=lambda: _start_quietly(run), daemon=True)
+    starter.start()
+    deadline = time.monotonic() + 60
+    while b"recovery not possible yet" not in run.writer.log_path.read_bytes()[log_size:]:
+        assert time.monotonic() < deadline, "recovery never got stuck\n" + run.header()
+        time.sleep(0.2)
+    run.nemesis.kill("db1")
+    run.nemesis.note("db1 killed during its recovery")
+    starter.join(30)
+    run.nemesis.start("sn1")
+    run.nemesis.az_up("az-c")
+    run.nemesis.start("db1")
+    wait_ok(run, 10)
+    run.assert_green()
+
+
+def _start_quietly(run: ChaosRun) -> None:
+    try:
+        run.writer.start(timeout_s=120)
+    except RuntimeError:
+        pass   # killed before it served: expected
+
+
+def test_writer_partitioned_from_one_az(chaos):
+    """Scenario: every link between the writer and az-c is cut; the other 4 nodes are a
+    write quorum, so writes go on; az-c catches up by gossip meanwhile and after heal."""
+    run = chaos().start()
+    wait_ok(run, 10)
+    run.nemesis.partition(["db1"], run.nemesis.az_nodes("az-c"))
+    wait_ok(run, 30)
+    run.nemesis.clear_links()
+    wait_ok(run, 10)
+    run.assert_green()
+
+
+def test_replica_partitioned_from_writer(chaos):
+    """Scenario: replica db2 loses its redo stream from the writer. Its reads go on at its
+    old read point (consistent, checked against the history at that point); the writer
+    goes on; after heal db2 resubscribes and catches up."""
+    run = chaos(replicas=1).start()
+    wait_ok(run, 10)
+    run.nemesis.partition(["db2"], ["db1"])
+    time.sleep(1.5)   # the cut reaches db2 within FAULT_PROPAGATION_S
+    rp0 = run.client("db2").status().vdl
+    wait_ok(run, 20)
+    rp1 = run.client("db2").status().vdl
+    writer_vdl = run.client("db1").status().vdl
+    assert rp1 == rp0 < writer_vdl, f"db2 moved ({rp0} -> {rp1}) while cut off\n" + run.header()
+    replica_reads = sum(1 for r in run.workload.reads if r.where == "db2")
+    run.nemesis.clear_links()
+    deadline = time.monotonic() + 30
+    while run.client("db2").status().vdl < writer_vdl:
+        assert time.monotonic() < deadline, "db2 did not catch up after heal\n" + run.header()
+        time.sleep(0.2)
+    assert sum(1 for r in run.workload.reads if r.where == "db2") > replica_reads
+    run.assert_green()
+
+
+def node_status(run: ChaosRun, name: str):
+    return run.node_status()[name][1]
+
+
+def test_gossip_only_repair_after_partition_heals(chaos):
+    """Scenario: sn6 is cut off from the writer and from every peer while writes go on.
+    The load then stops and the partition heals: the writer no longer resends (the
+    batches were durable elsewhere), so only gossip can fill sn6's gap; it must reach
+    the SCL of its peers on every PG."""
+    run = chaos().start()
+    wait_ok(run, 10)
+    others = [n for n in run.target.storage if n != "sn6"]
+    run.nemesis.partition(["sn6"], ["db1", *others])
+    time.sleep(1.0)
+    before = node_status(run, "sn6")
+    wait_ok(run, 30)
+    run.workload.stop()
+    pulled_before = before.gossip_records_pulled
+    run.nemesis.clear_links()
+    deadline = time.monotonic() + 30
+    while True:
+        st = run.node_status()
+        best = {}
+        for n in others:
+            for s in st[n][1].segments:
+                best[(s.volume, s.pg)] = max(best.get((s.volume, s.pg), 0), s.scl)
+        mine = {(s.volume, s.pg): s.scl for s in st["sn6"][1].segments}
+        if all(mine.get(k, 0) >= v for k, v in best.items()):
+            break
+        assert time.monotonic() < deadline, f"sn6 did not catch up: {mine} vs {best}\n" + run.header()
+        time.sleep(0.3)
+    assert st["sn6"][1].gossip_records_pulled > pulled_before, run.header()
+    run.assert_green()
+
+
+def test_corruption_repaired_by_scrub(chaos):
+    """Scenario: sn2 is stopped and bytes inside every record and page version that holds
+    an account key are flipped in its data.mdb; it is started again. Scrub finds the bad
+    checksums and repairs them from the log or a peer (invariant 13); reads never see a
+    bad value (bank reads stay consistent)."""
+    run = chaos().start()
+    wait_ok(run, 30)
+    run.nemesis.kill("sn2")
+    flips = run.nemesis.corrupt("sn2", b"acct-", max_flips=1_000_000)
+    assert flips > 0, "nothing to corrupt"
+    run.nemesis.start("sn2")
+    deadline = time.monotonic() + 30
+    while True:
+        st = node_status(run, "sn2")
+        if st.scrub_errors_found > 0 and st.scrub_repairs > 0:
+            break
+        assert time.monotonic() < deadline, (
+            f"scrub did not find and repair: found {st.scrub_errors_found}, repaired "
+            f"{st.scrub_repairs}, quarantined {st.quarantined}\n" + run.header())
+        time.sleep(0.5)
+    wait_ok(run, 10)
+    run.assert_green(allow_log=[r"\[sn2 az-a\].*(checksum|corrupt|quarantin|cannot be rebuilt)"])
+    deadline = time.monotonic() + 10
+    while node_status(run, "sn2").quarantined and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = node_status(run, "sn2").quarantined
+    if left:
+        # KNOWN BUG (docs/reliability.md, "findings"): a corrupted RECORD below the peers'
+        # GC horizon cannot be refetched (they collected it) and stays quarantined forever.
+        # Everything above is asserted; this part is reported, not hidden.
+        pytest.xfail(f"known bug: {left} quarantined item(s) on sn2 never resolved (records below "
+                     f"the peers' GC horizon cannot be refetched); seed {SEED}")
+
+
+def test_power_loss_every_process_killed_at_once(chaos):
+    """Scenario: every storage node and the writer are SIGKILLed at the same instant under
+    load (a power cut of all three AZs), then started again: recovery must bring back
+    every acknowledged write (invariant 3: an ack follows a synced LMDB commit)."""
+    run = chaos().start()
+    wait_ok(run, 30)
+    for n in ["db1", *run.target.storage]:
+        run.target.kill(n)
+    run.nemesis.note("power loss: SIGKILL to every process")
+    time.sleep(0.5)
+    run.assert_green()
+
+
+@pytest.mark.xfail(strict=True, reason="no hydration: a wiped node cannot rebuild records "
+                   "its peers already garbage-collected (docs/reliability.md, limitations)")
+def test_wiped_node_rebuilt_from_peers(chaos):
+    """Scenario: sn4 is stopped, its data dir deleted, and started empty. It should rebuild
+    its segments from its peers. KNOWN LIMITATION: gossip only pulls records, and peers
+    GC records below PGMRPL once they are folded into page versions; there is no
+    hydration of page versions from a peer, so the node never gets back to the others'
+    SCL. Strict xfail: if a rebuild path lands, this test passes and must be un-marked."""
+    run = chaos().start()
+    wait_ok(run, 30)
+    run.nemesis.kill("sn4")
+    run.nemesis.wipe("sn4")
+    run.target.incarnation["sn4"] += 1
+    run.nemesis.start("sn4")
+    wait_ok(run, 10)
+    run.workload.stop()
+    deadline = time.monotonic() + 10
+    caught_up = False
+    while time.monotonic() < deadline and not caught_up:
+        st = run.node_status()
+        best = {}
+        for n in run.target.storage:
+            if n != "sn4":
+                for s in st[n][1].segments:
+                    best[(s.volume, s.pg)] = max(best.get((s.volume, s.pg), 0), s.scl)
+        mine = {(s.volume, s.pg): s.scl for s in st["sn4"][1].segments}
+        caught_up = all(mine.get(k, 0) >= v for k, v in best.items())
+        time.sleep(0.5)
+    assert caught_up, f"sn4 did not rebuild: {mine} vs {best}"
+    run.assert_green()
+
+
+def _put_latencies_ms(run: ChaosRun, n: int, tag: str) -> list[float]:
+    db = run.writer_client()
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        db.put(b"lat-%s-%04d" % (tag.encode(), i), b"x" * 64)
+        out.append((time.perf_counter() - t0) * 1000)
+    return sorted(out)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def test_outlier_tolerance_two_slow_disks(chaos):
+    """Scenario: sn5 and sn6 get a 50 ms delay before every LMDB commit. A commit needs 4
+    of 6 acks, so it must not wait for the slowest two: the median (and p90) commit
+    latency stays within half of the 50 ms that a quorum waiting for them would add.
+    Compared with a healthy phase of the same run, because the machine is shared.""" 
+    run = chaos().start(workload=False)
+    healthy = _put_latencies_ms(run, 120, "healthy")
+    run.nemesis.slow_disk("sn5", 50)
+    run.nemesis.slow_disk("sn6", 50)
+    time.sleep(1.0)   # the nodes re-read the fault file
+    slow = _put_latencies_ms(run, 120, "slow")
+    summary = (f"healthy p50 {_pct(healthy, .5):.1f} ms p99 {_pct(healthy, .99):.1f} ms; "
+               f"two slow disks p50 {_pct(slow, .5):.1f} ms p99 {_pct(slow, .99):.1f} ms")
+    run.nemesis.note(summary)
+    assert _pct(slow, 0.5) < _pct(healthy, 0.5) + 25.0, summary + "\n" + run.header()
+    assert _pct(slow, 0.9) < _pct(healthy, 0.9) + 40.0, summary + "\n" + run.header()
+    run.nemesis.clear_disk()
+    run.assert_green(min_ok=0)
