@@ -24,18 +24,25 @@ acks and should not pay it.
 
 Per client count C (AURORA_OUTLIER_CLIENTS, default 1 and 8), a fixed number of committed
 transactions T per phase (AURORA_OUTLIER_TXNS, paired with the client counts, default 200
-and 800), four phases one after the other, never two at once: aurora-lite healthy,
-baseline healthy, aurora-lite with the slow node, baseline with the slow node. Recorded in
+and 800) per system and condition, run one system at a time, never two at once, in
+half-phases of T/2 in ABBA order (healthy, slow, slow, healthy; in each, aurora-lite then
+the baseline), so that drift during the test (background work after the load, other
+processes on a shared machine) falls on both conditions; the two halves' commits are
+pooled. Recorded in
 extra_info per system: commit p50 / p99 (ms, the engine's commit call to durability) and
 tx/s in each condition, and the ratios slow_p99 / healthy_p99, slow_p50 / healthy_p50,
-slow_tps / healthy_tps; plus, as evidence that the delay was applied, the storage driver's
+slow_tps / healthy_tps, and the latency the slow node added (slow - healthy, p50 and p99;
+with T=200 the p99 is the 2nd-worst commit, so on a shared machine the p50 figures are
+the steadier ones); plus, as evidence that the delay was applied, the storage driver's
 per-node ack round trip (``ack_ms``) after the slow phase and the baseline's configured
-mirror delay. The only assertion on numbers is the claim itself, loosely: aurora-lite's
-p99 ratio is below the baseline's.
+mirror delay. The only assertion on numbers is the claim itself, loosely: the slow node
+adds less to aurora-lite's median commit latency than to the baseline's (the p99 ratios
+are reported, not asserted: on two cores shared with other test runs a p99 of a few hundred
+commits is dominated by CPU stalls).
 
 Knobs: AURORA_OUTLIER_CLIENTS ("1,8"), AURORA_OUTLIER_TXNS ("200,800"),
 AURORA_OUTLIER_SLOW_MS (50), AURORA_OUTLIER_NODE (sn3), AURORA_OUTLIER_BLOCK_SERVER (bs4),
-AURORA_OUTLIER_ROWS (1000). About two minutes at the defaults on two shared cores; most of
+AURORA_OUTLIER_ROWS (1000). Three to five minutes at the defaults on two shared cores; most of
 it is the baseline's slow phase with one client (~4.5 commits/s).
 """
 
@@ -91,14 +98,16 @@ class _Summary:
                    f"({SLOW_NODE} / {SLOW_BLOCK_SERVER}), real processes")
         tr.write_line(f"{'system':<12}{'clients':>8}{'txns':>6}{'healthy p50':>13}{'p99':>9}"
                       f"{'tx/s':>8}{'slow p50':>10}{'p99':>9}{'tx/s':>8}"
-                      f"{'p99 ratio':>11}{'p50 ratio':>11}{'tps ratio':>11}")
+                      f"{'p99 ratio':>11}{'p50 ratio':>11}{'tps ratio':>11}{'p50 +ms':>9}")
         for r in RESULTS:
             h, s = r["healthy"], r["slow"]
             tr.write_line(f"{r['system']:<12}{r['clients']:>8}{r['transactions']:>6}"
                           f"{h['p50_ms']:>13.1f}{h['p99_ms']:>9.1f}{h['tps']:>8.1f}"
                           f"{s['p50_ms']:>10.1f}{s['p99_ms']:>9.1f}{s['tps']:>8.1f}"
-                          f"{r['p99_ratio']:>11.2f}{r['p50_ratio']:>11.2f}{r['tps_ratio']:>11.2f}")
-        tr.write_line("latencies in ms (commit call to durable); ratio = slow / healthy")
+                          f"{r['p99_ratio']:>11.2f}{r['p50_ratio']:>11.2f}{r['tps_ratio']:>11.2f}"
+                          f"{r['p50_added_ms']:>+9.1f}")
+        tr.write_line("latencies in ms (commit call to durable); ratio = slow / healthy; "
+                      "p50 +ms = slow p50 - healthy p50")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -161,19 +170,49 @@ async def _mirror_delay_ms(address: str) -> float:
     return reply.mirror_delay_ms
 
 
+#: Half-phases in ABBA order: whatever drifts during a test (background work after the
+#: load or the previous test, other processes on the machine) falls on both conditions.
+ORDER = ("healthy", "slow", "slow", "healthy")
+
+
 async def _phases(systems: Systems, clients: int, transactions: int) -> dict:
-    """aurora-lite healthy, baseline healthy, aurora-lite slow, baseline slow."""
-    cfg = systems.cfg
-    cfg.clients, cfg.transactions = clients, transactions
-    runs: dict = {}
+    """Per half-phase in ORDER: set the condition, then aurora-lite, then baseline, each
+    committing transactions / 2 with ``clients`` clients. Samples of the two halves of a
+    condition are pooled: p50 / p99 over all its commits, tx/s = commits / time."""
+    from engine import wa_workload
+    from engine.io_count import percentile
+
+    runs = {(name, v): {"latencies_ms": [], "transactions": 0, "elapsed_s": 0.0, "errors": 0,
+                        "aborts": 0, "error_samples": [], "page_reads": 0, "hedged_reads": 0,
+                        "gossip_records": 0}
+            for name in SYSTEMS for v in VARIANTS}
     evidence: dict = {}
+    half = max(1, transactions // 2)
     try:
-        for number, (variant, latency) in enumerate(zip(VARIANTS, (HEALTHY, SLOW))):
-            await systems.set_latency(latency)
+        for number, variant in enumerate(ORDER):
+            await systems.set_latency(SLOW if variant == "slow" else HEALTHY)
             seed = 1000 + 10 * clients + number
             for name, config in zip(SYSTEMS, (systems.aurora, systems.baseline)):
-                runs[(name, variant)] = await config.measure(variant + "-outlier", None, seed=seed)
-            if variant == "slow":
+                stats = config.driver.stats if name == "aurora-lite" else config.sink.stats
+                stats_before = dict(stats)
+                gossip_before = (await wa_bench.storage_node_status(config.group)
+                                 if name == "aurora-lite" else {})
+                phase = await wa_workload.run_clients(config.db, ROWS, clients,
+                                                      transactions=half, seed=seed)
+                r = runs[(name, variant)]
+                r["latencies_ms"] += [x * 1000 for x in phase.commit_latencies_s]
+                r["transactions"] += phase.committed
+                r["elapsed_s"] += phase.elapsed_s
+                r["errors"] += phase.errors
+                r["aborts"] += phase.aborted
+                r["error_samples"] += phase.error_samples
+                for key in ("page_reads", "hedged_reads"):
+                    r[key] += stats.get(key, 0) - stats_before.get(key, 0)
+                if gossip_before:
+                    after = await wa_bench.storage_node_status(config.group)
+                    r["gossip_records"] += sum(after[n]["gossip_records_pulled"]
+                                               - gossip_before[n]["gossip_records_pulled"] for n in after)
+            if variant == "slow" and not evidence:
                 nodes = systems.aurora.driver.status()["nodes"]
                 evidence["aurora-lite.link_delay_ms"] = {n: v["link_delay_ms"] for n, v in nodes.items()}
                 evidence["aurora-lite.ack_ms"] = {n: v["ack_ms"] for n, v in nodes.items()}
@@ -186,6 +225,13 @@ async def _phases(systems: Systems, clients: int, transactions: int) -> dict:
                         systems.baseline.group.address(sender))
     finally:
         await systems.set_latency(HEALTHY)
+    for r in runs.values():
+        lat, n = r.pop("latencies_ms"), r["transactions"]
+        r["commit_ms"] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99),
+                          "max": max(lat, default=0.0)}
+        r["tps"] = n / r["elapsed_s"] if r["elapsed_s"] else 0.0
+        r["page_reads_per_txn"] = r.pop("page_reads") / n if n else 0.0
+        r["gossip_records_per_txn"] = r.pop("gossip_records") / n if n else 0.0
     return {"runs": runs, "evidence": evidence}
 
 
@@ -217,7 +263,7 @@ def test_outlier(benchmark, systems, clients, transactions):
                    # what else the slow node could cost: storage reads (buffer pool misses,
                    # snapshot reads as of VDL), hedged reads, gap filling by gossip
                    "page_reads_per_txn": r["page_reads_per_txn"],
-                   "hedged_reads": r["extra"].get("hedged_reads", 0),
+                   "hedged_reads": r["hedged_reads"],
                    "gossip_records_per_txn": r["gossip_records_per_txn"]}
             row[variant] = fig
             for key, value in fig.items():
@@ -227,13 +273,18 @@ def test_outlier(benchmark, systems, clients, transactions):
         row["p99_ratio"] = s["p99_ms"] / h["p99_ms"]
         row["p50_ratio"] = s["p50_ms"] / h["p50_ms"]
         row["tps_ratio"] = s["tps"] / h["tps"]
-        for key in ("p99_ratio", "p50_ratio", "tps_ratio"):
+        row["p50_added_ms"] = s["p50_ms"] - h["p50_ms"]      # what the slow node added
+        row["p99_added_ms"] = s["p99_ms"] - h["p99_ms"]
+        for key in ("p99_ratio", "p50_ratio", "tps_ratio", "p50_added_ms", "p99_added_ms"):
             info[f"{name}.{key}"] = round(row[key], 3)
         ratios[name] = row["p99_ratio"]
         RESULTS.append(row)
     info["evidence"] = out["evidence"]
     print(f"\nclients={clients} txns={transactions}: slow_p99/healthy_p99 aurora-lite "
           f"{ratios['aurora-lite']:.2f}, baseline {ratios['baseline']:.2f}; evidence {out['evidence']}")
-    # The claim of issue 9, loosely (noise on two shared cores): the quorum hides the slow
-    # node better than the chain does.
-    assert ratios["aurora-lite"] < ratios["baseline"], ratios
+    # The claim of issue 9, loosely: the quorum hides the slow node better than the chain.
+    # Asserted on the median latency the slow node added, not on p99 ratios: the baseline's
+    # sleeps alone add 4 x SLOW_MS to each of its commits, while a p99 of a few hundred
+    # samples on two shared cores moves by more than that (docs/benchmarks.md).
+    added = {r["system"]: r["p50_added_ms"] for r in RESULTS[-2:]}
+    assert added["aurora-lite"] < added["baseline"], added
