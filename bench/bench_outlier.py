@@ -43,7 +43,7 @@ commits is dominated by CPU stalls).
 Knobs: AURORA_OUTLIER_CLIENTS ("1,8"), AURORA_OUTLIER_TXNS ("200,800"),
 AURORA_OUTLIER_SLOW_MS (50), AURORA_OUTLIER_NODE (sn3), AURORA_OUTLIER_BLOCK_SERVER (bs4),
 AURORA_OUTLIER_ROWS (1000). Three to five minutes at the defaults on two shared cores; most of
-it is the baseline's slow phase with one client (~4.5 commits/s).
+it is the baseline's slow phase with one client (3-4 commits/s).
 """
 
 from __future__ import annotations
