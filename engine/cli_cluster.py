@@ -265,7 +265,8 @@ def state_dict(state) -> dict:
         "last_failover": state.last_failover or None,
         "latency": {"intra_az_ms": state.latency.intra_az_ms,
                     "cross_az_ms": state.latency.cross_az_ms,
-                    "extra_az_ms": dict(state.latency.extra_az_ms)},
+                    "extra_az_ms": dict(state.latency.extra_az_ms),
+                    "extra_node_ms": dict(state.latency.extra_node_ms)},
         "processes": [process_dict(p) for p in state.processes],
     }
 
@@ -304,6 +305,7 @@ def _table(rows: list[list[str]], indent: str = "") -> str:
 def latency_line(lat) -> str:
     text = f"{lat.intra_az_ms:g} ms within an AZ, {lat.cross_az_ms:g} ms across AZs (one way)"
     extra = dict(lat.extra_az_ms)
+    extra.update(getattr(lat, "extra_node_ms", {}))   # slow nodes: sn3 +50 ms
     if extra:
         text += "; extra delay into " + ", ".join(f"{az} +{ms:g} ms" for az, ms in sorted(extra.items()))
     return text
@@ -888,7 +890,7 @@ def cmd_net(args) -> int:
 
     info = require_cluster(data_dir_of(args))
     if args.action == "delay":
-        request = pb.SetNetworkDelayRequest(az=args.az, ms=args.ms)
+        request = pb.SetNetworkDelayRequest(az=args.az or "", node=args.node or "", ms=args.ms)
     else:
         request = pb.SetNetworkDelayRequest(clear=True)
     reply = control_call(info, "SetNetworkDelay", request)
@@ -1109,10 +1111,13 @@ def register(subparsers) -> None:
     p.add_argument("--wait", type=float, default=60.0, help="up: wait this long for SERVING (default 60)")
     p.set_defaults(func=cmd_az)
 
-    p = subparsers.add_parser("net", help="delay --az AZ --ms N | clear: extra one-way delay into an AZ")
+    p = subparsers.add_parser("net", help="delay (--az AZ | --node SN) --ms N | clear: extra one-way "
+                                          "delay into an AZ or one storage node")
     net = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    q = net.add_parser("delay", help="add N ms of one-way delay on every link into AZ")
-    q.add_argument("--az", required=True)
+    q = net.add_parser("delay", help="add N ms of one-way delay on every link into AZ (or storage node SN)")
+    where = q.add_mutually_exclusive_group(required=True)
+    where.add_argument("--az")
+    where.add_argument("--node", help="one storage node, e.g. sn3: a slow outlier")
     q.add_argument("--ms", type=float, required=True)
     _data_dir_arg(q)
     q.set_defaults(func=cmd_net)

@@ -8,12 +8,17 @@ serving; `aurora-lite writer --cluster FILE` and the tests read it. Example::
       "pg_count": 8, "stripe_pages": 64,
       "lal": 100000,
       "storage_nodes": [{"name": "sn1", "az": "az-a", "address": "127.0.0.1:40001"}, ...],
-      "latency": {"intra_az_ms": 0.25, "cross_az_ms": 1.0, "extra_az_ms": {"az-b": 50}}
+      "latency": {"intra_az_ms": 0.25, "cross_az_ms": 1.0, "extra_az_ms": {"az-b": 50},
+                  "extra_node_ms": {"sn3": 50}}
     }
 
 Latency model (DESIGN.md section 4): a one-way delay between AZs and between an instance
 and each AZ. ``intra_az_ms`` applies within an AZ, ``cross_az_ms`` across AZs, and
 ``extra_az_ms`` adds a per-AZ delay on every link into that AZ (`aurora-lite net delay`).
+``extra_node_ms`` adds a per-node delay on every link into that one storage node (and on
+the node's own calls to its peers): a slow outlier (`aurora-lite net delay --node`), which
+the 4/6 write quorum should hide (bench/bench_outlier.py). ``extra_node_ms`` is optional in
+the file; a config without it has no slow node.
 Running processes pick a change up within 0.5 s through ``LatencyWatcher``.
 """
 
@@ -38,15 +43,24 @@ class Latency:
     intra_az_ms: float = DEFAULT_INTRA_AZ_MS
     cross_az_ms: float = DEFAULT_CROSS_AZ_MS
     extra_az_ms: dict[str, float] = field(default_factory=dict)
+    extra_node_ms: dict[str, float] = field(default_factory=dict)   # node name -> extra ms
 
-    def one_way_ms(self, from_az: str, to_az: str) -> float:
+    def one_way_ms(self, from_az: str, to_az: str, *, from_node: str | None = None,
+                   to_node: str | None = None) -> float:
+        """One-way delay of a link; naming its end nodes adds their ``extra_node_ms``."""
         base = self.intra_az_ms if from_az == to_az else self.cross_az_ms
         return base + self.extra_az_ms.get(to_az, 0.0) + (
-            self.extra_az_ms.get(from_az, 0.0) if from_az != to_az else 0.0)
+            self.extra_az_ms.get(from_az, 0.0) if from_az != to_az else 0.0) + (
+            self.extra_node_ms.get(to_node, 0.0) if to_node else 0.0) + (
+            self.extra_node_ms.get(from_node, 0.0) if from_node and from_node != to_node else 0.0)
 
     def from_az(self, from_az: str, azs) -> dict[str, float]:
-        """One-way delay from an instance in ``from_az`` to each AZ."""
-        return {az: self.one_way_ms(from_az, az) for az in azs}
+        """One-way delay from an instance in ``from_az`` to each AZ, plus, keyed by node
+        name, the extra delay of each slowed node: the storage driver (``link_delay_ms``)
+        adds a node's entry to its AZ's. No node entries when no node is slowed."""
+        out = {az: self.one_way_ms(from_az, az) for az in azs}
+        out.update((name, ms) for name, ms in self.extra_node_ms.items() if ms)
+        return out
 
 
 @dataclass
@@ -70,7 +84,8 @@ class ClusterConfig:
                               for n in self.storage_nodes],
             "latency": {"intra_az_ms": self.latency.intra_az_ms,
                         "cross_az_ms": self.latency.cross_az_ms,
-                        "extra_az_ms": dict(self.latency.extra_az_ms)},
+                        "extra_az_ms": dict(self.latency.extra_az_ms),
+                        "extra_node_ms": dict(self.latency.extra_node_ms)},
         }
 
     @classmethod
@@ -86,7 +101,8 @@ class ClusterConfig:
             lal=int(data.get("lal", DEFAULT_LAL)),
             latency=Latency(float(lat.get("intra_az_ms", DEFAULT_INTRA_AZ_MS)),
                             float(lat.get("cross_az_ms", DEFAULT_CROSS_AZ_MS)),
-                            {k: float(v) for k, v in lat.get("extra_az_ms", {}).items()}))
+                            {k: float(v) for k, v in lat.get("extra_az_ms", {}).items()},
+                            {k: float(v) for k, v in lat.get("extra_node_ms", {}).items()}))
 
     @classmethod
     def load(cls, path: str) -> "ClusterConfig":

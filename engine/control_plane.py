@@ -788,13 +788,26 @@ class ControlPlane:
                 return False
             await asyncio.sleep(0.02)
 
-    def set_network_delay(self, az: str, ms: float, clear: bool) -> str:
-        """Rewrite cluster.json's latency.extra_az_ms; readers reload it by mtime."""
+    def set_network_delay(self, az: str, ms: float, clear: bool, node: str = "") -> str:
+        """Rewrite cluster.json's latency.extra_az_ms (or extra_node_ms for ``node``);
+        readers reload it by mtime."""
         self._check_running()
         config = ClusterConfig.load(self.dd.cluster_json)
         if clear:
             config.latency.extra_az_ms = {}
+            config.latency.extra_node_ms = {}
             message = "extra network delays cleared"
+        elif node:
+            names = [n.name for n in config.storage_nodes]
+            if node not in names:
+                raise ActionError(f"unknown storage node {node!r} (one of {', '.join(names)})")
+            if not 0 <= ms <= 60_000:
+                raise ActionError(f"delay must be between 0 and 60000 ms, got {ms}")
+            if ms:
+                config.latency.extra_node_ms[node] = float(ms)
+            else:
+                config.latency.extra_node_ms.pop(node, None)
+            message = f"every link into {node} now has {ms:g} ms of extra one-way delay"
         else:
             if az not in AZS:
                 raise ActionError(f"unknown AZ {az!r} (one of {', '.join(AZS)})")
@@ -849,7 +862,8 @@ class ControlPlane:
             self._fill_lag(states)
         latency = pb.Latency(intra_az_ms=self.config.latency.intra_az_ms,
                              cross_az_ms=self.config.latency.cross_az_ms,
-                             extra_az_ms=self.config.latency.extra_az_ms)
+                             extra_az_ms=self.config.latency.extra_az_ms,
+                             extra_node_ms=self.config.latency.extra_node_ms)
         return pb.ClusterState(
             data_dir=self.dd.root, control_address=self.address, control_pid=os.getpid(),
             cluster_endpoint=self.procs[self.writer].address, writer=self.writer,
@@ -952,12 +966,13 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def SetNetworkDelay(self, request, context):
         try:
-            message = self.cp.set_network_delay(request.az, request.ms, request.clear)
+            message = self.cp.set_network_delay(request.az, request.ms, request.clear, request.node)
         except ActionError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         lat = self.cp.config.latency
         return pb.NetworkReply(message=message, latency=pb.Latency(
-            intra_az_ms=lat.intra_az_ms, cross_az_ms=lat.cross_az_ms, extra_az_ms=lat.extra_az_ms))
+            intra_az_ms=lat.intra_az_ms, cross_az_ms=lat.cross_az_ms, extra_az_ms=lat.extra_az_ms,
+            extra_node_ms=lat.extra_node_ms))
 
     async def _call(self, context, fn, *args):
         """Run an action; its refusals become the documented gRPC codes."""

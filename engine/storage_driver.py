@@ -29,7 +29,10 @@ with the lowest measured latency first; if it does not answer within ``hedge_aft
 second one is asked too, and the first good answer wins.
 
 Simulated AZ latency: ``link_delay_ms`` gives the one-way delay from this instance to each
-AZ; every RPC sleeps it before sending and after the reply (DESIGN.md section 4).
+AZ; every RPC sleeps it before sending and after the reply (DESIGN.md section 4). An entry
+keyed by a node's name (a slow outlier, cluster.json ``extra_node_ms``) is added to its AZ's
+for that node only. ``status()`` shows per node the delay applied (``link_delay_ms``) and
+the round trip of its Append acks as the driver waits for them, delays included (``ack_ms``).
 ``link_delay_reload`` (optional) is asked before each RPC for new delays, so that
 `aurora-lite net delay` acts on a running writer.
 """
@@ -108,6 +111,7 @@ class _Node:
     stub: pb_grpc.StorageStub
     append_raw: Callable
     latency_ewma_s: float = 0.002
+    ack_ewma_s: float = 0.0     # Append round trip incl. simulated delay (status only)
     up: bool = True
     rpcs: int = 0
     bytes_sent: int = 0
@@ -308,13 +312,17 @@ class StorageDriver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _delay_ms(self, node: _Node) -> float:
+        """One-way simulated delay to ``node``: its AZ's, plus its own if it is slowed."""
+        return self.link_delay_ms.get(node.info.az, 0.0) + self.link_delay_ms.get(node.info.name, 0.0)
+
     async def _link_delay(self, node: _Node) -> None:
         if self.link_delay_reload is not None:
             fresh = self.link_delay_reload()
             if fresh is not None and fresh != self.link_delay_ms:
                 log.info("simulated one-way delays now %s ms", fresh)
                 self.link_delay_ms = dict(fresh)
-        delay_ms = self.link_delay_ms.get(node.info.az, 0.0)
+        delay_ms = self._delay_ms(node)
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000.0)
 
@@ -322,11 +330,14 @@ class StorageDriver:
         backoff_s = 0.05
         while not self._closed and self.fenced is None:
             try:
+                sent = time.monotonic()
                 await self._link_delay(node)
                 started = time.monotonic()
                 reply = await node.append_raw(batch.request_bytes, timeout=self.rpc_timeout_s)
                 self._observe_latency(node, time.monotonic() - started)
                 await self._link_delay(node)
+                ack_s = time.monotonic() - sent
+                node.ack_ewma_s = ack_s if not node.ack_ewma_s else 0.8 * node.ack_ewma_s + 0.2 * ack_s
                 node.rpcs += 1
                 node.bytes_sent += len(batch.request_bytes)
                 self.stats["append_rpcs"] += 1
@@ -509,6 +520,8 @@ class StorageDriver:
             "stats": dict(self.stats),
             "nodes": {n.info.name: {"az": n.info.az, "address": n.info.address, "up": n.up,
                                     "latency_ms": round(n.latency_ewma_s * 1000, 3),
+                                    "link_delay_ms": round(self._delay_ms(n), 3),
+                                    "ack_ms": round(n.ack_ewma_s * 1000, 3),
                                     "rpcs": n.rpcs, "bytes_sent": n.bytes_sent,
                                     "failures": n.failures}
                       for n in self._nodes.values()},

@@ -343,7 +343,13 @@ class AuroraConfig:
         await self.db.bootstrap()
         await _load(self.db, self.cfg, "aurora-lite: load", progress)
 
-    async def measure(self, variant: str, progress: Progress | None) -> dict:
+    def set_latency(self, latency: Latency) -> None:
+        """Apply a whole latency model (AZ delays and cluster.json-style ``extra_node_ms``)
+        to the running driver, as a writer reloading cluster.json would
+        (bench/bench_outlier.py)."""
+        self.driver.link_delay_ms = latency.from_az(INSTANCE_AZ, AZS)
+
+    async def measure(self, variant: str, progress: Progress | None, seed: int | None = None) -> dict:
         cfg, driver = self.cfg, self.driver
         slow = SLOW_STORAGE_NODE if variant == "slow" else None
         driver.extra_delay_ms = {slow: cfg.slow_ms} if slow else {}
@@ -352,7 +358,7 @@ class AuroraConfig:
         db_before = dict(self.db.counters)
         try:
             phase = await _measure(self.db, cfg, f"aurora-lite: {variant}", progress,
-                                      phase_seed(cfg, variant))
+                                      phase_seed(cfg, variant) if seed is None else seed)
         finally:
             driver.extra_delay_ms = {}
         delta = self.ledger.delta(before)
@@ -409,7 +415,22 @@ class BaselineConfig:
         await _load(self.db, self.cfg, "baseline: load", progress)
         await self.sink.quiesce()
 
-    async def measure(self, variant: str, progress: Progress | None) -> dict:
+    async def set_latency(self, latency: Latency) -> None:
+        """Apply a whole latency model to the chain: the instance's links to bs1 and bs3
+        and each mirror link (bs1->bs2, bs3->bs4, through ``Configure``), with the
+        ``extra_node_ms`` of the block servers at either end, as aurora-lite's driver and
+        gossip apply it to storage nodes (bench/bench_outlier.py)."""
+        group = self.group
+        for target in (self.chain.primary, self.chain.standby):
+            target.delay_ms = latency.one_way_ms(INSTANCE_AZ, target.az, to_node=target.name)
+        for name, az, mirror in bench_procs.BLOCK_SERVERS:
+            if mirror:
+                ms = latency.one_way_ms(az, group.az(mirror), from_node=name, to_node=mirror)
+                await configure_mirror_delay(group.address(name), ms)
+                if name == self.slow_sender:
+                    self.mirror_ms = ms      # what ``measure`` restores after a slow phase
+
+    async def measure(self, variant: str, progress: Progress | None, seed: int | None = None) -> dict:
         cfg, sink = self.cfg, self.sink
         slow = SLOW_BLOCK_SERVER if variant == "slow" else None
         sender = self.group.address(self.slow_sender)
@@ -420,7 +441,7 @@ class BaselineConfig:
         db_before = dict(self.db.counters)
         try:
             phase = await _measure(self.db, cfg, f"baseline: {variant}", progress,
-                                      phase_seed(cfg, variant))
+                                      phase_seed(cfg, variant) if seed is None else seed)
         finally:
             await configure_mirror_delay(sender, self.mirror_ms)
         delta = self.ledger.delta(before)

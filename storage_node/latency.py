@@ -11,7 +11,8 @@ one-way delay before each request and after each reply.
 It reads the JSON itself instead of importing engine.cluster_config: storage_node/ uses
 only engine's format and materialiser modules (DESIGN.md section 4). The model is the same
 as ``engine.cluster_config.Latency.one_way_ms``: intra_az_ms within an AZ, cross_az_ms
-across, plus extra_az_ms of the destination AZ (and of the source AZ across AZs).
+across, plus extra_az_ms of the destination AZ (and of the source AZ across AZs), plus
+extra_node_ms of the peer and of this node (``name``), a slow outlier node.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ log = logging.getLogger("storage_node.latency")
 class PeerLatency:
     """One-way delay in seconds from this node (in ``az``) to a peer address."""
 
-    def __init__(self, path: str, az: str, interval_s: float = CHECK_INTERVAL_S) -> None:
+    def __init__(self, path: str, az: str, interval_s: float = CHECK_INTERVAL_S,
+                 name: str | None = None) -> None:
         self.path = path
         self.az = az
+        self.name = name          # this node's name: its own extra_node_ms slows its calls too
         self.interval_s = interval_s
         self._next_check_s = 0.0
         self._signature = None
@@ -42,6 +45,8 @@ class PeerLatency:
         self._intra_ms = 0.0
         self._cross_ms = 0.0
         self._extra_ms: dict[str, float] = {}
+        self._peer_name: dict[str, str] = {}
+        self._node_extra_ms: dict[str, float] = {}
         self._check()
 
     def _check(self) -> None:
@@ -61,17 +66,21 @@ class PeerLatency:
                 data = json.load(f)
             lat = data.get("latency", {})
             peer_az = {n["address"]: n["az"] for n in data["storage_nodes"]}
+            peer_name = {n["address"]: n["name"] for n in data["storage_nodes"]}
+            node_extra = {k: float(v) for k, v in lat.get("extra_node_ms", {}).items()}
             intra, cross = float(lat.get("intra_az_ms", 0.0)), float(lat.get("cross_az_ms", 0.0))
             extra = {k: float(v) for k, v in lat.get("extra_az_ms", {}).items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("cannot read the latency of %s: %s", self.path, exc)
             return
         self._signature = signature
-        changed = (intra, cross, extra) != (self._intra_ms, self._cross_ms, self._extra_ms)
+        changed = ((intra, cross, extra, node_extra)
+                   != (self._intra_ms, self._cross_ms, self._extra_ms, self._node_extra_ms))
         self._peer_az, self._intra_ms, self._cross_ms, self._extra_ms = peer_az, intra, cross, extra
+        self._peer_name, self._node_extra_ms = peer_name, node_extra
         if changed:
-            log.info("simulated latency: intra-AZ %g ms, cross-AZ %g ms, extra %s",
-                     intra, cross, extra or "none")
+            log.info("simulated latency: intra-AZ %g ms, cross-AZ %g ms, extra %s, slow nodes %s",
+                     intra, cross, extra or "none", node_extra or "none")
 
     def one_way_s(self, peer: str) -> float:
         self._check()
@@ -82,6 +91,9 @@ class PeerLatency:
             ms = self._intra_ms + self._extra_ms.get(to_az, 0.0)
         else:
             ms = self._cross_ms + self._extra_ms.get(to_az, 0.0) + self._extra_ms.get(self.az, 0.0)
+        if self._node_extra_ms:
+            ms += self._node_extra_ms.get(self._peer_name.get(peer, ""), 0.0)
+            ms += self._node_extra_ms.get(self.name, 0.0) if self.name else 0.0
         return ms / 1000.0
 
 

@@ -86,7 +86,8 @@ async def serve(args: argparse.Namespace) -> int:
     await node.start()
     await server.start()
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
-    latency = PeerLatency(args.cluster_config, args.az) if getattr(args, "cluster_config", None) else None
+    latency = (PeerLatency(args.cluster_config, args.az, name=args.node_id)
+               if getattr(args, "cluster_config", None) else None)
     gossip = Gossip(node, peers, latency=latency)
     background = Background(node)
     gossip.start()
