@@ -264,23 +264,14 @@ def test_power_loss_every_process_killed_at_once(chaos):
     run.assert_green()
 
 
-@pytest.mark.xfail(strict=True, reason="no hydration: a wiped node cannot rebuild records "
-                   "its peers already garbage-collected (docs/reliability.md, limitations)")
-def test_wiped_node_rebuilt_from_peers(chaos):
-    """Scenario: sn4 is stopped, its data dir deleted, and started empty. It should rebuild
-    its segments from its peers. KNOWN LIMITATION: gossip only pulls records, and peers
-    GC records below PGMRPL once they are folded into page versions; there is no
-    hydration of page versions from a peer, so the node never gets back to the others'
-    SCL. Strict xfail: if a rebuild path lands, this test passes and must be un-marked."""
-    run = chaos().start()
-    wait_ok(run, 30)
+def _wipe_and_wait_rebuilt(run: ChaosRun, wait_s: float) -> None:
     run.nemesis.kill("sn4")
     run.nemesis.wipe("sn4")
     run.target.incarnation["sn4"] += 1
     run.nemesis.start("sn4")
     wait_ok(run, 10)
     run.workload.stop()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + wait_s
     caught_up = False
     while time.monotonic() < deadline and not caught_up:
         st = run.node_status()
@@ -293,6 +284,31 @@ def test_wiped_node_rebuilt_from_peers(chaos):
         caught_up = all(mine.get(k, 0) >= v for k, v in best.items())
         time.sleep(0.5)
     assert caught_up, f"sn4 did not rebuild: {mine} vs {best}"
+
+
+def test_wiped_node_rebuilt_from_peers(chaos):
+    """Scenario: sn4 is stopped, its data dir deleted, and started empty. Its peers still
+    hold the whole log (the writer's backtrack window, one hour by default, keeps the GC
+    horizon back: docs/clones.md), so gossip alone pulls every record back: sn4's SCL of
+    every segment reaches the best of its peers', and every checker stays green."""
+    run = chaos().start()
+    wait_ok(run, 30)
+    _wipe_and_wait_rebuilt(run, 30)
+    run.assert_green()
+
+
+@pytest.mark.xfail(strict=True, reason="no hydration: a wiped node cannot rebuild records "
+                   "its peers already garbage-collected (docs/reliability.md, limitations)")
+def test_wiped_node_cannot_rebuild_once_peers_collected_the_log(chaos):
+    """Scenario: as above, but with no backtrack window (the writer's GC horizon follows
+    its VDL), so the peers GC records below PGMRPL once they are folded into page
+    versions. KNOWN LIMITATION: gossip only pulls records; there is no hydration of page
+    versions from a peer, so the node never gets back to the others' SCL. Strict xfail:
+    if a rebuild path lands, this test passes and must be un-marked."""
+    run = chaos(writer_env={"AURORA_BACKTRACK_WINDOW_S": "0",
+                            "AURORA_GC_HORIZON_INTERVAL_S": "0.2"}).start()
+    wait_ok(run, 30)
+    _wipe_and_wait_rebuilt(run, 10)
     run.assert_green()
 
 
