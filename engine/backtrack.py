@@ -50,6 +50,7 @@ import grpc
 
 from aurora_pb import storage_pb2 as pb
 from engine.errors import DatabaseError, OutOfWindowError, UnavailableError
+from engine.recovery import gather_per_node, truncate_request
 from engine.volume import VR, VW
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,8 @@ class TimeTravel:
     # -- storage queries ---------------------------------------------------------------
 
     async def _each_node(self, call) -> dict:
-        async def one(name):
-            try:
-                return await call(self.driver.stub(name))
-            except grpc.RpcError as exc:
-                return exc
-        names = self.driver.node_names
-        return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
+        """{node: reply or RpcError} of ``call(stub)`` on every node (recovery's helper)."""
+        return await gather_per_node(self.driver, lambda _name, stub: call(stub), RPC_TIMEOUT_S)
 
     async def find_commit(self, *, upto_lsn: int, max_time_us: int = 0, after_lsn: int = 0,
                           truncs=None, forward: bool = False) -> tuple[int, int]:
@@ -351,8 +347,6 @@ class TimeTravel:
         new_set = tuple(sorted({t for t in truncs if t[1] < target} | {(target, end, new_epoch)},
                                key=lambda t: (t[2], t[0])))
         now_us = time.time_ns() // 1000
-        from engine.recovery import truncate_request
-
         async def one_pg(pg):
             return pg, await self._each_node(lambda stub: stub.Truncate(
                 truncate_request(volume, pg, new_epoch, new_set, now_us, driver.vdl, target),

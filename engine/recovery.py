@@ -118,7 +118,7 @@ def truncate_request(volume: str, pg: int, epoch: int, truncs, time_us: int,
         time_us=time_us, prev_vdl=prev_vdl, set_writer_vdl=set_writer_vdl)
 
 
-async def _gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
+async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
     """Run make_call(name, stub) on every node; return {name: reply or RpcError}."""
     names = driver.node_names
 
@@ -153,7 +153,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 
     # 1. Learn. ----------------------------------------------------------------------
     async def learn(pg):
-        return pg, await _gather_per_node(
+        return pg, await gather_per_node(
             driver, lambda name, stub: stub.SegmentState(
                 pb.SegmentStateRequest(volume=volume, pg=pg), timeout=rpc_timeout_s),
             rpc_timeout_s)
@@ -215,7 +215,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
         return reply
 
     async def fence(pg):
-        return pg, await _gather_per_node(
+        return pg, await gather_per_node(
             driver, lambda name, stub: fence_one(pg, stub), rpc_timeout_s)
 
     fenced = dict(await asyncio.gather(*(fence(pg) for pg in pgs)))
@@ -286,7 +286,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     time_us = time.time_ns() // 1000
 
     async def truncate(pg):
-        return pg, await _gather_per_node(
+        return pg, await gather_per_node(
             driver, lambda name, stub: stub.Truncate(
                 truncate_request(volume, pg, new_epoch, new_set, time_us, vdl),
                 timeout=rpc_timeout_s),
@@ -323,7 +323,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 async def _create_volume(driver: StorageDriver, rpc_timeout_s: float) -> None:
     request = pb.CreateVolumeRequest(volume=driver.volume, pg_count=driver.layout.pg_count,
                                      stripe_pages=driver.layout.stripe_pages, volume_epoch=1)
-    results = await _gather_per_node(
+    results = await gather_per_node(
         driver, lambda name, stub: stub.CreateVolume(request, timeout=rpc_timeout_s),
         rpc_timeout_s)
     ok = [n for n, r in results.items() if not isinstance(r, grpc.RpcError)]
@@ -367,7 +367,7 @@ async def _repair(driver: StorageDriver, since: int, vdl: int, tails: dict[int, 
             volume=driver.volume, volume_epoch=driver.epoch, writer_vdl=since,
             batches=[pb.PgBatch(pg=pg, records=c[i]) for pg, c in chunks.items() if i < len(c)],
             sender=driver.instance)
-        results = await _gather_per_node(
+        results = await gather_per_node(
             driver, lambda name, stub: stub.Append(request, timeout=rpc_timeout_s), rpc_timeout_s)
         for name, reply in results.items():
             if not isinstance(reply, grpc.RpcError):

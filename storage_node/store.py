@@ -222,10 +222,6 @@ def _trunc_epoch(truncs) -> int:
     return max((t[2] for t in truncs), default=0)
 
 
-def _pack_truncs(truncs) -> bytes:
-    return _U32.pack(len(truncs)) + b"".join(_TRUNC.pack(*t) for t in truncs)
-
-
 def _unpack_truncs(buf, offset: int) -> tuple:
     n = _U32.unpack_from(buf, offset)[0]
     return tuple(_TRUNC.unpack_from(buf, offset + 4 + i * _TRUNC.size) for i in range(n))
