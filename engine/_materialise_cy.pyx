@@ -418,7 +418,9 @@ def scan_batch(buf):
 
 
 def scan_batch_items(buf, prefix):
-    """scan_batch, plus the storage node's log items and per-page LSNs (see the reference)."""
+    """Verify a batch; return its log items, page index entries and summary (see the
+    reference). No per-record header tuple is built: the storage node's Append hot path
+    needs only the items, the index entries and the summary."""
     cdef Py_buffer view
     cdef RecHdr h
     cdef Py_ssize_t offset = 0
@@ -428,16 +430,26 @@ def scan_batch_items(buf, prefix):
     cdef uint8_t* kp
     cdef int i
     cdef dict pages = {}
+    cdef list items = []
+    cdef Py_ssize_t count = 0
+    cdef uint64_t first_lsn = 0, first_prev = 0, last_lsn = 0, max_lsn = 0, bad_backlink = 0
+    cdef bint chained = True
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
-        refs = []
-        items = []
         while offset < view.len:
             _read_header(<const uint8_t*>view.buf, view.len, offset, &h)
-            lsn = h.lsn
-            page = h.page_id
-            refs.append((offset, h.size, lsn, h.prev_volume_lsn, h.prev_pg_lsn,
-                         h.prev_page_lsn, page, h.rtype, h.flags))
+            if count == 0:
+                first_lsn = h.lsn
+                first_prev = h.prev_pg_lsn
+            elif h.prev_pg_lsn != last_lsn:
+                chained = False
+            if bad_backlink == 0 and (h.prev_volume_lsn >= h.lsn or h.prev_pg_lsn >= h.lsn
+                                      or h.prev_page_lsn >= h.lsn):
+                bad_backlink = h.lsn
+            count += 1
+            last_lsn = h.lsn
+            if h.lsn > max_lsn:
+                max_lsn = h.lsn
             key = PyBytes_FromStringAndSize(NULL, plen + 8)
             kp = <uint8_t*>PyBytes_AS_STRING(key)
             memcpy(kp, PyBytes_AS_STRING(pfx), plen)
@@ -445,13 +457,16 @@ def scan_batch_items(buf, prefix):
                 kp[plen + i] = <uint8_t>(h.lsn >> (56 - 8 * i))
             items.append((key, PyBytes_FromStringAndSize(
                 <const char*>view.buf + offset, h.size)))
+            lsn = h.lsn
+            page = h.page_id
             lsns = pages.get(page)
             if lsns is None:
                 pages[page] = [lsn]
             else:
                 (<list>lsns).append(lsn)
             offset += h.size
-        return refs, items, pages
+        return items, pages, (count, first_lsn, first_prev, last_lsn, max_lsn, chained,
+                              bad_backlink)
     finally:
         PyBuffer_Release(&view)
 

@@ -12,11 +12,16 @@ Public functions (both implementations export exactly these):
         one (offset, size, lsn, prev_volume_lsn, prev_pg_lsn, prev_page_lsn, page_id,
         rtype, flags) tuple per record. Storage calls it once per incoming batch.
 
-    scan_batch_items(buf, prefix) -> (list[tuple], list[tuple], dict)
-        scan_batch (same checks, same errors at the same point), plus what a storage
-        node stores for the batch, built in the same pass: the log items
-        [(prefix + lsn as u64 big-endian, the record's bytes)] and the page index
-        entries {page_id: [lsn, ...]} in batch order.
+    scan_batch_items(buf, prefix) -> (list[tuple], dict, tuple)
+        scan_batch's checks (same errors at the same point), returning instead what a
+        storage node stores and checks for the batch, built in the same pass and without
+        one tuple per record header: the log items [(prefix + lsn as u64 big-endian, the
+        record's bytes)], the page index entries {page_id: [lsn, ...]} in batch order,
+        and a summary (count, first_lsn, first_prev_pg_lsn, last_lsn, max_lsn, chained,
+        bad_backlink_lsn). ``chained`` is True when every record after the first links
+        to the one before it (prev_pg_lsn == the previous lsn): the batch is one piece
+        of the segment chain. ``bad_backlink_lsn`` is the LSN of the first record with a
+        backlink (volume, PG or page) not below its own LSN, else 0.
 
     apply_to_pages(pages, buf, upto_lsn=LSN_MAX, verify_pages=True) -> dict
         pages maps page_id (an int) -> bytearray image (changed in place) or None (page
@@ -131,27 +136,36 @@ def scan_batch(buf) -> list[tuple]:
     return out
 
 
-def scan_batch_items(buf, prefix: bytes) -> tuple[list, list, dict]:
-    """scan_batch, plus the storage node's log items and per-page LSNs (module doc)."""
+def scan_batch_items(buf, prefix: bytes) -> tuple[list, dict, tuple]:
+    """Verify a batch; return its log items, page index entries and summary (module doc)."""
     view = memoryview(buf).cast("B")
     prefix = bytes(prefix)
-    refs = []
     items = []
     pages: dict[int, list] = {}
     offset = 0
     end = len(view)
+    count = first_lsn = first_prev = last_lsn = max_lsn = bad_backlink = 0
+    chained = True
     while offset < end:
-        ref = _read_header(view, offset)
-        refs.append(ref)
-        lsn = ref[2]
-        items.append((prefix + _U64_BE.pack(lsn), bytes(view[offset:offset + ref[1]])))
-        lsns = pages.get(ref[6])
+        _off, size, lsn, pv, ppg, ppage, page_id, _rtype, _flags = _read_header(view, offset)
+        if count == 0:
+            first_lsn, first_prev = lsn, ppg
+        elif ppg != last_lsn:
+            chained = False
+        if not bad_backlink and (pv >= lsn or ppg >= lsn or ppage >= lsn):
+            bad_backlink = lsn
+        count += 1
+        last_lsn = lsn
+        if lsn > max_lsn:
+            max_lsn = lsn
+        items.append((prefix + _U64_BE.pack(lsn), bytes(view[offset:offset + size])))
+        lsns = pages.get(page_id)
         if lsns is None:
-            pages[ref[6]] = [lsn]
+            pages[page_id] = [lsn]
         else:
             lsns.append(lsn)
-        offset += ref[1]
-    return refs, items, pages
+        offset += size
+    return items, pages, (count, first_lsn, first_prev, last_lsn, max_lsn, chained, bad_backlink)
 
 
 # --- Page primitives ---------------------------------------------------------------------

@@ -43,7 +43,7 @@ BG_MAX_WAIT_S = 0.1
 
 def _op_bytes(op) -> int:
     if isinstance(op, AppendOp):
-        return sum(len(b[2]) for b in op.batches)
+        return sum(len(b.buf) for b in op.batches)
     return 0
 
 

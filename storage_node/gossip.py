@@ -191,7 +191,7 @@ class Gossip:
             if not reply.records:
                 break
             op = self.node.verify_append(volume, 0, 0, [(pg, 0, reply.records)], source="gossip")
-            n = len(op.batches[0][3])
+            n = op.batches[0].scan.count
             acks = await self.node.append(op, background=True)
             pulled += n
             nbytes += len(reply.records)
@@ -224,7 +224,7 @@ class Gossip:
                 if not reply.records:
                     continue
                 op = self.node.verify_append(volume, 0, 0, [(pg, 0, reply.records)], source="repair")
-                if [r[2] for r in op.batches[0][3]] != [lsn]:
+                if op.batches[0].lsns() != [lsn]:
                     continue
                 await self.node.append(op, background=True)
                 self.log.info("repair: record %s/%d lsn %d refetched from %s", volume, pg, lsn, peer)

@@ -144,14 +144,13 @@ class StorageNode:
         info = self.store.volume(volume)
         verified = []
         for pg, membership_epoch, buf in batches:
-            verified.append((pg, membership_epoch, buf,
-                             *verify_and_prepare(info.layout, info.vol_id, pg, buf)))
+            verified.append(verify_and_prepare(info.layout, info.vol_id, pg, buf, membership_epoch))
         return AppendOp(volume, epoch, writer_vdl, verified, source)
 
     async def append(self, op: AppendOp, background: bool = False) -> dict[int, int]:
         """Make a verified AppendOp durable; return {pg: scl} (invariant 3)."""
-        n = sum(len(b[3]) for b in op.batches)
-        nbytes = sum(len(b[2]) for b in op.batches)
+        n = sum(b.scan.count for b in op.batches)
+        nbytes = sum(len(b.buf) for b in op.batches)
         if op.source == "writer":
             self.counters.records_received += n
             self.counters.bytes_received += nbytes
@@ -167,7 +166,7 @@ class StorageNode:
         loop = asyncio.get_running_loop()
         loop.call_later(defer_s, lambda: loop.create_task(self.commit(op)))
         acks: dict[int, int] = {}
-        for pg, _epoch, _buf, refs, *_rest in op.batches:
-            scl = self.store.segment(op.volume, pg).scl
-            acks[pg] = max([scl] + [ref[2] for ref in refs])
+        for batch in op.batches:
+            scl = self.store.segment(op.volume, batch.pg).scl
+            acks[batch.pg] = max(scl, batch.scan.max_lsn)
         return acks

@@ -125,14 +125,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import operator
 import os
 import struct
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import lmdb
 
@@ -214,7 +213,8 @@ def page_key(prefix: bytes, page_id: int, lsn: int) -> bytes:
     return prefix + _PAGE_LSN.pack(page_id, lsn)
 
 
-_lsn_of = operator.itemgetter(2)
+def _first_lsn_of(batch) -> int:
+    return batch.scan.first_lsn
 
 
 def _trunc_epoch(truncs) -> int:
@@ -234,6 +234,14 @@ def lowest_difference(old, new) -> int | None:
     b = {(s, e) for s, e, _ in new}
     diff = a ^ b
     return min(s for s, _e in diff) if diff else None
+
+
+def _overlaps_truncation(first: int, last: int, truncs) -> bool:
+    """True if a truncation range hides any LSN in [first, last]."""
+    for start, end, _epoch in truncs:
+        if start < last and end >= first:
+            return True
+    return False
 
 
 def _range_of(lsn: int, truncs):
@@ -344,6 +352,33 @@ class SegMeta:
 # --- Operations: what a write transaction can do --------------------------------------------
 
 
+class BatchScan(NamedTuple):
+    """What one pass over a verified batch tells (engine.materialiser.scan_batch_items)."""
+
+    count: int             # records
+    first_lsn: int
+    first_prev_pg_lsn: int  # the segment-chain backlink of the first record
+    last_lsn: int
+    max_lsn: int
+    chained: bool          # every record links to the one before it: one piece of the chain
+    bad_backlink_lsn: int  # first record with a backlink not below its LSN (0: none)
+
+
+class VerifiedBatch(NamedTuple):
+    """One PG batch of an Append, verified and ready to store (verify_and_prepare)."""
+
+    pg: int
+    membership_epoch: int
+    buf: bytes
+    items: list            # [(log key, record bytes)] for putmulti into ``log``
+    pages: dict            # {page_id: [lsn, ...]} in batch order, for ``pageidx``
+    scan: BatchScan
+
+    def lsns(self) -> list[int]:
+        """Every record LSN of the batch, ascending."""
+        return sorted(lsn for lsns in self.pages.values() for lsn in lsns)
+
+
 @dataclass
 class AppendOp:
     """Store verified batches of one volume. ``epoch`` 0 = from a peer (gossip/repair)."""
@@ -351,8 +386,7 @@ class AppendOp:
     volume: str
     epoch: int
     writer_vdl: int
-    batches: list  # [(pg, membership_epoch, buf, refs[, log_items, idx_items])]: refs from
-    #                verify_batch; the LMDB items from prepare_items (built in the txn if absent)
+    batches: list  # [VerifiedBatch]
     source: str = "writer"  # writer | gossip | repair
 
 
@@ -443,8 +477,11 @@ class QuarantineOp:
 # --- Verification of incoming bytes (before anything is stored) ------------------------------
 
 
-def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
-    """Verify a PG batch and return its record tuples (engine.materialiser.scan_batch).
+def verify_and_prepare(layout: VolumeLayout, vol_id: int, pg: int, buf: bytes,
+                       membership_epoch: int = 0) -> VerifiedBatch:
+    """Verify a PG batch and build what the write transaction stores, in one pass over
+    the records (the Append hot path, run on the event loop while the writer thread waits
+    for its fsync, so the transaction itself only calls putmulti and joins index lists).
 
     Raises BadChecksumError, MalformedError or WrongPgError: the caller rejects the whole
     request and stores nothing of it.
@@ -452,66 +489,24 @@ def verify_batch(layout: VolumeLayout, pg: int, buf: bytes) -> list:
     if not 0 <= pg < layout.pg_count:
         raise MalformedError(f"pg {pg} out of range (volume has {layout.pg_count} PGs)")
     try:
-        refs = materialiser.scan_batch(buf)
+        items, pages, summary = materialiser.scan_batch_items(buf, seg_prefix(vol_id, pg))
     except ChecksumError as exc:
         raise BadChecksumError(f"pg {pg}: {exc}") from None
     except FormatError as exc:
         raise MalformedError(f"pg {pg}: {exc}") from None
-    _check_refs(layout, pg, refs)
-    return refs
-
-
-def verify_and_prepare(layout: VolumeLayout, vol_id: int, pg: int, buf: bytes) -> tuple:
-    """verify_batch and prepare_items in one pass over the records (the Append hot path):
-    (refs, log items, {page_id: [lsn]}). Same refusals as verify_batch."""
-    if not 0 <= pg < layout.pg_count:
-        raise MalformedError(f"pg {pg} out of range (volume has {layout.pg_count} PGs)")
-    try:
-        refs, items, pages = materialiser.scan_batch_items(buf, seg_prefix(vol_id, pg))
-    except ChecksumError as exc:
-        raise BadChecksumError(f"pg {pg}: {exc}") from None
-    except FormatError as exc:
-        raise MalformedError(f"pg {pg}: {exc}") from None
-    _check_refs(layout, pg, refs, pages)
-    return refs, items, pages
-
-
-def _check_refs(layout: VolumeLayout, pg: int, refs: list, pages=None) -> None:
-    """WrongPgError unless every record's page is in ``pg``; MalformedError unless every
-    backlink is below its record's LSN."""
+    scan = BatchScan(*summary)
     stripe = layout.stripe_pages
     count = layout.pg_count
     # Per distinct page, not per record: a batch touches few pages many times.
-    for page_id in (pages if pages is not None else {r[6] for r in refs}):
+    for page_id, lsns in pages.items():
         if (page_id // stripe) % count != pg:
-            lsn = next(r[2] for r in refs if r[6] == page_id)
             raise WrongPgError(
-                f"record lsn {lsn}: page {page_id} belongs to pg {layout.pg_of(page_id)}, "
+                f"record lsn {lsns[0]}: page {page_id} belongs to pg {layout.pg_of(page_id)}, "
                 f"not to the batch's pg {pg}")
-    for r in refs:
-        if r[3] >= r[2] or r[4] >= r[2] or r[5] >= r[2]:
-            raise MalformedError(f"record lsn {r[2]}: a backlink is not below its own LSN")
-
-
-def prepare_items(vol_id: int, pg: int, buf: bytes, refs: list) -> tuple[list, dict]:
-    """What a verified batch puts into ``log`` and ``pageidx``: the log's (key, value)
-    items, and per page the LSNs of its records (``{page_id: [lsn]}``, batch order).
-
-    Built before the batch reaches the writer thread (on the event loop, while the writer
-    waits for its fsync), so the write transaction only calls putmulti and joins the page
-    lists of its batches into one index group per page.
-    """
-    prefix = seg_prefix(vol_id, pg)
-    log_key_of = _LOG_KEY.pack
-    items = [(log_key_of(prefix, r[2]), buf[r[0]:r[0] + r[1]]) for r in refs]
-    pages: dict[int, list] = {}
-    for r in refs:
-        lsns = pages.get(r[6])
-        if lsns is None:
-            pages[r[6]] = [r[2]]
-        else:
-            lsns.append(r[2])
-    return items, pages
+    if scan.bad_backlink_lsn:
+        raise MalformedError(
+            f"record lsn {scan.bad_backlink_lsn}: a backlink is not below its own LSN")
+    return VerifiedBatch(pg, membership_epoch, buf, items, pages, scan)
 
 
 def verify_stored_record(key_lsn: int, value) -> bool:
@@ -917,14 +912,13 @@ class Store:
                         f"stale (segment at {m.membership_epoch})", m.volume_epoch)
         touched: dict[int, list] = {}
         for batch in op.batches:
-            pg, membership_epoch, buf, refs = batch[:4]
+            pg, membership_epoch, buf, items, pages, scan = batch
             key = (op.volume, pg)
             m = ctx.meta(key)
             new = touched.setdefault(pg, [])
-            if not refs:
+            if not scan.count:
                 continue
-            new.extend(refs)
-            items, pages = batch[4:] if len(batch) == 6 else prepare_items(info.vol_id, pg, buf, refs)
+            new.append(batch)
             _consumed, added = ctx.log_cur.putmulti(items, overwrite=False)
             pending = ctx.idx_pending.get(key)
             if pending is None:
@@ -936,21 +930,20 @@ class Store:
                     index[page_id] = list(lsns)
                 else:
                     have.extend(lsns)
-            ctx.bytes_written += len(buf) + len(refs) * (_LOG_KEY.size + 8)
+            ctx.bytes_written += len(buf) + scan.count * (_LOG_KEY.size + 8)
             m.n_records += added
             quarantined = self._quar_records.get(key)
             if quarantined:
                 prefix = seg_prefix(info.vol_id, pg)
-                for ref in refs:
-                    if ref[2] in quarantined:
-                        ctx.txn.delete(prefix + KIND_RECORD + _BE64.pack(ref[2]), db=self.db_quarantine)
-                        ctx.quar_del.append((key, KIND_RECORD, ref[2]))
+                for lsn in batch.lsns():
+                    if lsn in quarantined:
+                        ctx.txn.delete(prefix + KIND_RECORD + _BE64.pack(lsn), db=self.db_quarantine)
+                        ctx.quar_del.append((key, KIND_RECORD, lsn))
                         ctx.repairs += 1
                         self.log.warning("repaired quarantined record %s/%d lsn %d (%s)",
-                                         op.volume, pg, ref[2], op.source)
-            top = max(map(_lsn_of, refs))
-            if top > m.max_lsn:
-                m.max_lsn = top
+                                         op.volume, pg, lsn, op.source)
+            if scan.max_lsn > m.max_lsn:
+                m.max_lsn = scan.max_lsn
             if membership_epoch > m.membership_epoch:
                 m.membership_epoch = membership_epoch
             if op.writer_vdl > m.writer_vdl:
@@ -1022,25 +1015,29 @@ class Store:
     def _advance_scl(self, ctx: _Txn, key: tuple, prefix: bytes, new: list = ()) -> None:
         """Follow the segment backlink chain from the SCL as far as it goes (invariant 4).
 
-        ``new``: record tuples (scan_batch) just stored. Fast path: when they continue the
-        chain in LSN order (the common case) the walk needs no LMDB reads except one seek
-        to see whether anything stored earlier lies beyond them. Otherwise, and after the
-        fast path, the walk follows the stored log with a cursor.
+        ``new``: VerifiedBatches just stored. Fast path: a batch that is one piece of the
+        chain (scan.chained) and links to the SCL moves the SCL to its last record with no
+        LMDB read and no per-record work, unless a truncation range covers part of it.
+        Then, and for anything else (holes, out-of-order batches, retransmits), the walk
+        follows the stored log with a cursor; one seek tells whether anything stored
+        earlier lies beyond.
         """
         m = ctx.meta(key)
         scl = m.scl
         truncs = m.truncs
         dirty = ctx.dirty[key]
         if new:
-            new.sort(key=_lsn_of)  # timsort: linear on the usual already-sorted batch
-            for r in new:
-                lsn = r[2]
-                if lsn <= scl or (truncs and _in_truncation(lsn, truncs)):
-                    continue
-                if r[4] != scl:
-                    break  # a hole, or a stored record in between: the cursor walk decides
-                scl = lsn
-                dirty[r[6]] += 1
+            if len(new) > 1:
+                new.sort(key=_first_lsn_of)
+            for batch in new:
+                scan = batch.scan
+                if not scan.chained or scan.first_prev_pg_lsn != scl:
+                    break  # a hole, a retransmit or a stored record in between: the walk decides
+                if truncs and _overlaps_truncation(scan.first_lsn, scan.last_lsn, truncs):
+                    break
+                scl = scan.last_lsn
+                for page_id, lsns in batch.pages.items():
+                    dirty[page_id] += len(lsns)
         cur = ctx.log_cur
         if not cur.set_range(prefix + _BE64.pack(scl + 1)):
             m.scl = scl

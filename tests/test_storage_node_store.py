@@ -40,7 +40,7 @@ def create(store: S.Store, chain: ChainBuilder) -> None:
 def append(store: S.Store, chain: ChainBuilder, recs, epoch=None, source="writer", writer_vdl=0):
     """Append recs as one request (telling the writer's VDL); return {pg: scl} or raise."""
     info = store.volume(chain.volume)
-    batches = [(pg, 0, buf, S.verify_batch(info.layout, pg, buf))
+    batches = [S.verify_and_prepare(info.layout, info.vol_id, pg, buf)
                for pg, buf in sorted(ChainBuilder.pack(recs).items())]
     [result] = store.apply_ops([S.AppendOp(chain.volume, chain.epoch if epoch is None else epoch,
                                            writer_vdl, batches, source)])
@@ -128,7 +128,7 @@ def test_scl_stops_at_hole_and_advances_when_filled(store, seed):
 
 
 def test_bad_batches_are_refused_whole(store):
-    """Scenario: checksum, malformed and wrong-PG batches are refused by verify_batch before
+    """Scenario: checksum, malformed and wrong-PG batches are refused by verify_and_prepare before
     anything is stored, and stale / ahead epochs by the append op; nothing is stored."""
     chain = ChainBuilder("v", seed=1)
     create(store, chain)
@@ -137,13 +137,16 @@ def test_bad_batches_are_refused_whole(store):
     bad = bytearray(good)
     bad[-1] ^= 0xFF
     with pytest.raises(E.BadChecksumError):
-        S.verify_batch(layout, layout.pg_of(1), bytes(bad))
+        S.verify_and_prepare(layout, 1, layout.pg_of(1), bytes(bad))
     with pytest.raises(E.MalformedError):
-        S.verify_batch(layout, layout.pg_of(1), good[:-3])
+        S.verify_and_prepare(layout, 1, layout.pg_of(1), good[:-3])
     with pytest.raises(E.WrongPgError):
-        S.verify_batch(layout, (layout.pg_of(1) + 1) % layout.pg_count, good)
+        S.verify_and_prepare(layout, 1, (layout.pg_of(1) + 1) % layout.pg_count, good)
     with pytest.raises(E.MalformedError):
-        S.verify_batch(layout, 99, good)
+        S.verify_and_prepare(layout, 1, 99, good)
+    linked_forward = encode_record(6, 0, 6, 0, 1, 1, 0, p_init_page(1))  # PG backlink == own LSN
+    with pytest.raises(E.MalformedError, match="lsn 6: a backlink is not below"):
+        S.verify_and_prepare(layout, 1, layout.pg_of(1), good + linked_forward)
     recs = chain.next_records(5, pages=[1])
     # epoch 2 on a segment at epoch 1: the node missed a truncate.
     with pytest.raises(E.EpochAheadError):
@@ -474,7 +477,7 @@ def test_page_index_groups_survive_disorder_retransmits_and_gc(store, seed):
                 part = part + rng.sample(sent, min(len(sent), rng.randint(1, 30)))  # retransmits
             sent.extend(part)
             part.sort(key=lambda r: r.lsn)
-            batches = [(pg, 0, buf, S.verify_batch(info.layout, pg, buf))
+            batches = [S.verify_and_prepare(info.layout, info.vol_id, pg, buf)
                        for pg, buf in sorted(ChainBuilder.pack(part).items())]
             ops.append(S.AppendOp("v", chain.epoch, 0, batches))
         assert not any(isinstance(r, Exception) for r in store.apply_ops(ops))
