@@ -9,7 +9,9 @@ them. None of them can delay an Append by more than one small transaction.
                 once it has ``coalesce_records`` of them, and every
                 page with any new record every ``coalesce_sweep_s``;
                 while writers append faster than busy_records_per_s,
-                only pages with coalesce_records_busy new records
+                only pages with coalesce_records_busy new records,
+                and pausing so that folding takes at most
+                coalesce_busy_share of the time (duty cycle)
     gc          below min(PGMRPL, SCL): keep each page's newest        gc_pages pages
                 version <= horizon and all above; drop the rest
                 and the records they cover (invariant 12)
@@ -104,7 +106,11 @@ class Background:
             work = self.store.take_dirty(threshold, self.t.coalesce_pages * 8)
             for (volume, pg), pages in work:
                 for i in range(0, len(pages), self.t.coalesce_pages):
+                    started = time.monotonic()
                     await self.coalesce(volume, pg, pages[i:i + self.t.coalesce_pages])
+                    if busy:  # duty cycle: at most coalesce_busy_share of the time
+                        share = min(1.0, max(0.01, self.t.coalesce_busy_share))
+                        await asyncio.sleep((time.monotonic() - started) * (1.0 / share - 1.0))
 
     async def coalesce(self, volume: str, pg: int, pages: list[int]) -> int:
         """Fold the pages' complete records into new page versions (one small txn)."""

@@ -61,6 +61,8 @@ class Tuning:
     coalesce_records_busy: int = 4096     # ... while foreground appends are heavy (folding
     #                                       costs ~2 us per record: LMDB reads + apply)
     busy_records_per_s: float = 20000.0   # foreground ingest rate that counts as heavy
+    coalesce_busy_share: float = 0.25     # ... and the share of wall time folding may take then;
+    #                                       the backlog left is folded once the load drops
     coalesce_sweep_s: float = 5.0         # fold every page with any new record this often
     coalesce_pages: int = 16              # pages per coalesce transaction
     gc_interval_s: float = 1.0
