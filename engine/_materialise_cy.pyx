@@ -4,7 +4,7 @@
 
 This is a line-by-line transcription of engine/materialise_py.py, which is the reference:
 when the two disagree, materialise_py.py is right and this file has a bug. Both export
-exactly IMPLEMENTATION, scan_batch, scan_batch_items, apply_to_pages and apply (see materialise_py's module
+exactly IMPLEMENTATION, scan_batch, scan_batch_run, apply_to_pages and apply (see materialise_py's module
 doc for what they do); engine/materialiser.py picks one at import time. For every input
 the two give byte-identical pages, and on bad input they raise the same exception class
 (engine.errors) with the same message at the same point, leaving the same partial changes
@@ -72,7 +72,7 @@ from engine.errors import (
 )
 from engine.redo import LSN_MAX
 
-__all__ = ["IMPLEMENTATION", "scan_batch", "scan_batch_items", "apply_to_pages", "apply"]
+__all__ = ["IMPLEMENTATION", "scan_batch", "scan_batch_run", "apply_to_pages", "apply"]
 
 IMPLEMENTATION = "cython"
 
@@ -417,46 +417,49 @@ def scan_batch(buf):
         PyBuffer_Release(&view)
 
 
-def scan_batch_items(buf, prefix):
-    """Verify a batch; return its log items, page index entries and summary (see the
+def scan_batch_run(buf):
+    """Verify a batch; return its run directory, page index entries and summary (see the
     reference). No per-record header tuple is built: the storage node's Append hot path
-    needs only the items, the index entries and the summary."""
+    needs only these three."""
     cdef Py_buffer view
     cdef RecHdr h
     cdef Py_ssize_t offset = 0
-    cdef bytes pfx = bytes(prefix)
-    cdef Py_ssize_t plen = len(pfx)
-    cdef bytes key
-    cdef uint8_t* kp
+    cdef Py_ssize_t cap
+    cdef uint8_t* dirp
+    cdef uint8_t* endp
     cdef int i
     cdef dict pages = {}
-    cdef list items = []
     cdef Py_ssize_t count = 0
     cdef uint64_t first_lsn = 0, first_prev = 0, last_lsn = 0, max_lsn = 0, bad_backlink = 0
-    cdef bint chained = True
+    cdef bint chained = True, ascending = True
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    cap = view.len // HEADER_SIZE + 1
+    dirp = <uint8_t*>malloc(cap * 12)
+    if dirp == NULL:
+        PyBuffer_Release(&view)
+        raise MemoryError()
+    endp = dirp + cap * 8
     try:
         while offset < view.len:
             _read_header(<const uint8_t*>view.buf, view.len, offset, &h)
             if count == 0:
                 first_lsn = h.lsn
                 first_prev = h.prev_pg_lsn
-            elif h.prev_pg_lsn != last_lsn:
-                chained = False
+            else:
+                if h.prev_pg_lsn != last_lsn:
+                    chained = False
+                if h.lsn <= last_lsn:
+                    ascending = False
             if bad_backlink == 0 and (h.prev_volume_lsn >= h.lsn or h.prev_pg_lsn >= h.lsn
                                       or h.prev_page_lsn >= h.lsn):
                 bad_backlink = h.lsn
+            wr64(dirp + 8 * count, h.lsn)
+            offset += h.size
+            wr32(endp + 4 * count, <uint32_t>offset)
             count += 1
             last_lsn = h.lsn
             if h.lsn > max_lsn:
                 max_lsn = h.lsn
-            key = PyBytes_FromStringAndSize(NULL, plen + 8)
-            kp = <uint8_t*>PyBytes_AS_STRING(key)
-            memcpy(kp, PyBytes_AS_STRING(pfx), plen)
-            for i in range(8):
-                kp[plen + i] = <uint8_t>(h.lsn >> (56 - 8 * i))
-            items.append((key, PyBytes_FromStringAndSize(
-                <const char*>view.buf + offset, h.size)))
             lsn = h.lsn
             page = h.page_id
             lsns = pages.get(page)
@@ -464,10 +467,13 @@ def scan_batch_items(buf, prefix):
                 pages[page] = [lsn]
             else:
                 (<list>lsns).append(lsn)
-            offset += h.size
-        return items, pages, (count, first_lsn, first_prev, last_lsn, max_lsn, chained,
-                              bad_backlink)
+        directory = PyBytes_FromStringAndSize(NULL, 12 * count)
+        memcpy(PyBytes_AS_STRING(directory), dirp, 8 * count)
+        memcpy(PyBytes_AS_STRING(directory) + 8 * count, endp, 4 * count)
+        return directory, pages, (count, first_lsn, first_prev, last_lsn, max_lsn, chained,
+                                  bad_backlink, ascending)
     finally:
+        free(dirp)
         PyBuffer_Release(&view)
 
 

@@ -12,16 +12,19 @@ Public functions (both implementations export exactly these):
         one (offset, size, lsn, prev_volume_lsn, prev_pg_lsn, prev_page_lsn, page_id,
         rtype, flags) tuple per record. Storage calls it once per incoming batch.
 
-    scan_batch_items(buf, prefix) -> (list[tuple], dict, tuple)
+    scan_batch_run(buf) -> (bytes, dict, tuple)
         scan_batch's checks (same errors at the same point), returning instead what a
         storage node stores and checks for the batch, built in the same pass and without
-        one tuple per record header: the log items [(prefix + lsn as u64 big-endian, the
-        record's bytes)], the page index entries {page_id: [lsn, ...]} in batch order,
-        and a summary (count, first_lsn, first_prev_pg_lsn, last_lsn, max_lsn, chained,
-        bad_backlink_lsn). ``chained`` is True when every record after the first links
-        to the one before it (prev_pg_lsn == the previous lsn): the batch is one piece
-        of the segment chain. ``bad_backlink_lsn`` is the LSN of the first record with a
-        backlink (volume, PG or page) not below its own LSN, else 0.
+        one tuple per record header: the batch's run directory (the n record LSNs as u64
+        little-endian, then the n record end offsets within buf as u32 little-endian; a
+        storage node keeps the batch as one LMDB value, see storage_node/store.py), the
+        page index entries {page_id: [lsn, ...]} in batch order, and a summary (count,
+        first_lsn, first_prev_pg_lsn, last_lsn, max_lsn, chained, bad_backlink_lsn,
+        ascending). ``chained`` is True when every record after the first links to the
+        one before it (prev_pg_lsn == the previous lsn): the batch is one piece of the
+        segment chain. ``bad_backlink_lsn`` is the LSN of the first record with a
+        backlink (volume, PG or page) not below its own LSN, else 0. ``ascending`` is
+        True when every LSN is above the one before it.
 
     apply_to_pages(pages, buf, upto_lsn=LSN_MAX, verify_pages=True) -> dict
         pages maps page_id (an int) -> bytearray image (changed in place) or None (page
@@ -90,7 +93,6 @@ IMPLEMENTATION = "python"
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_U64_BE = struct.Struct(">Q")
 _CELL = struct.Struct("<HH")
 _AUX = struct.Struct("<BQ")
 _COMMIT = struct.Struct("<QQ")
@@ -136,36 +138,42 @@ def scan_batch(buf) -> list[tuple]:
     return out
 
 
-def scan_batch_items(buf, prefix: bytes) -> tuple[list, dict, tuple]:
-    """Verify a batch; return its log items, page index entries and summary (module doc)."""
+def scan_batch_run(buf) -> tuple[bytes, dict, tuple]:
+    """Verify a batch; return its run directory, page index entries and summary (module doc)."""
     view = memoryview(buf).cast("B")
-    prefix = bytes(prefix)
-    items = []
+    lsn_list = []
+    ends = []
     pages: dict[int, list] = {}
     offset = 0
     end = len(view)
     count = first_lsn = first_prev = last_lsn = max_lsn = bad_backlink = 0
-    chained = True
+    chained = ascending = True
     while offset < end:
         _off, size, lsn, pv, ppg, ppage, page_id, _rtype, _flags = _read_header(view, offset)
         if count == 0:
             first_lsn, first_prev = lsn, ppg
-        elif ppg != last_lsn:
-            chained = False
+        else:
+            if ppg != last_lsn:
+                chained = False
+            if lsn <= last_lsn:
+                ascending = False
         if not bad_backlink and (pv >= lsn or ppg >= lsn or ppage >= lsn):
             bad_backlink = lsn
         count += 1
         last_lsn = lsn
         if lsn > max_lsn:
             max_lsn = lsn
-        items.append((prefix + _U64_BE.pack(lsn), bytes(view[offset:offset + size])))
+        offset += size
+        lsn_list.append(lsn)
+        ends.append(offset)
         lsns = pages.get(page_id)
         if lsns is None:
             pages[page_id] = [lsn]
         else:
             lsns.append(lsn)
-        offset += size
-    return items, pages, (count, first_lsn, first_prev, last_lsn, max_lsn, chained, bad_backlink)
+    directory = struct.pack(f"<{count}Q{count}I", *lsn_list, *ends)
+    return directory, pages, (count, first_lsn, first_prev, last_lsn, max_lsn, chained,
+                              bad_backlink, ascending)
 
 
 # --- Page primitives ---------------------------------------------------------------------

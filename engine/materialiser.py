@@ -28,6 +28,6 @@ else:
 
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 scan_batch = impl.scan_batch
-scan_batch_items = impl.scan_batch_items
+scan_batch_run = impl.scan_batch_run
 apply_to_pages = impl.apply_to_pages
 apply = impl.apply

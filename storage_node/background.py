@@ -33,7 +33,7 @@ import random
 import time
 
 from storage_node.node import StorageNode, node_logger
-from storage_node.store import KIND_RECORD, PutVersionsOp, QuarantineOp
+from storage_node.store import KIND_RECORD, KIND_RUN, PutVersionsOp, QuarantineOp
 
 
 class Background:
@@ -163,10 +163,10 @@ class Background:
         found = 0
         after, done = 0, False
         while not done:
-            bad, after, done = await self.node.read_bg(self.store.scrub_records, volume, pg, after,
-                                                       self.t.scrub_records)
-            if bad:
-                found += await self._quarantine(volume, pg, bad, [])
+            bad, bad_runs, after, done = await self.node.read_bg(
+                self.store.scrub_records, volume, pg, after, self.t.scrub_records)
+            if bad or bad_runs:
+                found += await self._quarantine(volume, pg, bad, [], bad_runs)
             await asyncio.sleep(self.t.scrub_pause_s)
         last, done = (0, 0), False
         while not done:
@@ -177,8 +177,10 @@ class Background:
             await asyncio.sleep(self.t.scrub_pause_s)
         return found
 
-    async def _quarantine(self, volume: str, pg: int, records: list, versions: list) -> int:
-        n = await self.node.commit(QuarantineOp(volume, pg, records, versions), background=True)
+    async def _quarantine(self, volume: str, pg: int, records: list, versions: list,
+                          runs: list = ()) -> int:
+        n = await self.node.commit(QuarantineOp(volume, pg, records, versions, list(runs)),
+                                   background=True)
         self.node.counters.scrub_errors_found += n
         return n
 
@@ -190,6 +192,8 @@ class Background:
             for (volume, pg), kind, item in self.store.take_suspects():
                 if kind == KIND_RECORD:
                     await self._quarantine(volume, pg, [item], [])
+                elif kind == KIND_RUN:
+                    await self._quarantine(volume, pg, [], [], [item])
                 else:
                     await self._quarantine(volume, pg, [], [item])
             for key in self.store.segment_keys():

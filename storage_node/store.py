@@ -123,12 +123,14 @@ until the missing record arrives (retransmit or gossip). Example: SCL 10, stored
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import os
 import struct
 import threading
 import time
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Iterable, NamedTuple
@@ -154,8 +156,8 @@ from storage_node.errors import (
     WrongPgError,
 )
 
-FORMAT = 2  # 2: grouped page index rows. Format 1 dirs open and are upgraded in place
-#              (their empty pageidx values are groups of one); older code refuses 2.
+FORMAT = 3  # 3: one log value per run of records; 2: grouped page index rows. Format 1
+#              and 2 dirs open and are upgraded in place; older code refuses 3.
 IDX_GROUP_MAX = 512  # LSNs in one page-index group (a 4 KiB value at most)
 DEFAULT_MAP_SIZE = 16 << 30  # sparse on Linux: the file grows only as pages are used
 MAX_DBS = 16
@@ -191,6 +193,7 @@ _RTYPE_COMMIT = 10  # engine.redo.RecordType.COMMIT; its payload is u64 txn_id, 
 
 KIND_RECORD = b"R"
 KIND_VERSION = b"V"
+KIND_RUN = b"S"  # a suspect only (never a quarantine row): a log run whose directory is bad
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +276,114 @@ def _in_truncation(lsn: int, truncs) -> bool:
     return False
 
 
+# --- Log runs: one LMDB value per stored batch (format 3) -----------------------------------
+
+_RUN_HEAD = struct.Struct("<II")  # n, flags; then u32 CRC32 of head + directory
+RUN_HEAD_SIZE = 12
+RUN_CHAINED = 1  # flags bit 0: every record links to the one before it (prev_pg_lsn)
+RUN_RECORDS_MAX = 4096  # records in a run written by a merge (an Append's run is its batch)
+
+
+class Run(NamedTuple):
+    """A decoded log value: LSNs ascending, record end offsets, and the value itself."""
+
+    lsns: tuple
+    ends: tuple
+    base: int      # offset of the records area in ``value``
+    flags: int
+    value: bytes
+
+    def record(self, i: int) -> bytes:
+        """The bytes of the run's i-th record."""
+        return self.value[self.base + (self.ends[i - 1] if i else 0):self.base + self.ends[i]]
+
+    def span(self, i: int, j: int) -> bytes:
+        """Records i..j-1, back to back."""
+        return self.value[self.base + (self.ends[i - 1] if i else 0):self.base + self.ends[j - 1]]
+
+
+def encode_run(directory: bytes, n: int, chained: bool, records: bytes) -> bytes:
+    """A log value: head, CRC, directory (n LSNs u64 LE, n end offsets u32 LE), records."""
+    head = _RUN_HEAD.pack(n, RUN_CHAINED if chained else 0)
+    return b"".join((head, _U32.pack(zlib.crc32(directory, zlib.crc32(head))), directory, records))
+
+
+def run_from_records(pairs) -> bytes:
+    """A log value from [(lsn, record bytes)] with strictly ascending LSNs (merges, GC)."""
+    n = len(pairs)
+    ends = []
+    off = 0
+    chained = True
+    prev = None
+    for lsn, rec in pairs:
+        off += len(rec)
+        ends.append(off)
+        if prev is not None and _U64.unpack_from(rec, _REC_PREV_PG)[0] != prev:
+            chained = False
+        prev = lsn
+    directory = struct.pack(f"<{n}Q{n}I", *(lsn for lsn, _r in pairs), *ends)
+    return encode_run(directory, n, chained, b"".join(rec for _l, rec in pairs))
+
+
+def decode_run(value) -> Run:
+    """Decode a log value; CorruptError if its head or directory fails the check (then
+    nothing in it can be located: the scrubber quarantines the run's LSNs, invariant 13)."""
+    size = len(value)
+    if size < RUN_HEAD_SIZE:
+        raise CorruptError(f"log run of {size} bytes is shorter than its head")
+    n, flags = _RUN_HEAD.unpack_from(value, 0)
+    base = RUN_HEAD_SIZE + 12 * n
+    if n == 0 or base > size:
+        raise CorruptError(f"log run head says {n} records in {size} bytes")
+    crc = zlib.crc32(value[RUN_HEAD_SIZE:base], zlib.crc32(value[:8]))
+    if crc != _U32.unpack_from(value, 8)[0]:
+        raise CorruptError("log run directory failed its checksum")
+    lsns = struct.unpack_from(f"<{n}Q", value, RUN_HEAD_SIZE)
+    ends = struct.unpack_from(f"<{n}I", value, RUN_HEAD_SIZE + 8 * n)
+    if base + ends[-1] != size:
+        raise CorruptError("log run directory does not match its length")
+    return Run(lsns, ends, base, flags, value)
+
+
+def _run_key_lsn(key) -> int:
+    return _BE64.unpack_from(key, 8)[0]
+
+
+def _records_up(cur, prefix: bytes, after: int):
+    """Yield (lsn, run, index) of a segment's stored records with lsn > after, ascending.
+    The cursor must not be used by anything else while the generator is alive."""
+    if not cur.set_range(prefix + _BE64.pack(after + 1)):
+        return
+    while True:
+        k = cur.key()
+        if k[:8] != prefix:
+            return
+        run = decode_run(cur.value())
+        lsns = run.lsns
+        i = bisect.bisect_right(lsns, after) if lsns[0] <= after else 0
+        for j in range(i, len(lsns)):
+            yield lsns[j], run, j
+        if not cur.next():
+            return
+
+
+def _records_down(cur, prefix: bytes, upto: int):
+    """Yield (lsn, run, index) of a segment's stored records with lsn <= upto, descending."""
+    ok = cur.set_range(prefix + _BE64.pack(upto)) or cur.last()
+    while ok:
+        k = cur.key()
+        if k[:8] != prefix:
+            if k[:8] < prefix:
+                return
+            ok = cur.prev()  # landed on the next segment: its predecessor may be ours
+            continue
+        run = decode_run(cur.value())
+        lsns = run.lsns
+        for i in range(bisect.bisect_right(lsns, upto) - 1, -1, -1):
+            yield lsns[i], run, i
+        ok = cur.prev()
+
+
 # --- In-memory images of the metadata rows -------------------------------------------------
 
 
@@ -353,7 +464,7 @@ class SegMeta:
 
 
 class BatchScan(NamedTuple):
-    """What one pass over a verified batch tells (engine.materialiser.scan_batch_items)."""
+    """What one pass over a verified batch tells (engine.materialiser.scan_batch_run)."""
 
     count: int             # records
     first_lsn: int
@@ -362,6 +473,7 @@ class BatchScan(NamedTuple):
     max_lsn: int
     chained: bool          # every record links to the one before it: one piece of the chain
     bad_backlink_lsn: int  # first record with a backlink not below its LSN (0: none)
+    ascending: bool        # every LSN above the one before it
 
 
 class VerifiedBatch(NamedTuple):
@@ -370,7 +482,7 @@ class VerifiedBatch(NamedTuple):
     pg: int
     membership_epoch: int
     buf: bytes
-    items: list            # [(log key, record bytes)] for putmulti into ``log``
+    run: bytes             # the batch as one ``log`` value (head, directory, records)
     pages: dict            # {page_id: [lsn, ...]} in batch order, for ``pageidx``
     scan: BatchScan
 
@@ -472,6 +584,7 @@ class QuarantineOp:
     pg: int
     records: list  # [lsn]
     versions: list  # [(page_id, lsn)]
+    runs: list = field(default_factory=list)  # [last lsn] of log runs with a bad directory
 
 
 # --- Verification of incoming bytes (before anything is stored) ------------------------------
@@ -481,7 +594,7 @@ def verify_and_prepare(layout: VolumeLayout, vol_id: int, pg: int, buf: bytes,
                        membership_epoch: int = 0) -> VerifiedBatch:
     """Verify a PG batch and build what the write transaction stores, in one pass over
     the records (the Append hot path, run on the event loop while the writer thread waits
-    for its fsync, so the transaction itself only calls putmulti and joins index lists).
+    for its fsync, so the transaction itself puts one value and joins index lists).
 
     Raises BadChecksumError, MalformedError or WrongPgError: the caller rejects the whole
     request and stores nothing of it.
@@ -489,7 +602,7 @@ def verify_and_prepare(layout: VolumeLayout, vol_id: int, pg: int, buf: bytes,
     if not 0 <= pg < layout.pg_count:
         raise MalformedError(f"pg {pg} out of range (volume has {layout.pg_count} PGs)")
     try:
-        items, pages, summary = materialiser.scan_batch_items(buf, seg_prefix(vol_id, pg))
+        directory, pages, summary = materialiser.scan_batch_run(buf)
     except ChecksumError as exc:
         raise BadChecksumError(f"pg {pg}: {exc}") from None
     except FormatError as exc:
@@ -506,7 +619,8 @@ def verify_and_prepare(layout: VolumeLayout, vol_id: int, pg: int, buf: bytes,
     if scan.bad_backlink_lsn:
         raise MalformedError(
             f"record lsn {scan.bad_backlink_lsn}: a backlink is not below its own LSN")
-    return VerifiedBatch(pg, membership_epoch, buf, items, pages, scan)
+    run = encode_run(directory, scan.count, scan.chained, buf) if scan.count else b""
+    return VerifiedBatch(pg, membership_epoch, buf, run, pages, scan)
 
 
 def verify_stored_record(key_lsn: int, value) -> bool:
@@ -616,12 +730,19 @@ class Store:
                 raise RuntimeError(
                     f"data dir {self.path} belongs to node {stored.decode()!r}, not {self.node_id!r}")
             fmt = _U32.unpack(txn.get(b"format"))[0]
-            if fmt == 1:
+            if fmt in (1, 2):
                 # Format 1 wrote one empty pageidx row per record: each is a valid group of
-                # one (_group_of), so the upgrade only records the new format, which makes
-                # code that knows only format 1 refuse this dir from now on.
+                # one (_group_of). Formats 1 and 2 kept one record per log value under its
+                # LSN: that key is the last LSN of a run of one, so only values change.
+                # Recording the new format makes older code refuse this dir from now on.
+                cur = txn.cursor(db=self.db_log)
+                rows = 0
+                for k, v in cur.iternext():
+                    cur.put(k, run_from_records([(_run_key_lsn(k), bytes(v))]))
+                    rows += 1
                 txn.put(b"format", _U32.pack(FORMAT))
-                self.log.info("data dir %s: layout format 1 upgraded to %d", self.path, FORMAT)
+                self.log.info("data dir %s: layout format %d upgraded to %d (%d log records)",
+                              self.path, fmt, FORMAT, rows)
             elif fmt != FORMAT:
                 raise RuntimeError(f"data dir {self.path}: unknown layout format {fmt}")
 
@@ -912,14 +1033,22 @@ class Store:
                         f"stale (segment at {m.membership_epoch})", m.volume_epoch)
         touched: dict[int, list] = {}
         for batch in op.batches:
-            pg, membership_epoch, buf, items, pages, scan = batch
+            pg, membership_epoch, buf, run, pages, scan = batch
             key = (op.volume, pg)
             m = ctx.meta(key)
             new = touched.setdefault(pg, [])
             if not scan.count:
                 continue
             new.append(batch)
-            _consumed, added = ctx.log_cur.putmulti(items, overwrite=False)
+            prefix = seg_prefix(info.vol_id, pg)
+            if scan.ascending and (scan.first_lsn > m.max_lsn or not self._run_overlaps(
+                    ctx, prefix, scan.first_lsn, scan.last_lsn)):
+                # The usual case: above everything stored, or in a gap between runs.
+                ctx.txn.put(prefix + _BE64.pack(scan.last_lsn), run, db=self.db_log)
+                added = scan.count
+                ctx.bytes_written += len(run) + _LOG_KEY.size
+            else:  # a retransmit, or gossip/repair filling holes among stored records
+                added = self._merge_into_log(ctx, prefix, decode_run(run))
             pending = ctx.idx_pending.get(key)
             if pending is None:
                 pending = ctx.idx_pending[key] = (seg_prefix(info.vol_id, pg), m.max_lsn, {})
@@ -930,7 +1059,6 @@ class Store:
                     index[page_id] = list(lsns)
                 else:
                     have.extend(lsns)
-            ctx.bytes_written += len(buf) + scan.count * (_LOG_KEY.size + 8)
             m.n_records += added
             quarantined = self._quar_records.get(key)
             if quarantined:
@@ -951,6 +1079,92 @@ class Store:
         for pg, new in touched.items():
             self._advance_scl(ctx, (op.volume, pg), seg_prefix(info.vol_id, pg), new)
         return {pg: 0 for pg in touched}
+
+    def _run_overlaps(self, ctx: _Txn, prefix: bytes, first: int, last: int) -> bool:
+        """True if a stored run of the segment holds LSNs inside [first, last]."""
+        cur = ctx.log_cur
+        if not cur.set_range(prefix + _BE64.pack(first)):
+            return False
+        k = cur.key()
+        # The first run whose last LSN is >= first: it overlaps unless it starts above last.
+        return k[:8] == prefix and _U64.unpack_from(cur.value(), RUN_HEAD_SIZE)[0] <= last
+
+    def _merge_into_log(self, ctx: _Txn, prefix: bytes, incoming: Run) -> int:
+        """Store the records of ``incoming`` not stored yet: read the runs overlapping its
+        LSN range, merge, and rewrite them as runs of at most RUN_RECORDS_MAX records (runs
+        of a segment stay disjoint). Returns how many records were new."""
+        records = {}
+        for i, lsn in enumerate(incoming.lsns):
+            records.setdefault(lsn, i)
+        lo, hi = min(records), max(records)
+        cur = ctx.log_cur
+        old_keys = []
+        have: dict[int, bytes] = {}
+        if cur.set_range(prefix + _BE64.pack(lo)):
+            while True:
+                k = cur.key()
+                if k[:8] != prefix:
+                    break
+                run = decode_run(cur.value())
+                if run.lsns[0] > hi:
+                    break
+                old_keys.append(bytes(k))
+                for i, lsn in enumerate(run.lsns):
+                    have[lsn] = run.record(i)
+                if not cur.next():
+                    break
+        added = 0
+        for lsn, i in records.items():
+            if lsn not in have:
+                have[lsn] = incoming.record(i)
+                added += 1
+        if not added:
+            return 0
+        for k in old_keys:
+            ctx.txn.delete(k, db=self.db_log)
+        self._put_runs(ctx, prefix, sorted(have.items()))
+        return added
+
+    def _put_runs(self, ctx: _Txn, prefix: bytes, pairs: list) -> None:
+        """Write [(lsn, record bytes)], ascending, as runs (their range must be free)."""
+        for i in range(0, len(pairs), RUN_RECORDS_MAX):
+            chunk = pairs[i:i + RUN_RECORDS_MAX]
+            value = run_from_records(chunk)
+            ctx.txn.put(prefix + _BE64.pack(chunk[-1][0]), value, db=self.db_log)
+            ctx.bytes_written += len(value) + _LOG_KEY.size
+
+    def _delete_records(self, ctx: _Txn, prefix: bytes, lsns) -> list[tuple[int, bytes]]:
+        """Remove records ``lsns`` from the segment's runs (GC, quarantine): each run that
+        holds some is rewritten without them. Returns [(lsn, bytes)] of those removed."""
+        wanted = sorted(set(lsns))
+        removed = []
+        cur = ctx.log_cur
+        i = 0
+        while i < len(wanted):
+            if not cur.set_range(prefix + _BE64.pack(wanted[i])):
+                break
+            k = cur.key()
+            if k[:8] != prefix:
+                break
+            run_key = bytes(k)
+            run = decode_run(cur.value())
+            last = run.lsns[-1]
+            dels = set()
+            while i < len(wanted) and wanted[i] <= last:
+                dels.add(wanted[i])
+                i += 1
+            keep = []
+            for j, lsn in enumerate(run.lsns):
+                if lsn in dels:
+                    removed.append((lsn, run.record(j)))
+                else:
+                    keep.append((lsn, run.record(j)))
+            if len(keep) == len(run.lsns):
+                continue
+            ctx.txn.delete(run_key, db=self.db_log)
+            if keep:
+                self._put_runs(ctx, prefix, keep)
+        return removed
 
     def _flush_index(self, ctx: _Txn) -> None:
         """Write the page-index groups of the appends run so far in this transaction."""
@@ -1038,48 +1252,68 @@ class Store:
                 scl = scan.last_lsn
                 for page_id, lsns in batch.pages.items():
                     dirty[page_id] += len(lsns)
+        by_last = {batch.scan.last_lsn: batch for batch in new}
         cur = ctx.log_cur
-        if not cur.set_range(prefix + _BE64.pack(scl + 1)):
-            m.scl = scl
-            return
-        while True:
+        after = scl  # walked past: the SCL, or the end of a truncation range jumped over
+        ok = cur.set_range(prefix + _BE64.pack(scl + 1))
+        while ok:
             k = cur.key()
             if k[:8] != prefix:
                 break
-            lsn = _BE64.unpack_from(k, 8)[0]
-            hidden = truncs and _range_of(lsn, truncs)
-            if hidden:  # jump over the whole range: a deep backtrack hides many records
-                if hidden[1] >= LSN_MAX or not cur.set_range(prefix + _BE64.pack(hidden[1] + 1)):
-                    break
-                continue
-            v = cur.value()
-            prev, page_id = _U64.unpack_from(v, _REC_PREV_PG)[0], _U32.unpack_from(v, _REC_PAGE)[0]
-            if prev != scl:
-                break  # a hole: the record linking to the SCL is missing
-            scl = lsn
-            dirty[page_id] += 1
-            if not cur.next():
+            try:
+                run = decode_run(cur.value())
+            except CorruptError as exc:
+                self.log.error("segment %s/%d: SCL walk stops at a bad log run (%s)", key[0],
+                               key[1], exc)
+                self.suspects.append((key, KIND_RUN, _run_key_lsn(k)))
                 break
+            lsns = run.lsns
+            value = run.value
+            i = bisect.bisect_right(lsns, after) if lsns[0] <= after else 0
+            if (i == 0 and run.flags & RUN_CHAINED
+                    and _U64.unpack_from(value, run.base + _REC_PREV_PG)[0] == scl
+                    and not (truncs and _overlaps_truncation(lsns[0], lsns[-1], truncs))):
+                # One piece of the chain linking to the SCL: take the whole run at once.
+                scl = after = lsns[-1]
+                batch = by_last.get(scl)
+                if batch is not None and batch.scan.count == len(lsns):
+                    for page_id, page_lsns in batch.pages.items():
+                        dirty[page_id] += len(page_lsns)
+                else:
+                    base = run.base
+                    dirty[_U32.unpack_from(value, base + _REC_PAGE)[0]] += 1
+                    for end in run.ends[:-1]:
+                        dirty[_U32.unpack_from(value, base + end + _REC_PAGE)[0]] += 1
+                ok = cur.next()
+                continue
+            stop = jumped = False
+            for j in range(i, len(lsns)):
+                lsn = lsns[j]
+                hidden = truncs and _range_of(lsn, truncs)
+                if hidden:  # jump over the whole range: a deep backtrack hides many records
+                    if hidden[1] >= LSN_MAX:
+                        stop = True
+                    else:
+                        after = hidden[1]
+                        ok = cur.set_range(prefix + _BE64.pack(after + 1))
+                        jumped = True
+                    break
+                off = run.base + (run.ends[j - 1] if j else 0)
+                if _U64.unpack_from(value, off + _REC_PREV_PG)[0] != scl:
+                    stop = True  # a hole: the record linking to the SCL is missing
+                    break
+                scl = after = lsn
+                dirty[_U32.unpack_from(value, off + _REC_PAGE)[0]] += 1
+            if stop:
+                break
+            if not jumped:
+                ok = cur.next()
         m.scl = scl
 
     def _chain_point_at_or_below(self, ctx: _Txn, key: tuple, prefix: bytes, limit: int) -> int:
         """Highest visible record LSN <= limit (the chain point a truncation falls back to)."""
         m = ctx.meta(key)
-        cur = ctx.log_cur
-        found = 0
-        positioned = cur.set_range(prefix + _BE64.pack(limit + 1))
-        ok = cur.prev() if positioned else cur.last()
-        while ok:
-            k = cur.key()
-            if k[:8] != prefix:
-                break
-            lsn = _BE64.unpack_from(k, 8)[0]
-            hidden = _range_of(lsn, m.truncs)
-            if hidden is None:
-                found = lsn
-                break
-            ok = cur.set_range(prefix + _BE64.pack(hidden[0] + 1))   # jump below the range
-            ok = cur.prev() if ok else cur.last()
+        found = self._visible_down(ctx.log_cur, prefix, m.truncs, limit)
         quarantined = [q for q in self._quar_records.get(key, ()) if q <= limit
                        and not _in_truncation(q, m.truncs)]
         if quarantined:
@@ -1252,10 +1486,10 @@ class Store:
             self._put_version(ctx, key, prefix, m, page_id, lsn, image)
         removed = 0
         unindex: dict[int, set] = {}
+        gone = self._delete_records(ctx, prefix, [lsn for _page_id, lsn in op.delete_records])
+        m.n_records -= len(gone)
+        removed += len(gone)
         for page_id, lsn in op.delete_records:
-            if ctx.txn.delete(prefix + _BE64.pack(lsn), db=self.db_log):
-                m.n_records -= 1
-                removed += 1
             unindex.setdefault(page_id, set()).add(lsn)
         for page_id, dels in unindex.items():
             self._unindex(ctx, prefix, page_id, dels)
@@ -1276,15 +1510,47 @@ class Store:
         prefix = seg_prefix(info.vol_id, op.pg)
         now = _U64.pack(int(time.time()))
         found = 0
-        for lsn in op.records:
-            lk = prefix + _BE64.pack(lsn)
-            value = ctx.txn.get(lk, db=self.db_log)
-            if value is None or verify_stored_record(lsn, value):
-                continue  # already gone or repaired meanwhile
-            ctx.txn.delete(lk, db=self.db_log)
-            m.n_records -= 1
-            ctx.txn.put(prefix + KIND_RECORD + _BE64.pack(lsn), now, db=self.db_quarantine)
-            ctx.quar_add.append((key, KIND_RECORD, lsn))
+        records = set(op.records)
+        cur = ctx.log_cur
+        for run_last in op.runs:
+            # A run whose directory is bad: none of its records can be located, so every
+            # LSN the page index lists in its range is quarantined and refetched.
+            k = prefix + _BE64.pack(run_last)
+            value = ctx.txn.get(k, db=self.db_log)
+            if value is None:
+                continue
+            try:
+                decode_run(value)
+                continue  # rewritten meanwhile
+            except CorruptError:
+                pass
+            low = 0
+            if cur.set_key(k) and cur.prev() and cur.key()[:8] == prefix:
+                low = _run_key_lsn(cur.key())
+            already = self._quar_records.get(key, frozenset())
+            lost = [lsn for lsn in self._indexed_lsns(ctx.txn, prefix, low, run_last)
+                    if lsn not in already]
+            ctx.txn.delete(k, db=self.db_log)
+            m.n_records -= len(lost)
+            for lsn in lost:
+                records.discard(lsn)
+                self._quarantine_record(ctx, key, prefix, lsn, now)
+            found += 1
+            self.log.error("scrub: log run %s/%d (%d, %d] failed its directory checksum; its %d "
+                           "records are quarantined, will refetch from a peer", op.volume, op.pg,
+                           low, run_last, len(lost))
+        bad = []
+        for lsn in sorted(records):
+            try:
+                rec = self._get_record(cur, prefix, lsn)
+            except CorruptError:
+                continue  # its run is bad: a runs entry handles it
+            if rec is not None and not verify_stored_record(lsn, rec):
+                bad.append(lsn)
+        gone = self._delete_records(ctx, prefix, bad)
+        m.n_records -= len(gone)
+        for lsn, _rec in gone:
+            self._quarantine_record(ctx, key, prefix, lsn, now)
             found += 1
             self.log.error("scrub: record %s/%d lsn %d failed its checksum; quarantined, "
                            "will refetch from a peer", op.volume, op.pg, lsn)
@@ -1301,6 +1567,35 @@ class Store:
             self.log.error("scrub: page version %s/%d page %d lsn %d failed its checksum; "
                            "quarantined, will rebuild", op.volume, op.pg, page_id, lsn)
         return found
+
+    def _quarantine_record(self, ctx: _Txn, key: tuple, prefix: bytes, lsn: int, now: bytes) -> None:
+        ctx.txn.put(prefix + KIND_RECORD + _BE64.pack(lsn), now, db=self.db_quarantine)
+        ctx.quar_add.append((key, KIND_RECORD, lsn))
+
+    def _indexed_lsns(self, txn, prefix: bytes, low: int, high: int) -> list[int]:
+        """Every LSN in (low, high] the segment's page index lists (all pages: slow, for
+        the rare loss of a run directory)."""
+        out = []
+        cur = txn.cursor(db=self.db_pageidx)
+        ok = cur.set_range(prefix)
+        while ok:
+            k = cur.key()
+            if k[:8] != prefix:
+                break
+            out.extend(lsn for lsn in _group_lsns(_group_of(k, cur.value())) if low < lsn <= high)
+            ok = cur.next()
+        return sorted(set(out))
+
+    @staticmethod
+    def _get_record(cur, prefix: bytes, lsn: int) -> bytes | None:
+        """One stored record's bytes (None if not stored); CorruptError if its run is bad."""
+        if not cur.set_range(prefix + _BE64.pack(lsn)) or cur.key()[:8] != prefix:
+            return None
+        run = decode_run(cur.value())
+        i = bisect.bisect_left(run.lsns, lsn)
+        if i < len(run.lsns) and run.lsns[i] == lsn:
+            return run.record(i)
+        return None
 
     _dispatch = {
         CreateVolumeOp: _op_create_volume,
@@ -1356,19 +1651,19 @@ class Store:
 
     def _visible_at_or_below(self, txn, prefix: bytes, m: SegMeta, limit: int) -> int:
         """Highest stored, visible record LSN <= limit in a segment (0 if none)."""
-        cur = txn.cursor(db=self.db_log)
-        positioned = cur.set_range(prefix + _BE64.pack(limit + 1))
-        ok = cur.prev() if positioned else cur.last()
-        while ok:
-            k = cur.key()
-            if k[:8] != prefix:
-                break
-            lsn = _BE64.unpack_from(k, 8)[0]
-            hidden = _range_of(lsn, m.truncs)
+        return self._visible_down(txn.cursor(db=self.db_log), prefix, m.truncs, limit)
+
+    @staticmethod
+    def _visible_down(cur, prefix: bytes, truncs, limit: int) -> int:
+        """Highest stored record LSN <= limit that no range of ``truncs`` hides (0: none);
+        a range is jumped over in one seek, whatever it hides."""
+        walk = _records_down(cur, prefix, limit)
+        for lsn, _run, _i in walk:
+            hidden = _range_of(lsn, truncs)
             if hidden is None:
                 return lsn
-            ok = cur.set_range(prefix + _BE64.pack(hidden[0] + 1))   # jump below the range
-            ok = cur.prev() if ok else cur.last()
+            walk.close()
+            return Store._visible_down(cur, prefix, truncs, hidden[0])
         return 0
 
     def _page_versions_desc(self, txn, prefix: bytes, page_id: int, upto: int, truncs, limit: int):
@@ -1399,17 +1694,35 @@ class Store:
             lsns = [lsn for lsn in lsns if not _in_truncation(lsn, truncs)]
         if not lsns:
             return b"", 0
-        get = txn.get
-        pack = _BE64.pack
-        db = self.db_log
-        # One get per record (py-lmdb's Cursor.getmulti measured slower per key).
-        parts = [get(prefix + pack(lsn), db=db) for lsn in lsns]
-        if None in parts:
-            lsn = lsns[parts.index(None)]
-            raise CorruptError(
-                f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
-                f"(failed its checksum) and not repaired yet")
+        cur = txn.cursor(db=self.db_log)
+        parts = []
+        run = None
+        run_last = -1
+        i = 0
+        for lsn in lsns:
+            if lsn > run_last:  # the next run that can hold it: one seek per run, not per record
+                if not cur.set_range(prefix + _BE64.pack(lsn)) or cur.key()[:8] != prefix:
+                    self._missing_record(key, page_id, lsn)
+                run_last = _run_key_lsn(cur.key())
+                try:
+                    run = decode_run(cur.value())
+                except CorruptError:
+                    self.suspects.append((key, KIND_RUN, run_last))
+                    raise CorruptError(
+                        f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is in a log run "
+                        f"that failed its checksum; awaiting repair") from None
+                i = 0
+            i = bisect.bisect_left(run.lsns, lsn, i)
+            if i == len(run.lsns) or run.lsns[i] != lsn:
+                self._missing_record(key, page_id, lsn)
+            parts.append(run.record(i))
         return b"".join(parts), len(parts)
+
+    @staticmethod
+    def _missing_record(key: tuple, page_id: int, lsn: int):
+        raise CorruptError(
+            f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
+            f"(failed its checksum) and not repaired yet")
 
     def _page_lsns(self, txn, prefix: bytes, page_id: int, after: int, upto: int) -> list[int]:
         """The LSNs in (after, upto] the page index lists for a page, ascending."""
@@ -1536,23 +1849,25 @@ class Store:
             total = 0
             more = False
             cur = txn.cursor(db=self.db_log)
-            if upto > after_lsn and cur.set_range(prefix + _BE64.pack(after_lsn + 1)):
-                for k, v in cur.iternext():
-                    if k[:8] != prefix:
-                        break
-                    lsn = _BE64.unpack_from(k, 8)[0]
-                    if lsn > upto:
-                        break
-                    if m.truncs and _in_truncation(lsn, m.truncs):
-                        continue
-                    if total + len(v) > max_bytes and parts:
-                        more = True
-                        break
-                    if not verify_stored_record(lsn, v):
-                        self.suspects.append((key, KIND_RECORD, lsn))
-                        break  # never serve bad bytes (invariant 13)
-                    parts.append(v)
-                    total += len(v)
+            if upto > after_lsn:
+                try:
+                    for lsn, run, i in _records_up(cur, prefix, after_lsn):
+                        if lsn > upto:
+                            break
+                        if m.truncs and _in_truncation(lsn, m.truncs):
+                            continue
+                        v = run.record(i)
+                        if total + len(v) > max_bytes and parts:
+                            more = True
+                            break
+                        if not verify_stored_record(lsn, v):
+                            self.suspects.append((key, KIND_RECORD, lsn))
+                            break  # never serve bad bytes (invariant 13)
+                        parts.append(v)
+                        total += len(v)
+                except CorruptError:
+                    self.suspects.append((key, KIND_RUN, _run_key_lsn(cur.key())))
+                    # serve what came before the bad run; the rest after its repair
         return b"".join(parts), m.scl, more, m.volume_epoch, m.truncs
 
     def segment_state(self, volume: str, pg: int, records_since: int = 0,
@@ -1579,19 +1894,17 @@ class Store:
                     tail = m.log_floor
             if include_records:
                 cur = txn.cursor(db=self.db_log)
-                if cur.set_range(prefix + _BE64.pack(records_since + 1)):
-                    for k, v in cur.iternext():
-                        if k[:8] != prefix:
-                            break
-                        lsn = _BE64.unpack_from(k, 8)[0]
-                        if lsn > m.scl:
-                            break
-                        if m.truncs and _in_truncation(lsn, m.truncs):
-                            continue
-                        if len(records) >= limit:
-                            more = True
-                            break
-                        records.append((lsn, _U64.unpack_from(v, _REC_PREV_VOL)[0], v[_REC_FLAGS]))
+                for lsn, run, i in _records_up(cur, prefix, records_since):
+                    if lsn > m.scl:
+                        break
+                    if m.truncs and _in_truncation(lsn, m.truncs):
+                        continue
+                    if len(records) >= limit:
+                        more = True
+                        break
+                    off = run.base + (run.ends[i - 1] if i else 0)
+                    records.append((lsn, _U64.unpack_from(run.value, off + _REC_PREV_VOL)[0],
+                                    run.value[off + _REC_FLAGS]))
         return m, records, more, tail
 
     def next_stored_above(self, volume: str, pg: int, lsn: int) -> int:
@@ -1600,14 +1913,9 @@ class Store:
         prefix = self._prefix(volume, pg)
         with self.env.begin() as txn:
             m = self._read_meta(txn, prefix)
-            cur = txn.cursor(db=self.db_log)
-            if cur.set_range(prefix + _BE64.pack(lsn + 1)):
-                for k in cur.iternext(keys=True, values=False):
-                    if k[:8] != prefix:
-                        break
-                    found = _BE64.unpack_from(k, 8)[0]
-                    if not _in_truncation(found, m.truncs):
-                        return found
+            for found, _run, _i in _records_up(txn.cursor(db=self.db_log), prefix, lsn):
+                if not _in_truncation(found, m.truncs):
+                    return found
         return 0
 
     # -- background planning (read phase; the write phase is an op) -------------------------
@@ -1779,25 +2087,46 @@ class Store:
         return op, next_page
 
     def scrub_records(self, volume: str, pg: int, after_lsn: int, max_items: int):
-        """Verify up to ``max_items`` stored records above ``after_lsn``.
-        Returns (bad lsns, last lsn checked, done)."""
+        """Verify the stored records above ``after_lsn``, whole runs at a time, until at
+        least ``max_items`` are checked. Returns (bad lsns, [last lsn of each run whose
+        directory is bad], last lsn checked, done)."""
         prefix = self._prefix(volume, pg)
         bad = []
+        bad_runs = []
         last = after_lsn
         n = 0
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.db_log)
-            if cur.set_range(prefix + _BE64.pack(after_lsn + 1)):
-                for k, v in cur.iternext():
-                    if k[:8] != prefix:
-                        return bad, last, True
-                    if n >= max_items:
-                        return bad, last, False
-                    last = _BE64.unpack_from(k, 8)[0]
-                    if not verify_stored_record(last, v):
-                        bad.append(last)
+            ok = cur.set_range(prefix + _BE64.pack(after_lsn + 1))
+            while ok:
+                k = cur.key()
+                if k[:8] != prefix:
+                    return bad, bad_runs, last, True
+                if n >= max_items:
+                    return bad, bad_runs, last, False
+                run_last = _run_key_lsn(k)
+                try:
+                    run = decode_run(cur.value())
+                except CorruptError:
+                    bad_runs.append(run_last)
                     n += 1
-        return bad, last, True
+                    last = run_last
+                    ok = cur.next()
+                    continue
+                lsns = run.lsns
+                start = bisect.bisect_right(lsns, after_lsn) if lsns[0] <= after_lsn else 0
+                try:  # one pass over the whole span; record by record only if it fails
+                    refs = materialiser.scan_batch(run.span(start, len(lsns)))
+                    good = [ref[2] for ref in refs] == list(lsns[start:])
+                except FormatError:
+                    good = False
+                if not good:
+                    bad.extend(lsns[i] for i in range(start, len(lsns))
+                               if not verify_stored_record(lsns[i], run.record(i)))
+                n += len(lsns) - start
+                last = run_last
+                ok = cur.next()
+        return bad, bad_runs, last, True
 
     def scrub_versions(self, volume: str, pg: int, after: tuple, max_items: int):
         """Verify up to ``max_items`` page versions after key (page_id, lsn).
@@ -1868,6 +2197,7 @@ class Store:
             else:  # another timeline: its records may lie above this timeline's SCL
                 upto = min(upto_lsn, m.max_lsn)
             cur = txn.cursor(db=self.db_pageidx)
+            log_cur = txn.cursor(db=self.db_log)
             low, high = after_lsn, upto
             while low < high:
                 jumped = False
@@ -1886,7 +2216,7 @@ class Store:
                             high = hidden[0]
                         jumped = True
                         break
-                    rec = txn.get(prefix + _BE64.pack(lsn), db=self.db_log)
+                    rec = self._get_record(log_cur, prefix, lsn)
                     if rec is not None and rec[_REC_TYPE] == _RTYPE_COMMIT:
                         ts = _U64.unpack_from(rec, HEADER_SIZE + 8)[0]
                         if forward or not max_time_us or ts <= max_time_us:
@@ -1964,8 +2294,16 @@ class Store:
             for k, v in cur.iternext():
                 if k[:4] != vol:
                     break
-                if _BE64.unpack_from(k, 8)[0] <= upto:
+                if _run_key_lsn(k) <= upto:
                     total += len(k) + len(v)
+                    continue
+                try:
+                    run = decode_run(v)
+                except CorruptError:
+                    continue
+                below = bisect.bisect_right(run.lsns, upto)
+                if below:  # the records at or below upto, and their share of the rest
+                    total += run.ends[below - 1] + (len(k) + run.base) * below // len(run.lsns)
         cur = txn.cursor(db=self.db_versions)
         if cur.set_range(vol):
             for k, v in cur.iternext():
@@ -2020,12 +2358,8 @@ def list_records(path: str, volume: str, pg: int) -> dict[int, bytes]:
         prefix = store._prefix(volume, pg)
         out = {}
         with store.env.begin() as txn:
-            cur = txn.cursor(db=store.db_log)
-            if cur.set_range(prefix):
-                for k, v in cur.iternext():
-                    if k[:8] != prefix:
-                        break
-                    out[_BE64.unpack_from(k, 8)[0]] = bytes(v)
+            for lsn, run, i in _records_up(txn.cursor(db=store.db_log), prefix, 0):
+                out[lsn] = run.record(i)
         return out
     finally:
         store.close()

@@ -416,9 +416,9 @@ def test_extension_is_the_compiled_twin():
     """Scenario: the imported extension is real Cython code, not a re-export of the reference."""
     assert cy.IMPLEMENTATION == "cython" and py.IMPLEMENTATION == "python"
     assert cy.__file__.endswith((".so", ".pyd"))
-    for name in ("scan_batch", "scan_batch_items", "apply_to_pages", "apply"):
+    for name in ("scan_batch", "scan_batch_run", "apply_to_pages", "apply"):
         assert getattr(cy, name) is not getattr(py, name)
-    assert sorted(cy.__all__) == sorted(["IMPLEMENTATION", "scan_batch", "scan_batch_items",
+    assert sorted(cy.__all__) == sorted(["IMPLEMENTATION", "scan_batch", "scan_batch_run",
                                          "apply_to_pages", "apply"])
 
 
@@ -475,33 +475,33 @@ def test_apply_each_page_matches_reference_and_model(b):
     assert cy.scan_batch(buf) == py.scan_batch(buf)
     assert cy.scan_batch(memoryview(bytearray(buf))) == py.scan_batch(buf)
     refs = py.scan_batch(buf)
-    items, pages, summary = same_items(buf)
+    directory, pages, summary = same_items(buf)
     assert summary == summary_of(refs)
-    assert same_items(memoryview(bytearray(buf))) == (items, pages, summary)
-    assert b"".join(v for _k, v in items) == buf
-    assert [k for k, _v in items] == [PREFIX + struct.pack(">Q", r[2]) for r in refs]
+    assert same_items(memoryview(bytearray(buf))) == (directory, pages, summary)
+    n = len(refs)
+    assert directory == struct.pack(f"<{n}Q{n}I", *(r[2] for r in refs),
+                                    *(r[0] + r[1] for r in refs))
     assert pages == {p: [r[2] for r in refs if r[6] == p] for p in {r[6] for r in refs}}
 
 
-PREFIX = struct.pack(">II", 7, 3)  # a storage segment prefix (vol_id 7, pg 3)
-
-
 def summary_of(refs) -> tuple:
-    """scan_batch_items' summary, computed the slow way from scan_batch's header tuples."""
+    """scan_batch_run's summary, computed the slow way from scan_batch's header tuples."""
     if not refs:
-        return (0, 0, 0, 0, 0, True, 0)
+        return (0, 0, 0, 0, 0, True, 0, True)
     chained = all(refs[i][4] == refs[i - 1][2] for i in range(1, len(refs)))
+    ascending = all(refs[i][2] > refs[i - 1][2] for i in range(1, len(refs)))
     bad = next((r[2] for r in refs if max(r[3], r[4], r[5]) >= r[2]), 0)
-    return (len(refs), refs[0][2], refs[0][4], refs[-1][2], max(r[2] for r in refs), chained, bad)
+    return (len(refs), refs[0][2], refs[0][4], refs[-1][2], max(r[2] for r in refs), chained, bad,
+            ascending)
 
 
-def same_items(buf, prefix=PREFIX):
-    """scan_batch_items of both twins: equal results, or the same error class and message
+def same_items(buf):
+    """scan_batch_run of both twins: equal results, or the same error class and message
     (raised again here)."""
     results = []
     for impl in IMPLS:
         try:
-            results.append(("ok", impl.scan_batch_items(buf, prefix)))
+            results.append(("ok", impl.scan_batch_run(buf)))
         except FormatError as exc:
             results.append(("err", (type(exc), str(exc))))
     assert results[0] == results[1]
@@ -511,13 +511,14 @@ def same_items(buf, prefix=PREFIX):
     return results[0][1]
 
 
-def test_scan_batch_items_empty_and_errors_match():
+def test_scan_batch_run_empty_and_errors_match():
     """Scenario: an empty batch gives empty results; a corrupt one the same error as
     scan_batch, in both twins."""
-    assert same_items(b"") == ([], {}, (0, 0, 0, 0, 0, True, 0))
+    assert same_items(b"") == (b"", {}, (0, 0, 0, 0, 0, True, 0, True))
     rec = bytearray(redo.encode_record(5, 4, 3, 2, 9, RT.INIT_PAGE, 0,
                                        redo.p_init_page(pg.PageType.LEAF)))
-    assert same_items(bytes(rec))[1:] == ({9: [5]}, (1, 5, 3, 5, 5, True, 0))
+    assert same_items(bytes(rec)) == (struct.pack("<QI", 5, len(rec)), {9: [5]},
+                                      (1, 5, 3, 5, 5, True, 0, True))
     rec[-1] ^= 1
     with pytest.raises(ChecksumError):
         same_items(bytes(rec))
@@ -525,23 +526,23 @@ def test_scan_batch_items_empty_and_errors_match():
         py.scan_batch(bytes(rec))
 
 
-def test_scan_batch_items_summary_chain_and_backlinks():
+def test_scan_batch_run_summary_chain_and_backlinks():
     """Scenario: the summary says whether a batch is one piece of the segment chain, its
     first/last/max LSN, and the first record whose backlink is not below its own LSN."""
     def rec(lsn, prev_vol, prev_pg, prev_page, page_id=9):
         return redo.encode_record(lsn, prev_vol, prev_pg, prev_page, page_id, RT.INIT_PAGE, 0,
                                   redo.p_init_page(pg.PageType.LEAF))
     chain = rec(10, 9, 8, 0) + rec(11, 10, 10, 10, 4) + rec(12, 11, 11, 11)
-    assert same_items(chain)[2] == (3, 10, 8, 12, 12, True, 0)
+    assert same_items(chain)[2] == (3, 10, 8, 12, 12, True, 0, True)
     hole = rec(10, 9, 8, 0) + rec(12, 11, 11, 10)  # 12 links to 11, not to 10
-    assert same_items(hole)[2] == (2, 10, 8, 12, 12, False, 0)
+    assert same_items(hole)[2] == (2, 10, 8, 12, 12, False, 0, True)
     backwards = rec(12, 11, 11, 0) + rec(10, 9, 8, 0)
-    assert same_items(backwards)[2] == (2, 12, 11, 10, 12, False, 0)
+    assert same_items(backwards)[2] == (2, 12, 11, 10, 12, False, 0, False)
     bad = rec(10, 9, 8, 0) + rec(11, 10, 10, 11) + rec(12, 12, 11, 0)  # page link 11 >= 11
-    items, pages, summary = same_items(bad)
-    assert summary == (3, 10, 8, 12, 12, True, 11)
+    directory, pages, summary = same_items(bad)
+    assert summary == (3, 10, 8, 12, 12, True, 11, True)
     assert summary == summary_of(py.scan_batch(bad))
-    assert pages == {9: [10, 11, 12]} and len(items) == 3
+    assert pages == {9: [10, 11, 12]} and len(directory) == 3 * 12
 
 
 @SETTINGS

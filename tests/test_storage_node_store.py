@@ -233,15 +233,17 @@ def test_scrub_quarantines_and_repair_clears(store, seed, tmp_path):
     victim = [r for r in chain.records if r.page_id == 1][-3]
     (vkey, good_version), = [(k, v) for k, v in _versions(store, prefix).items() if k[0] == 1][:1]
     with store.env.begin(write=True) as txn:  # simulate bit rot through LMDB itself
-        rotten = bytearray(victim.data)
-        rotten[-1] ^= 0x40
-        txn.put(S.log_key(prefix, victim.lsn), bytes(rotten), db=store.db_log)
+        run_key, run_value = _run_holding(txn, store, prefix, victim.lsn)
+        at = run_value.index(victim.data) + len(victim.data) - 1
+        rotten = bytearray(run_value)
+        rotten[at] ^= 0x40  # the record's last byte: its run's directory stays good
+        txn.put(run_key, bytes(rotten), db=store.db_log)
         page = bytearray(good_version)
         page[5000] ^= 0x01
         txn.put(S.page_key(prefix, *vkey), bytes(page), db=store.db_versions)
-    bad_r, _last, done = store.scrub_records("v", pg, 0, 10_000)
+    bad_r, bad_runs, _last, done = store.scrub_records("v", pg, 0, 10_000)
     bad_v, _lastv, done_v = store.scrub_versions("v", pg, (0, 0), 10_000)
-    assert bad_r == [victim.lsn] and bad_v == [vkey] and done and done_v
+    assert bad_r == [victim.lsn] and bad_runs == [] and bad_v == [vkey] and done and done_v
     [found] = store.apply_ops([S.QuarantineOp("v", pg, bad_r, bad_v)])
     assert found == 2
     with pytest.raises(E.CorruptError):
@@ -256,6 +258,49 @@ def test_scrub_quarantines_and_repair_clears(store, seed, tmp_path):
                                      [(vkey[0], vkey[1], rebuilt)])])
     assert store.quarantined(("v", pg)) == (frozenset(), frozenset())
     check_pages(store, chain, chain.lsn)
+
+
+def _run_holding(txn, store, prefix, lsn):
+    """(key, value) of the log run that holds ``lsn``."""
+    cur = txn.cursor(db=store.db_log)
+    assert cur.set_range(S.log_key(prefix, lsn)) and cur.key()[:8] == prefix
+    assert lsn in S.decode_run(cur.value()).lsns
+    return bytes(cur.key()), bytes(cur.value())
+
+
+def test_bad_run_directory_quarantines_its_records_and_peers_repair_them(store, seed):
+    """Scenario: a byte of a log run's directory rots. Nothing in the run can be located,
+    so the scrub reports the run; quarantine takes every LSN the page index lists in its
+    range out of the readable set; reads of pages needing them fail CORRUPT (never bad
+    bytes); the records fetched again from a peer repair them and reads equal the oracle
+    (invariant 13)."""
+    chain = ChainBuilder("v", seed=seed, pages=[1, 2, 3])
+    create(store, chain)
+    for _ in range(3):
+        append(store, chain, chain.next_records(30))
+    pg = chain.layout.pg_of(1)
+    prefix = S.seg_prefix(store.volume("v").vol_id, pg)
+    mine = [r for r in chain.records if chain.layout.pg_of(r.page_id) == pg]
+    middle = mine[len(mine) // 2]
+    with store.env.begin(write=True) as txn:
+        run_key, run_value = _run_holding(txn, store, prefix, middle.lsn)
+        rotten = bytearray(run_value)
+        rotten[S.RUN_HEAD_SIZE + 3] ^= 0x10  # inside the LSN directory
+        txn.put(run_key, bytes(rotten), db=store.db_log)
+    in_run = S.decode_run(run_value).lsns
+    bad_r, bad_runs, _last, done = store.scrub_records("v", pg, 0, 10_000)
+    assert bad_r == [] and bad_runs == [in_run[-1]] and done
+    [found] = store.apply_ops([S.QuarantineOp("v", pg, [], [], bad_runs)])
+    assert found == 1
+    assert store.quarantined(("v", pg))[0] == frozenset(in_run)
+    with pytest.raises(E.CorruptError):
+        store.read_page("v", pg, middle.page_id, chain.lsn, 1)
+    lost = [r for r in mine if r.lsn in in_run]
+    append(store, chain, lost, epoch=0, source="repair")
+    assert store.quarantined(("v", pg)) == (frozenset(), frozenset())
+    assert store.segment("v", pg).n_records == len(mine)
+    check_pages(store, chain, chain.lsn)
+    check_index(store, chain)
 
 
 def _versions(store, prefix):
@@ -438,12 +483,21 @@ def check_index(store: S.Store, chain: ChainBuilder) -> None:
         with store.env.begin() as txn:
             prefix = store._prefix(chain.volume, pg)
             cur = txn.cursor(db=store.db_log)
+            previous_last = 0
             if cur.set_range(prefix):
                 for k, v in cur.iternext():
                     if k[:8] != prefix:
                         break
-                    lsn = S._BE64.unpack_from(k, 8)[0]
-                    stored.setdefault(S._U32.unpack_from(v, S._REC_PAGE)[0], set()).add(lsn)
+                    run = S.decode_run(v)
+                    last = S._BE64.unpack_from(k, 8)[0]
+                    assert run.lsns[-1] == last, "a run's key is its last LSN"
+                    assert list(run.lsns) == sorted(set(run.lsns)), "a run is strictly ascending"
+                    assert run.lsns[0] > previous_last, "runs of a segment are disjoint"
+                    previous_last = last
+                    for i, lsn in enumerate(run.lsns):
+                        rec = run.record(i)
+                        assert S.verify_stored_record(lsn, rec)
+                        stored.setdefault(S._U32.unpack_from(rec, S._REC_PAGE)[0], set()).add(lsn)
         index = index_of(store, chain, pg)
         assert set(index) == set(stored)
         for page_id, groups in index.items():
@@ -498,30 +552,46 @@ def test_page_index_groups_survive_disorder_retransmits_and_gc(store, seed):
     check_pages(store, chain, chain.lsn)
 
 
-def test_format_1_data_dir_is_upgraded_in_place(tmp_path, seed):
+def _rewrite_as_old_format(st, fmt: int) -> None:
+    """Rewrite a store's log (and, for format 1, its page index) as format ``fmt`` wrote it."""
+    with st.env.begin(write=True) as txn:
+        cur = txn.cursor(db=st.db_log)  # formats 1 and 2: one record per value, keyed by LSN
+        runs = [(bytes(k[:8]), S.decode_run(v)) for k, v in cur]
+        for k in [bytes(k) for k, _v in txn.cursor(db=st.db_log)]:
+            txn.delete(k, db=st.db_log)
+        for prefix, run in runs:
+            for i, lsn in enumerate(run.lsns):
+                txn.put(S.log_key(prefix, lsn), run.record(i), db=st.db_log)
+        if fmt == 1:  # one empty pageidx row per record
+            cur = txn.cursor(db=st.db_pageidx)
+            rows = [(bytes(k), S._group_lsns(S._group_of(k, v))) for k, v in cur]
+            for k, _lsns in rows:
+                txn.delete(k, db=st.db_pageidx)
+            for k, lsns in rows:
+                for lsn in lsns:
+                    txn.put(k[:12] + S._BE64.pack(lsn), b"", db=st.db_pageidx)
+        txn.put(b"format", S._U32.pack(fmt), db=st.db_node)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_old_format_data_dir_is_upgraded_in_place(tmp_path, seed, fmt):
     """Scenario: a data dir written with layout format 1 (one empty pageidx row per
-    record) opens, is marked format 2, serves the same pages, and takes new appends
-    (including retransmits that merge with its one-record rows)."""
+    record, one log value per record) or 2 (grouped pageidx rows, one log value per
+    record) opens, is marked format 3, serves the same pages, and takes new appends
+    (including retransmits that merge with its one-record runs)."""
     path = str(tmp_path / "sn-old")
     chain = ChainBuilder("v", seed=seed, pages=list(range(1, 9)))
     st = S.Store(path, "sn-old", map_size=1 << 30)
     create(st, chain)
     recs = chain.next_records(300)
     append(st, chain, recs)
-    with st.env.begin(write=True) as txn:  # rewrite the index as format 1 wrote it
-        cur = txn.cursor(db=st.db_pageidx)
-        rows = [(bytes(k), S._group_lsns(S._group_of(k, v))) for k, v in cur]
-        for k, _lsns in rows:
-            txn.delete(k, db=st.db_pageidx)
-        for k, lsns in rows:
-            for lsn in lsns:
-                txn.put(k[:12] + S._BE64.pack(lsn), b"", db=st.db_pageidx)
-        txn.put(b"format", S._U32.pack(1), db=st.db_node)
+    _rewrite_as_old_format(st, fmt)
     st.close()
     st = S.Store(path, "sn-old", map_size=1 << 30)
     try:
         with st.env.begin(db=st.db_node) as txn:
-            assert S._U32.unpack(txn.get(b"format"))[0] == S.FORMAT == 2
+            assert S._U32.unpack(txn.get(b"format"))[0] == S.FORMAT == 3
+        check_index(st, chain)
         check_pages(st, chain, chain.lsn)
         append(st, chain, recs[100:140] + chain.next_records(200))
         check_index(st, chain)
