@@ -15,7 +15,7 @@ page's versions in LSN order. Values are little-endian like the record and page 
 
     DB          KEY: OFFSET SIZE MEANING          VALUE: OFFSET SIZE MEANING
     node        0  n  b"node_id"                  0  n  node id (utf-8); refuse another
-                0  n  b"format"                   0  4  u32 layout version (FORMAT = 2)
+                0  n  b"format"                   0  4  u32 layout version (FORMAT = 3)
                 0  n  b"next_vol_id"              0  4  u32 next volume id to assign
     volumes     0  n  volume name (utf-8)         0  4  vol_id
                                                   4  4  pg_count       layout
@@ -46,8 +46,9 @@ page's versions in LSN order. Values are little-endian like the record and page 
                                                   92 24*n truncation ranges: start u64
                                                         (exclusive), end u64 (inclusive),
                                                         epoch u64 that recorded it
-    log         0  8  seg                         0  n  the redo record exactly as received
-                8  8  lsn                               (header + payload, own CRC32)
+    log         0  8  seg                         a run: records of the segment, LSNs
+                8  8  last_lsn: the run's highest ascending (see "log runs" below)
+                      LSN
     pageidx     0  8  seg                         0  8n a group: the LSNs (u64 BE,
                 8  4  page_id                           strictly ascending, n <= 512) of
                 12 8  last_lsn: the group's highest     some of the page's records; 0
@@ -68,6 +69,32 @@ page's versions in LSN order. Values are little-endian like the record and page 
                 8  1  b"V": a page version
                 9  4  page_id
                 13 8  lsn
+
+Log runs (format 3). An Append's PG batch is stored as ONE value, not one per record:
+py-lmdb gives the GIL up and takes it back around every put, so 256 puts per batch convoy
+with the event-loop thread, where one put does not. A run value::
+
+    OFFSET     SIZE  MEANING
+    0          4     n: records in the run (u32, >= 1)
+    4          4     flags: bit 0 (RUN_CHAINED) every record's prev_pg_lsn is the LSN of
+                     the record before it: the run is one piece of the segment chain
+    8          4     CRC32 (zlib) of bytes [0, 8) and of the directory
+    12         8n    the records' LSNs, strictly ascending (u64 LE)
+    12+8n      4n    each record's end offset within the records area (u32 LE)
+    12+12n     ...   the records exactly as received (header + payload, own CRC32)
+
+Its rules:
+
+    * the runs of a segment cover disjoint LSN ranges [first, last] and the key carries
+      ``last``, so ``set_range(seg|lsn)`` lands on the only run that can hold ``lsn``;
+    * an Append whose batch is ascending and above the segment's max_lsn (the usual case),
+      or falls in a gap between runs, is put as is: one put. Otherwise (retransmit, gossip
+      filling a hole) the runs it overlaps are read, merged with its new records
+      (duplicates dropped) and rewritten as runs of at most RUN_RECORDS_MAX records;
+    * GC and quarantine rewrite each run they take records from without them;
+    * a run whose head or directory fails its CRC cannot be read at all (decode_run
+      raises CorruptError): the scrubber quarantines every LSN the page index lists in
+      its LSN range (the previous run's last, its own last] and peers refill them.
 
 The page index (format 2). One row per page per write transaction, not one per record:
 LMDB puts dominate the append path (py-lmdb gives the GIL up and takes it back around
@@ -93,7 +120,8 @@ every put), and a batch of N records touches far fewer than N pages. Its rules:
 State transitions and the functions that make them (all inside ``apply_ops``):
 
     CreateVolumeOp   volumes + one segments row per PG          _op_create_volume
-    AppendOp         log + pageidx rows, SCL walk, max_lsn,     _op_append
+    AppendOp         a log run (or a merge with the runs it      _op_append
+                     overlaps) + pageidx rows, SCL walk, max_lsn,
                      writer_vdl; repairs clear quarantine rows
     TruncateOp       a truncation range + epoch, or (backtrack,   _op_truncate
                      recovery) a whole new truncation set that
@@ -111,10 +139,12 @@ State transitions and the functions that make them (all inside ``apply_ops``):
     GcStepOp         delete records and versions no read point   _op_gc_step
                      >= horizon needs (invariant 12)
     QuarantineOp     move bad bytes out of log / versions into   _op_quarantine
-                     quarantine (invariant 13)
+                     quarantine (invariant 13); a run with a bad
+                     directory: every LSN indexed in its range
 
 The SCL rule (invariant 4): starting from the persisted SCL, look at the next stored record
-above it that is not inside a truncation range. If its ``prev_pg_lsn`` equals the SCL, the
+above it that is not inside a truncation range (a chained run that links to the SCL and
+no range touches is taken whole, in one step). If its ``prev_pg_lsn`` equals the SCL, the
 SCL moves to its LSN and the walk repeats; otherwise there is a hole and the SCL stays
 until the missing record arrives (retransmit or gossip). Example: SCL 10, stored 14 (prev
 12) and 16 (prev 14): the next record 14 does not link to 10, so SCL stays 10; when 12
