@@ -25,6 +25,7 @@ import struct
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import grpc
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aurora_pb import storage_pb2 as pb  # noqa: E402
 from engine.volume import VolumeLayout  # noqa: E402
+from storage_node.node import Tuning  # noqa: E402
 from tests.harness import StorageCluster  # noqa: E402
 from tests.storage_client import ChainBuilder, StorageClient, append_request  # noqa: E402
 
@@ -44,13 +46,17 @@ WINDOW = 32                             # requests in flight (a writer has many)
 ROUNDS = 3
 LAYOUT = VolumeLayout(pg_count=1, stripe_pages=64)  # every page in PG 0: one chain
 APPEND = "/aurora_pb.Storage/Append"
+#: The node runs with its own defaults (storage_node.node.Tuning), as `aurora-lite
+#: storage-node` does, not with the test harness's short background intervals (a full
+#: scrub pass every second, gossip every 0.2 s), which measure the tests' tuning instead.
+NODE_ENV = {f"AURORA_SN_{f.name.upper()}": str(getattr(Tuning(), f.name)) for f in fields(Tuning)}
+NODE_ENV["AURORA_SN_MAP_SIZE"] = str(8 << 30)
 
 
 @pytest.fixture(scope="module")
 def node():
     base = Path(tempfile.mkdtemp(prefix="bench-sn-"))
-    cluster = StorageCluster(base, names=("sn1",), env={"AURORA_SN_MAP_SIZE": str(8 << 30)},
-                             log_level="WARNING")
+    cluster = StorageCluster(base, names=("sn1",), env=NODE_ENV, log_level="WARNING")
     try:
         cluster.start()
         yield cluster

@@ -1717,42 +1717,53 @@ class Store:
         return out
 
     def _page_records(self, txn, key: tuple, prefix: bytes, page_id: int, after: int, upto: int,
-                      truncs) -> tuple[bytes, int]:
-        """The page's visible records in (after, upto], packed, and how many."""
+                      truncs, fetched: dict | None = None) -> tuple[bytes, int]:
+        """The page's visible records in (after, upto], packed, and how many.
+
+        ``fetched``: {lsn: record bytes} already read for many pages at once in one walk
+        over the runs (coalescing, GC: _records_by_lsn); otherwise the page's own are read.
+        CorruptError if one is missing (quarantined) or in a run that fails its check."""
         lsns = self._page_lsns(txn, prefix, page_id, after, upto)
         if truncs:
             lsns = [lsn for lsn in lsns if not _in_truncation(lsn, truncs)]
         if not lsns:
             return b"", 0
+        if fetched is None:
+            fetched = self._records_by_lsn(txn, key, prefix, lsns)
+        parts = [fetched.get(lsn) for lsn in lsns]
+        if None in parts:
+            lsn = lsns[parts.index(None)]
+            raise CorruptError(
+                f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined or in a "
+                f"log run that failed its checksum, and not repaired yet")
+        return b"".join(parts), len(parts)
+
+    def _records_by_lsn(self, txn, key: tuple, prefix: bytes, lsns: list[int]) -> dict[int, bytes]:
+        """{lsn: record bytes} of the stored ones among ``lsns`` (ascending): one seek and
+        one decode per run that holds any of them, not one per record. A run that fails
+        its check is reported to the scrubber and its records are left out."""
         cur = txn.cursor(db=self.db_log)
-        parts = []
+        out: dict[int, bytes] = {}
         run = None
         run_last = -1
         i = 0
         for lsn in lsns:
-            if lsn > run_last:  # the next run that can hold it: one seek per run, not per record
+            if lsn > run_last:  # the next run that can hold it
                 if not cur.set_range(prefix + _BE64.pack(lsn)) or cur.key()[:8] != prefix:
-                    self._missing_record(key, page_id, lsn)
+                    break
                 run_last = _run_key_lsn(cur.key())
                 try:
                     run = decode_run(cur.value())
                 except CorruptError:
                     self.suspects.append((key, KIND_RUN, run_last))
-                    raise CorruptError(
-                        f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is in a log run "
-                        f"that failed its checksum; awaiting repair") from None
+                    run = None
                 i = 0
+            if run is None:
+                continue
             i = bisect.bisect_left(run.lsns, lsn, i)
-            if i == len(run.lsns) or run.lsns[i] != lsn:
-                self._missing_record(key, page_id, lsn)
-            parts.append(run.record(i))
-        return b"".join(parts), len(parts)
-
-    @staticmethod
-    def _missing_record(key: tuple, page_id: int, lsn: int):
-        raise CorruptError(
-            f"record {key[0]}/{key[1]} lsn {lsn} of page {page_id} is quarantined "
-            f"(failed its checksum) and not repaired yet")
+            if i < len(run.lsns) and run.lsns[i] == lsn:
+                out[lsn] = run.record(i)
+        return out
 
     def _page_lsns(self, txn, prefix: bytes, page_id: int, after: int, upto: int) -> list[int]:
         """The LSNs in (after, upto] the page index lists for a page, ascending."""
@@ -1969,7 +1980,20 @@ class Store:
                 page += 1
         return sorted(pages)[:max_pages]
 
-    def _materialise_upto(self, txn, key, prefix, m, page_id, upto, min_records=1):
+    def _fetch_for_pages(self, txn, key, prefix, m, pages, upto) -> dict[int, bytes]:
+        """The records every page of ``pages`` needs above its newest version <= upto, read
+        in ONE walk over the runs: a page's records are spread over many runs, and the
+        pages of one coalesce or GC step share them."""
+        wanted = []
+        for page_id in pages:
+            newest = self._page_versions_desc(txn, prefix, page_id, upto, m.truncs, 1)
+            wanted.extend(self._page_lsns(txn, prefix, page_id, newest[0][0] if newest else 0, upto))
+        if m.truncs:
+            wanted = [lsn for lsn in wanted if not _in_truncation(lsn, m.truncs)]
+        wanted.sort()
+        return self._records_by_lsn(txn, key, prefix, wanted)
+
+    def _materialise_upto(self, txn, key, prefix, m, page_id, upto, min_records=1, fetched=None):
         """(lsn, bytes, n) of a new version of page as of its last visible record <= upto,
         built from its newest good version; None if nothing new or not buildable."""
         candidates = self._page_versions_desc(txn, prefix, page_id, upto, m.truncs, 1)
@@ -1978,7 +2002,8 @@ class Store:
             self.suspects.append((key, KIND_VERSION, (page_id, base_lsn)))
             return None
         try:
-            records, n = self._page_records(txn, key, prefix, page_id, base_lsn, upto, m.truncs)
+            records, n = self._page_records(txn, key, prefix, page_id, base_lsn, upto, m.truncs,
+                                            fetched)
         except CorruptError:
             return None
         if n < min_records or n == 0:
@@ -2012,10 +2037,11 @@ class Store:
                     next_page = pages[max_pages]
                     pages = pages[:max_pages]
             versions = []
+            pages = [p for p in pages if not any(v[0] == p for v in qv)]  # repaired first
+            fetched = self._fetch_for_pages(txn, key, prefix, m, pages, m.scl)
             for page_id in pages:
-                if any(v[0] == page_id for v in qv):
-                    continue  # repaired first, by background.repair_versions
-                built = self._materialise_upto(txn, key, prefix, m, page_id, m.scl, min_records)
+                built = self._materialise_upto(txn, key, prefix, m, page_id, m.scl, min_records,
+                                               fetched)
                 if built is not None:
                     versions.append((page_id, built[0], built[1]))
         op = PutVersionsOp(volume, pg, m.generation, versions) if versions else None
@@ -2092,6 +2118,7 @@ class Store:
             pages = self._pages_from(txn, prefix, start_page, max_pages + 1)
             next_page = pages[max_pages] if len(pages) > max_pages else None
             op = GcStepOp(volume, pg, m.generation, [], [], [], log_floor=anchor)
+            fetched = self._fetch_for_pages(txn, key, prefix, m, pages[:max_pages], horizon)
             for page_id in pages[:max_pages]:
                 if any(v[0] == page_id for v in qv):
                     continue
@@ -2103,7 +2130,8 @@ class Store:
                     txn, prefix, page_id, horizon, m.truncs, 1 << 30)]
                 keep = versions[0] if versions else 0
                 if recs and recs[-1] > keep:
-                    built = self._materialise_upto(txn, key, prefix, m, page_id, horizon)
+                    built = self._materialise_upto(txn, key, prefix, m, page_id, horizon,
+                                                   fetched=fetched)
                     if built is None:
                         continue
                     keep = built[0]
