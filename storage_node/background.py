@@ -11,7 +11,9 @@ them. None of them can delay an Append by more than one small transaction.
                 while writers append faster than busy_records_per_s,
                 only pages with coalesce_records_busy new records,
                 and pausing so that folding takes at most
-                coalesce_busy_share of the time (duty cycle)
+                coalesce_busy_share of the time (duty cycle);
+                first it folds page-index deltas into per-page   one segment's deltas
+                rows (index_fold_deltas of them while busy)
     gc          below min(PGMRPL, SCL): keep each page's newest        gc_pages pages
                 version <= horizon and all above; drop the rest
                 and the records they cover (invariant 12)
@@ -33,7 +35,7 @@ import random
 import time
 
 from storage_node.node import StorageNode, node_logger
-from storage_node.store import KIND_RECORD, KIND_RUN, PutVersionsOp, QuarantineOp
+from storage_node.store import KIND_RECORD, KIND_RUN, FoldIndexOp, PutVersionsOp, QuarantineOp
 
 
 class Background:
@@ -102,6 +104,7 @@ class Background:
             sweep = not busy and time.monotonic() - last_sweep >= self.t.coalesce_sweep_s
             if sweep:
                 last_sweep = time.monotonic()
+            await self.fold_index(1 if not busy else self.t.index_fold_deltas)
             threshold = 1 if sweep else (self.t.coalesce_records_busy if busy else self.t.coalesce_records)
             work = self.store.take_dirty(threshold, self.t.coalesce_pages * 8)
             for (volume, pg), pages in work:
@@ -111,6 +114,15 @@ class Background:
                     if busy:  # duty cycle: at most coalesce_busy_share of the time
                         share = min(1.0, max(0.01, self.t.coalesce_busy_share))
                         await asyncio.sleep((time.monotonic() - started) * (1.0 / share - 1.0))
+
+    async def fold_index(self, at_least: int) -> int:
+        """Fold the page-index deltas of every segment that has ``at_least`` of them into
+        per-page groups (one background transaction each). Returns the deltas folded."""
+        folded = 0
+        for key, n in list(self.store.deltas().items()):
+            if n >= at_least:
+                folded += await self.node.commit(FoldIndexOp(*key), background=True)
+        return folded
 
     async def coalesce(self, volume: str, pg: int, pages: list[int]) -> int:
         """Fold the pages' complete records into new page versions (one small txn)."""

@@ -65,6 +65,9 @@ class Tuning:
     #                                       the backlog left is folded once the load drops
     coalesce_sweep_s: float = 5.0         # fold every page with any new record this often
     coalesce_pages: int = 16              # pages per coalesce transaction
+    index_fold_deltas: int = 16           # fold a segment's page-index deltas (one row per
+    #                                       write txn) into per-page rows once it has this
+    #                                       many while appends are heavy; any, otherwise
     gc_interval_s: float = 1.0
     gc_pages: int = 16                    # pages per GC step (one transaction)
     scrub_interval_s: float = 30.0        # pause between full scrub passes

@@ -155,6 +155,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import logging
 import os
 import struct
@@ -414,6 +415,43 @@ def _records_down(cur, prefix: bytes, upto: int):
         ok = cur.prev()
 
 
+# --- Page-index deltas: one row per segment per write transaction --------------------------
+
+
+def encode_delta(pages: dict) -> bytes:
+    """A pagedelta value from {page_id: [lsn, ...] ascending} (see "page-index deltas")."""
+    head = [len(pages)]
+    lsns: list = []
+    for page_id, page_lsns in pages.items():
+        head += (page_id, len(page_lsns))
+        lsns += page_lsns
+    return struct.pack(f"<{len(head)}I{len(lsns)}Q", *head, *lsns)
+
+
+def _delta_sections(value):
+    """Yield (page_id, offset of its LSNs, count) of a pagedelta value."""
+    n = _U32.unpack_from(value, 0)[0]
+    head = struct.unpack_from(f"<{2 * n}I", value, 4)
+    off = 4 + 8 * n
+    for i in range(0, 2 * n, 2):
+        yield head[i], off, head[i + 1]
+        off += 8 * head[i + 1]
+
+
+def delta_page_lsns(value, page_id: int) -> tuple:
+    """The LSNs a pagedelta value lists for one page (ascending; () if none)."""
+    for pid, off, count in _delta_sections(value):
+        if pid == page_id:
+            return struct.unpack_from(f"<{count}Q", value, off)
+    return ()
+
+
+def decode_delta(value) -> dict:
+    """{page_id: (lsn, ...)} of a pagedelta value."""
+    return {pid: struct.unpack_from(f"<{count}Q", value, off)
+            for pid, off, count in _delta_sections(value)}
+
+
 # --- In-memory images of the metadata rows -------------------------------------------------
 
 
@@ -609,6 +647,14 @@ class GcStepOp:
 
 
 @dataclass
+class FoldIndexOp:
+    """Fold a segment's page-index deltas into its per-page groups (background)."""
+
+    volume: str
+    pg: int
+
+
+@dataclass
 class QuarantineOp:
     volume: str
     pg: int
@@ -681,7 +727,8 @@ class _Txn:
         self.idx_cur = txn.cursor(db=store.db_pageidx)
         self.metas: dict[tuple, SegMeta] = {}
         #: Page-index groups to write at the end of the transaction, per segment:
-        #: {key: (prefix, max_lsn before this txn, {page_id: [lsn]})}.
+        #: {key: (prefix, max_lsn before this txn, {page_id: [lsn]}, order)}, where
+        #: order = [every batch so far ascending and above the ones before, highest LSN].
         self.idx_pending: dict[tuple, tuple] = {}
         self.new_volumes: dict[str, VolumeInfo] = {}
         self.dirty: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
@@ -690,6 +737,7 @@ class _Txn:
         self.quar_del: list = []
         self.bytes_written = 0
         self.repairs = 0
+        self.deltas: dict[tuple, int] = {}  # segment -> page-index deltas after this txn
 
     def meta(self, key: tuple) -> SegMeta:
         m = self.metas.get(key)
@@ -722,6 +770,7 @@ class Store:
         self.db_segments = self.env.open_db(b"segments")
         self.db_log = self.env.open_db(b"log")
         self.db_pageidx = self.env.open_db(b"pageidx")
+        self.db_pagedelta = self.env.open_db(b"pagedelta")
         self.db_versions = self.env.open_db(b"versions")
         self.db_quarantine = self.env.open_db(b"quarantine")
         self.db_history = self.env.open_db(b"history")
@@ -732,6 +781,8 @@ class Store:
         self._quar_versions: dict[tuple, frozenset] = {}
         self._dirty_lock = threading.Lock()
         self._dirty: dict[tuple, dict[int, int]] = {}
+        #: Page-index deltas stored per segment (background.py folds them, FoldIndexOp).
+        self._deltas: dict[tuple, int] = {}
         #: Segments whose dirty counts must be rebuilt from LMDB (startup, truncation).
         self.needs_sweep: set = set()
         #: (key, kind, item) of bad bytes a read stumbled on, for the scrubber to quarantine
@@ -790,6 +841,9 @@ class Store:
                 self._quar_versions[seg] = frozenset()
                 self._dirty[seg] = {}
                 self.needs_sweep.add(seg)
+            for key in txn.cursor(db=self.db_pagedelta).iternext(keys=True, values=False):
+                seg = (self._by_id[_SEG.unpack(key[:8])[0]].name, _SEG.unpack(key[:8])[1])
+                self._deltas[seg] = self._deltas.get(seg, 0) + 1
             for key, _value in txn.cursor(db=self.db_quarantine):
                 vol_id, pg = _SEG.unpack(key[:8])
                 seg = (self._by_id[vol_id].name, pg)
@@ -829,6 +883,10 @@ class Store:
     def quarantined(self, key: tuple) -> tuple[frozenset, frozenset]:
         """(record LSNs, (page_id, lsn) versions) currently quarantined in a segment."""
         return self._quar_records.get(key, frozenset()), self._quar_versions.get(key, frozenset())
+
+    def deltas(self) -> dict[tuple, int]:
+        """Page-index deltas stored per segment (folded by the background, FoldIndexOp)."""
+        return dict(self._deltas)
 
     def segments(self) -> list[tuple[tuple, SegMeta]]:
         """[((volume, pg), SegMeta)] of every segment (committed state; do not modify)."""
@@ -955,6 +1013,7 @@ class Store:
                 for p, n in pages.items():
                     target[p] = target.get(p, 0) + n
         self.needs_sweep |= ctx.reset_dirty
+        self._deltas.update(ctx.deltas)
         self.lmdb_bytes_written += ctx.bytes_written
         self.write_txns += 1
         self.scrub_repairs += ctx.repairs
@@ -1081,8 +1140,13 @@ class Store:
                 added = self._merge_into_log(ctx, prefix, decode_run(run))
             pending = ctx.idx_pending.get(key)
             if pending is None:
-                pending = ctx.idx_pending[key] = (seg_prefix(info.vol_id, pg), m.max_lsn, {})
+                pending = ctx.idx_pending[key] = (seg_prefix(info.vol_id, pg), m.max_lsn, {},
+                                                  [True, m.max_lsn])
             index = pending[2]
+            order = pending[3]
+            if not scan.ascending or scan.first_lsn <= order[1]:
+                order[0] = False
+            order[1] = max(order[1], scan.max_lsn)
             for page_id, lsns in pages.items():
                 have = index.get(page_id)
                 if have is None:
@@ -1198,20 +1262,58 @@ class Store:
 
     def _flush_index(self, ctx: _Txn) -> None:
         """Write the page-index groups of the appends run so far in this transaction."""
-        for prefix, floor, pages in ctx.idx_pending.values():
-            self._put_index(ctx, prefix, floor, pages)
+        for key, (prefix, floor, pages, order) in ctx.idx_pending.items():
+            if order[0]:  # the usual case: one delta row, not one row per page
+                value = encode_delta(pages)
+                ctx.txn.put(prefix + _BE64.pack(order[1]), value, db=self.db_pagedelta)
+                ctx.bytes_written += len(value) + _LOG_KEY.size
+                ctx.deltas[key] = ctx.deltas.get(key, self._deltas.get(key, 0)) + 1
+            else:  # a retransmit or hole fill: merge into the page rows, deltas folded first
+                self._fold_deltas(ctx, key, prefix)
+                self._put_index(ctx, prefix, floor, pages)
         ctx.idx_pending.clear()
 
-    def _put_index(self, ctx: _Txn, prefix: bytes, floor: int, pages: dict) -> None:
+    def _fold_deltas(self, ctx: _Txn, key: tuple, prefix: bytes) -> int:
+        """Move every page-index delta of a segment into its per-page groups (one group
+        per page for all of them); returns how many deltas were folded. Delta LSNs lie
+        above every grouped LSN, so nothing is read back or merged."""
+        cur = ctx.txn.cursor(db=self.db_pagedelta)
+        pages: dict[int, list] = {}
+        folded = 0
+        while cur.set_range(prefix) and cur.key()[:8] == prefix:  # ascending: lists stay sorted
+            for page_id, lsns in decode_delta(cur.value()).items():
+                have = pages.get(page_id)
+                if have is None:
+                    pages[page_id] = list(lsns)
+                else:
+                    have.extend(lsns)
+            cur.delete()
+            folded += 1
+        if folded:
+            self._put_index(ctx, prefix, 0, pages, ordered=True)
+            ctx.deltas[key] = 0
+        return folded
+
+    def _op_fold_index(self, ctx: _Txn, op: "FoldIndexOp"):
+        info = self._vol_of(ctx, op.volume)
+        ctx.meta((op.volume, op.pg))  # the segment must exist
+        return self._fold_deltas(ctx, (op.volume, op.pg), seg_prefix(info.vol_id, op.pg))
+
+    def _put_index(self, ctx: _Txn, prefix: bytes, floor: int, pages: dict,
+                   ordered: bool = False) -> None:
         """Write one page-index group per page (see "The page index" in the module doc).
 
         ``floor``: the segment's max_lsn before this transaction; LSNs above it cannot be
         in any stored group, so a page whose new LSNs are all above it needs no read.
+        ``ordered``: the batches came in ascending order, each above the ones before and
+        above ``floor``, so every page's list is already strictly ascending (the usual
+        case: no sort and no merge).
         """
         cur = ctx.idx_cur
         puts = []
         for page_id, lsns in pages.items():
-            lsns = sorted(set(lsns))
+            if not ordered:
+                lsns = sorted(set(lsns))
             base = prefix + _BE32.pack(page_id)
             if lsns[0] <= floor:  # may overlap stored groups: merge them in
                 merged = set(lsns)
@@ -1512,6 +1614,7 @@ class Store:
         if m.generation != op.generation:
             return 0
         prefix = seg_prefix(info.vol_id, op.pg)
+        self._fold_deltas(ctx, key, prefix)  # _unindex edits page groups only
         for page_id, lsn, image in op.put_versions:
             self._put_version(ctx, key, prefix, m, page_id, lsn, image)
         removed = 0
@@ -1614,6 +1717,9 @@ class Store:
                 break
             out.extend(lsn for lsn in _group_lsns(_group_of(k, cur.value())) if low < lsn <= high)
             ok = cur.next()
+        for _last, delta in self._delta_rows(txn, prefix):
+            for lsns in delta.values():
+                out.extend(lsn for lsn in lsns if low < lsn <= high)
         return sorted(set(out))
 
     @staticmethod
@@ -1637,6 +1743,7 @@ class Store:
         PutVersionsOp: _op_put_versions,
         GcStepOp: _op_gc_step,
         QuarantineOp: _op_quarantine,
+        FoldIndexOp: _op_fold_index,
     }
 
     # -- the read path (any thread) ---------------------------------------------------------
@@ -1766,23 +1873,50 @@ class Store:
         return out
 
     def _page_lsns(self, txn, prefix: bytes, page_id: int, after: int, upto: int) -> list[int]:
-        """The LSNs in (after, upto] the page index lists for a page, ascending."""
+        """The LSNs in (after, upto] the page index lists for a page, ascending: its
+        groups, then the segment's deltas (whose LSNs are above every group's)."""
+        out: list[int] = []
+        if after >= upto:
+            return out
         cur = txn.cursor(db=self.db_pageidx)
         base = prefix + _BE32.pack(page_id)
-        out: list[int] = []
-        if after >= upto or not cur.set_range(base + _BE64.pack(after + 1)):
-            return out
-        for k, v in cur.iternext():
-            if k[:12] != base:
-                break
-            lsns = _group_lsns(_group_of(k, v))
-            if lsns[0] > upto:
-                break
-            if lsns[0] > after and lsns[-1] <= upto:
-                out.extend(lsns)
-            else:
-                out.extend(lsn for lsn in lsns if after < lsn <= upto)
+        if cur.set_range(base + _BE64.pack(after + 1)):
+            for k, v in cur.iternext():
+                if k[:12] != base:
+                    break
+                lsns = _group_lsns(_group_of(k, v))
+                if lsns[0] > upto:
+                    return out  # deltas lie above this group: none can be <= upto
+                if lsns[0] > after and lsns[-1] <= upto:
+                    out.extend(lsns)
+                else:
+                    out.extend(lsn for lsn in lsns if after < lsn <= upto)
+        out.extend(self._delta_lsns(txn, prefix, page_id, after, upto))
         return out
+
+    def _delta_lsns(self, txn, prefix: bytes, page_id: int, after: int, upto: int) -> list[int]:
+        """A page's LSNs in (after, upto] listed by the segment's page-index deltas."""
+        out: list[int] = []
+        cur = txn.cursor(db=self.db_pagedelta)
+        if not cur.set_range(prefix + _BE64.pack(after + 1)):
+            return out
+        for k, v in cur.iternext():  # deltas cover disjoint, ascending LSN ranges
+            if k[:8] != prefix:
+                break
+            lsns = delta_page_lsns(v, page_id)
+            out.extend(lsn for lsn in lsns if after < lsn <= upto)
+            if _BE64.unpack_from(k, 8)[0] >= upto:
+                break
+        return out
+
+    def _delta_rows(self, txn, prefix: bytes):
+        """Yield (last lsn, {page_id: lsns}) of each page-index delta of a segment, ascending."""
+        cur = txn.cursor(db=self.db_pagedelta)
+        if cur.set_range(prefix):
+            for k, v in cur.iternext():
+                if k[:8] != prefix:
+                    return
+                yield _BE64.unpack_from(k, 8)[0], decode_delta(v)
 
     def _clone_base(self, txn, volume: str, page_id: int) -> bytearray | None:
         """A clone's page as of its fork: the parent's page as of fork_lsn, built from the
@@ -1978,6 +2112,8 @@ class Store:
                 pages.add(page)
                 found += 1
                 page += 1
+        for _last, delta in self._delta_rows(txn, prefix):
+            pages.update(p for p in delta if p >= start_page)
         return sorted(pages)[:max_pages]
 
     def _fetch_for_pages(self, txn, key, prefix, m, pages, upto) -> dict[int, bytes]:
@@ -2071,6 +2207,13 @@ class Store:
                     page_id = _BE32.unpack_from(k, 8)[0]
                     floor = newest.get(page_id, 0)
                     n = sum(1 for lsn in _group_lsns(_group_of(k, v))
+                            if floor < lsn <= m.scl and not _in_truncation(lsn, m.truncs))
+                    if n:
+                        counts[page_id] = counts.get(page_id, 0) + n
+            for _last, delta in self._delta_rows(txn, prefix):
+                for page_id, lsns in delta.items():
+                    floor = newest.get(page_id, 0)
+                    n = sum(1 for lsn in lsns
                             if floor < lsn <= m.scl and not _in_truncation(lsn, m.truncs))
                     if n:
                         counts[page_id] = counts.get(page_id, 0) + n
@@ -2256,11 +2399,17 @@ class Store:
                 upto = min(upto_lsn, m.max_lsn)
             cur = txn.cursor(db=self.db_pageidx)
             log_cur = txn.cursor(db=self.db_log)
+            # The META page's LSNs in page-index deltas: above all of its groups' LSNs.
+            in_deltas = self._delta_lsns(txn, prefix, pagefmt.META_PAGE_ID, 0, LSN_MAX)
             low, high = after_lsn, upto
             while low < high:
                 jumped = False
-                walk = self._meta_lsns_up(cur, base, low) if forward else \
-                    self._meta_lsns_down(cur, base, high)
+                if forward:
+                    walk = itertools.chain(self._meta_lsns_up(cur, base, low),
+                                           (lsn for lsn in in_deltas if lsn > low))
+                else:
+                    walk = itertools.chain((lsn for lsn in reversed(in_deltas) if lsn <= high),
+                                           self._meta_lsns_down(cur, base, high))
                 for lsn in walk:
                     if lsn <= low or lsn > high:
                         if forward and lsn > high or not forward and lsn <= low:

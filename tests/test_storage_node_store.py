@@ -472,6 +472,16 @@ def index_of(store: S.Store, chain: ChainBuilder, pg: int) -> dict[int, list[tup
                 assert 1 <= len(lsns) <= S.IDX_GROUP_MAX and lsns[-1] == last
                 assert list(lsns) == sorted(set(lsns)), "a group is strictly ascending"
                 out.setdefault(page_id, []).append(lsns)
+        grouped_max = max((g[-1] for groups in out.values() for g in groups), default=0)
+        previous_last = grouped_max
+        for last, delta in store._delta_rows(txn, prefix):  # then the deltas, as groups
+            every = sorted(lsn for lsns in delta.values() for lsn in lsns)
+            assert every[0] > previous_last, "deltas lie above every group and each other"
+            assert every[-1] == last, "a delta's key is its highest LSN"
+            previous_last = last
+            for page_id, lsns in delta.items():
+                assert list(lsns) == sorted(set(lsns)), "a delta's page list is ascending"
+                out.setdefault(page_id, []).append(tuple(lsns))
     return out
 
 
@@ -505,6 +515,51 @@ def check_index(store: S.Store, chain: ChainBuilder) -> None:
                 assert a[-1] < b[0], f"page {page_id}: groups {a} and {b} overlap"
             flat = [lsn for g in groups for lsn in g]
             assert sorted(flat) == sorted(stored[page_id]), f"page {page_id}: index != log"
+
+
+def test_index_deltas_fold_into_page_groups_and_survive_restart(tmp_path, seed):
+    """Scenario: in-order appends write one page-index delta per segment per
+    transaction, not one row per page; reads, commit lookups and dirty counts see them;
+    the count survives a restart; a fold moves them into per-page groups (no delta
+    left) and nothing read changes; a retransmit folds first and stays idempotent."""
+    path = str(tmp_path / "sn")
+    chain = ChainBuilder("v", seed=seed, pages=list(range(1, 16)))
+    pgs = range(chain.layout.pg_count)
+    expected = {("v", pg): 0 for pg in pgs}
+    st = S.Store(path, "sn", map_size=1 << 30)
+    try:
+        create(st, chain)
+        for _ in range(5):
+            recs = chain.next_records(40)
+            for pg in {chain.layout.pg_of(r.page_id) for r in recs}:
+                expected[("v", pg)] += 1
+            append(st, chain, recs)
+        assert {k: st.deltas().get(k, 0) for k in expected} == expected
+        check_pages(st, chain, chain.lsn)
+        check_index(st, chain)
+        counts_before = {pg: st.sweep_dirty("v", pg) for pg in pgs}
+        assert sum(sum(c.values()) for c in counts_before.values()) == len(chain.records)
+    finally:
+        st.close()
+    st = S.Store(path, "sn", map_size=1 << 30)
+    try:
+        assert {k: st.deltas().get(k, 0) for k in expected} == expected
+        folded = st.apply_ops([S.FoldIndexOp("v", pg) for pg in pgs])
+        assert folded == [expected[("v", pg)] for pg in pgs]
+        assert all(n == 0 for n in st.deltas().values())
+        with st.env.begin() as txn:
+            assert txn.stat(st.db_pagedelta)["entries"] == 0
+        check_index(st, chain)
+        check_pages(st, chain, chain.lsn)
+        assert {pg: st.sweep_dirty("v", pg) for pg in pgs} == counts_before
+        append(st, chain, chain.next_records(30))       # a delta again ...
+        append(st, chain, chain.records[10:50])           # ... and a retransmit folds it
+        assert all(n == 0 for n in st.deltas().values())
+        assert sum(st.segment("v", pg).n_records for pg in pgs) == len(chain.records)
+        check_index(st, chain)
+        check_pages(st, chain, chain.lsn)
+    finally:
+        st.close()
 
 
 def test_page_index_groups_survive_disorder_retransmits_and_gc(store, seed):
