@@ -54,6 +54,10 @@ page's versions in LSN order. Values are little-endian like the record and page 
                 12 8  last_lsn: the group's highest     some of the page's records; 0
                       LSN                               bytes (format 1 rows) = the key's
                                                         LSN alone. See "page index" below.
+    pagedelta   0  8  seg                         0  4  n pages   one write transaction's
+                8  8  last_lsn: the highest LSN   4  8n page_id u32, count u32 per page
+                      it lists                    4+8n  the LSNs (u64), page by page,
+                                                        each page's ascending. See below.
     versions    0  8  seg                         0  8192 page image as of lsn (own CRC32;
                 8  4  page_id                           page_lsn == lsn)
                 12 8  lsn
@@ -112,6 +116,21 @@ every put), and a batch of N records touches far fewer than N pages. Its rules:
     * GC rewrites the groups it deletes LSNs from; truncation and quarantine leave the
       index alone (the record's bytes are what is hidden or missing).
 
+Page-index deltas (format 3). Even one row per page is ~60 puts per transaction when a
+transaction touches ~60 pages (measured: 2-5 ms of an 8 ms write transaction, the
+largest phase). So a transaction whose batches of a segment are all ascending, each
+above the ones before and above the segment's max_lsn (the usual case), writes ONE
+``pagedelta`` row for the segment instead: its pages' new LSNs. Rules:
+
+    * every delta LSN is above every LSN in the segment's groups, and deltas cover
+      disjoint ascending ranges; so a page's LSNs are its groups' followed by the
+      deltas' (``_page_lsns``);
+    * a fold (``_fold_deltas``) moves all of a segment's deltas into one new group per
+      page and deletes them. The coalescer folds a segment once it has
+      index_fold_deltas deltas while appends are heavy, or any when idle
+      (``FoldIndexOp``). Any path that edits groups (a retransmit or hole fill merging
+      into them, GC removing LSNs) folds first, in the same transaction.
+
     Example: page 7 gets LSNs 10, 14 in one transaction and 20 in the next: rows
     (7, 14) = [10, 14] and (7, 20) = [20]. A retransmit of 12 overlaps [10, 14] and
     rewrites it as (7, 14) = [10, 12, 14]. A read of (11, 15] seeks (7, 12), finds
@@ -121,7 +140,8 @@ State transitions and the functions that make them (all inside ``apply_ops``):
 
     CreateVolumeOp   volumes + one segments row per PG          _op_create_volume
     AppendOp         a log run (or a merge with the runs it      _op_append
-                     overlaps) + pageidx rows, SCL walk, max_lsn,
+                     overlaps) + a pagedelta row (or pageidx
+                     rows), SCL walk, max_lsn,
                      writer_vdl; repairs clear quarantine rows
     TruncateOp       a truncation range + epoch, or (backtrack,   _op_truncate
                      recovery) a whole new truncation set that
@@ -138,6 +158,7 @@ State transitions and the functions that make them (all inside ``apply_ops``):
     PutVersionsOp    versions rows from the coalescer / repair   _op_put_versions
     GcStepOp         delete records and versions no read point   _op_gc_step
                      >= horizon needs (invariant 12)
+    FoldIndexOp      a segment's pagedelta rows into pageidx     _op_fold_index
     QuarantineOp     move bad bytes out of log / versions into   _op_quarantine
                      quarantine (invariant 13); a run with a bad
                      directory: every LSN indexed in its range
