@@ -107,10 +107,14 @@ class Background:
             await self.fold_index(1 if not busy else self.t.index_fold_deltas)
             threshold = 1 if sweep else (self.t.coalesce_records_busy if busy else self.t.coalesce_records)
             work = self.store.take_dirty(threshold, self.t.coalesce_pages * 8)
+            # Busy pages have long backlogs spread over the same runs: a step then takes
+            # 4x the pages, so the one walk over those runs (Store._coalesce_by_walk)
+            # serves more of them.
+            step = self.t.coalesce_pages * (4 if busy else 1)
             for (volume, pg), pages in work:
-                for i in range(0, len(pages), self.t.coalesce_pages):
+                for i in range(0, len(pages), step):
                     started = time.monotonic()
-                    await self.coalesce(volume, pg, pages[i:i + self.t.coalesce_pages])
+                    await self.coalesce(volume, pg, pages[i:i + step])
                     if busy:  # duty cycle: at most coalesce_busy_share of the time
                         share = min(1.0, max(0.01, self.t.coalesce_busy_share))
                         await asyncio.sleep((time.monotonic() - started) * (1.0 / share - 1.0))
@@ -120,8 +124,12 @@ class Background:
         per-page groups (one background transaction each). Returns the deltas folded."""
         folded = 0
         for key, n in list(self.store.deltas().items()):
-            if n >= at_least:
-                folded += await self.node.commit(FoldIndexOp(*key), background=True)
+            while n >= max(1, at_least):  # FoldIndexOp folds at most FOLD_DELTAS_MAX
+                done = await self.node.commit(FoldIndexOp(*key), background=True)
+                if not done:
+                    break
+                folded += done
+                n -= done
         return folded
 
     async def coalesce(self, volume: str, pg: int, pages: list[int]) -> int:

@@ -211,6 +211,7 @@ from storage_node.errors import (
 FORMAT = 3  # 3: one log value per run of records; 2: grouped page index rows. Format 1
 #              and 2 dirs open and are upgraded in place; older code refuses 3.
 IDX_GROUP_MAX = 512  # LSNs in one page-index group (a 4 KiB value at most)
+FOLD_DELTAS_MAX = 16  # page-index deltas one FoldIndexOp folds
 DEFAULT_MAP_SIZE = 16 << 30  # sparse on Linux: the file grows only as pages are used
 MAX_DBS = 16
 PAGE_SIZE = pagefmt.PAGE_SIZE
@@ -334,6 +335,8 @@ _RUN_HEAD = struct.Struct("<II")  # n, flags; then u32 CRC32 of head + directory
 RUN_HEAD_SIZE = 12
 RUN_CHAINED = 1  # flags bit 0: every record links to the one before it (prev_pg_lsn)
 RUN_RECORDS_MAX = 4096  # records in a run written by a merge (an Append's run is its batch)
+WALK_COALESCE_MIN = 1024  # records a coalesce step needs before it walks the runs whole
+WALK_APPLY_BYTES = 1 << 20  # records handed to the materialiser per call by that walk
 
 
 class Run(NamedTuple):
@@ -401,9 +404,10 @@ def _run_key_lsn(key) -> int:
     return _BE64.unpack_from(key, 8)[0]
 
 
-def _records_up(cur, prefix: bytes, after: int):
-    """Yield (lsn, run, index) of a segment's stored records with lsn > after, ascending.
-    The cursor must not be used by anything else while the generator is alive."""
+def _runs_up(cur, prefix: bytes, after: int):
+    """Yield (run, index of its first record with lsn > after) of a segment's runs that
+    hold such records, ascending. The cursor must not be used by anything else while
+    the generator is alive."""
     if not cur.set_range(prefix + _BE64.pack(after + 1)):
         return
     while True:
@@ -412,11 +416,17 @@ def _records_up(cur, prefix: bytes, after: int):
             return
         run = decode_run(cur.value())
         lsns = run.lsns
-        i = bisect.bisect_right(lsns, after) if lsns[0] <= after else 0
-        for j in range(i, len(lsns)):
-            yield lsns[j], run, j
+        yield run, (bisect.bisect_right(lsns, after) if lsns[0] <= after else 0)
         if not cur.next():
             return
+
+
+def _records_up(cur, prefix: bytes, after: int):
+    """Yield (lsn, run, index) of a segment's stored records with lsn > after, ascending."""
+    for run, i in _runs_up(cur, prefix, after):
+        lsns = run.lsns
+        for j in range(i, len(lsns)):
+            yield lsns[j], run, j
 
 
 def _records_down(cur, prefix: bytes, upto: int):
@@ -669,10 +679,12 @@ class GcStepOp:
 
 @dataclass
 class FoldIndexOp:
-    """Fold a segment's page-index deltas into its per-page groups (background)."""
+    """Fold a segment's oldest page-index deltas into its per-page groups (background;
+    ``max_deltas`` bounds the transaction: a fold's puts hold up the appends behind it)."""
 
     volume: str
     pg: int
+    max_deltas: int = FOLD_DELTAS_MAX
 
 
 @dataclass
@@ -1294,14 +1306,16 @@ class Store:
                 self._put_index(ctx, prefix, floor, pages)
         ctx.idx_pending.clear()
 
-    def _fold_deltas(self, ctx: _Txn, key: tuple, prefix: bytes) -> int:
-        """Move every page-index delta of a segment into its per-page groups (one group
-        per page for all of them); returns how many deltas were folded. Delta LSNs lie
-        above every grouped LSN, so nothing is read back or merged."""
+    def _fold_deltas(self, ctx: _Txn, key: tuple, prefix: bytes, limit: int = 0) -> int:
+        """Move the page-index deltas of a segment (the oldest ``limit``; all if 0) into
+        its per-page groups (one group per page for all of them); returns how many were
+        folded. Delta LSNs lie above every grouped LSN, so nothing is read back or
+        merged, and the deltas left lie above the new groups."""
         cur = ctx.txn.cursor(db=self.db_pagedelta)
         pages: dict[int, list] = {}
         folded = 0
-        while cur.set_range(prefix) and cur.key()[:8] == prefix:  # ascending: lists stay sorted
+        while ((not limit or folded < limit) and cur.set_range(prefix)
+               and cur.key()[:8] == prefix):  # ascending: lists stay sorted
             for page_id, lsns in decode_delta(cur.value()).items():
                 have = pages.get(page_id)
                 if have is None:
@@ -1312,13 +1326,14 @@ class Store:
             folded += 1
         if folded:
             self._put_index(ctx, prefix, 0, pages, ordered=True)
-            ctx.deltas[key] = 0
+            ctx.deltas[key] = ctx.deltas.get(key, self._deltas.get(key, 0)) - folded
         return folded
 
     def _op_fold_index(self, ctx: _Txn, op: "FoldIndexOp"):
         info = self._vol_of(ctx, op.volume)
         ctx.meta((op.volume, op.pg))  # the segment must exist
-        return self._fold_deltas(ctx, (op.volume, op.pg), seg_prefix(info.vol_id, op.pg))
+        return self._fold_deltas(ctx, (op.volume, op.pg), seg_prefix(info.vol_id, op.pg),
+                                 op.max_deltas)
 
     def _put_index(self, ctx: _Txn, prefix: bytes, floor: int, pages: dict,
                    ordered: bool = False) -> None:
@@ -2178,6 +2193,61 @@ class Store:
             return None
         return pagefmt.page_lsn(image), bytes(image), n
 
+    def _coalesce_by_walk(self, txn, key, prefix, m, pages, min_records) -> list | None:
+        """New versions as of the SCL of ``pages``, built in ONE pass of the Cython
+        materialiser over the runs that hold their records (``apply_to_pages`` per run:
+        records of other pages are skipped, records at or below a page's version are
+        already in it), not record by record in Python. For the busy case: many pages
+        with long backlogs. Returns None where the per-page path must decide instead
+        (a truncation set, quarantined records, a clone, a small backlog, a bad byte, a
+        walk much longer than the records needed)."""
+        if m.truncs or self._quar_records.get(key) or self._volumes[key[0]].parent_id:
+            return None
+        upto = m.scl
+        images: dict[int, bytearray | None] = {}
+        low = upto
+        needed = 0
+        for page_id in pages:
+            newest = self._page_versions_desc(txn, prefix, page_id, upto, (), 1)
+            base_lsn, base = newest[0] if newest else (0, None)
+            if base is not None and not verify_stored_page(page_id, base_lsn, base):
+                return None
+            lsns = self._page_lsns(txn, prefix, page_id, base_lsn, upto)
+            if len(lsns) < max(1, min_records):
+                continue
+            images[page_id] = None if base is None else bytearray(base)
+            low = min(low, lsns[0] - 1)
+            needed += len(lsns)
+        if needed < WALK_COALESCE_MIN:
+            return None
+        starts = {p: (0 if image is None else pagefmt.page_lsn(image)) for p, image in images.items()}
+        walked = 0
+        spans: list = []
+        span_bytes = 0
+        verify = True  # the base images once; after that they are our own
+        try:
+            for run, i in _runs_up(txn.cursor(db=self.db_log), prefix, low):
+                if run.lsns[i] > upto:
+                    break
+                j = bisect.bisect_right(run.lsns, upto)
+                spans.append(run.span(i, j))
+                span_bytes += len(spans[-1])
+                walked += j - i
+                if walked > 8 * needed + 4096:
+                    return None  # mostly other pages' records: the per-page path is cheaper
+                last = j < len(run.lsns)
+                if span_bytes >= WALK_APPLY_BYTES or last:
+                    materialiser.apply_to_pages(images, b"".join(spans), upto, verify)
+                    spans, span_bytes, verify = [], 0, False
+                if last:
+                    break
+            if spans:
+                materialiser.apply_to_pages(images, b"".join(spans), upto, verify)
+        except (FormatError, StorageError):
+            return None
+        return [(p, pagefmt.page_lsn(image), bytes(image)) for p, image in images.items()
+                if image is not None and pagefmt.page_lsn(image) > starts[p]]
+
     def plan_coalesce(self, volume: str, pg: int, pages: Iterable[int] | None = None,
                       start_page: int = 0, max_pages: int = 16, min_records: int = 1):
         """Build new page versions as of the SCL for ``pages`` (or the next ``max_pages``
@@ -2195,6 +2265,10 @@ class Store:
                     pages = pages[:max_pages]
             versions = []
             pages = [p for p in pages if not any(v[0] == p for v in qv)]  # repaired first
+            walked = self._coalesce_by_walk(txn, key, prefix, m, pages, min_records)
+            if walked is not None:
+                op = PutVersionsOp(volume, pg, m.generation, walked) if walked else None
+                return op, next_page
             fetched = self._fetch_for_pages(txn, key, prefix, m, pages, m.scl)
             for page_id in pages:
                 built = self._materialise_upto(txn, key, prefix, m, page_id, m.scl, min_records,
