@@ -337,13 +337,33 @@ def test_two_clusters_side_by_side(tmp_path):
     """Scenario: two data dirs (one with --base-port) run at once on different ports and
     hold different data; each `down` stops only its own cluster."""
     a, b = Cli(tmp_path / "a"), Cli(tmp_path / "b")
-    # Below the ephemeral range, so cluster a's client connections cannot take these.
-    base = next((p for p in range(21000, 31000, 100)
-                 if all(launcher.port_free(p + i) for i in range(20))), None)
     pids_a, pids_b = [], []
     try:
         pids_a = up(a)
-        pids_b = up(b, *(["--base-port", str(base)] if base else []))
+        # Below the ephemeral range, so cluster a's client connections cannot take these;
+        # chosen after a is up. The machine is shared: a port found free can be taken
+        # before b's control plane binds it, and `up` then refuses with "ports in use"
+        # (its own clear error): try the next free block, at most three times.
+        base = None
+        refused = 0
+        for start in range(21000, 31000, 100):
+            if not all(launcher.port_free(start + i) for i in range(20)):
+                continue
+            result = b("up", "--detach", "--base-port", str(start), check=None, timeout=90,
+                       record=False)
+            if result.returncode == 0:
+                assert "aurora-lite cluster is up" in result.stdout, result.stdout
+                base = start
+                break
+            assert "ports in use" in result.stderr, result.stderr
+            refused += 1
+            assert refused < 3, f"three free port blocks were taken before b bound them: {result.stderr}"
+        if base is None:
+            pids_b = up(b)
+        else:
+            state = b.status()
+            assert state["all_up"] and sorted(state["by_name"]) == NAMES, state
+            pids_b = b.pids()
         addr_a = {p["address"] for p in a.status()["processes"]}
         state_b = b.status()
         addr_b = {p["address"] for p in state_b["processes"]}
