@@ -2152,17 +2152,24 @@ class Store:
             pages.update(p for p in delta if p >= start_page)
         return sorted(pages)[:max_pages]
 
-    def _fetch_for_pages(self, txn, key, prefix, m, pages, upto) -> dict[int, bytes]:
-        """The records every page of ``pages`` needs above its newest version <= upto, read
-        in ONE walk over the runs: a page's records are spread over many runs, and the
-        pages of one coalesce or GC step share them."""
-        wanted = []
+    def _backlogs(self, txn, prefix, m, pages, upto) -> dict[int, tuple]:
+        """Per page: (LSN and bytes of its newest visible version <= upto, or (0, None);
+        the visible LSNs in (that version, upto] the page index lists)."""
+        out = {}
         for page_id in pages:
             newest = self._page_versions_desc(txn, prefix, page_id, upto, m.truncs, 1)
-            wanted.extend(self._page_lsns(txn, prefix, page_id, newest[0][0] if newest else 0, upto))
-        if m.truncs:
-            wanted = [lsn for lsn in wanted if not _in_truncation(lsn, m.truncs)]
-        wanted.sort()
+            base_lsn, base = newest[0] if newest else (0, None)
+            lsns = self._page_lsns(txn, prefix, page_id, base_lsn, upto)
+            if m.truncs:
+                lsns = [lsn for lsn in lsns if not _in_truncation(lsn, m.truncs)]
+            out[page_id] = (base_lsn, base, lsns)
+        return out
+
+    def _fetch_for_pages(self, txn, key, prefix, backlogs: dict) -> dict[int, bytes]:
+        """The records of ``backlogs`` (``_backlogs``), read in ONE walk over the runs: a
+        page's records are spread over many runs, and the pages of one coalesce or GC
+        step share them."""
+        wanted = sorted(lsn for _base_lsn, _base, lsns in backlogs.values() for lsn in lsns)
         return self._records_by_lsn(txn, key, prefix, wanted)
 
     def _materialise_upto(self, txn, key, prefix, m, page_id, upto, min_records=1, fetched=None):
@@ -2193,7 +2200,7 @@ class Store:
             return None
         return pagefmt.page_lsn(image), bytes(image), n
 
-    def _coalesce_by_walk(self, txn, key, prefix, m, pages, min_records) -> list | None:
+    def _coalesce_by_walk(self, txn, key, m, backlogs: dict, min_records) -> list | None:
         """New versions as of the SCL of ``pages``, built in ONE pass of the Cython
         materialiser over the runs that hold their records (``apply_to_pages`` per run:
         records of other pages are skipped, records at or below a page's version are
@@ -2204,15 +2211,13 @@ class Store:
         if m.truncs or self._quar_records.get(key) or self._volumes[key[0]].parent_id:
             return None
         upto = m.scl
+        prefix = seg_prefix(self._volumes[key[0]].vol_id, key[1])
         images: dict[int, bytearray | None] = {}
         low = upto
         needed = 0
-        for page_id in pages:
-            newest = self._page_versions_desc(txn, prefix, page_id, upto, (), 1)
-            base_lsn, base = newest[0] if newest else (0, None)
+        for page_id, (base_lsn, base, lsns) in backlogs.items():
             if base is not None and not verify_stored_page(page_id, base_lsn, base):
                 return None
-            lsns = self._page_lsns(txn, prefix, page_id, base_lsn, upto)
             if len(lsns) < max(1, min_records):
                 continue
             images[page_id] = None if base is None else bytearray(base)
@@ -2265,11 +2270,12 @@ class Store:
                     pages = pages[:max_pages]
             versions = []
             pages = [p for p in pages if not any(v[0] == p for v in qv)]  # repaired first
-            walked = self._coalesce_by_walk(txn, key, prefix, m, pages, min_records)
+            backlogs = self._backlogs(txn, prefix, m, pages, m.scl)
+            walked = self._coalesce_by_walk(txn, key, m, backlogs, min_records)
             if walked is not None:
                 op = PutVersionsOp(volume, pg, m.generation, walked) if walked else None
                 return op, next_page
-            fetched = self._fetch_for_pages(txn, key, prefix, m, pages, m.scl)
+            fetched = self._fetch_for_pages(txn, key, prefix, backlogs)
             for page_id in pages:
                 built = self._materialise_upto(txn, key, prefix, m, page_id, m.scl, min_records,
                                                fetched)
@@ -2280,7 +2286,6 @@ class Store:
 
     def sweep_dirty(self, volume: str, pg: int) -> dict[int, int]:
         """Count, per page, the complete visible records above its newest version."""
-        key = (volume, pg)
         prefix = self._prefix(volume, pg)
         counts: dict[int, int] = {}
         with self.env.begin() as txn:
@@ -2356,7 +2361,8 @@ class Store:
             pages = self._pages_from(txn, prefix, start_page, max_pages + 1)
             next_page = pages[max_pages] if len(pages) > max_pages else None
             op = GcStepOp(volume, pg, m.generation, [], [], [], log_floor=anchor)
-            fetched = self._fetch_for_pages(txn, key, prefix, m, pages[:max_pages], horizon)
+            fetched = self._fetch_for_pages(
+                txn, key, prefix, self._backlogs(txn, prefix, m, pages[:max_pages], horizon))
             for page_id in pages[:max_pages]:
                 if any(v[0] == page_id for v in qv):
                     continue
