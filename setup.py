@@ -3,16 +3,16 @@
 1. Generate the protobuf / gRPC modules of proto/aurora_pb/*.proto into the package
    ``aurora_pb`` (next to engine/) with the pinned grpcio-tools. Nothing generated is
    committed; .gitignore lists the outputs.
-2. Compile the Cython materialiser (engine/_materialise_cy.pyx). If Cython or a C
+2. Compile the Cython materialiser (engine/format/_materialise_cy.pyx). If Cython or a C
    compiler is missing the build still succeeds, says so, and aurora-lite runs on the
-   pure-Python twin (engine/materialise_py.py).
+   pure-Python twin (engine/format/materialise_py.py).
 """
 
 import glob
 import os
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 from setuptools.command.egg_info import egg_info
@@ -89,8 +89,8 @@ def extensions():
         sys.stderr.write("*** aurora-lite: Cython not available; pure-Python materialiser only\n")
         return []
     ext = Extension(
-        "engine._materialise_cy",
-        ["engine/_materialise_cy.pyx"],
+        "engine.format._materialise_cy",
+        ["engine/format/_materialise_cy.pyx"],
         extra_compile_args=["-O2"],
     )
     return cythonize(
@@ -101,7 +101,7 @@ def extensions():
 
 
 setup(
-    packages=["engine", "storage_node", PB_PACKAGE],
+    packages=find_packages(include=["engine", "engine.*", "storage_node", "storage_node.*"]) + [PB_PACKAGE],
     ext_modules=extensions(),
     cmdclass={"build_py": BuildPy, "build_ext": OptionalBuildExt, "egg_info": EggInfo},
     zip_safe=False,

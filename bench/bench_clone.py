@@ -5,7 +5,7 @@
 Everything is a REAL process on 127.0.0.1: six storage nodes (tests/harness.py) with the
 node's own background tuning (as `aurora-lite up` starts them, like bench/bench_writer.py),
 and writers (tests/writer_harness.py) with the production layout and LAL of
-engine/cluster_config.py and a 4096-page buffer pool, backtrack window 3600 s.
+engine/format/cluster_config.py and a 4096-page buffer pool, backtrack window 3600 s.
 
 Two volumes are loaded first (not timed): ``small`` with CLONE_SMALL_TXNS and ``big`` with
 CLONE_BIG_TXNS autocommit transactions, each one put of a VALUE_BYTES random value under a
@@ -59,9 +59,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aurora_pb import database_pb2 as pb  # noqa: E402
 from aurora_pb import storage_pb2 as spb  # noqa: E402
-from engine.cluster_config import DEFAULT_LAL, Latency  # noqa: E402
+from engine.format.cluster_config import DEFAULT_LAL, Latency  # noqa: E402
 from engine.errors import KeyNotFound  # noqa: E402
-from engine.volume import DEFAULT_PG_COUNT, DEFAULT_STRIPE_PAGES  # noqa: E402
+from engine.format.volume import DEFAULT_PG_COUNT, DEFAULT_STRIPE_PAGES  # noqa: E402
 from tests.harness import FAST_TUNING, StorageCluster  # noqa: E402
 from tests.storage_client import StorageClient  # noqa: E402
 from tests.writer_harness import WriterProcess  # noqa: E402

@@ -26,12 +26,12 @@ import random
 
 import pytest
 
-from engine import materialise_py
-from engine import page as pg
-from engine import redo
-from engine.redo import RecordType as RT
+from engine.format import materialise_py
+from engine.format import page as pg
+from engine.format import redo
+from engine.format.redo import RecordType as RT
 
-cy = pytest.importorskip("engine._materialise_cy", reason="Cython materialiser not built")
+cy = pytest.importorskip("engine.format._materialise_cy", reason="Cython materialiser not built")
 
 IMPLS = [pytest.param(materialise_py, id="python"), pytest.param(cy, id="cython")]
 CHAIN_LENGTHS = [1, 10, 100, 1000]

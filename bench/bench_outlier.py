@@ -4,12 +4,12 @@
 
 Issue 9: "with one storage node 50 ms slow, commit p99 stays close to the healthy p99 (the
 quorum does not wait for the slowest two)". Both systems run side by side in ONE run, on
-the processes and the engine of the write-amplification benchmark (engine/wa_bench.py,
+the processes and the engine of the write-amplification benchmark (engine/baseline/wa_bench.py,
 docs/benchmarks.md): six real `aurora-lite storage-node` processes behind the real storage
 driver (4/6 write quorum), and four real `aurora-lite block-server` processes behind the
-mirrored page-writing baseline (engine/baseline.py: every write goes bs1 -> bs2, then
+mirrored page-writing baseline (engine/baseline/mirrored.py: every write goes bs1 -> bs2, then
 bs3 -> bs4, and waits for all four). One engine per system in this process, the same
-SysBench-like write-only transactions (engine/wa_workload.py) on ROWS rows, the same
+SysBench-like write-only transactions (engine/baseline/workload.py) on ROWS rows, the same
 default AZ latency (0.25 ms one way within an AZ, 1 ms across; the instance is in az-a).
 
 The slow node comes from the latency model itself (engine/cluster_config.Latency
@@ -62,8 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aurora_pb import block_pb2 as bpb  # noqa: E402
 from aurora_pb import block_pb2_grpc as bpb_grpc  # noqa: E402
-from engine import bench_procs, wa_bench  # noqa: E402
-from engine.cluster_config import Latency  # noqa: E402
+from engine.baseline import procs as bench_procs, wa_bench  # noqa: E402
+from engine.format.cluster_config import Latency  # noqa: E402
 
 
 def _env_list(name: str, default: str) -> list[str]:
@@ -179,8 +179,8 @@ async def _phases(systems: Systems, clients: int, transactions: int) -> dict:
     """Per half-phase in ORDER: set the condition, then aurora-lite, then baseline, each
     committing transactions / 2 with ``clients`` clients. Samples of the two halves of a
     condition are pooled: p50 / p99 over all its commits, tx/s = commits / time."""
-    from engine import wa_workload
-    from engine.io_count import percentile
+    from engine.baseline import workload as wa_workload
+    from engine.baseline.io_count import percentile
 
     runs = {(name, v): {"latencies_ms": [], "transactions": 0, "elapsed_s": 0.0, "errors": 0,
                         "aborts": 0, "error_samples": [], "page_reads": 0, "hedged_reads": 0,

@@ -19,7 +19,7 @@ test_replica_lag[rate]  A cluster started as a user starts it (`aurora-lite up -
       that probe's round trip). A commit the replica showed before the client heard its
       ack counts as 0 ms. Resolution: the probe period (reported).
     * replica's own: ``lag_ms_p50`` / ``lag_ms_p99`` of the replica's Status JSON at the
-      end of the window (engine/replica.py: from the writer's wall-clock time when VDL
+      end of the window (engine/instance/replica.py: from the writer's wall-clock time when VDL
       moved to the replica applying it, [P17] Table 4's definition), over its last <= 2000
       samples.
 
@@ -69,9 +69,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aurora_pb import database_pb2 as dpb  # noqa: E402
-from engine import errors, launcher  # noqa: E402
+from engine import errors  # noqa: E402
+from engine.cluster import launcher  # noqa: E402
 from engine.client import Client, ClusterClient  # noqa: E402
-from engine.cluster_config import Latency  # noqa: E402
+from engine.format.cluster_config import Latency  # noqa: E402
 from tests.harness import FAST_TUNING, StorageCluster  # noqa: E402
 from tests.writer_harness import WriterProcess  # noqa: E402
 

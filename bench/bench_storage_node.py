@@ -38,7 +38,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aurora_pb import storage_pb2 as pb  # noqa: E402
-from engine.volume import VolumeLayout  # noqa: E402
+from engine.format.volume import VolumeLayout  # noqa: E402
 from storage_node.node import Tuning  # noqa: E402
 from tests.harness import StorageCluster  # noqa: E402
 from tests.storage_client import ChainBuilder, StorageClient, append_request  # noqa: E402

@@ -3,7 +3,7 @@
 Run:  pytest bench/bench_write_amplification.py --benchmark-only -s
       (--benchmark-json out.json keeps every figure in extra_info)
 
-It runs the same experiment as `aurora-lite bench write-amplification` (engine/wa_bench.py,
+It runs the same experiment as `aurora-lite bench write-amplification` (engine/baseline/wa_bench.py,
 docs/benchmarks.md): both configurations over real storage processes, a healthy phase and
 a slow-node phase each. One round: the run itself is the measurement, its wall time is
 what pytest-benchmark times; the figures that matter go to ``extra_info``.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from engine import wa_bench
+from engine.baseline import wa_bench
 
 FIGURES = ("tps", "compute_ios_per_txn", "compute_all_ios_per_txn", "chain_ios_per_txn",
            "compute_bytes_per_txn", "chain_bytes_per_txn", "busiest_node_ios_per_txn",

@@ -5,9 +5,9 @@
 Everything is a REAL process on 127.0.0.1: six storage nodes (tests/harness.py) with the
 node's own background tuning (not the tests' short intervals), and one writer
 (tests/writer_harness.py, `python -m engine.cli writer`) with the production layout and LAL
-of engine/cluster_config.py (8 PGs of 64 pages, LAL 100,000) and the CLI's default buffer
+of engine/format/cluster_config.py (8 PGs of 64 pages, LAL 100,000) and the CLI's default buffer
 pool (4096 pages = 32 MiB). Simulated latency is ZERO unless a result says
-``latency=default`` (engine.cluster_config.Latency(): 0.25 ms one way inside an AZ, 1 ms
+``latency=default`` (engine.format.cluster_config.Latency(): 0.25 ms one way inside an AZ, 1 ms
 across AZs, slept by the writer's storage driver before each send and after each reply).
 
 Load generator: threads in this process, each with its own engine.client.Client (its own
@@ -30,7 +30,7 @@ test_recovery_time  one storage cluster with one volume (and writer) per N in 10
     64 clients and its writer is SIGKILLed mid-burst (records above VDL in flight), then
     started again. Alternating the volumes makes the load of a shared 2-core machine fall
     on both alike. Recorded per volume (median and every round): ``recovery_s`` is
-    ``seconds`` of the "recovered volume ..." log line of engine/recovery.py (connect,
+    ``seconds`` of the "recovered volume ..." log line of engine/writer/recovery.py (connect,
     learn, fence, compute VDL, truncate, repair); ``serve_s`` is from starting the new
     process to its health check saying SERVING (interpreter start, imports, recovery,
     reading META). After each restart every client's last acknowledged key and a sample of
@@ -64,8 +64,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.cluster_config import DEFAULT_LAL, Latency  # noqa: E402
-from engine.volume import DEFAULT_PG_COUNT, DEFAULT_STRIPE_PAGES  # noqa: E402
+from engine.format.cluster_config import DEFAULT_LAL, Latency  # noqa: E402
+from engine.format.volume import DEFAULT_PG_COUNT, DEFAULT_STRIPE_PAGES  # noqa: E402
 from tests.harness import FAST_TUNING, StorageCluster  # noqa: E402
 from tests.storage_client import StorageClient  # noqa: E402
 from tests.writer_harness import WriterProcess  # noqa: E402
@@ -87,7 +87,7 @@ BURST_S = 1.0                      # commits before each later crash, 64 clients
 IDLE_S = 1.0                       # CPU of the idle processes is measured this long first
 CLUSTER_WARMUP_S = float(os.environ.get("AURORA_BENCH_CLUSTER_WARMUP_S", "15"))
 VALUE_BYTES = 100
-BUFFER_POOL_PAGES = 4096           # the CLI default (engine/cli.py)
+BUFFER_POOL_PAGES = 4096           # the CLI default (engine/cli/__init__.py)
 RECOVERY_GOAL_RATIO = 1.5          # recovery_s(100k) / recovery_s(10k) should stay below
 
 #: The storage nodes run with their own defaults (storage_node/node.py Tuning), as

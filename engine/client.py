@@ -69,7 +69,7 @@ ERROR_CLASSES = {
     "OUT_OF_WINDOW": errors.OutOfWindowError,
 }
 DEFAULT_TABLE = "default"
-NOTHING_DONE_KEY = "aurora-nothing-done"     # engine/server.py sets it
+NOTHING_DONE_KEY = "aurora-nothing-done"     # engine/instance/server.py sets it
 # gRPC's words for a call that never left the client (no connection to the server).
 NOT_SENT_DETAILS = ("failed to connect to all addresses",)
 

@@ -1,7 +1,7 @@
 """Chooses the materialiser implementation at import time: Cython if built, else Python.
 
-``AURORA_LITE_PURE_PYTHON=1`` forces the pure-Python reference (engine/materialise_py.py)
-even when the compiled twin (engine/_materialise_cy.pyx) is installed. Everything else in
+``AURORA_LITE_PURE_PYTHON=1`` forces the pure-Python reference (engine/format/materialise_py.py)
+even when the compiled twin (engine/format/_materialise_cy.pyx) is installed. Everything else in
 aurora-lite imports the materialiser from here, never one implementation directly, so the
 whole test suite runs against whichever is active.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from engine import materialise_py
+from engine.format import materialise_py
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ if FORCE_PURE_PYTHON:
     impl = materialise_py
 else:
     try:
-        from engine import _materialise_cy as impl  # type: ignore[attr-defined]
+        from engine.format import _materialise_cy as impl  # type: ignore[attr-defined]
     except ImportError:  # built without a C compiler: the reference is the fallback
         log.debug("Cython materialiser not built; using the pure-Python twin")
         impl = materialise_py

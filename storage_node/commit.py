@@ -31,7 +31,7 @@ import concurrent.futures
 import logging
 import time
 
-from engine import faults
+from engine.chaos import faults
 from storage_node.store import AppendOp, Store
 
 FG_OPS_MAX = 1024        # foreground ops waiting; submitters wait (back-pressure) above it
@@ -115,7 +115,7 @@ class GroupCommitter:
                 continue
             taken = self._take()
             ops = [t[0] for t in taken]
-            slow_disk_s = faults.disk_delay_s(self.store.node_id)  # injected (engine/faults.py)
+            slow_disk_s = faults.disk_delay_s(self.store.node_id)  # injected (engine/chaos/faults.py)
             if slow_disk_s > 0:
                 await asyncio.sleep(slow_disk_s)
             try:

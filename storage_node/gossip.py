@@ -34,7 +34,7 @@ import grpc
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
 from storage_node.errors import StorageError
-from engine import faults
+from engine.chaos import faults
 from storage_node.latency import PeerLatency, delay_interceptors
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import AdoptEpochOp, CreateVolumeOp, PutVersionsOp, verify_stored_page
@@ -140,7 +140,7 @@ class Gossip:
         for v in status.volumes:
             if v.parent:
                 # A clone needs its fork tails and inherited set, which only its creator
-                # (engine/backtrack.py) knows: a node that missed CreateVolume does without
+                # (engine/writer/backtrack.py) knows: a node that missed CreateVolume does without
                 # the clone (the writer needs 4 of 6; membership change is absent).
                 continue
             try:

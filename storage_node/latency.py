@@ -1,16 +1,16 @@
 """Simulated AZ latency on a storage node's calls to its peers (gossip).
 
-The writer's storage driver delays its own RPCs (engine/storage_driver.py); this module
+The writer's storage driver delays its own RPCs (engine/writer/storage_driver.py); this module
 does the same for node-to-node traffic. ``PeerLatency`` reads the cluster config file
-(DATA_DIR/cluster.json, written by the control plane; format in engine/cluster_config.py)
+(DATA_DIR/cluster.json, written by the control plane; format in engine/format/cluster_config.py)
 for each peer's AZ and the latency model, and re-reads it when it changes, so
 `aurora-lite net delay` reaches running nodes within ``CHECK_INTERVAL_S``.
 ``delay_interceptors(latency, peer)`` gives the gRPC channel interceptors that sleep the
 one-way delay before each request and after each reply.
 
-It reads the JSON itself instead of importing engine.cluster_config: storage_node/ uses
+It reads the JSON itself instead of importing engine.format.cluster_config: storage_node/ uses
 only engine's format and materialiser modules (DESIGN.md section 4). The model is the same
-as ``engine.cluster_config.Latency.one_way_ms``: intra_az_ms within an AZ, cross_az_ms
+as ``engine.format.cluster_config.Latency.one_way_ms``: intra_az_ms within an AZ, cross_az_ms
 across, plus extra_az_ms of the destination AZ (and of the source AZ across AZs), plus
 extra_node_ms of the peer and of this node (``name``), a slow outlier node.
 """

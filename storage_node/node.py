@@ -23,7 +23,7 @@ from storage_node.commit import GroupCommitter
 from storage_node.store import AppendOp, Store, verify_and_prepare
 
 
-#: False when the process's log format already carries ``[node az]`` (engine/cli.py does
+#: False when the process's log format already carries ``[node az]`` (engine/cli/__init__.py does
 #: that for the storage-node subcommand); True in-process, where several nodes share a log.
 PREFIX_LINES = True
 

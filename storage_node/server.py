@@ -141,7 +141,7 @@ GC_THRESHOLDS = (50_000, 20, 10)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``aurora-lite storage-node`` (engine/cli.py); returns the exit code."""
+    """Entry point of ``aurora-lite storage-node`` (engine/cli/__init__.py); returns the exit code."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     gc.set_threshold(*GC_THRESHOLDS)
     tag = f"[{args.node_id} {args.az}]"

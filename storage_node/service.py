@@ -29,8 +29,8 @@ import grpc
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
-from engine.page import META_PAGE_ID
-from engine.volume import DEFAULT_STRIPE_PAGES
+from engine.format.page import META_PAGE_ID
+from engine.format.volume import DEFAULT_STRIPE_PAGES
 from storage_node.errors import StorageError
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import (

@@ -190,10 +190,10 @@ from typing import Iterable, NamedTuple
 import lmdb
 
 from engine import materialiser
-from engine import page as pagefmt
+from engine.format import page as pagefmt
 from engine.errors import ChecksumError, FormatError, PageOrderError
-from engine.redo import HEADER_SIZE, LSN_MAX
-from engine.volume import VolumeLayout
+from engine.format.redo import HEADER_SIZE, LSN_MAX
+from engine.format.volume import VolumeLayout
 from storage_node.errors import (
     BadChecksumError,
     CorruptError,
@@ -236,13 +236,13 @@ _VOLUME_CLONE = struct.Struct("<IQBI")
 _HISTORY = struct.Struct("<QQI")
 _META = struct.Struct("<QQQQQQQQQQQI")
 _TRUNC = struct.Struct("<QQQ")
-# Record header fields read straight from stored bytes (see engine/redo.py).
+# Record header fields read straight from stored bytes (see engine/format/redo.py).
 _REC_PREV_VOL = 8
 _REC_PREV_PG = 16
 _REC_PAGE = 32
 _REC_TYPE = 36
 _REC_FLAGS = 37
-_RTYPE_COMMIT = 10  # engine.redo.RecordType.COMMIT; its payload is u64 txn_id, u64 timestamp_us
+_RTYPE_COMMIT = 10  # engine.format.redo.RecordType.COMMIT; its payload is u64 txn_id, u64 timestamp_us
 
 KIND_RECORD = b"R"
 KIND_VERSION = b"V"

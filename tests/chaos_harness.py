@@ -2,8 +2,8 @@
 
     run = ChaosRun(tmp_path, seed, replicas=1, storage_env={...}, writer_env={...})
     run.start()                       six storage nodes, writer db1, replicas db2..
-    run.nemesis.az_down("az-c") ...   faults (engine/nemesis.py)
-    run.workload.start() ... stop()   bank + register + reads (engine/chaos_checkers.py)
+    run.nemesis.az_down("az-c") ...   faults (engine/chaos/nemesis.py)
+    run.workload.start() ... stop()   bank + register + reads (engine/chaos/checkers.py)
     run.verdict(allow_log=[...])      every checker; returns violations (list of str)
     run.close()
 
@@ -20,16 +20,16 @@ from pathlib import Path
 
 import grpc
 
-from engine import chaos_checkers as cc
+from engine.chaos import checkers as cc
 from engine.client import Client
-from engine.faults import FAULTS_FILE_ENV, FAULTS_SEED_ENV
-from engine.nemesis import Nemesis
+from engine.chaos.faults import FAULTS_FILE_ENV, FAULTS_SEED_ENV
+from engine.chaos.nemesis import Nemesis
 from tests.harness import StorageCluster
 from tests.writer_harness import WriterProcess
 
 
 class HarnessTarget:
-    """engine.nemesis Target over harness processes."""
+    """engine.chaos.nemesis Target over harness processes."""
 
     corrupt_pattern = b"acct-"
 

@@ -1,4 +1,4 @@
-"""FakeSink: an in-memory RedoSink (engine/sink.py) for fast in-process engine tests.
+"""FakeSink: an in-memory RedoSink (engine/db/sink.py) for fast in-process engine tests.
 
 It plays the storage driver plus six storage nodes, without quorums or gRPC:
 
@@ -11,7 +11,7 @@ It plays the storage driver plus six storage nodes, without quorums or gRPC:
 * VCL = highest LSN with every submitted record at or below it acked; VDL = highest CPL
   <= VCL (invariant 5, DESIGN.md section 2). ``vdl_history`` keeps every VDL it reached.
 * ``read_page(page_id, read_point)`` rebuilds the page by applying the stored records with
-  engine.materialise_py, the reference materialiser, up to the read point (None if the
+  engine.format.materialise_py, the reference materialiser, up to the read point (None if the
   page has no record there), caching the newest version per page like a segment does.
 * ``wait_room`` enforces invariant 6 (VDL + LAL) like the real driver, and the allocator
   records a violation if an LSN is ever allocated above VDL + LAL.
@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import random
 
-from engine import materialise_py
+from engine.format import materialise_py
 from engine.errors import WriteQuorumUnavailable
-from engine.redo import FLAG_CPL, read_header
-from engine.sink import LsnAllocator
-from engine.volume import VolumeLayout
+from engine.format.redo import FLAG_CPL, read_header
+from engine.db.sink import LsnAllocator
+from engine.format.volume import VolumeLayout
 
 
 class CheckingAllocator(LsnAllocator):

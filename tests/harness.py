@@ -64,7 +64,7 @@ FAST_TUNING = {
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports that were free a moment ago, below the kernel's ephemeral range
     so that no client connection takes one before a node (re)binds it."""
-    from engine.launcher import free_ports as launcher_free_ports
+    from engine.cluster.launcher import free_ports as launcher_free_ports
 
     return launcher_free_ports(n, host)
 

@@ -2,10 +2,10 @@
 
 Two parts:
 
-* ``ChainBuilder`` makes valid redo record chains for one volume (engine.redo records with
+* ``ChainBuilder`` makes valid redo record chains for one volume (engine.format.redo records with
   correct prev_volume / prev_pg / prev_page backlinks: INIT_PAGE first, then INSERT_CELL and
   UPDATE_CELL) and keeps every record, so it is also the *oracle*: ``oracle_page`` applies
-  the log with the pure-Python reference materialiser (engine.materialise_py).
+  the log with the pure-Python reference materialiser (engine.format.materialise_py).
 * ``StorageClient`` sends requests to storage nodes over gRPC (sync API): create a volume,
   Append the same PG batches to many nodes in parallel, read pages, ask for state.
 
@@ -30,11 +30,11 @@ import grpc
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
-from engine import materialise_py
-from engine import page as pagefmt
-from engine import redo
-from engine.redo import RecordType as RT
-from engine.volume import VolumeLayout
+from engine.format import materialise_py
+from engine.format import page as pagefmt
+from engine.format import redo
+from engine.format.redo import RecordType as RT
+from engine.format.volume import VolumeLayout
 
 #: Small stripes so that many PGs occur with few pages.
 TEST_LAYOUT = VolumeLayout(pg_count=4, stripe_pages=4)

@@ -1,4 +1,4 @@
-"""The fault interceptors (engine/faults.py) do what the fault file says.
+"""The fault interceptors (engine/chaos/faults.py) do what the fault file says.
 
 Scenario base: an in-process grpc.aio Storage server whose NodeStatus counts calls, and a
 client channel with the interceptors of process "db1" towards it (named "sn1" in the
@@ -17,7 +17,7 @@ import pytest
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
-from engine import faults
+from engine.chaos import faults
 
 
 class CountingStorage(pb_grpc.StorageServicer):

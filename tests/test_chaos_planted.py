@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
-from engine import chaos_checkers as cc
-from engine.nemesis import seed_from_env
+from engine.chaos import checkers as cc
+from engine.chaos.nemesis import seed_from_env
 from engine.planted_bugs import ACK_BEFORE_COMMIT_ENV, VDL_SHORT_QUORUM_ENV
 from tests.chaos_harness import ChaosRun
 from tests.test_chaos_scenarios import wait_ok

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from engine.nemesis import DEFAULT_FAULTS, seed_from_env
+from engine.chaos.nemesis import DEFAULT_FAULTS, seed_from_env
 from tests.chaos_harness import ChaosRun
 
 LONG_S = float(os.environ.get("AURORA_CHAOS_LONG_S", "0") or 0)

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from engine.database import LAST_READ_POINT
+from engine.db.database import LAST_READ_POINT
 from engine.errors import ConflictError
 from tests.fake_sink import FakeSink
 from tests.test_engine import LAYOUT, acked, new_db, run, spin

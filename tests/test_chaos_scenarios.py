@@ -1,9 +1,9 @@
 """The reliability scenario matrix (issue 9) on real processes, one scenario per test.
 
 Scenario base: six storage nodes, writer db1 (and replicas where the scenario needs them),
-each a real process obeying the fault file (engine/faults.py); a bank + register + reads
-workload through the real client (engine/chaos_checkers.py); the nemesis
-(engine/nemesis.py) applies the faults. Every test ends with ``run.assert_green()``:
+each a real process obeying the fault file (engine/chaos/faults.py); a bank + register + reads
+workload through the real client (engine/chaos/checkers.py); the nemesis
+(engine/chaos/nemesis.py) applies the faults. Every test ends with ``run.assert_green()``:
 heal, then every checker (bank reads at their read points, lost writes, monotonic VDL and
 SCL, durability at ack, ERROR lines in every log). A failure prints the seed and the
 nemesis history; ``AURORA_SEED=<seed> pytest tests/test_chaos_scenarios.py`` replays the
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from engine.nemesis import seed_from_env
+from engine.chaos.nemesis import seed_from_env
 from tests.chaos_harness import ChaosRun
 
 SEED = seed_from_env(default=9)

@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from engine import launcher
-from engine.launcher import DataDir, pid_belongs, pid_running
+from engine.cluster import launcher
+from engine.cluster.launcher import DataDir, pid_belongs, pid_running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -33,7 +33,7 @@ STORAGE = ["sn1", "sn2", "sn3", "sn4", "sn5", "sn6"]
 NAMES = INSTANCES + STORAGE
 COMMIT_RE = re.compile(r"^OK \(commit LSN (\d+)\)$")
 
-_MISSING = [m for m in ("storage_node.server", "engine.database")
+_MISSING = [m for m in ("storage_node.server", "engine.db.database")
             if importlib.util.find_spec(m) is None]
 pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"not built yet: {', '.join(_MISSING)}")
 

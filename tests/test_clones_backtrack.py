@@ -391,7 +391,7 @@ def test_model_as_of_clone_and_backtrack_back_and_forth(procs):
                 random_commits(db, h, rng, rng.randint(1, 4))
                 check_scan(db, h.state, f"writes after backtrack step {step}", seed)
 
-        # As-of reads after the backtracks. They read the CURRENT timeline (engine/backtrack.py:
+        # As-of reads after the backtracks. They read the CURRENT timeline (engine/writer/backtrack.py:
         # "map a time or LSN to the last commit at or before it on the current timeline"),
         # unlike a backtrack, which goes to the timeline the target belongs to. Points of
         # abandoned timelines, by LSN or by time, so answer with the current timeline's last

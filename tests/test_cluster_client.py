@@ -24,7 +24,7 @@ from aurora_pb import database_pb2 as dpb
 from aurora_pb import database_pb2_grpc as dpb_grpc
 from engine import errors
 from engine.client import Client, ClusterClient, parse_endpoint, translate
-from engine.launcher import free_ports
+from engine.cluster.launcher import free_ports
 
 OK = ("ok",)
 # (gRPC status, aurora-error code or "", nothing-done marker, details)

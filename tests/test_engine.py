@@ -1,6 +1,6 @@
 """Engine core tests: buffer pool, MTRs, B+tree tables and transactions, in-process.
 
-Every test runs the real engine (engine/database.py and what it builds on) over
+Every test runs the real engine (engine/db/database.py and what it builds on) over
 tests/fake_sink.py, an in-memory RedoSink that checks every record it is given and serves
 page reads with the reference materialiser. Random tests are driven by a seed that is
 printed on failure; replay one with ``AURORA_LITE_SEED=<seed> pytest tests/test_engine.py``.
@@ -15,9 +15,9 @@ import struct
 
 import pytest
 
-from engine import btree, database as dbmod
-from engine import page as pagefmt
-from engine.database import Database
+from engine.db import btree, database as dbmod
+from engine.format import page as pagefmt
+from engine.db.database import Database
 from engine.errors import (
     ConflictError,
     DatabaseError,
@@ -27,8 +27,8 @@ from engine.errors import (
     TooLargeError,
     TransactionClosedError,
 )
-from engine.redo import RecordType, read_header
-from engine.volume import VolumeLayout
+from engine.format.redo import RecordType, read_header
+from engine.format.volume import VolumeLayout
 try:
     from tests.fake_sink import FakeSink
 except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path

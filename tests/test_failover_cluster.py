@@ -23,9 +23,10 @@ import time
 
 import pytest
 
-from engine import errors, launcher
+from engine import errors
+from engine.cluster import launcher
 from engine.client import Client, ClusterClient
-from engine.launcher import DataDir, pid_belongs, pid_running
+from engine.cluster.launcher import DataDir, pid_belongs, pid_running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILOVER_DEADLINE_S = 15.0   # the control plane must have promoted within this

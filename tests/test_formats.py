@@ -1,4 +1,4 @@
-"""Unit tests of the on-disk and on-wire formats: engine/redo.py, engine/page.py, and how
+"""Unit tests of the on-disk and on-wire formats: engine/format/redo.py, engine/format/page.py, and how
 engine/materialiser.py picks its implementation.
 
 These run against whichever materialiser is active (engine.materialiser), so
@@ -17,16 +17,17 @@ import zlib
 
 import pytest
 
-from engine import materialise_py, materialiser
-from engine import page as pg
-from engine import redo
+from engine.format import materialise_py
+from engine import materialiser
+from engine.format import page as pg
+from engine.format import redo
 from engine.errors import (
     BadLengthError,
     ChecksumError,
     TruncatedError,
     UnknownRecordTypeError,
 )
-from engine.redo import RecordType as RT
+from engine.format.redo import RecordType as RT
 
 SCANNERS = [pytest.param(redo, id="redo.read_header"),
             pytest.param(materialise_py, id="materialise_py"),
@@ -113,7 +114,7 @@ def test_encode_decode_round_trip():
 
 
 def test_encoded_layout_matches_the_table():
-    """Scenario: the packed bytes follow the OFFSET / SIZE table of engine/redo.py."""
+    """Scenario: the packed bytes follow the OFFSET / SIZE table of engine/format/redo.py."""
     payload = redo.p_insert_cell(2, b"key", b"value")
     buf = redo.encode_record(0x0102030405060708, 11, 12, 13, 0xA0B0C0D0, RT.INSERT_CELL,
                              redo.FLAG_CPL, payload)
@@ -343,7 +344,7 @@ def test_default_choice_prefers_the_extension():
     """Scenario: without the override (or with it set to 0) the compiled twin is chosen
     when it is built, and the reference otherwise."""
     try:
-        import engine._materialise_cy  # noqa: F401
+        import engine.format._materialise_cy  # noqa: F401
         expected = "cython"
     except ImportError:
         expected = "python"

@@ -10,7 +10,7 @@ few seconds, independently of the storage engine.
 tests/test_cli_tour.py runs the same verbs against the real storage nodes and writer.
 
 Run as a script, this file is the fake node: ``python tests/test_launcher.py [--log-level L]
-storage-node|writer|control-plane ...`` (the same arguments as engine/cli.py).
+storage-node|writer|control-plane ...`` (the same arguments as engine/cli/__init__.py).
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
-from engine import launcher  # noqa: E402
-from engine.launcher import DataDir, pid_belongs, pid_running  # noqa: E402
+from engine.cluster import launcher  # noqa: E402
+from engine.cluster.launcher import DataDir, pid_belongs, pid_running  # noqa: E402
 
 
 def fake_env() -> dict:
@@ -515,8 +515,8 @@ def test_foreground_up_sigint_stops_everything(tmp_path):
 def test_latency_watcher_sees_net_delay(tmp_path):
     """Scenario: `net delay` rewrites cluster.json; the writer's watcher (polled before each
     storage RPC) returns the new delays once, and nothing while the file is unchanged."""
-    from engine.cluster_config import ClusterConfig, LatencyWatcher
-    from engine.volume import AZS
+    from engine.format.cluster_config import ClusterConfig, LatencyWatcher
+    from engine.format.volume import AZS
 
     dd = DataDir(str(tmp_path))
     launcher.plan_cluster(dd).config.save(dd.cluster_json)
@@ -544,7 +544,7 @@ def test_gossip_latency_follows_cluster_json(tmp_path):
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from engine.cluster_config import ClusterConfig
+    from engine.format.cluster_config import ClusterConfig
     from storage_node.latency import PeerLatency, delay_interceptors
 
     dd = DataDir(str(tmp_path))

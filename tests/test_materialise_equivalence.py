@@ -1,6 +1,6 @@
 """The Cython materialiser is the pure-Python reference, byte for byte and error for error.
 
-engine/materialise_py.py defines what every record does to a page; engine/_materialise_cy.pyx
+engine/format/materialise_py.py defines what every record does to a page; engine/format/_materialise_cy.pyx
 must give identical pages and raise the same exception class with the same message at the
 same point, leaving the same partial changes behind (invariant 14: pages are a cache of log
 application, so two appliers must agree exactly).
@@ -33,9 +33,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from engine import materialise_py as py
-from engine import page as pg
-from engine import redo
+from engine.format import materialise_py as py
+from engine.format import page as pg
+from engine.format import redo
 from engine.errors import (
     BadLengthError,
     ChecksumError,
@@ -46,10 +46,10 @@ from engine.errors import (
     UnknownRecordTypeError,
     WrongPageTypeError,
 )
-from engine.redo import LSN_MAX, RecordType as RT
+from engine.format.redo import LSN_MAX, RecordType as RT
 
 cy = pytest.importorskip(
-    "engine._materialise_cy",
+    "engine.format._materialise_cy",
     reason="Cython materialiser not built (python setup.py build_ext --inplace)",
 )
 

@@ -19,9 +19,9 @@ import time
 import grpc
 import pytest
 
-from engine.cluster_config import ClusterConfig, Latency
-from engine.launcher import DataDir
-from engine.volume import AZS
+from engine.format.cluster_config import ClusterConfig, Latency
+from engine.cluster.launcher import DataDir
+from engine.format.volume import AZS
 from tests.test_cli_tour import Cli, commit_lsn
 
 SLOW = "sn3"            # az-b; the writer db1 is in az-a

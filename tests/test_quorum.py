@@ -1,11 +1,11 @@
-"""Tests of engine/quorum.py: the SCL -> PGCL -> VCL -> VDL state machine (invariants 2, 5)."""
+"""Tests of engine/writer/quorum.py: the SCL -> PGCL -> VCL -> VDL state machine (invariants 2, 5)."""
 
 import random
 
 import pytest
 
-from engine.quorum import CommitQueue, QuorumTracker
-from engine.volume import VW
+from engine.writer.quorum import CommitQueue, QuorumTracker
+from engine.format.volume import VW
 
 NODES = ("sn1", "sn2", "sn3", "sn4", "sn5", "sn6")
 

@@ -1,6 +1,6 @@
 """Recovery when many records lie above the last writer_vdl storage heard (invariant 10).
 
-Recovery (engine/recovery.py) learns ``since`` = the highest writer_vdl any segment was told,
+Recovery (engine/writer/recovery.py) learns ``since`` = the highest writer_vdl any segment was told,
 then walks the metadata of every chain record above it to find VDL, and re-appends
 (since, VDL] to a write quorum. How far VDL can run ahead of the writer_vdl storage holds
 is bounded only by LAL (100,000 by default): after an AZ+1 outage the writer has up to LAL
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.recovery import recover
-from engine.storage_driver import NodeInfo, StorageDriver
-from engine.volume import VolumeLayout
+from engine.writer.recovery import recover
+from engine.writer.storage_driver import NodeInfo, StorageDriver
+from engine.format.volume import VolumeLayout
 from tests.harness import NODE_AZS
 from tests.storage_client import ChainBuilder, StorageClient
 

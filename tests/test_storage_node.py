@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from aurora_pb import storage_pb2 as pb
-from engine.redo import encode_record, p_init_page, p_insert_cell
+from engine.format.redo import encode_record, p_init_page, p_insert_cell
 from storage_node import errors as E
 from storage_node import store as S
 from tests.harness import NODE_NAMES
@@ -543,7 +543,7 @@ def test_dropped_page_versions_are_rebuilt_from_the_log_identically(storage_clus
     """Scenario: invariant 14. Every materialised page version of a volume on stopped sn5
     is deleted (store.drop_page_versions). Rebuilding them from the log gives the same
     bytes; restarted, sn5 coalesces new versions from the log alone, and every page read
-    equals engine.materialise_py applied to the log, at the latest and older read points."""
+    equals engine.format.materialise_py applied to the log, at the latest and older read points."""
     chain = ChainBuilder("rebuild", seed=seed)
     client.create_volume(chain)
     points = []

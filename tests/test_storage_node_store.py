@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from engine.redo import encode_record, p_init_page
-from engine.volume import VolumeLayout
+from engine.format.redo import encode_record, p_init_page
+from engine.format.volume import VolumeLayout
 from storage_node import errors as E
 from storage_node import store as S
 from tests.storage_client import ChainBuilder
@@ -337,7 +337,7 @@ def test_dropping_versions_and_rebuilding_gives_identical_bytes(tmp_path, seed):
             assert image == chain.oracle_page(page_id, lsn)
 
 
-# --- Timelines (backtrack) and clones: engine/backtrack.py's storage side ---------------------
+# --- Timelines (backtrack) and clones: engine/writer/backtrack.py's storage side ---------------------
 
 
 def replace_set(store: S.Store, chain: ChainBuilder, truncs, epoch: int, prev_vdl: int = 0):

@@ -2,8 +2,8 @@
 
 Three layers:
 
-* the pure counting rules (engine/io_count.py, R1-R7) and the per-phase summary;
-* the baseline sink (engine/baseline.py) over a fake in-process chain: group commit, binlog
+* the pure counting rules (engine/baseline/io_count.py, R1-R7) and the per-phase summary;
+* the baseline sink (engine/baseline/mirrored.py) over a fake in-process chain: group commit, binlog
   sizes, the flush pipeline (double-write, home, metadata), LRU flushing, old versions;
 * a tiny known workload replayed through BOTH real paths (six storage-node processes with
   the real StorageDriver; four block-server processes with the baseline sink), every
@@ -23,8 +23,8 @@ import sys
 import pytest
 
 from aurora_pb import block_pb2 as bpb
-from engine import bench_procs, wa_workload
-from engine.baseline import (
+from engine.baseline import procs as bench_procs, workload as wa_workload
+from engine.baseline.mirrored import (
     BaselineSink,
     BlockChain,
     BlockTarget,
@@ -32,10 +32,10 @@ from engine.baseline import (
     binlog_event,
     rows_event_bytes,
 )
-from engine.cluster_config import Latency
-from engine.database import Database
+from engine.format.cluster_config import Latency
+from engine.db.database import Database
 from engine.errors import UnavailableError
-from engine.io_count import (
+from engine.baseline.io_count import (
     IO_UNIT_BYTES,
     Ledger,
     Tally,
@@ -45,10 +45,10 @@ from engine.io_count import (
     percentile,
     write_ios,
 )
-from engine.recovery import recover
-from engine.storage_driver import NodeInfo
-from engine.volume import VolumeLayout
-from engine.wa_bench import (
+from engine.writer.recovery import recover
+from engine.writer.storage_driver import NodeInfo
+from engine.format.volume import VolumeLayout
+from engine.baseline.wa_bench import (
     CountingDriver,
     block_server_status,
     compare,

@@ -1,0 +1,2 @@
+"""Reliability tooling: fault injection, the nemesis, and the chaos workload checkers.
+"""

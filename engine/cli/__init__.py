@@ -1,0 +1,124 @@
+"""The `aurora-lite` command: argparse subcommands for every process and verb.
+
+Subcommands are registered in ``build_parser``; each lives in the module that implements
+it and is imported lazily, so `aurora-lite version` does not pay for grpc or lmdb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import engine
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from engine import materialiser
+
+    print(f"aurora-lite {engine.__version__}")
+    print(f"materialiser: {materialiser.IMPLEMENTATION}")
+    return 0
+
+
+def cmd_storage_node(args: argparse.Namespace) -> int:
+    from storage_node.server import main as storage_main
+
+    return storage_main(args)
+
+
+def cmd_writer(args: argparse.Namespace) -> int:
+    from engine.instance.server import main as writer_main
+
+    return writer_main(args)
+
+
+def cmd_replica_process(args: argparse.Namespace) -> int:
+    """`aurora-lite replica --cluster C --writer W ...`: run a replica process. (`replica
+    add|remove` on a running cluster are verbs of engine/cli/cluster.py.)"""
+    missing = [flag for flag, value in (("--cluster", args.cluster), ("--writer", args.writer)) if not value]
+    if missing:
+        print(f"aurora-lite replica: {' and '.join(missing)} required to run a replica process "
+              f"(or: replica add | replica remove NAME on a running cluster)", file=sys.stderr)
+        return 2
+    return cmd_writer(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.cli import bench, chaos, cluster
+
+    parser = argparse.ArgumentParser(
+        prog="aurora-lite",
+        description="A teaching reimplementation of Amazon Aurora's storage layer.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("version", help="print the version and the active materialiser")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("storage-node", help="run one storage node process")
+    p.add_argument("--node-id", required=True, help="node name, e.g. sn1")
+    p.add_argument("--az", required=True, help="availability zone, e.g. az-a")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
+    p.add_argument("--data-dir", required=True, help="directory for this node's LMDB environment")
+    p.add_argument("--peers", default="", help="comma-separated peer addresses host:port for gossip")
+    p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--cluster-config", default=None,
+                   help="cluster.json: peers' AZs and the simulated latency for gossip (reloaded live)")
+    p.set_defaults(func=cmd_storage_node)
+
+    p = sub.add_parser("writer", help="run the writer instance (database service)")
+    p.add_argument("--cluster", required=True, help="cluster config JSON (storage nodes, layout)")
+    p.add_argument("--instance", default="db1", help="instance name (default db1)")
+    p.add_argument("--az", default="az-a", help="the instance's availability zone")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
+    p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--buffer-pool-pages", type=int, default=4096,
+                   help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.add_argument("--volume", default=None,
+                   help="the volume to open (default: the cluster config's); e.g. a clone")
+    p.add_argument("--backtrack-window", type=float, default=None, metavar="SECONDS",
+                   help="how far back backtrack and as-of reads may go; storage keeps that "
+                        "much history (default 3600, at most 259200 = 72 h)")
+    p.set_defaults(func=cmd_writer)
+
+    # One subcommand, two uses: with --cluster/--writer it runs a replica process; with
+    # add/remove (registered by engine/cli/cluster.py) it changes a running cluster.
+    p = sub.add_parser("replica", help="add|remove a replica of a running cluster, or run a replica "
+                                       "process (--cluster C --writer W)")
+    p.add_argument("--cluster", default=None, help="process: cluster config JSON (storage nodes, layout)")
+    p.add_argument("--writer", default=None, help="process: address host:port of the writer to follow")
+    p.add_argument("--instance", default="db2", help="instance name (default db2)")
+    p.add_argument("--az", default="az-b", help="the instance's availability zone")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
+    p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--buffer-pool-pages", type=int, default=4096,
+                   help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.set_defaults(func=cmd_replica_process)
+    cluster.register(sub)  # up, down, status, put, ... (docs/cli.md)
+    bench.register(sub)  # bench write-amplification, block-server
+    chaos.register(sub)  # chaos (docs/reliability.md)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    # Every line of a cluster process names it and its AZ, e.g. "[sn3 az-b]".
+    tag = getattr(args, "log_tag", None) or " ".join(
+        str(v) for v in (getattr(args, "node_id", None) or getattr(args, "instance", None),
+                         getattr(args, "az", None)) if v)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s " + (f"[{tag}] " if tag else "") + "%(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

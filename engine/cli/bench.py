@@ -1,0 +1,170 @@
+"""`aurora-lite bench write-amplification` and `aurora-lite block-server`.
+
+Registered by engine/cli/__init__.py's build_parser (``register(sub)``). Heavy modules (grpc,
+lmdb, the engine) are imported only when a command runs.
+
+    aurora-lite bench write-amplification [--rows N] [--clients C] [--duration S]
+        [--transactions T] [--buffer-pool-pages P] [--slow-ms MS] [--no-slow]
+        [--configs aurora-lite,baseline] [--json] [--chart PATH | --no-chart] [--keep-dir]
+
+prints the results table ([P17] Table 1 figures beside ours) on stdout, or the whole
+result as JSON with --json; a progress bar goes to stderr; a PNG chart is written when
+matplotlib (the ``plot`` extra: pip install 'aurora-lite[plot]') is installed.
+Method and counting rules: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+DEFAULT_CHART = "write-amplification.png"
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr (redrawn in place on a terminal; on a pipe,
+    one line per phase and every 25%)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._label = None
+        self._last_quarter = -1
+        self._started = time.monotonic()
+
+    def __call__(self, label: str, fraction: float, detail: str) -> None:
+        fraction = max(0.0, min(1.0, fraction))
+        filled = int(round(fraction * self.WIDTH))
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        elapsed = time.monotonic() - self._started
+        line = f"[{bar}] {fraction * 100:3.0f}% {label:<20} {detail}  ({elapsed:4.0f}s)"
+        if self.tty:
+            if label != self._label and self._label is not None:
+                self.stream.write("\n")
+            self.stream.write("\r" + line.ljust(100)[:110])
+        else:
+            quarter = int(fraction * 4)
+            if label == self._label and quarter == self._last_quarter:
+                return
+            self._last_quarter = quarter
+            self.stream.write(line + "\n")
+        self._label = label
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._label is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def cmd_block_server(args: argparse.Namespace) -> int:
+    from engine.baseline.block_server import main as block_main
+
+    return block_main(args)
+
+
+def cmd_bench_help(args: argparse.Namespace) -> int:
+    args.bench_parser.print_help()
+    return 2
+
+
+def cmd_write_amplification(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from engine.baseline import wa_bench
+
+    if args.duration is None and args.transactions is None:
+        args.duration = 20.0
+    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    cfg = wa_bench.BenchConfig(
+        rows=args.rows, clients=args.clients, duration_s=args.duration,
+        transactions=args.transactions, buffer_pool_pages=args.buffer_pool_pages,
+        slow_ms=args.slow_ms, slow_phase=not args.no_slow, configs=configs, seed=args.seed,
+        intra_az_ms=args.intra_az_ms, cross_az_ms=args.cross_az_ms,
+        base_dir=args.base_dir, keep_dir=args.keep_dir)
+    if args.log_level.upper() == "INFO":
+        # The engine's INFO lines (recovery, volume creation) would break the progress bar.
+        logging.getLogger().setLevel(logging.WARNING)
+    bar = None if args.no_progress else ProgressBar()
+    try:
+        results = asyncio.run(wa_bench.run_bench(cfg, bar))
+    except KeyboardInterrupt:
+        if bar:
+            bar.close()
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if bar:
+            bar.close()
+    chart = None
+    if not args.no_chart:
+        path = args.chart or DEFAULT_CHART
+        if wa_bench.write_chart(results, path):
+            chart = path
+            results["chart"] = path
+        elif args.chart:
+            print("no chart: matplotlib is not installed (pip install 'aurora-lite[plot]')",
+                  file=sys.stderr)
+    if args.json:
+        print(wa_bench.dumps(results))
+    else:
+        print(wa_bench.render(results))
+        if chart:
+            print(f"\nchart: {chart}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add `block-server` and `bench` to the `aurora-lite` subcommands."""
+    p = sub.add_parser("block-server", help="run one block server of the mirrored baseline")
+    p.add_argument("--name", dest="node_id", required=True, help="server name, e.g. bs1")
+    p.add_argument("--az", required=True, help="availability zone, e.g. az-a")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
+    p.add_argument("--data-dir", required=True, help="directory for the LMDB environment")
+    p.add_argument("--mirror", default=None, help="address host:port of the mirror (same AZ)")
+    p.add_argument("--mirror-delay-ms", type=float, default=0.0,
+                   help="simulated one-way delay to the mirror (default 0)")
+    p.add_argument("--map-size", type=int, default=4 << 30, help="LMDB map size in bytes")
+    p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.set_defaults(func=cmd_block_server)
+
+    bench = sub.add_parser("bench", help="benchmarks (write-amplification)")
+    bench.set_defaults(func=cmd_bench_help, bench_parser=bench)
+    verbs = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    w = verbs.add_parser(
+        "write-amplification",
+        help="aurora-lite vs a mirrored page-writing baseline ([P17] Table 1)",
+        description="Run a SysBench oltp_write_only-like workload against aurora-lite (six "
+                    "storage-node processes, 4/6 quorum) and against mirrored MySQL's storage "
+                    "path (four block-server processes), healthy and with one slow node, and "
+                    "print I/Os, bytes, throughput and latency per transaction side by side. "
+                    "See docs/benchmarks.md.")
+    w.add_argument("--rows", type=int, default=1000, help="table rows (default 1000)")
+    w.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    w.add_argument("--duration", type=float, default=None,
+                   help="seconds per measured phase (default 20 unless --transactions)")
+    w.add_argument("--transactions", type=int, default=None,
+                   help="committed transactions per measured phase (instead of a duration)")
+    w.add_argument("--buffer-pool-pages", type=int, default=256,
+                   help="buffer pool of both configurations, 8 KiB pages (default 256)")
+    w.add_argument("--slow-ms", type=float, default=10.0,
+                   help="extra one-way delay into the slow node (default 10 ms)")
+    w.add_argument("--no-slow", action="store_true", help="skip the slow-node phase")
+    w.add_argument("--configs", default="aurora-lite,baseline",
+                   help="which configurations to run (default both)")
+    w.add_argument("--intra-az-ms", type=float, default=0.25, help="one-way delay inside an AZ")
+    w.add_argument("--cross-az-ms", type=float, default=1.0, help="one-way delay between AZs")
+    w.add_argument("--seed", type=int, default=1)
+    w.add_argument("--json", action="store_true", help="print the full result as JSON")
+    w.add_argument("--chart", default=None, help=f"PNG path (default ./{DEFAULT_CHART})")
+    w.add_argument("--no-chart", action="store_true", help="write no chart")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    w.add_argument("--base-dir", default=None, help="where the processes' data and logs go "
+                   "(default: a temporary dir, removed afterwards)")
+    w.add_argument("--keep-dir", action="store_true", help="keep the temporary dir")
+    w.set_defaults(func=cmd_write_amplification)

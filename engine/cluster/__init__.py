@@ -1,0 +1,2 @@
+"""The local cluster: data dir and port plan (launcher) and the control plane.
+"""

@@ -1,0 +1,518 @@
+"""Local processes of a cluster: the data dir, port planning, launching and stopping.
+
+`aurora-lite up` and the control plane (engine/cluster/control_plane.py) share this module. It
+imports no gRPC, so it can be used from a process before gRPC starts.
+
+Data dir layout (default ``./.aurora-lite``; ``--data-dir`` or $AURORA_LITE_DATA_DIR)::
+
+    DATA_DIR/
+      cluster.json     storage nodes (name, AZ, address), volume layout, LAL, latency;
+                       written by the control plane BEFORE any process starts
+                       (engine/format/cluster_config.py); `net delay` rewrites its latency
+      control.json     control plane address and pid, the cluster endpoint, and every
+                       process's role, AZ, address, pid and state; rewritten on every
+                       change; after a shutdown it stays with "running": false (the
+                       next `up` reuses its ports when they are free)
+      topology.json    the compute instances (name, AZ, promotion tier), which one is the
+                       writer, and the custom endpoints; rewritten on every change (failover,
+                       `replica add|remove`, `endpoint create|delete`), so the next `up`
+                       brings the same instances back with the roles they had
+      control.lock     flock held by the running control plane (one per data dir)
+      sn1/ ... sn6/    each storage node's data (LMDB environment)
+      logs/NAME.log    stdout + stderr of each process (control.log, sn1.log, db1.log, ...)
+
+Processes are always fresh subprocesses (``python -m engine.cli ...``), never a fork of a
+process that runs gRPC (DESIGN.md section 4). Every process of a cluster has the data dir
+in its command line, which is how a pid read from control.json is told apart from an
+unrelated process that reused the pid.
+
+Port plan with ``--base-port N``: control plane N, db1 N+1 (db2.. N+2..), sn1..sn6
+N+11..N+16. Without it: each process keeps the previous run's port if it is still free,
+else gets a free port chosen by the kernel. A replica added later (`replica add`) gets a
+free port from the kernel.
+
+Instances: db1 starts as the writer, db2..db(N+1) as its read replicas, spread over the AZs
+(db1 az-a, db2 az-b, db3 az-c, db4 az-a, ...), each with a promotion tier (db1 0, db2 1,
+db3 2, ...; lower is promoted first, as in Aurora's tiers 0-15). Names never change; the
+writer role moves on failover and topology.json remembers where it went.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from engine.format.volume import AZS, NODES_PER_AZ
+
+DEFAULT_DATA_DIR = ".aurora-lite"
+DATA_DIR_ENV = "AURORA_LITE_DATA_DIR"
+# Test hook: a JSON list that replaces [sys.executable, "-m", "engine.cli"] as the command
+# prefix of every launched process (tests/test_launcher.py runs fake nodes with it).
+EXEC_ENV = "AURORA_LITE_EXEC"
+HOST = "127.0.0.1"
+
+STORAGE_NODES: list[tuple[str, str]] = [
+    (f"sn{i + 1}", AZS[i // NODES_PER_AZ]) for i in range(len(AZS) * NODES_PER_AZ)]
+assert STORAGE_NODES[0] == ("sn1", "az-a") and STORAGE_NODES[5] == ("sn6", "az-c")
+CONTROL_PORT_OFFSET = 0
+INSTANCE_PORT_OFFSET = 1      # db1 -> base+1, db2 -> base+2, ...
+STORAGE_PORT_OFFSET = 11      # sn1 -> base+11, ..., sn6 -> base+16
+
+DEFAULT_REPLICAS = 1          # `up` without --replicas on a new data dir
+MAX_INSTANCES = STORAGE_PORT_OFFSET - INSTANCE_PORT_OFFSET   # db1..db10 fit the port plan
+MAX_REPLICAS = MAX_INSTANCES - 1
+TIER_MAX = 15                 # promotion tiers 0..15 (Aurora's range); lower wins
+assert MAX_REPLICAS == 9 and INSTANCE_PORT_OFFSET + MAX_INSTANCES <= STORAGE_PORT_OFFSET
+
+STOP_GRACE_S = 5.0
+
+
+def resolve_data_dir(arg: str | None) -> str:
+    """The absolute data dir: --data-dir, else $AURORA_LITE_DATA_DIR, else ./.aurora-lite."""
+    return os.path.abspath(arg or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """Paths inside one cluster's data dir (see the module doc)."""
+
+    root: str
+
+    @property
+    def cluster_json(self) -> str:
+        return os.path.join(self.root, "cluster.json")
+
+    @property
+    def control_json(self) -> str:
+        return os.path.join(self.root, "control.json")
+
+    @property
+    def topology_json(self) -> str:
+        return os.path.join(self.root, "topology.json")
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.root, "control.lock")
+
+    @property
+    def logs(self) -> str:
+        return os.path.join(self.root, "logs")
+
+    def log(self, name: str) -> str:
+        return os.path.join(self.logs, f"{name}.log")
+
+    def node_dir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def make(self) -> None:
+        os.makedirs(self.logs, exist_ok=True)
+
+
+# --- Topology: instances, tiers, the writer, custom endpoints ---------------------------
+
+
+@dataclass
+class InstanceSpec:
+    """One compute instance of the cluster: its name and AZ never change; tier may."""
+
+    name: str
+    az: str
+    tier: int
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.tier <= TIER_MAX, f"tier {self.tier} outside 0..{TIER_MAX}"
+        assert self.az in AZS, self.az
+
+
+def instance_number(name: str) -> int:
+    """db7 -> 7 (0 for a name that is not dbN)."""
+    return int(name[2:]) if name.startswith("db") and name[2:].isdigit() else 0
+
+
+def default_instance(number: int) -> InstanceSpec:
+    """dbN's defaults: AZs round robin from az-a, tier N-1 (db1 0, db2 1, ...)."""
+    assert number >= 1
+    return InstanceSpec(f"db{number}", AZS[(number - 1) % len(AZS)], min(number - 1, TIER_MAX))
+
+
+@dataclass
+class Topology:
+    """DATA_DIR/topology.json: what `up` brings back (see the module doc)."""
+
+    writer: str
+    instances: list[InstanceSpec]
+    endpoints: dict[str, list[str]] = field(default_factory=dict)   # custom endpoint -> members
+
+    @classmethod
+    def initial(cls, replicas: int = DEFAULT_REPLICAS) -> "Topology":
+        if not 0 <= replicas <= MAX_REPLICAS:
+            raise ValueError(f"--replicas {replicas} is out of range (0..{MAX_REPLICAS})")
+        return cls("db1", [default_instance(i + 1) for i in range(replicas + 1)])
+
+    @classmethod
+    def load(cls, dd: "DataDir") -> "Topology | None":
+        data = read_json(dd.topology_json)
+        if not data:
+            return None
+        topo = cls(data["writer"], [InstanceSpec(i["name"], i["az"], int(i["tier"]))
+                                    for i in data["instances"]],
+                   {k: list(v) for k, v in data.get("endpoints", {}).items()})
+        topo.check()
+        return topo
+
+    def save(self, dd: "DataDir") -> None:
+        self.check()
+        write_json_atomic(dd.topology_json, {
+            "writer": self.writer,
+            "instances": [{"name": i.name, "az": i.az, "tier": i.tier} for i in self.instances],
+            "endpoints": self.endpoints})
+
+    def check(self) -> None:
+        names = self.names
+        assert len(set(names)) == len(names), f"duplicate instance names: {names}"
+        assert self.writer in names, f"writer {self.writer} is not an instance ({names})"
+        assert 1 <= len(names) <= MAX_INSTANCES, names
+        for members in self.endpoints.values():
+            assert set(members) <= set(names), members
+
+    @property
+    def names(self) -> list[str]:
+        return [i.name for i in self.instances]
+
+    @property
+    def replicas(self) -> list[InstanceSpec]:
+        return [i for i in self.instances if i.name != self.writer]
+
+    def get(self, name: str) -> InstanceSpec | None:
+        return next((i for i in self.instances if i.name == name), None)
+
+    def next_instance(self, tier: int | None = None, az: str | None = None) -> InstanceSpec:
+        """A new replica: the lowest free dbN (N <= MAX_INSTANCES, so the port plan holds;
+        a removed replica's name can come back), dbN's default AZ, and a tier one worse
+        than the worst so far (a new replica is promoted last unless ``tier`` says).
+        Raises ValueError on a full cluster or a bad tier or AZ."""
+        if len(self.instances) >= MAX_INSTANCES:
+            raise ValueError(f"a cluster has at most {MAX_INSTANCES} instances "
+                             f"(the writer and {MAX_REPLICAS} replicas)")
+        used = {instance_number(n) for n in self.names}
+        number = min(n for n in range(1, MAX_INSTANCES + 1) if n not in used)
+        spec = default_instance(number)
+        if tier is not None:
+            if not 0 <= tier <= TIER_MAX:
+                raise ValueError(f"--tier {tier} is out of range (0..{TIER_MAX})")
+            spec.tier = tier
+        else:
+            spec.tier = min(TIER_MAX, max(i.tier for i in self.instances) + 1)
+        if az is not None:
+            if az not in AZS:
+                raise ValueError(f"unknown AZ {az!r} (one of {', '.join(AZS)})")
+            spec.az = az
+        return spec
+
+
+def load_topology(dd: "DataDir", replicas: int | None = None) -> Topology:
+    """The saved topology of dd, or a new one with ``replicas`` replicas (default 1).
+
+    Raises ValueError if ``replicas`` is given and differs from a saved topology:
+    `replica add|remove` change a cluster's replicas, `up` brings back what was saved.
+    """
+    saved = Topology.load(dd)
+    if saved is None:
+        return Topology.initial(DEFAULT_REPLICAS if replicas is None else replicas)
+    if replicas is not None and replicas != len(saved.replicas):
+        have = ", ".join(i.name for i in saved.replicas) or "none"
+        raise ValueError(f"this data dir's cluster has {len(saved.replicas)} replica(s) "
+                         f"({have}); `up` brings back what it had: leave out --replicas, or "
+                         f"use `aurora-lite replica add|remove` on the running cluster")
+    return saved
+
+
+# --- Ports --------------------------------------------------------------------------------
+
+
+#: Listening ports are chosen below the kernel's ephemeral range, where the source ports of
+#: outgoing connections (every gRPC client here) come from: a port chosen inside it can be
+#: taken by a client connection before the server binds it, or before a restart rebinds it.
+LISTEN_PORT_LOW = 20000
+
+
+def ephemeral_port_low() -> int:
+    """Lowest port the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """n distinct ports that are free right now, below the ephemeral range if it leaves
+    room (all bound at once, then released), else chosen by the kernel."""
+    import random
+
+    socks = []
+    try:
+        high = ephemeral_port_low()
+        candidates = list(range(LISTEN_PORT_LOW, high))
+        random.shuffle(candidates)
+        for port in candidates:
+            if len(socks) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_free(port: int, host: str = HOST) -> bool:
+    """True if a server could listen on ``port`` now. SO_REUSEADDR, as gRPC's own bind
+    uses: connections of a stopped server linger in TIME_WAIT on its port for a minute,
+    and they do not stop a new server from listening there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+@dataclass
+class Plan:
+    """Where every process of the cluster listens."""
+
+    config: "ClusterConfig"  # noqa: F821 (engine.format.cluster_config, imported lazily)
+    instance_ports: dict[str, int]
+    control_port: int           # 0: let gRPC choose
+
+
+def plan_cluster(dd: DataDir, *, base_port: int | None = None,
+                 intra_az_ms: float | None = None, cross_az_ms: float | None = None,
+                 host: str = HOST, instances: list[str] | None = None) -> Plan:
+    """The cluster config and ports for a start of the cluster in ``dd``.
+
+    An existing cluster.json keeps its volume, layout, LAL and latency (flags given here
+    override the latency); only addresses may change. ``instances``: the compute
+    instances to plan ports for (default: those of dd's saved topology, or db1 and db2).
+    With --base-port, dbN listens on base + N.
+    """
+    from engine.format.cluster_config import ClusterConfig, Latency  # imports grpc: only when planning
+    from engine.writer.storage_driver import NodeInfo
+
+    previous = ClusterConfig.load(dd.cluster_json) if os.path.exists(dd.cluster_json) else None
+    latency = previous.latency if previous else Latency()
+    if intra_az_ms is not None:
+        latency.intra_az_ms = float(intra_az_ms)
+    if cross_az_ms is not None:
+        latency.cross_az_ms = float(cross_az_ms)
+    if latency.intra_az_ms < 0 or latency.cross_az_ms < 0:
+        raise ValueError("latencies must be >= 0 ms")
+
+    names = [n for n, _ in STORAGE_NODES]
+    inst_names = instances if instances is not None else (Topology.load(dd) or Topology.initial()).names
+    if base_port is not None:
+        if not 1024 <= base_port <= 65535 - STORAGE_PORT_OFFSET - len(names):
+            raise ValueError(f"--base-port {base_port} is out of range")
+        sn_ports = {n: base_port + STORAGE_PORT_OFFSET + i for i, n in enumerate(names)}
+        inst_ports = {n: base_port + INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}
+        control_port = base_port + CONTROL_PORT_OFFSET
+        busy = [p for p in [control_port, *sn_ports.values(), *inst_ports.values()]
+                if not port_free(p, host)]
+        if busy:
+            raise ValueError(f"ports in use: {', '.join(map(str, busy))} (choose another --base-port)")
+    else:
+        old_sn = {n.name: _port_of(n.address) for n in previous.storage_nodes} if previous else {}
+        old_inst = _previous_instance_ports(dd)
+        wanted = {**{n: old_sn.get(n) for n in names}, **{n: old_inst.get(n) for n in inst_names}}
+        # Keep each process's previous port if it is free; new free ports for the rest.
+        fresh = free_ports(len(wanted), host)
+        chosen: dict[str, int] = {}
+        for name, port in wanted.items():
+            if not port or port in chosen.values() or not port_free(port, host):
+                port = next((p for p in fresh if p not in chosen.values() and p not in wanted.values()), 0)
+                while not port or port in chosen.values() or port in wanted.values():
+                    port = free_ports(1, host)[0]
+            chosen[name] = port
+        sn_ports = {n: chosen[n] for n in names}
+        inst_ports = {n: chosen[n] for n in inst_names}
+        control_port = 0
+    nodes = [NodeInfo(n, az, f"{host}:{sn_ports[n]}") for n, az in STORAGE_NODES]
+    if previous:
+        config = ClusterConfig(storage_nodes=nodes, volume=previous.volume,
+                               pg_count=previous.pg_count, stripe_pages=previous.stripe_pages,
+                               lal=previous.lal, latency=latency)
+    else:
+        config = ClusterConfig(storage_nodes=nodes, latency=latency)
+    return Plan(config, inst_ports, control_port)
+
+
+def _previous_instance_ports(dd: DataDir) -> dict[str, int]:
+    """Instance ports of the last run (control.json outlives the cluster for this)."""
+    info = read_json(dd.control_json) or {}
+    ports = {}
+    for name, proc in info.get("processes", {}).items():
+        if proc.get("role") != "storage" and proc.get("address"):
+            ports[name] = _port_of(proc["address"])
+    return ports
+
+
+# --- JSON files -------------------------------------------------------------------------
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --- Processes --------------------------------------------------------------------------
+
+
+def base_command() -> list[str]:
+    """How to run `aurora-lite` as a fresh process."""
+    override = os.environ.get(EXEC_ENV)
+    if override:
+        return list(json.loads(override))
+    return [sys.executable, "-m", "engine.cli"]
+
+
+def pid_running(pid: int) -> bool:
+    """True if pid is a live process (zombies count as dead)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def pid_belongs(pid: int, data_dir: str) -> bool:
+    """True if pid is a live process of the cluster in data_dir (its command line names
+    the data dir or a path inside it), so a reused pid is never signalled."""
+    if not pid_running(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    root = os.path.abspath(data_dir).encode()
+    return any(a == root or a.startswith(root + os.sep.encode()) for a in args)
+
+
+def spawn(argv: list[str], log_path: str, *, new_session: bool = False,
+          env: dict | None = None) -> subprocess.Popen:
+    """Start a fresh process with stdout and stderr appended to log_path."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    child_env = dict(os.environ if env is None else env)
+    child_env["PYTHONUNBUFFERED"] = "1"
+    with open(log_path, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} launching: {' '.join(argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, close_fds=True,
+                                start_new_session=new_session, env=child_env)
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited {returncode}"
+
+
+def stop_pids(pids: dict[str, int], data_dir: str, grace_s: float = STOP_GRACE_S) -> list[str]:
+    """Blocking stop of processes that are not our children (leftovers of a control plane
+    that died): SIGTERM, wait up to grace_s, SIGKILL. Returns one line per process."""
+    report = []
+    live = {name: pid for name, pid in pids.items() if pid_belongs(pid, data_dir)}
+    for name, pid in live.items():
+        _signal(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGCONT)   # a paused process cannot act on SIGTERM
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(pid_running(p) for p in live.values()):
+        time.sleep(0.05)
+    for name, pid in live.items():
+        if pid_running(pid):
+            _signal(pid, signal.SIGKILL)
+            report.append(f"{name} (pid {pid}): SIGTERM, still running after {grace_s:.0f}s, SIGKILL")
+        else:
+            report.append(f"{name} (pid {pid}): SIGTERM, exited")
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(pid_running(p) for p in live.values()):
+        time.sleep(0.05)
+    return report
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# --- control.json -----------------------------------------------------------------------
+
+
+def read_control(dd: DataDir) -> dict | None:
+    return read_json(dd.control_json)
+
+
+def running_control(dd: DataDir) -> dict | None:
+    """control.json if its control plane is alive, else None."""
+    info = read_control(dd)
+    if not info or not info.get("running", False):
+        return None
+    pid = int(info.get("control", {}).get("pid", 0))
+    return info if pid_belongs(pid, dd.root) else None
+
+
+def cluster_pids(info: dict) -> dict[str, int]:
+    """Every pid control.json names, the control plane included."""
+    pids = {name: int(p.get("pid") or 0) for name, p in info.get("processes", {}).items()}
+    pids["control-plane"] = int(info.get("control", {}).get("pid") or 0)
+    return {n: p for n, p in pids.items() if p}

@@ -1,0 +1,161 @@
+"""The cluster config file: where the storage nodes are, the volume layout, LAL, latency.
+
+The launcher writes it as ``cluster.json`` in the data dir once the storage nodes are
+serving; `aurora-lite writer --cluster FILE` and the tests read it. Example::
+
+    {
+      "volume": "main",
+      "pg_count": 8, "stripe_pages": 64,
+      "lal": 100000,
+      "storage_nodes": [{"name": "sn1", "az": "az-a", "address": "127.0.0.1:40001"}, ...],
+      "latency": {"intra_az_ms": 0.25, "cross_az_ms": 1.0, "extra_az_ms": {"az-b": 50},
+                  "extra_node_ms": {"sn3": 50}}
+    }
+
+Latency model (DESIGN.md section 4): a one-way delay between AZs and between an instance
+and each AZ. ``intra_az_ms`` applies within an AZ, ``cross_az_ms`` across AZs, and
+``extra_az_ms`` adds a per-AZ delay on every link into that AZ (`aurora-lite net delay`).
+``extra_node_ms`` adds a per-node delay on every link into that one storage node (and on
+the node's own calls to its peers): a slow outlier (`aurora-lite net delay --node`), which
+the 4/6 write quorum should hide (bench/bench_outlier.py). ``extra_node_ms`` is optional in
+the file; a config without it has no slow node.
+Running processes pick a change up within 0.5 s through ``LatencyWatcher``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from engine.format.volume import DEFAULT_PG_COUNT, DEFAULT_STRIPE_PAGES, VolumeLayout
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One storage node of the cluster."""
+
+    name: str
+    az: str
+    address: str
+
+
+DEFAULT_LAL = 100_000
+DEFAULT_INTRA_AZ_MS = 0.25
+DEFAULT_CROSS_AZ_MS = 1.0
+LATENCY_CHECK_INTERVAL_S = 0.5
+
+
+@dataclass
+class Latency:
+    intra_az_ms: float = DEFAULT_INTRA_AZ_MS
+    cross_az_ms: float = DEFAULT_CROSS_AZ_MS
+    extra_az_ms: dict[str, float] = field(default_factory=dict)
+    extra_node_ms: dict[str, float] = field(default_factory=dict)   # node name -> extra ms
+
+    def one_way_ms(self, from_az: str, to_az: str, *, from_node: str | None = None,
+                   to_node: str | None = None) -> float:
+        """One-way delay of a link; naming its end nodes adds their ``extra_node_ms``."""
+        base = self.intra_az_ms if from_az == to_az else self.cross_az_ms
+        return base + self.extra_az_ms.get(to_az, 0.0) + (
+            self.extra_az_ms.get(from_az, 0.0) if from_az != to_az else 0.0) + (
+            self.extra_node_ms.get(to_node, 0.0) if to_node else 0.0) + (
+            self.extra_node_ms.get(from_node, 0.0) if from_node and from_node != to_node else 0.0)
+
+    def from_az(self, from_az: str, azs) -> dict[str, float]:
+        """One-way delay from an instance in ``from_az`` to each AZ, plus, keyed by node
+        name, the extra delay of each slowed node: the storage driver (``link_delay_ms``)
+        adds a node's entry to its AZ's. No node entries when no node is slowed."""
+        out = {az: self.one_way_ms(from_az, az) for az in azs}
+        out.update((name, ms) for name, ms in self.extra_node_ms.items() if ms)
+        return out
+
+
+@dataclass
+class ClusterConfig:
+    storage_nodes: list[NodeInfo]
+    volume: str = "main"
+    pg_count: int = DEFAULT_PG_COUNT
+    stripe_pages: int = DEFAULT_STRIPE_PAGES
+    lal: int = DEFAULT_LAL
+    latency: Latency = field(default_factory=Latency)
+
+    @property
+    def layout(self) -> VolumeLayout:
+        return VolumeLayout(self.pg_count, self.stripe_pages)
+
+    def to_json(self) -> dict:
+        return {
+            "volume": self.volume, "pg_count": self.pg_count, "stripe_pages": self.stripe_pages,
+            "lal": self.lal,
+            "storage_nodes": [{"name": n.name, "az": n.az, "address": n.address}
+                              for n in self.storage_nodes],
+            "latency": {"intra_az_ms": self.latency.intra_az_ms,
+                        "cross_az_ms": self.latency.cross_az_ms,
+                        "extra_az_ms": dict(self.latency.extra_az_ms),
+                        "extra_node_ms": dict(self.latency.extra_node_ms)},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ClusterConfig":
+        nodes = [NodeInfo(n["name"], n["az"], n["address"]) for n in data["storage_nodes"]]
+        if len(nodes) != 6:
+            raise ValueError(f"a cluster has 6 storage nodes, the config lists {len(nodes)}")
+        lat = data.get("latency", {})
+        return cls(
+            storage_nodes=nodes, volume=data.get("volume", "main"),
+            pg_count=int(data.get("pg_count", DEFAULT_PG_COUNT)),
+            stripe_pages=int(data.get("stripe_pages", DEFAULT_STRIPE_PAGES)),
+            lal=int(data.get("lal", DEFAULT_LAL)),
+            latency=Latency(float(lat.get("intra_az_ms", DEFAULT_INTRA_AZ_MS)),
+                            float(lat.get("cross_az_ms", DEFAULT_CROSS_AZ_MS)),
+                            {k: float(v) for k, v in lat.get("extra_az_ms", {}).items()},
+                            {k: float(v) for k, v in lat.get("extra_node_ms", {}).items()}))
+
+    @classmethod
+    def load(cls, path: str) -> "ClusterConfig":
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+        os.replace(tmp, path)
+
+
+class LatencyWatcher:
+    """Live latency for `aurora-lite net delay`, which rewrites cluster.json atomically.
+
+    ``poll()`` is cheap enough to call before every RPC: at most every ``interval_s`` it
+    stats the file, and only when its (mtime, inode, size) changed does it re-read it.
+    It returns the new Latency when the file changed, else None.
+    """
+
+    def __init__(self, path: str, interval_s: float = LATENCY_CHECK_INTERVAL_S) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._next_check_s = 0.0
+        self._signature = self._stat()
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    def poll(self) -> Latency | None:
+        now = time.monotonic()
+        if now < self._next_check_s:
+            return None
+        self._next_check_s = now + self.interval_s
+        signature = self._stat()
+        if signature is None or signature == self._signature:
+            return None
+        self._signature = signature
+        try:
+            return ClusterConfig.load(self.path).latency
+        except (OSError, ValueError, KeyError):
+            return None   # caught mid-write by a non-atomic editor: try again next change

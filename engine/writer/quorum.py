@@ -1,0 +1,168 @@
+"""Quorum bookkeeping: acks -> SCL -> PGCL -> VCL -> VDL, and commit release. No I/O.
+
+Like etcd's raft core, this is a plain state machine: the storage driver feeds it the
+records it sent and the acks it got, and asks it questions. It can be tested exhaustively
+and handed to students as a lab (tests/test_quorum.py).
+
+Definitions (DESIGN.md section 2, [P17] 4.1, [P18] 2.3)::
+
+    SCL(node, pg)  reported by a node in every ack: highest LSN up to which its segment of
+                   pg holds every record of pg (invariant 4).
+    PGCL(pg)       the Vw-th highest SCL among the V segments of pg: the highest LSN that
+                   4 of 6 segments hold completely (invariant 5).
+    VCL            highest LSN below which every record, in every PG, is at or below its
+                   PG's PGCL, i.e. met write quorum.
+    VDL            highest CPL <= VCL. Commits, reads and replicas key off VDL.
+
+Worked example 1 [P17 4.1]: CPLs at 900, 1000 and 1100, log complete up to 1007:
+VCL = 1007, VDL = 1000.
+Worked example 2 [P18 2.3]: PG1 holds the odd LSNs, PG2 the even ones; PGCL(PG1) = 103,
+PGCL(PG2) = 104. Record 105 (PG1) is above PGCL(PG1), so VCL = 104.
+
+How VCL is found: the tracker keeps the records not yet known durable in LSN order. After
+an ack raises some PGCL, it pops records from the front while each is at or below its PG's
+PGCL. VCL is then just below the first record still pending (or the newest record sent
+if none is). Each record is pushed once and popped once, so the work per record is O(1).
+
+Invariant 5: none of SCL, PGCL, VCL, VDL ever moves backwards within an epoch; an SCL
+lower than one already seen from the same node (a reordered reply) is ignored.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import Any, Iterable
+
+from engine import planted_bugs
+from engine.format.volume import V, VW
+
+# Test-only planted bug (engine/planted_bugs.py): PGCL one segment short of Vw.
+_PGCL_RANK = VW - 1 if planted_bugs.vdl_short_quorum() else VW
+
+
+class QuorumTracker:
+    """Turns per-node SCL acks into PGCL, VCL and VDL for one volume epoch.
+
+    ``start_lsn`` is the durable starting point (0 for a new volume, the recovered VDL
+    after recovery): everything at or below it is durable and consistent.
+    """
+
+    def __init__(self, nodes: Iterable[str], start_lsn: int = 0,
+                 pg_tails: dict[int, int] | None = None) -> None:
+        self.nodes = tuple(nodes)
+        assert len(self.nodes) == V, f"a PG has {V} segments, got nodes {self.nodes}"
+        self.scl: dict[tuple[str, int], int] = {}      # (node, pg) -> highest SCL reported
+        self.pgcl: dict[int, int] = {}                  # pg -> PG complete LSN
+        self.vcl = start_lsn
+        self.vdl = start_lsn
+        self.last_sent_lsn = start_lsn
+        # Records not yet at write quorum, in LSN order: (lsn, pg, is_cpl).
+        self._pending: deque[tuple[int, int, bool]] = deque()
+        # Records at write quorum but above VDL: (lsn, pg). Drained into vdl_tails.
+        self._durable_above_vdl: deque[tuple[int, int]] = deque()
+        # pg -> LSN of the newest record of that PG at or below VDL (the PG's tail as
+        # seen by a reader at read point VDL; see ReadPage.min_scl).
+        self.vdl_tails: dict[int, int] = dict(pg_tails or {})
+
+    # --- Feeding -----------------------------------------------------------------------
+
+    def record_sent(self, lsn: int, pg: int, is_cpl: bool) -> None:
+        """Register a record that was (or is about to be) shipped, in LSN order."""
+        assert lsn > self.last_sent_lsn, f"records must be registered in LSN order ({lsn} <= {self.last_sent_lsn})"
+        self.last_sent_lsn = lsn
+        self._pending.append((lsn, pg, is_cpl))
+
+    def ack(self, node: str, pg: int, scl: int) -> bool:
+        """A node reports its SCL for pg. Returns True if VDL moved forward."""
+        key = (node, pg)
+        if scl <= self.scl.get(key, 0):
+            return False  # nothing new, or a reordered older reply (invariant 5)
+        self.scl[key] = scl
+        new_pgcl = self._quorum_scl(pg)
+        if new_pgcl <= self.pgcl.get(pg, 0):
+            return False
+        self.pgcl[pg] = new_pgcl
+        return self._advance()
+
+    # --- Questions ---------------------------------------------------------------------
+
+    def pending_count(self) -> int:
+        """Records sent but not yet at write quorum."""
+        return len(self._pending)
+
+    def node_scl(self, node: str, pg: int) -> int:
+        return self.scl.get((node, pg), 0)
+
+    def min_scl_for_read(self, pg: int) -> int:
+        """Lowest segment SCL that can serve a read of ``pg`` at read point VDL."""
+        return self.vdl_tails.get(pg, 0)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as plain data, for status output and tests."""
+        return {
+            "vcl": self.vcl, "vdl": self.vdl, "last_sent_lsn": self.last_sent_lsn,
+            "pending": len(self._pending), "pgcl": dict(self.pgcl),
+            "scl": {f"{n}/{p}": s for (n, p), s in sorted(self.scl.items())},
+        }
+
+    # --- Internals ---------------------------------------------------------------------
+
+    def _quorum_scl(self, pg: int) -> int:
+        """The VW-th highest SCL of pg's segments (0 if fewer than VW have reported)."""
+        scls = sorted((self.scl.get((n, pg), 0) for n in self.nodes), reverse=True)
+        return scls[_PGCL_RANK - 1]
+
+    def _advance(self) -> bool:
+        old_vdl = self.vdl
+        pending = self._pending
+        while pending:
+            lsn, pg, is_cpl = pending[0]
+            if lsn > self.pgcl.get(pg, 0):
+                break
+            pending.popleft()
+            self._durable_above_vdl.append((lsn, pg))
+            if is_cpl:
+                self.vdl = lsn
+        self.vcl = pending[0][0] - 1 if pending else self.last_sent_lsn
+        assert self.vdl <= self.vcl, f"VDL {self.vdl} above VCL {self.vcl}"
+        if self.vdl != old_vdl:
+            drained = self._durable_above_vdl
+            while drained and drained[0][0] <= self.vdl:
+                lsn, pg = drained.popleft()
+                self.vdl_tails[pg] = lsn
+        return self.vdl > old_vdl
+
+
+class CommitQueue:
+    """Waiters keyed by LSN, released in LSN order once VDL reaches them (invariant 2).
+
+    The driver puts a token (an asyncio.Future, in practice) per committing MTR and, after
+    every ack that moved VDL, takes the tokens whose LSN <= VDL. One ack can release many
+    commits: that is group commit without a timer.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Any]] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def put(self, lsn: int, token: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (lsn, self._seq, token))
+
+    def release(self, vdl: int) -> list[Any]:
+        """Remove and return every token whose LSN <= vdl, lowest LSN first."""
+        out = []
+        heap = self._heap
+        while heap and heap[0][0] <= vdl:
+            out.append(heapq.heappop(heap)[2])
+        return out
+
+    def drain(self) -> list[Any]:
+        """Remove and return every token (on shutdown or fencing)."""
+        out = [t for _, _, t in sorted(self._heap)]
+        self._heap.clear()
+        return out

@@ -1,0 +1,522 @@
+"""The storage driver: ships redo to six storage nodes and turns their acks into VDL.
+
+This is the real ``RedoSink`` (engine/db/sink.py). It is the only part of the writer that
+talks to storage, and it never sends a page (invariant 1).
+
+Write path::
+
+    engine MTR --submit(records)--> open batch (per PG) --seal--> one AppendRequest,
+                                                                   serialised ONCE
+          --> the same bytes to all six nodes (one task each, with retries)
+          <-- acks: per PG SCL --> QuorumTracker: PGCL -> VCL -> VDL
+          --> CommitQueue releases every commit whose LSN <= VDL (invariant 2)
+
+Batching without a timer: a sealed batch is "in flight" until Vw = 4 nodes acked it.
+While fewer than ``max_inflight_batches`` are in flight the open batch is sealed and sent
+at once (a lone commit goes out immediately); otherwise records pile up in the open batch
+and leave together when an in-flight batch reaches quorum. So the batch size follows the
+load: one record at one client, hundreds at 64.
+
+A send to a node that fails (down, paused, timed out) is retried with backoff until the
+batch's records are durable (VCL passed them), then dropped: a node that missed records
+fills its gap from its peers by gossip. Slow nodes never hold a commit back as long as four
+others ack (outlier tolerance). An epoch rejection (STALE_EPOCH) means a newer writer has
+taken over: the driver becomes fenced and every waiting commit fails with FencedError
+(invariant 9).
+
+Reads (invariant 8): no quorum. One segment whose SCL covers the read is asked, the one
+with the lowest measured latency first; if it does not answer within ``hedge_after_s`` a
+second one is asked too, and the first good answer wins.
+
+Simulated AZ latency: ``link_delay_ms`` gives the one-way delay from this instance to each
+AZ; every RPC sleeps it before sending and after the reply (DESIGN.md section 4). An entry
+keyed by a node's name (a slow outlier, cluster.json ``extra_node_ms``) is added to its AZ's
+for that node only. ``status()`` shows per node the delay applied (``link_delay_ms``) and
+the round trip of its Append acks as the driver waits for them, delays included (``ack_ms``).
+``link_delay_reload`` (optional) is asked before each RPC for new delays, so that
+`aurora-lite net delay` acts on a running writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from aurora_pb import storage_pb2 as pb
+from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine.chaos import faults
+from engine import planted_bugs
+from engine.errors import FencedError, UnavailableError, WriteQuorumUnavailable
+from engine.format.cluster_config import NodeInfo  # noqa: F401  (re-exported)
+from engine.writer.quorum import CommitQueue, QuorumTracker
+from engine.format.redo import FLAG_CPL
+from engine.db.sink import LsnAllocator
+from engine.format.volume import VW, VolumeLayout
+
+log = logging.getLogger(__name__)
+
+ERROR_KEY = "aurora-error"
+CURRENT_EPOCH_KEY = "aurora-current-epoch"
+
+APPEND_METHOD = "/aurora_pb.Storage/Append"
+BATCH_BYTES_MAX = 4 * 1024 * 1024        # an open batch is sealed at this size regardless
+GRPC_MESSAGE_MAX = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", GRPC_MESSAGE_MAX),
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_MAX),
+    # Reconnect to a restarted node quickly (defaults back off up to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 100),
+]
+
+
+def rpc_error_code(exc: grpc.RpcError) -> str:
+    """The machine-readable aurora-error code of a storage error ('' if none)."""
+    try:
+        for key, value in exc.trailing_metadata() or ():
+            if key == ERROR_KEY:
+                return value
+    except Exception:  # an error raised before any metadata arrived
+        pass
+    return ""
+
+
+def rpc_current_epoch(exc: grpc.RpcError) -> int:
+    try:
+        for key, value in exc.trailing_metadata() or ():
+            if key == CURRENT_EPOCH_KEY:
+                return int(value)
+    except Exception:
+        pass
+    return 0
+
+
+@dataclass
+class _Node:
+    info: NodeInfo
+    channel: grpc.aio.Channel
+    stub: pb_grpc.StorageStub
+    append_raw: Callable
+    latency_ewma_s: float = 0.002
+    ack_ewma_s: float = 0.0     # Append round trip incl. simulated delay (status only)
+    up: bool = True
+    rpcs: int = 0
+    bytes_sent: int = 0
+    failures: int = 0
+
+
+@dataclass
+class _Batch:
+    seq: int
+    request_bytes: bytes
+    pgs: tuple[int, ...]
+    max_lsn: int
+    records: int
+    acked_nodes: set = field(default_factory=set)
+    quorum_reached: bool = False
+
+
+class StorageDriver:
+    """RedoSink over six real storage nodes (see module doc)."""
+
+    def __init__(self, volume: str, nodes: list[NodeInfo], layout: VolumeLayout, *,
+                 epoch: int, lal: int, start_lsn: int = 0, next_lsn: int | None = None,
+                 pg_tails: dict[int, int] | None = None, instance: str = "writer",
+                 max_inflight_batches: int = 2, rpc_timeout_s: float = 5.0,
+                 hedge_after_s: float = 0.05,
+                 link_delay_ms: dict[str, float] | None = None,
+                 link_delay_reload: Callable[[], dict[str, float] | None] | None = None) -> None:
+        assert len(nodes) == 6, "a volume is stored on six nodes"
+        assert lal > 0
+        self.volume = volume
+        self.layout = layout
+        self.epoch = epoch
+        self.lal = lal
+        self.instance = instance
+        self.max_inflight_batches = max_inflight_batches
+        self.rpc_timeout_s = rpc_timeout_s
+        self.hedge_after_s = hedge_after_s
+        self.link_delay_ms = dict(link_delay_ms or {})
+        self.link_delay_reload = link_delay_reload   # new delays or None; cheap (see server.py)
+        self.node_infos = list(nodes)
+        self.tracker = QuorumTracker([n.name for n in nodes], start_lsn, pg_tails)
+        self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
+        self.commits = CommitQueue()
+        self.truncations: list[tuple[int, int, int]] = []  # this epoch's truncation set
+        self.truncation_history: tuple[int, int] = (0, 0)  # (time_us, prev_vdl) of that set
+        self.epoch_floor_lsn = start_lsn  # end of this epoch's truncation range
+        self.fenced: FencedError | None = None
+        # Observers of shipped MTRs and VDL advances (the replication hub): objects with
+        # on_mtr(records) and on_vdl(vdl). Called synchronously; they must not block.
+        self.listeners: list = []
+        self._nodes: dict[str, _Node] = {}
+        self._open: dict[int, list[bytes]] = {}
+        self._open_bytes = 0
+        self._open_max_lsn = 0
+        self._open_records = 0
+        self._inflight: list[_Batch] = []  # sealed, not yet acked by VW nodes nor durable
+        self._batch_seq = 0
+        self._vdl_changed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        # Counters for status and the write-amplification benchmark.
+        self.stats = {"batches": 0, "records": 0, "record_bytes": 0, "append_rpcs": 0,
+                      "append_bytes": 0, "read_rpcs": 0, "hedged_reads": 0, "retries": 0,
+                      "lal_stalls": 0}
+
+    # --- Lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        planted_bugs.warn_if_planted(f"instance {self.instance}")   # test-only switches
+        for info in self.node_infos:
+            # Injected network faults (engine/chaos/faults.py): none unless $AURORA_FAULTS_FILE.
+            channel = grpc.aio.insecure_channel(
+                info.address, options=CHANNEL_OPTIONS,
+                interceptors=faults.client_interceptors(self.instance, info.address) or None)
+            stub = pb_grpc.StorageStub(channel)
+            append_raw = channel.unary_unary(
+                APPEND_METHOD, request_serializer=None,
+                response_deserializer=pb.AppendReply.FromString)
+            self._nodes[info.name] = _Node(info, channel, stub, append_raw)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for fut in self.commits.drain():
+            if not fut.done():
+                fut.set_exception(UnavailableError("writer is shutting down"))
+        for node in self._nodes.values():
+            await node.channel.close()
+
+    def reset_for_epoch(self, start_lsn: int, next_lsn: int, pg_tails: dict[int, int]) -> None:
+        """Start a new epoch's bookkeeping after recovery (nothing may be in flight)."""
+        assert not self._inflight and not self._open and not len(self.commits)
+        self.tracker = QuorumTracker(self.node_names, start_lsn, pg_tails)
+        self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
+        self.epoch_floor_lsn = next_lsn - 1
+        self.fenced = None
+
+    def stub(self, name: str) -> pb_grpc.StorageStub:
+        return self._nodes[name].stub
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.node_infos]
+
+    # --- RedoSink ----------------------------------------------------------------------
+
+    @property
+    def vdl(self) -> int:
+        return self.tracker.vdl
+
+    async def wait_room(self, n_records: int) -> None:
+        """Invariant 6: wait until n_records more LSNs stay within VDL + LAL."""
+        if n_records > self.lal:
+            raise ValueError(f"an MTR of {n_records} records can never fit under LAL {self.lal}")
+        if self.allocator.next_lsn + n_records - 1 > self.allocation_limit():
+            self.stats["lal_stalls"] += 1
+        while self.allocator.next_lsn + n_records - 1 > self.allocation_limit():
+            self._check_fenced()
+            self._vdl_changed.clear()
+            await self._vdl_changed.wait()
+        self.allocator.limit_lsn = self.allocation_limit()
+
+    def allocation_limit(self) -> int:
+        """Highest LSN that may be allocated now (invariant 6).
+
+        LSNs of a new epoch start above the truncation range (VDL, end], and everything at
+        or below ``end`` is either durable or annulled, so the limit counts LAL from
+        max(VDL, end). Recovery truncates up to end + LAL of the previous epoch, which
+        covers every LSN the previous writer could have allocated.
+        """
+        return max(self.tracker.vdl, self.epoch_floor_lsn) + self.lal
+
+    def submit(self, records: list[tuple[int, int, bytes]]) -> None:
+        self._check_fenced()
+        for pg, lsn, record in records:
+            self.tracker.record_sent(lsn, pg, bool(record[37] & FLAG_CPL))
+            self._open.setdefault(pg, []).append(record)
+            self._open_bytes += len(record)
+            self._open_records += 1
+            self._open_max_lsn = lsn
+        for listener in self.listeners:
+            listener.on_mtr(records)
+        self._maybe_seal()
+
+    async def wait_durable(self, lsn: int, timeout_s: float | None = None) -> None:
+        self._check_fenced()
+        if self.tracker.vdl >= lsn:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.commits.put(lsn, fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except asyncio.TimeoutError:
+            raise WriteQuorumUnavailable(
+                f"write quorum unavailable: commit LSN {lsn} is not durable after {timeout_s:.1f}s "
+                f"(VDL {self.tracker.vdl}; nodes up: {self.nodes_up()}); the commit may still "
+                f"complete when a node returns") from None
+
+    async def wait_vdl_change(self, timeout_s: float) -> None:
+        self._vdl_changed.clear()
+        try:
+            await asyncio.wait_for(self._vdl_changed.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    def nodes_up(self) -> list[str]:
+        return [n.info.name for n in self._nodes.values() if n.up]
+
+    # --- Sending -----------------------------------------------------------------------
+
+    def _maybe_seal(self) -> None:
+        while self._open and (len(self._inflight) < self.max_inflight_batches
+                              or self._open_bytes >= BATCH_BYTES_MAX):
+            self._seal_and_send()
+
+    def _seal_and_send(self) -> None:
+        self._batch_seq += 1
+        pgs = tuple(sorted(self._open))
+        request = pb.AppendRequest(
+            volume=self.volume, volume_epoch=self.epoch, writer_vdl=self.tracker.vdl,
+            sender=self.instance,
+            batches=[pb.PgBatch(pg=pg, records=b"".join(self._open[pg])) for pg in pgs])
+        data = request.SerializeToString()  # once, for all six segments
+        batch = _Batch(self._batch_seq, data, pgs, self._open_max_lsn, self._open_records)
+        self.stats["batches"] += 1
+        self.stats["records"] += self._open_records
+        self.stats["record_bytes"] += self._open_bytes
+        self._open = {}
+        self._open_bytes = 0
+        self._open_records = 0
+        self._inflight.append(batch)
+        for node in self._nodes.values():
+            self._spawn(self._send_batch(node, batch))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _delay_ms(self, node: _Node) -> float:
+        """One-way simulated delay to ``node``: its AZ's, plus its own if it is slowed."""
+        return self.link_delay_ms.get(node.info.az, 0.0) + self.link_delay_ms.get(node.info.name, 0.0)
+
+    async def _link_delay(self, node: _Node) -> None:
+        if self.link_delay_reload is not None:
+            fresh = self.link_delay_reload()
+            if fresh is not None and fresh != self.link_delay_ms:
+                log.info("simulated one-way delays now %s ms", fresh)
+                self.link_delay_ms = dict(fresh)
+        delay_ms = self._delay_ms(node)
+        if delay_ms > 0:
+            await asyncio.sleep(delay_ms / 1000.0)
+
+    async def _send_batch(self, node: _Node, batch: _Batch) -> None:
+        backoff_s = 0.05
+        while not self._closed and self.fenced is None:
+            try:
+                sent = time.monotonic()
+                await self._link_delay(node)
+                started = time.monotonic()
+                reply = await node.append_raw(batch.request_bytes, timeout=self.rpc_timeout_s)
+                self._observe_latency(node, time.monotonic() - started)
+                await self._link_delay(node)
+                ack_s = time.monotonic() - sent
+                node.ack_ewma_s = ack_s if not node.ack_ewma_s else 0.8 * node.ack_ewma_s + 0.2 * ack_s
+                node.rpcs += 1
+                node.bytes_sent += len(batch.request_bytes)
+                self.stats["append_rpcs"] += 1
+                self.stats["append_bytes"] += len(batch.request_bytes)
+                if not node.up:
+                    log.info("storage node %s is answering again", node.info.name)
+                node.up = True
+                self._on_acks(node, reply, batch)
+                return
+            except asyncio.CancelledError:
+                raise
+            except grpc.RpcError as exc:
+                code = rpc_error_code(exc)
+                if code == "STALE_EPOCH":
+                    self._fence(node, exc)
+                    return
+                if code == "EPOCH_AHEAD":
+                    try:
+                        await self._send_truncations(node)
+                        continue
+                    except grpc.RpcError as truncate_exc:
+                        exc = truncate_exc  # the node went away meanwhile: back off, retry
+                node.failures += 1
+                if node.up:
+                    log.warning("append to %s failed: %s %s", node.info.name,
+                                exc.code().name, exc.details())
+                node.up = False
+            if self.tracker.vcl >= batch.max_lsn:
+                return  # durable elsewhere; the node catches up by gossip
+            self.stats["retries"] += 1
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 1.0)
+
+    def _on_acks(self, node: _Node, reply: pb.AppendReply, batch: _Batch) -> None:
+        moved = False
+        for ack in reply.acks:
+            moved |= self.tracker.ack(node.info.name, ack.pg, ack.scl)
+        batch.acked_nodes.add(node.info.name)
+        if len(batch.acked_nodes) >= VW:
+            batch.quorum_reached = True
+        # A batch stops counting as in flight once VW nodes acked it, or once VCL passed
+        # its records (a later batch's acks can cover it).
+        vcl = self.tracker.vcl
+        self._inflight = [b for b in self._inflight
+                          if not (b.quorum_reached or b.max_lsn <= vcl)]
+        if moved:
+            self._release_commits()
+        self._maybe_seal()
+
+    def _release_commits(self) -> None:
+        for fut in self.commits.release(self.tracker.vdl):
+            if not fut.done():
+                fut.set_result(None)
+        for listener in self.listeners:
+            listener.on_vdl(self.tracker.vdl)
+        self._vdl_changed.set()
+
+    def _fence(self, node: _Node, exc: grpc.RpcError) -> None:
+        if self.fenced is not None:
+            return
+        current = rpc_current_epoch(exc)
+        self.fenced = FencedError(
+            f"this writer is fenced: storage node {node.info.name} is at volume epoch "
+            f"{current}, this writer has epoch {self.epoch}; a newer writer took over")
+        log.warning("%s", self.fenced)  # expected after a failover: not an ERROR
+        for fut in self.commits.drain():
+            if not fut.done():
+                fut.set_exception(self.fenced)
+        self._vdl_changed.set()
+
+    def _check_fenced(self) -> None:
+        if self.fenced is not None:
+            raise self.fenced
+
+    async def _send_truncations(self, node: _Node) -> None:
+        """A node missed one or more Truncates: send it this epoch's whole truncation set
+        (it replaces the node's older set; engine/writer/recovery.py truncate_request)."""
+        from engine.writer.recovery import truncate_request  # recovery imports this module
+        log.info("node %s is behind epoch %d; sending it the truncation set", node.info.name, self.epoch)
+        time_us, prev_vdl = self.truncation_history
+        for pg in range(self.layout.pg_count):
+            try:
+                await node.stub.Truncate(
+                    truncate_request(self.volume, pg, self.epoch, self.truncations, time_us,
+                                     prev_vdl), timeout=self.rpc_timeout_s)
+            except grpc.RpcError as exc:
+                if rpc_error_code(exc) != "STALE_EPOCH":
+                    raise
+
+    def _observe_latency(self, node: _Node, seconds: float) -> None:
+        node.latency_ewma_s = 0.8 * node.latency_ewma_s + 0.2 * seconds
+
+    # --- Reads -------------------------------------------------------------------------
+
+    async def read_page(self, page_id: int, read_point: int, min_scl: int | None = None) -> bytes | None:
+        """The page as of read_point from one segment, hedged (invariant 8)."""
+        pg = self.layout.pg_of(page_id)
+        if min_scl is None:
+            # Each PG's tail at the current VDL is >= its tail at any older read point, so a
+            # segment complete to it holds every record of the PG at or below read_point.
+            min_scl = self.tracker.min_scl_for_read(pg) if read_point <= self.tracker.vdl else read_point
+        request = pb.ReadPageRequest(volume=self.volume, pg=pg, page_id=page_id,
+                                     read_point=read_point, volume_epoch=self.epoch,
+                                     min_scl=min_scl)
+        candidates = sorted(
+            self._nodes.values(),
+            key=lambda n: (not n.up, self.tracker.node_scl(n.info.name, pg) < min_scl,
+                           n.latency_ewma_s))
+        errors: list[str] = []
+        pending: set[asyncio.Task] = set()
+        index = 0
+        try:
+            while index < len(candidates) or pending:
+                if index < len(candidates) and len(pending) < 2:
+                    node = candidates[index]
+                    index += 1
+                    pending.add(asyncio.ensure_future(self._read_one(node, request)))
+                    if len(pending) == 2:
+                        self.stats["hedged_reads"] += 1
+                wait_s = self.hedge_after_s if index < len(candidates) and len(pending) < 2 else None
+                done, pending = await asyncio.wait(pending, timeout=wait_s,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    outcome = task.result()
+                    if outcome[0] == "ok":
+                        return outcome[1]
+                    if outcome[0] == "absent":
+                        return None
+                    errors.append(outcome[1])
+        finally:
+            for task in pending:
+                task.cancel()
+        raise UnavailableError(
+            f"no segment of PG {pg} could serve page {page_id} at read point {read_point}: "
+            + "; ".join(errors))
+
+    async def _read_one(self, node: _Node, request: pb.ReadPageRequest):
+        try:
+            await self._link_delay(node)
+            started = time.monotonic()
+            reply = await node.stub.ReadPage(request, timeout=self.rpc_timeout_s)
+            self._observe_latency(node, time.monotonic() - started)
+            await self._link_delay(node)
+            self.stats["read_rpcs"] += 1
+            node.up = True
+            return ("ok", reply.page)
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as exc:
+            code = rpc_error_code(exc)
+            if code == "PAGE_NOT_FOUND":
+                return ("absent", None)
+            if code == "STALE_EPOCH":
+                self._fence(node, exc)
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                node.up = False
+            return ("error", f"{node.info.name}: {code or exc.code().name} {exc.details()}")
+
+    # --- Control -----------------------------------------------------------------------
+
+    async def set_gc_horizon(self, horizon_lsn: int) -> None:
+        """Send PGMRPL to every node (best effort; GC is only an optimisation)."""
+        request = pb.SetGcHorizonRequest(volume=self.volume, horizon_lsn=horizon_lsn,
+                                         volume_epoch=self.epoch)
+
+        async def one(node: _Node) -> None:
+            try:
+                await node.stub.SetGcHorizon(request, timeout=self.rpc_timeout_s)
+            except grpc.RpcError as exc:
+                log.debug("SetGcHorizon to %s failed: %s", node.info.name, exc.code().name)
+
+        await asyncio.gather(*(one(n) for n in self._nodes.values()))
+
+    def status(self) -> dict:
+        snap = self.tracker.snapshot()
+        snap.update({
+            "epoch": self.epoch, "lal": self.lal, "next_lsn": self.allocator.next_lsn,
+            "inflight_batches": len(self._inflight), "open_records": self._open_records,
+            "waiting_commits": len(self.commits), "fenced": self.fenced is not None,
+            "stats": dict(self.stats),
+            "nodes": {n.info.name: {"az": n.info.az, "address": n.info.address, "up": n.up,
+                                    "latency_ms": round(n.latency_ewma_s * 1000, 3),
+                                    "link_delay_ms": round(self._delay_ms(n), 3),
+                                    "ack_ms": round(n.ack_ewma_s * 1000, 3),
+                                    "rpcs": n.rpcs, "bytes_sent": n.bytes_sent,
+                                    "failures": n.failures}
+                      for n in self._nodes.values()},
+        })
+        return snap
