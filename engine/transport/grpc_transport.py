@@ -226,6 +226,8 @@ class _Pending:
             return self._future.result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
             raise TimeoutError from None
+        except grpc.FutureCancelledError:
+            raise RpcError("CANCELLED", "the call was cancelled by its caller") from None
         except grpc.RpcError as exc:
             raise _error_of(exc) from None
 
