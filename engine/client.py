@@ -12,7 +12,7 @@ the exceptions of engine/errors.py::
 
 Network failures and a writer that is down raise UnavailableError; every error the
 service sends (not found, conflict, too large, read-only, fenced, quorum unavailable)
-arrives as its own exception class, never a bare grpc.RpcError.
+arrives as its own exception class, never a bare transport error (engine/transport).
 
 Through the control plane, a client follows the endpoint instead of one address, and
 finds the new writer after a failover by itself::
@@ -49,56 +49,52 @@ import itertools
 import threading
 import time
 
-import grpc
 
 from aurora_pb import database_pb2 as pb
-from aurora_pb import database_pb2_grpc as pb_grpc
 from engine import errors
+from engine.errors import METADATA_NOTHING_DONE, ErrorCode, RpcError
+from engine.transport import Transport, service_of
 
 ERROR_CLASSES = {
-    "KEY_NOT_FOUND": errors.KeyNotFound,
-    "TABLE_NOT_FOUND": errors.TableNotFound,
-    "CONFLICT": errors.ConflictError,
-    "TOO_LARGE": errors.TooLargeError,
-    "BAD_REQUEST": errors.DatabaseError,
-    "WRITE_QUORUM_UNAVAILABLE": errors.WriteQuorumUnavailable,
-    "UNAVAILABLE": errors.UnavailableError,
-    "READ_ONLY": errors.ReadOnlyError,
-    "FENCED": errors.FencedError,
-    "TXN_CLOSED": errors.TransactionClosedError,
-    "OUT_OF_WINDOW": errors.OutOfWindowError,
+    ErrorCode.KEY_NOT_FOUND: errors.KeyNotFound,
+    ErrorCode.TABLE_NOT_FOUND: errors.TableNotFound,
+    ErrorCode.CONFLICT: errors.ConflictError,
+    ErrorCode.TOO_LARGE: errors.TooLargeError,
+    ErrorCode.BAD_REQUEST: errors.DatabaseError,
+    ErrorCode.WRITE_QUORUM_UNAVAILABLE: errors.WriteQuorumUnavailable,
+    ErrorCode.UNAVAILABLE: errors.UnavailableError,
+    ErrorCode.READ_ONLY: errors.ReadOnlyError,
+    ErrorCode.FENCED: errors.FencedError,
+    ErrorCode.TXN_CLOSED: errors.TransactionClosedError,
+    ErrorCode.OUT_OF_WINDOW: errors.OutOfWindowError,
 }
 DEFAULT_TABLE = "default"
-NOTHING_DONE_KEY = "aurora-nothing-done"     # engine/instance/server.py sets it
+NOTHING_DONE_KEY = METADATA_NOTHING_DONE     # engine/instance/server.py sets it
+DATABASE = service_of(pb, "Database")
+
+
+def default_transport() -> Transport:
+    """The transport a client uses when given none: gRPC. The client library is a
+    composition root, like the process entry points: it may pick the implementation."""
+    from engine.transport.grpc_transport import GrpcTransport
+    return GrpcTransport("client")
 # gRPC's words for a call that never left the client (no connection to the server).
 NOT_SENT_DETAILS = ("failed to connect to all addresses",)
 
 
-def translate(exc: grpc.RpcError) -> errors.DatabaseError:
+def translate(exc: RpcError) -> errors.DatabaseError:
     """The engine.errors exception for a failed call, with ``retry_safe`` set: True only
     if the request certainly changed nothing (see the module doc)."""
-    code = ""
-    nothing_done = False
-    try:
-        for key, value in exc.trailing_metadata() or ():
-            if key == "aurora-error":
-                code = value
-            elif key == NOTHING_DONE_KEY:
-                nothing_done = value == "1"
-    except Exception:
-        pass
+    code = exc.code
+    nothing_done = exc.metadata.get(NOTHING_DONE_KEY) == "1"
     cls = ERROR_CLASSES.get(code)
     if cls is None:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                          grpc.StatusCode.CANCELLED):
-            cls = errors.UnavailableError
-        else:
-            cls = errors.DatabaseError
-    details = exc.details() or exc.code().name
+        cls = errors.UnavailableError if exc.unreachable else errors.DatabaseError
+    details = exc.detail or exc.status
     out = cls(details)
-    not_sent = (not code and exc.code() == grpc.StatusCode.UNAVAILABLE
+    not_sent = (not code and exc.status == "UNAVAILABLE"
                 and any(s in details.lower() for s in NOT_SENT_DETAILS))
-    out.retry_safe = nothing_done or code == "READ_ONLY" or not_sent
+    out.retry_safe = nothing_done or code == ErrorCode.READ_ONLY or not_sent
     return out
 
 
@@ -116,11 +112,12 @@ class Client:
         "cluster" | "reader" | "instance:NAME" | "custom:NAME" (see ClusterClient)."""
         return ClusterClient(control_address, endpoint, **kwargs)
 
-    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 30.0,
+                 transport: Transport | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
-        self._stub = pb_grpc.DatabaseStub(self._channel)
+        self._channel = (transport or default_transport()).blocking_channel(address)
+        self._stub = self._channel.stub(DATABASE)
 
     def close(self) -> None:
         self._channel.close()
@@ -133,24 +130,24 @@ class Client:
 
     def _call(self, method, request, timeout_s: float | None | str = "default"):
         try:
-            return method(request, timeout=self.timeout_s if timeout_s == "default" else timeout_s)
-        except grpc.RpcError as exc:
+            return method(request, timeout_s=self.timeout_s if timeout_s == "default" else timeout_s)
+        except RpcError as exc:
             raise translate(exc) from None
 
     def _call_watched(self, method, request, timeout_s: float | None, abandon):
         """_call for a commit that may wait long: every WATCH_INTERVAL_S ask ``abandon()``;
         a reason (a string) cancels the call and raises CommitOutcomeUnknown (the commit
         was sent: it may or may not complete on the instance we stop waiting for)."""
-        future = method.future(request, timeout=timeout_s)
+        future = method.future(request, timeout_s=timeout_s)
         while True:
             try:
-                return future.result(timeout=WATCH_INTERVAL_S)
-            except grpc.FutureTimeoutError:
+                return future.result(WATCH_INTERVAL_S)
+            except TimeoutError:
                 reason = abandon()
                 if reason:
                     future.cancel()
                     raise errors.CommitOutcomeUnknown(reason) from None
-            except grpc.RpcError as exc:
+            except RpcError as exc:
                 raise translate(exc) from None
 
     # --- Autocommit ----------------------------------------------------------------------
@@ -285,8 +282,9 @@ class ClusterClient:
     """
 
     def __init__(self, control_address: str, endpoint: str = "cluster", *,
-                 timeout_s: float = 30.0, failover_wait_s: float = FAILOVER_WAIT_S) -> None:
-        from aurora_pb import control_pb2, control_pb2_grpc   # only clients of a cluster need it
+                 timeout_s: float = 30.0, failover_wait_s: float = FAILOVER_WAIT_S,
+                 transport: Transport | None = None) -> None:
+        from aurora_pb import control_pb2   # only clients of a cluster need it
 
         self.kind, self.name = parse_endpoint(endpoint)
         self.endpoint = endpoint
@@ -294,8 +292,9 @@ class ClusterClient:
         self.timeout_s = timeout_s
         self.failover_wait_s = failover_wait_s
         self._pb = control_pb2
-        self._control_channel = grpc.insecure_channel(control_address)
-        self._control = control_pb2_grpc.ControlStub(self._control_channel)
+        self._transport = transport or default_transport()
+        self._control_channel = self._transport.blocking_channel(control_address)
+        self._control = self._control_channel.stub(service_of(control_pb2, "Control"))
         self._lock = threading.Lock()
         self._clients: dict[str, Client] = {}          # address -> Client (one channel each)
         self._targets: list[tuple[str, str]] = []      # (instance, address)
@@ -311,13 +310,13 @@ class ClusterClient:
         """Ask the control plane where the endpoint leads now; returns the ResolveReply."""
         try:
             reply = self._control.ResolveEndpoint(self._pb.ResolveRequest(endpoint=self.endpoint),
-                                                  timeout=RESOLVE_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise errors.DatabaseError(exc.details()) from None
+                                                  timeout_s=RESOLVE_TIMEOUT_S)
+        except RpcError as exc:
+            if exc.status == "NOT_FOUND":
+                raise errors.DatabaseError(exc.detail) from None
             raise errors.UnavailableError(
                 f"the control plane at {self.control_address} cannot resolve {self.endpoint!r}: "
-                f"{exc.code().name}: {exc.details()}") from None
+                f"{exc.status}: {exc.detail}") from None
         with self._lock:
             self.resolution = reply
             self.resolutions += 1
@@ -328,7 +327,8 @@ class ClusterClient:
         with self._lock:
             client = self._clients.get(address)
             if client is None:
-                client = self._clients[address] = Client(address, timeout_s=self.timeout_s)
+                client = self._clients[address] = Client(address, timeout_s=self.timeout_s,
+                                                         transport=self._transport)
             return client
 
     def _target(self) -> tuple[str, Client]:

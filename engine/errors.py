@@ -7,6 +7,9 @@ rejected whole.
 """
 
 
+from enum import StrEnum
+
+
 class AuroraError(Exception):
     """Base class of every error aurora-lite raises on purpose."""
 
@@ -102,3 +105,78 @@ class OutOfWindowError(DatabaseError):
 
 class TransactionClosedError(DatabaseError):
     """The transaction was already committed or aborted."""
+
+
+# --- Wire errors: a call between processes failed ----------------------------------------
+
+
+class ErrorCode(StrEnum):
+    """The machine-readable ``aurora-error`` codes that travel with a refused call, one
+    place for all of them (the tables at the top of proto/aurora_pb/storage.proto and
+    database.proto are the contract). A StrEnum, so a code compares equal to its string."""
+
+    # Storage service (storage_node/errors.py maps each to its status).
+    STALE_EPOCH = "STALE_EPOCH"                    # request epoch < segment's (invariant 9)
+    EPOCH_AHEAD = "EPOCH_AHEAD"                    # request epoch > segment's: missed a Truncate
+    BAD_CHECKSUM = "BAD_CHECKSUM"                  # a record's CRC does not match
+    MALFORMED = "MALFORMED"                        # truncated / impossible record or request
+    WRONG_PG = "WRONG_PG"                          # a record's page is not in the batch's PG
+    UNKNOWN_VOLUME = "UNKNOWN_VOLUME"              # no such volume on this node
+    READ_POINT_ABOVE_SCL = "READ_POINT_ABOVE_SCL"  # segment not complete to the read point
+    READ_POINT_BELOW_GC = "READ_POINT_BELOW_GC"    # versions below the GC horizon are gone
+    PAGE_NOT_FOUND = "PAGE_NOT_FOUND"              # page never initialised as of the read point
+    CORRUPT = "CORRUPT"                            # stored bytes failed their checksum
+    # Database service (engine/instance/server.py sets them, engine/client.py maps them).
+    KEY_NOT_FOUND = "KEY_NOT_FOUND"
+    TABLE_NOT_FOUND = "TABLE_NOT_FOUND"
+    CONFLICT = "CONFLICT"
+    TOO_LARGE = "TOO_LARGE"
+    BAD_REQUEST = "BAD_REQUEST"
+    WRITE_QUORUM_UNAVAILABLE = "WRITE_QUORUM_UNAVAILABLE"
+    UNAVAILABLE = "UNAVAILABLE"
+    READ_ONLY = "READ_ONLY"
+    FENCED = "FENCED"
+    TXN_CLOSED = "TXN_CLOSED"
+    OUT_OF_WINDOW = "OUT_OF_WINDOW"
+
+
+#: Trailing-metadata key of the machine-readable code.
+METADATA_ERROR = "aurora-error"
+#: Trailing-metadata key of the segment's current volume epoch (STALE_EPOCH only).
+METADATA_CURRENT_EPOCH = "aurora-current-epoch"
+#: Trailing-metadata key the instance sets when a refused request certainly did nothing.
+METADATA_NOTHING_DONE = "aurora-nothing-done"
+
+
+class RpcError(AuroraError):
+    """A call to another process failed, as every transport reports it (engine/transport).
+
+    ``status`` is a status name of ``engine.transport.STATUSES`` ("UNAVAILABLE",
+    "FAILED_PRECONDITION", ...); ``code`` the ``aurora-error`` code the server set ("" if
+    none); ``metadata`` the other trailing pairs. A handler raises it (or a subclass, such
+    as storage_node.errors.StorageError) to refuse a request.
+    """
+
+    def __init__(self, status: str, detail: str = "", code: str = "",
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(detail or status)
+        self.status = status
+        self.detail = detail
+        self.code = code
+        self.metadata = dict(metadata or {})
+
+    @property
+    def unreachable(self) -> bool:
+        """True if the server did not answer (down, partitioned, or too slow)."""
+        return self.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
+
+    def trailing(self) -> dict[str, str]:
+        """Every trailing pair this error travels with, the code included."""
+        pairs = dict(self.metadata)
+        if self.code:
+            pairs[METADATA_ERROR] = str(self.code)
+        return pairs
+
+    def __str__(self) -> str:
+        return f"{self.code or self.status}: {self.detail}" if self.detail else (self.code or self.status)
+

@@ -1,6 +1,6 @@
-"""Errors a storage node returns, and how they travel over gRPC.
+"""Errors a storage node returns, and how they travel to the caller.
 
-Every refusal is a gRPC status code with a human-readable detail plus the trailing
+Every refusal is a transport status (gRPC's names) with a human-readable detail plus the trailing
 metadata key ``aurora-error`` carrying one machine-readable code (the table at the top of
 proto/aurora_pb/storage.proto is the contract; this module mirrors it)::
 
@@ -19,31 +19,34 @@ proto/aurora_pb/storage.proto is the contract; this module mirrors it)::
     CORRUPT               DATA_LOSS            stored bytes failed their checksum and could not
                                                be repaired from a peer yet (never served)
 
-This module does not import grpc: the store raises these exceptions, and only the rpc
-layer (storage_node/service.py) turns ``status`` (a grpc.StatusCode member *name*) into a
-real status. Clients (tests, the writer's storage driver) read the code back with
-``aurora_error_of(rpc_error)``.
+This module does not import grpc. A StorageError is an engine.errors.RpcError: the store
+and the handlers (storage_node/service.py) raise it, and the transport (engine/transport)
+carries its status, code and metadata to the caller, who sees an RpcError with the same
+``code`` (``aurora_error_of(error)`` reads it from a raw grpc error in tests too).
 """
 
 from __future__ import annotations
 
-#: Trailing-metadata key holding the machine-readable error code.
-METADATA_ERROR = "aurora-error"
-#: Trailing-metadata key holding the segment's current volume epoch (STALE_EPOCH only).
-METADATA_CURRENT_EPOCH = "aurora-current-epoch"
+from engine import errors
+from engine.errors import ErrorCode
 
-STALE_EPOCH = "STALE_EPOCH"
-EPOCH_AHEAD = "EPOCH_AHEAD"
-BAD_CHECKSUM = "BAD_CHECKSUM"
-MALFORMED = "MALFORMED"
-WRONG_PG = "WRONG_PG"
-UNKNOWN_VOLUME = "UNKNOWN_VOLUME"
-READ_POINT_ABOVE_SCL = "READ_POINT_ABOVE_SCL"
-READ_POINT_BELOW_GC = "READ_POINT_BELOW_GC"
-PAGE_NOT_FOUND = "PAGE_NOT_FOUND"
-CORRUPT = "CORRUPT"
+METADATA_ERROR = errors.METADATA_ERROR
+METADATA_CURRENT_EPOCH = errors.METADATA_CURRENT_EPOCH
 
-#: code -> name of the grpc.StatusCode it travels as.
+# The codes themselves live in one place, engine.errors.ErrorCode; these names stay for
+# the store and the tests.
+STALE_EPOCH = ErrorCode.STALE_EPOCH
+EPOCH_AHEAD = ErrorCode.EPOCH_AHEAD
+BAD_CHECKSUM = ErrorCode.BAD_CHECKSUM
+MALFORMED = ErrorCode.MALFORMED
+WRONG_PG = ErrorCode.WRONG_PG
+UNKNOWN_VOLUME = ErrorCode.UNKNOWN_VOLUME
+READ_POINT_ABOVE_SCL = ErrorCode.READ_POINT_ABOVE_SCL
+READ_POINT_BELOW_GC = ErrorCode.READ_POINT_BELOW_GC
+PAGE_NOT_FOUND = ErrorCode.PAGE_NOT_FOUND
+CORRUPT = ErrorCode.CORRUPT
+
+#: code -> the transport status it travels as.
 STATUS_OF = {
     STALE_EPOCH: "FAILED_PRECONDITION",
     EPOCH_AHEAD: "FAILED_PRECONDITION",
@@ -58,25 +61,17 @@ STATUS_OF = {
 }
 
 
-class StorageError(Exception):
-    """A request the node refuses. ``code`` is one of the codes above."""
+class StorageError(errors.RpcError):
+    """A request the node refuses. ``code`` is one of the codes above; the transport
+    carries it to the caller as an RpcError with the status of ``STATUS_OF``."""
 
     code: str = MALFORMED
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-        assert self.code in STATUS_OF, self.code
-
-    @property
-    def status(self) -> str:
-        """Name of the grpc.StatusCode member this error travels as."""
-        return STATUS_OF[self.code]
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Trailing metadata to send with the status."""
-        return ((METADATA_ERROR, self.code),)
+        code = code if code is not None else type(self).code
+        if code not in STATUS_OF:
+            raise ValueError(f"unknown storage error code {code!r}")
+        super().__init__(STATUS_OF[code], message, code)
 
 
 class StaleEpochError(StorageError):
@@ -87,9 +82,7 @@ class StaleEpochError(StorageError):
     def __init__(self, message: str, current_epoch: int) -> None:
         super().__init__(message)
         self.current_epoch = current_epoch
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((METADATA_ERROR, self.code), (METADATA_CURRENT_EPOCH, str(self.current_epoch)))
+        self.metadata[METADATA_CURRENT_EPOCH] = str(current_epoch)
 
 
 class EpochAheadError(StorageError):
@@ -133,18 +126,22 @@ class CorruptError(StorageError):
 
 
 def aurora_error_of(rpc_error) -> str | None:
-    """The ``aurora-error`` code of a grpc.RpcError (or None if it carries none)."""
-    md = rpc_error.trailing_metadata() or ()
-    for key, value in md:
+    """The ``aurora-error`` code of a failed call: an RpcError, or a grpc.RpcError seen by
+    a test that calls a node with grpc directly (None if it carries none)."""
+    if isinstance(rpc_error, errors.RpcError):
+        return rpc_error.code or None
+    for key, value in rpc_error.trailing_metadata() or ():
         if key == METADATA_ERROR:
             return value
     return None
 
 
 def current_epoch_of(rpc_error) -> int | None:
-    """The ``aurora-current-epoch`` of a STALE_EPOCH grpc.RpcError, else None."""
-    md = rpc_error.trailing_metadata() or ()
-    for key, value in md:
+    """The ``aurora-current-epoch`` of a STALE_EPOCH refusal, else None."""
+    if isinstance(rpc_error, errors.RpcError):
+        value = rpc_error.metadata.get(METADATA_CURRENT_EPOCH)
+        return int(value) if value is not None else None
+    for key, value in rpc_error.trailing_metadata() or ():
         if key == METADATA_CURRENT_EPOCH:
             return int(value)
     return None

@@ -29,13 +29,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-import grpc
-
 from aurora_pb import storage_pb2 as pb
-from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine.errors import RpcError
+from engine.transport import Channel, Transport, service_of
 from storage_node.errors import StorageError
-from engine.chaos import faults
-from storage_node.latency import PeerLatency, delay_interceptors
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import AdoptEpochOp, CreateVolumeOp, PutVersionsOp, verify_stored_page
 
@@ -43,27 +40,21 @@ RPC_TIMEOUT_S = 2.0
 FETCHES_PER_SEGMENT_MAX = 16
 REPAIRS_PER_ROUND_MAX = 64
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    # Reconnect quickly when a restarted peer comes back.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
+STORAGE = service_of(pb, "Storage")
 
 
 class Gossip:
     """The gossip task of one node (see module doc)."""
 
-    def __init__(self, node: StorageNode, peers: list[str], seed: int | None = None,
-                 latency: PeerLatency | None = None) -> None:
+    def __init__(self, node: StorageNode, peers: list[str], transport: Transport,
+                 seed: int | None = None) -> None:
         self.node = node
-        self.latency = latency   # simulated AZ delay on every call to a peer (storage_node/latency.py)
+        self.transport = transport   # adds the simulated AZ delay and injected faults
         self.store = node.store
         self.peers = [p for p in peers if p]
         self.rng = random.Random(seed)
         self.log = node_logger("storage_node.gossip", node.node_id, node.az)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, Channel] = {}
         self._task: asyncio.Task | None = None
         self.rounds = 0
 
@@ -81,14 +72,11 @@ class Gossip:
         for ch in self._channels.values():
             await ch.close()
 
-    def _stub(self, peer: str) -> pb_grpc.StorageStub:
+    def _stub(self, peer: str):
         ch = self._channels.get(peer)
         if ch is None:
-            ch = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS,
-                                           interceptors=delay_interceptors(self.latency, peer)
-                                           + faults.client_interceptors(self.node.node_id, peer))
-            self._channels[peer] = ch
-        return pb_grpc.StorageStub(ch)
+            ch = self._channels[peer] = self.transport.channel(peer, timeout_s=RPC_TIMEOUT_S)
+        return ch.stub(STORAGE)
 
     async def _run(self) -> None:
         interval = self.node.tuning.gossip_interval_s
@@ -99,11 +87,9 @@ class Gossip:
                 await self.round(peer)
             except asyncio.CancelledError:
                 raise
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    self.log.warning("gossip with %s: %s %s", peer, exc.code().name, exc.details())
-            except StorageError as exc:
-                self.log.warning("gossip with %s: %s", peer, exc)
+            except RpcError as exc:   # a peer's refusal, or this node's own (StorageError)
+                if not exc.unreachable:
+                    self.log.warning("gossip with %s: %s", peer, exc)
             except Exception:
                 self.log.exception("gossip round with %s failed", peer)
             self.rounds += 1
@@ -111,7 +97,7 @@ class Gossip:
     async def round(self, peer: str) -> int:
         """One gossip round with ``peer``; returns the records pulled."""
         stub = self._stub(peer)
-        status = await stub.NodeStatus(pb.NodeStatusRequest(), timeout=RPC_TIMEOUT_S)
+        status = await stub.NodeStatus(pb.NodeStatusRequest())
         await self._learn_volumes(status)
         theirs = {(s.volume, s.pg): s for s in status.segments}
         budget = self.node.tuning.gossip_round_bytes
@@ -154,8 +140,7 @@ class Gossip:
 
     async def _adopt(self, stub, peer: str, key: tuple) -> None:
         volume, pg = key
-        state = await stub.SegmentState(pb.SegmentStateRequest(volume=volume, pg=pg),
-                                        timeout=RPC_TIMEOUT_S)
+        state = await stub.SegmentState(pb.SegmentStateRequest(volume=volume, pg=pg))
         m = self.store.segment(volume, pg)
         if state.volume_epoch < m.volume_epoch:
             return
@@ -187,7 +172,7 @@ class Gossip:
             reply = await stub.FetchRecords(pb.FetchRecordsRequest(
                 volume=volume, pg=pg, after_lsn=scl, upto_lsn=upto,
                 max_bytes=min(self.node.tuning.gossip_fetch_bytes, budget - nbytes),
-                volume_epoch=0, sender=self.node.node_id), timeout=RPC_TIMEOUT_S)
+                volume_epoch=0, sender=self.node.node_id))
             if not reply.records:
                 break
             op = self.node.verify_append(volume, 0, 0, [(pg, 0, reply.records)], source="gossip")
@@ -220,7 +205,7 @@ class Gossip:
                 budget -= 1
                 reply = await stub.FetchRecords(pb.FetchRecordsRequest(
                     volume=volume, pg=pg, after_lsn=lsn - 1, upto_lsn=lsn, volume_epoch=0,
-                    sender=self.node.node_id), timeout=RPC_TIMEOUT_S)
+                    sender=self.node.node_id))
                 if not reply.records:
                     continue
                 op = self.node.verify_append(volume, 0, 0, [(pg, 0, reply.records)], source="repair")
@@ -243,10 +228,10 @@ class Gossip:
                 try:
                     reply = await stub.ReadPage(pb.ReadPageRequest(
                         volume=volume, pg=pg, page_id=page_id, read_point=read_point,
-                        volume_epoch=m.volume_epoch), timeout=RPC_TIMEOUT_S)
-                except grpc.RpcError as exc:
+                        volume_epoch=m.volume_epoch))
+                except RpcError as exc:
                     self.log.info("repair: page %d of %s/%d not available from %s: %s",
-                                  page_id, volume, pg, peer, exc.details())
+                                  page_id, volume, pg, peer, exc)
                     continue
                 if not verify_stored_page(page_id, reply.page_lsn, reply.page):
                     continue

@@ -2,7 +2,8 @@
 
 Lifecycle::
 
-    open LMDB (StorageNode)  ->  grpc.aio server on host:port (0 = any free port)
+    open LMDB (StorageNode)  ->  server on host:port (0 = any free port), through the
+                                 transport seam (engine/transport, gRPC in a real process)
       -> health NOT_SERVING -> start group committer, gossip, background tasks
       -> health SERVING for "" and "aurora_pb.Storage" -> log "serving on host:port" and
          write the port to --port-file (atomically, once serving)
@@ -26,24 +27,16 @@ import os
 import signal
 import sys
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from aurora_pb import storage_pb2_grpc as pb_grpc
+from aurora_pb import storage_pb2 as pb
+from engine.transport import service_of
 from storage_node import node as node_module
 from storage_node.background import Background
 from storage_node.gossip import Gossip
-from storage_node.latency import PeerLatency
 from storage_node.node import StorageNode, Tuning, node_logger
 from storage_node.service import StorageService
 
 SERVICE_NAME = "aurora_pb.Storage"
 SHUTDOWN_GRACE_S = 5.0
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.so_reuseport", 0),
-]
 
 
 class _TagForeignLines(logging.Filter):
@@ -71,24 +64,24 @@ async def serve(args: argparse.Namespace) -> int:
     log = node_logger("storage_node.server", args.node_id, args.az)
     tuning = Tuning.from_env()
     node = StorageNode(args.node_id, args.az, args.data_dir, tuning)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_StorageServicer_to_server(StorageService(node), server)
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        port = server.add_insecure_port(f"{args.host}:{args.port}")
-    except RuntimeError as exc:
-        log.error("cannot bind %s:%s: %s", args.host, args.port, exc)
-        node.store.close()
-        return 1
-    await node.start()
-    await server.start()
-    peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
-    latency = (PeerLatency(args.cluster_config, args.az, name=args.node_id)
+    # The process entry point picks the transport: gRPC, with the cluster's simulated
+    # latency on this node's calls to its peers (engine/transport/latency.py).
+    from engine.transport.grpc_transport import GrpcTransport
+    from engine.transport.latency import AzLatency
+    latency = (AzLatency(args.az, args.node_id, path=args.cluster_config)
                if getattr(args, "cluster_config", None) else None)
-    gossip = Gossip(node, peers, latency=latency)
+    transport = GrpcTransport(args.node_id, latency)
+    await node.start()
+    try:
+        server = await transport.serve(args.host, args.port,
+                                       {service_of(pb, "Storage"): StorageService(node)})
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot bind %s:%s: %s", args.host, args.port, exc)
+        await node.close()
+        return 1
+    port = server.port
+    peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
+    gossip = Gossip(node, peers, transport)
     background = Background(node)
     gossip.start()
     background.start()
@@ -98,8 +91,7 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await server.set_serving(True)
     log.info("serving on %s:%d (data dir %s, %d peers, materialiser %s)", args.host, port,
              args.data_dir, len(peers), _materialiser_name())
     if args.port_file:
@@ -110,7 +102,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
-    await health_servicer.enter_graceful_shutdown()
+    await server.set_serving(False)
     await gossip.close()
     await background.close()
     await server.stop(SHUTDOWN_GRACE_S)

@@ -1,10 +1,12 @@
-"""The gRPC face of a storage node: translate requests into StorageNode / Store calls.
+"""The Storage service's handlers: translate requests into StorageNode / Store calls.
 
-Every handler is a thin shell: it turns protobuf fields into plain values, runs the call
-(LMDB reads in the read executor, writes through the group committer) and turns a
-storage_node.errors.StorageError into its gRPC status plus the ``aurora-error`` trailing
-metadata (and ``aurora-current-epoch`` for STALE_EPOCH). A refused request changes
-nothing, and the node keeps serving: no handler lets an exception kill the server.
+Every handler is a plain ``async def Method(self, request, ctx)`` over protobuf messages,
+served through the transport seam (engine/transport; the gRPC adapter is generic): it turns
+protobuf fields into plain values, runs the call (LMDB reads in the read executor, writes
+through the group committer) and lets a storage_node.errors.StorageError travel as the
+caller's RpcError (status, ``aurora-error`` code, and ``aurora-current-epoch`` for
+STALE_EPOCH). A refused request changes nothing, and the node keeps serving: no handler
+lets an exception kill the server.
 
     RPC            what it does                                     store / node call
     Append         verify all batches, group-commit, ack SCLs       verify_append, append
@@ -25,10 +27,7 @@ from __future__ import annotations
 
 import functools
 
-import grpc
-
 from aurora_pb import storage_pb2 as pb
-from aurora_pb import storage_pb2_grpc as pb_grpc
 from engine.format.page import META_PAGE_ID
 from engine.format.volume import DEFAULT_STRIPE_PAGES
 from storage_node.errors import StorageError
@@ -47,21 +46,20 @@ def _truncs_pb(truncs) -> list:
 
 
 def refusals(method):
-    """Turn a StorageError into a gRPC status with aurora-error metadata."""
+    """Log a refusal (a StorageError) before the transport carries it to the caller."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
         except StorageError as exc:
-            self.log.info("%s refused (%s): %s", method.__name__, exc.code, exc)
-            await context.abort(getattr(grpc.StatusCode, exc.status), str(exc),
-                                trailing_metadata=exc.metadata())
+            self.log.info("%s refused (%s): %s", method.__name__, exc.code, exc.detail)
+            raise
 
     return wrapper
 
 
-class StorageService(pb_grpc.StorageServicer):
+class StorageService:
     """aurora_pb.Storage over one StorageNode."""
 
     def __init__(self, node: StorageNode) -> None:

@@ -332,8 +332,8 @@ def test_translate_marks_only_what_is_certain(fakes):
         for step, safe in expected.items():
             a.script = [step]
             try:
-                c._stub.Put(dpb.PutRequest(key=b"k", value=b"v"), timeout=2)
-            except grpc.RpcError as exc:
+                c._stub.Put(dpb.PutRequest(key=b"k", value=b"v"), timeout_s=2)
+            except errors.RpcError as exc:
                 assert translate(exc).retry_safe is safe, step
             else:
                 raise AssertionError(f"{step} did not fail")

@@ -513,46 +513,44 @@ def test_foreground_up_sigint_stops_everything(tmp_path):
 
 
 def test_latency_watcher_sees_net_delay(tmp_path):
-    """Scenario: `net delay` rewrites cluster.json; the writer's watcher (polled before each
-    storage RPC) returns the new delays once, and nothing while the file is unchanged."""
-    from engine.format.cluster_config import ClusterConfig, LatencyWatcher
-    from engine.format.volume import AZS
+    """Scenario: `net delay` rewrites cluster.json; the writer's latency model (asked before
+    each storage RPC) follows it, and does not stat the file again within its interval."""
+    from engine.format.cluster_config import ClusterConfig
+    from engine.transport.latency import AzLatency
 
     dd = DataDir(str(tmp_path))
     launcher.plan_cluster(dd).config.save(dd.cluster_json)
-    watcher = LatencyWatcher(dd.cluster_json, interval_s=0.0)
-    assert watcher.poll() is None
     config = ClusterConfig.load(dd.cluster_json)
+    sn1, sn3, sn5 = (config.storage_nodes[i].address for i in (0, 2, 4))
+    writer = AzLatency("az-a", "db1", path=dd.cluster_json, interval_s=0.0)
+    assert [writer.one_way_ms(a) for a in (sn1, sn3, sn5)] == [0.25, 1.0, 1.0]
     config.latency.extra_az_ms["az-c"] = 50.0
     config.save(dd.cluster_json)
-    latency = watcher.poll()
-    assert latency is not None
-    assert latency.from_az("az-a", AZS) == {"az-a": 0.25, "az-b": 1.0, "az-c": 51.0}
-    assert watcher.poll() is None
-    slow = LatencyWatcher(dd.cluster_json, interval_s=3600)
-    assert slow.poll() is None   # first poll checks, but nothing changed
+    assert [writer.one_way_ms(a) for a in (sn1, sn3, sn5)] == [0.25, 1.0, 51.0]
+    slow = AzLatency("az-a", "db1", path=dd.cluster_json, interval_s=3600)
+    assert slow.one_way_ms(sn5) == 51.0   # the first look reads the file
     config.latency.extra_az_ms.clear()
     config.save(dd.cluster_json)
-    assert slow.poll() is None   # not checked again within the interval: cheap per RPC
+    assert slow.one_way_ms(sn5) == 51.0   # not checked again within the interval: cheap per RPC
 
 
 def test_gossip_latency_follows_cluster_json(tmp_path):
-    """Scenario: a storage node's calls to a peer sleep the one-way delay before the
-    request and after the reply; `net delay` (cluster.json) changes it live."""
+    """Scenario: a storage node's calls to a peer, through the transport, sleep the one-way
+    delay before the request and after the reply; `net delay` (cluster.json) changes it live."""
     import asyncio
 
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
+    from aurora_pb import storage_pb2
     from engine.format.cluster_config import ClusterConfig
-    from storage_node.latency import PeerLatency, delay_interceptors
+    from engine.transport import service_of
+    from engine.transport.grpc_transport import GrpcTransport
+    from engine.transport.latency import AzLatency
 
     dd = DataDir(str(tmp_path))
     config = launcher.plan_cluster(dd).config
     config.save(dd.cluster_json)
     sn3 = config.storage_nodes[2].address          # az-b
     sn2 = config.storage_nodes[1].address          # az-a
-    latency = PeerLatency(dd.cluster_json, "az-a", interval_s=0.0)
+    latency = AzLatency("az-a", "sn1", path=dd.cluster_json, interval_s=0.0)
     assert latency.one_way_s(sn2) == pytest.approx(0.00025)
     assert latency.one_way_s(sn3) == pytest.approx(0.001)
     assert latency.one_way_s("127.0.0.1:1") == 0.0   # not in the cluster: no delay
@@ -561,27 +559,29 @@ def test_gossip_latency_follows_cluster_json(tmp_path):
     assert latency.one_way_s(sn3) == pytest.approx(0.041)
     assert latency.one_way_s(sn2) == pytest.approx(0.00025)
 
+    class Peer:
+        async def NodeStatus(self, request, ctx):
+            return storage_pb2.NodeStatusReply(node_id="sn3")
+
     async def timed_call() -> float:
-        server = grpc.aio.server()
-        servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        storage = service_of(storage_pb2, "Storage")
+        server = await GrpcTransport("sn3").serve("127.0.0.1", 0, {storage: Peer()})
         # Pretend the server is sn3 (az-b, +40 ms): its address maps to that AZ.
-        config.storage_nodes[2] = type(config.storage_nodes[2])("sn3", "az-b", f"127.0.0.1:{port}")
+        peer = f"127.0.0.1:{server.port}"
+        config.storage_nodes[2] = type(config.storage_nodes[2])("sn3", "az-b", peer)
         config.save(dd.cluster_json)
-        peer = f"127.0.0.1:{port}"
-        async with grpc.aio.insecure_channel(peer, interceptors=delay_interceptors(latency, peer)) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)   # connect
-            started = time.monotonic()
-            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-            elapsed = time.monotonic() - started
+        channel = GrpcTransport("sn1", latency).channel(peer, timeout_s=5)
+        stub = channel.stub(storage)
+        await stub.NodeStatus(storage_pb2.NodeStatusRequest())   # connect
+        started = time.monotonic()
+        reply = await stub.NodeStatus(storage_pb2.NodeStatusRequest())
+        elapsed = time.monotonic() - started
+        assert reply.node_id == "sn3"
+        await channel.close()
         await server.stop(None)
         return elapsed
 
     assert asyncio.run(timed_call()) >= 2 * 0.041
-    assert delay_interceptors(None, sn3) == []
     ClusterConfig.load(dd.cluster_json)   # still a valid config
 
 

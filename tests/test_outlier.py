@@ -8,7 +8,7 @@ Scenario (real processes, through the CLI as a user would): `up --detach --repli
 one-way delay as 50 ms on top of the cross-AZ 1 ms, the other nodes unchanged) and sn3's
 Append round trip, as the driver waits for it, is at least the two sleeps it now contains;
 puts still commit and read back; `net clear` removes the node delay. The pure pieces
-(Latency, the gossip interceptor's PeerLatency) are checked on a cluster.json alone.
+(Latency, the transport's AzLatency) are checked on a cluster.json alone.
 """
 
 from __future__ import annotations
@@ -30,14 +30,20 @@ SLOW_MS = 50.0
 
 def test_latency_model_per_node():
     """extra_node_ms adds to every link into the node (and out of it), on top of the AZ
-    model; from_az hands the driver the node's entry beside the AZs'."""
+    model; the writer's AzLatency applies it on the links into that node only."""
+    from engine.format.cluster_config import NodeInfo
+    from engine.transport.latency import AzLatency
+
     lat = Latency(0.25, 1.0, {"az-c": 5.0}, {SLOW: SLOW_MS})
     assert lat.one_way_ms("az-a", "az-b") == 1.0                     # no node named: AZs only
     assert lat.one_way_ms("az-a", "az-b", to_node=SLOW) == 51.0
     assert lat.one_way_ms("az-b", "az-b", from_node="sn4", to_node=SLOW) == 50.25
     assert lat.one_way_ms("az-b", "az-c", from_node=SLOW, to_node="sn5") == 56.0
-    assert lat.from_az("az-a", AZS) == {"az-a": 0.25, "az-b": 1.0, "az-c": 6.0, SLOW: 50.0}
-    assert Latency().from_az("az-a", AZS) == {"az-a": 0.25, "az-b": 1.0, "az-c": 1.0}
+    infos = [NodeInfo(f"sn{i + 1}", AZS[i // 2], f"127.0.0.1:{40001 + i}") for i in range(6)]
+    writer = AzLatency("az-a", "db1", model=lat, nodes=infos)
+    assert [writer.one_way_ms(n.address) for n in infos] == [0.25, 0.25, 51.0, 1.0, 6.0, 6.0]
+    plain = AzLatency("az-a", "db1", nodes=infos)
+    assert [plain.one_way_ms(n.address) for n in infos] == [0.25, 0.25, 1.0, 1.0, 1.0, 1.0]
     # It survives cluster.json, and a file without it (older data dirs) has no slow node.
     nodes = [{"name": f"sn{i + 1}", "az": AZS[i // 2], "address": f"127.0.0.1:{40001 + i}"}
              for i in range(6)]
@@ -48,15 +54,15 @@ def test_latency_model_per_node():
 
 def test_gossip_latency_per_node(tmp_path):
     """A storage node's calls to a slow peer (and the slow node's own calls) carry its delay."""
-    from storage_node.latency import PeerLatency
+    from engine.transport.latency import AzLatency
 
     nodes = [{"name": f"sn{i + 1}", "az": AZS[i // 2], "address": f"127.0.0.1:{40001 + i}"}
              for i in range(6)]
     path = str(tmp_path / "cluster.json")
     config = ClusterConfig.from_json({"storage_nodes": nodes})
     config.save(path)
-    sn4 = PeerLatency(path, "az-b", interval_s=0.0, name="sn4")
-    sn3 = PeerLatency(path, "az-b", interval_s=0.0, name=SLOW)
+    sn4 = AzLatency("az-b", "sn4", path=path, interval_s=0.0)
+    sn3 = AzLatency("az-b", SLOW, path=path, interval_s=0.0)
     assert sn4.one_way_s("127.0.0.1:40003") == pytest.approx(0.00025)
     config.latency.extra_node_ms[SLOW] = SLOW_MS
     config.save(path)
@@ -110,7 +116,7 @@ def test_slow_node_delay_is_applied_and_commits_go_on(small_cluster):
     dd = DataDir(cli.data_dir)
     assert json.load(open(dd.cluster_json))["latency"]["extra_node_ms"] == {SLOW: SLOW_MS}
     assert cli.status()["latency"]["extra_node_ms"] == {SLOW: SLOW_MS}
-    assert ClusterConfig.load(dd.cluster_json).latency.from_az("az-a", AZS)[SLOW] == SLOW_MS
+    assert ClusterConfig.load(dd.cluster_json).latency.one_way_ms("az-a", "az-b", to_node=SLOW) == 1.0 + SLOW_MS
 
     # The writer reloads cluster.json (every 0.5 s, before an RPC): commits make it look.
     lsns = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 
 from engine.writer.recovery import recover
+from engine.transport.grpc_transport import GrpcTransport
 from engine.writer.storage_driver import NodeInfo, StorageDriver
 from engine.format.volume import VolumeLayout
 from tests.harness import NODE_AZS
@@ -51,7 +52,8 @@ def test_recovery_finds_vdl_beyond_one_segment_state_reply(storage_cluster):
 
     async def run():
         nodes = [NodeInfo(n, NODE_AZS[n], storage_cluster.address(n)) for n in storage_cluster.nodes]
-        driver = StorageDriver(chain.volume, nodes, layout, epoch=0, lal=LAL)
+        driver = StorageDriver(chain.volume, nodes, layout, epoch=0, lal=LAL,
+                               transport=GrpcTransport("writer"))
         await driver.start()
         try:
             return await recover(driver, create_if_missing=False, rpc_timeout_s=30.0)

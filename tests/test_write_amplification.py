@@ -50,6 +50,7 @@ from engine.writer.storage_driver import NodeInfo
 from engine.format.volume import VolumeLayout
 from engine.baseline.wa_bench import (
     CountingDriver,
+    bench_transport,
     block_server_status,
     compare,
     counter_delta,
@@ -411,7 +412,7 @@ def test_replay_aurora_lite_counts(storage_nodes):
         ledger = Ledger()
         nodes = [NodeInfo(n, storage_nodes.az(n), storage_nodes.address(n)) for n in storage_nodes.names()]
         driver = CountingDriver("wa-replay", nodes, VolumeLayout(1, 64), epoch=0, lal=100,
-                                instance="bench", ledger=ledger)
+                                instance="bench", ledger=ledger, transport=bench_transport())
         await driver.start()
         try:
             await recover(driver)
@@ -462,7 +463,8 @@ def test_replay_baseline_counts(block_servers):
         ledger = Ledger()
         g = block_servers
         chain = BlockChain("wa-replay", BlockTarget("bs1", "az-a", g.address("bs1")),
-                           BlockTarget("bs3", "az-b", g.address("bs3")), ledger, instance="bench")
+                           BlockTarget("bs3", "az-b", g.address("bs3")), ledger, instance="bench",
+                           transport=bench_transport())
         await chain.start()
         sink = BaselineSink(chain, layout=VolumeLayout(1, 64), lal=100)
         await sink.start()

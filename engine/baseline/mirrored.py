@@ -83,13 +83,12 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from aurora_pb import block_pb2 as pb
 from engine import materialiser
 from engine.format import page as pagefmt
 from engine.format.cluster_config import DEFAULT_LAL
-from engine.errors import UnavailableError, WriteQuorumUnavailable
+from engine.errors import RpcError, UnavailableError, WriteQuorumUnavailable
+from engine.transport import Channel, Transport, service_of
 from engine.baseline.io_count import Ledger
 from engine.format.page import META_PAGE_ID, PageType
 from engine.writer.quorum import CommitQueue
@@ -109,14 +108,6 @@ META_WRITE_BYTES = 512              # checkpoint record: one log-header block
 LOG_SLOTS = 4096                    # writes a circular log area holds
 RPC_TIMEOUT_S = 10.0
 RETRY_BACKOFF_MAX_S = 1.0
-GRPC_MESSAGE_MAX = 64 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", GRPC_MESSAGE_MAX),
-    ("grpc.max_receive_message_length", GRPC_MESSAGE_MAX),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.min_reconnect_backoff_ms", 100),
-]
 
 # Binlog event sizes (MySQL 5.7, binlog_checksum=CRC32): 19-byte header + body + 4-byte CRC.
 EVENT_HEADER = struct.Struct("<IBIIIH")   # timestamp, type, server_id, size, next_pos, flags
@@ -176,8 +167,9 @@ class BlockChain:
 
     def __init__(self, volume: str, primary: BlockTarget, standby: BlockTarget,
                  ledger: Ledger | None = None, instance: str = "baseline",
-                 rpc_timeout_s: float = RPC_TIMEOUT_S) -> None:
+                 rpc_timeout_s: float = RPC_TIMEOUT_S, *, transport: Transport) -> None:
         self.volume = volume
+        self.transport = transport
         self.primary = primary
         self.standby = standby
         self.ledger = ledger if ledger is not None else Ledger()
@@ -185,21 +177,15 @@ class BlockChain:
         self.instance = instance
         self.rpc_timeout_s = rpc_timeout_s
         self.retries = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._write: dict[str, object] = {}
-        self._read: dict[str, object] = {}
+        self._channels: dict[str, Channel] = {}
+        self._stubs: dict[str, object] = {}
         self._closed = False
 
     async def start(self) -> None:
         for target in (self.primary, self.standby):
-            channel = grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+            channel = self.transport.channel(target.address, timeout_s=self.rpc_timeout_s)
             self._channels[target.name] = channel
-            self._write[target.name] = channel.unary_unary(
-                "/aurora_pb.Block/Write", request_serializer=None,
-                response_deserializer=pb.BlockWriteReply.FromString)
-            self._read[target.name] = channel.unary_unary(
-                "/aurora_pb.Block/Read", request_serializer=pb.BlockReadRequest.SerializeToString,
-                response_deserializer=pb.BlockReadReply.FromString)
+            self._stubs[target.name] = channel.stub(service_of(pb, "Block"))
 
     async def close(self) -> None:
         self._closed = True
@@ -224,15 +210,14 @@ class BlockChain:
             self.ledger.sent_blocks(target.name, sizes, len(data))
             try:
                 await _sleep_ms(target.delay_ms)
-                await self._write[target.name](data, timeout=self.rpc_timeout_s)
+                await self._stubs[target.name].Write(data)   # serialised once for both pairs
                 await _sleep_ms(target.delay_ms)
                 return
-            except grpc.RpcError as exc:
+            except RpcError as exc:
                 if self._closed:
                     raise UnavailableError("the block chain is closed") from None
                 self.retries += 1
-                log.warning("block write to %s failed (%s %s); retrying", target.name,
-                            exc.code().name, exc.details())
+                log.warning("block write to %s failed (%s); retrying", target.name, exc)
             await asyncio.sleep(backoff_s)
             backoff_s = min(2 * backoff_s, RETRY_BACKOFF_MAX_S)
 
@@ -241,7 +226,7 @@ class BlockChain:
         target = self.primary
         request = pb.BlockReadRequest(volume=self.volume, area=area, offset=offset)
         await _sleep_ms(target.delay_ms)
-        reply = await self._read[target.name](request, timeout=self.rpc_timeout_s)
+        reply = await self._stubs[target.name].Read(request)
         await _sleep_ms(target.delay_ms)
         self.ledger.read(target.name, len(reply.data))
         return reply.data if reply.found else None

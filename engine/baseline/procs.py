@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.format.cluster_config import Latency
 from engine.format.volume import AZS, NODES_PER_AZ
@@ -98,16 +96,12 @@ class Proc:
                 raise RuntimeError(self._failure(f"wrote no port file within {timeout_s:.0f}s"))
             time.sleep(0.05)
         self.port = int(self.port_file.read_text().strip())
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+        from engine.transport.grpc_transport import GrpcTransport   # a launcher: composition root
+        with GrpcTransport("bench").blocking_channel(self.address) as channel:
             while True:
                 self._check_alive()
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
+                if channel.serving(self.service, timeout_s=1.0):
+                    return
                 if time.monotonic() > deadline:
                     raise RuntimeError(self._failure(f"not SERVING after {timeout_s:.0f}s"))
                 time.sleep(0.05)

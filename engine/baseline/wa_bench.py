@@ -51,12 +51,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import grpc
-
 from aurora_pb import block_pb2 as bpb
-from aurora_pb import block_pb2_grpc as bpb_grpc
 from aurora_pb import storage_pb2 as spb
-from aurora_pb import storage_pb2_grpc as spb_grpc
 from engine.baseline import procs as bench_procs, workload as wa_workload
 from engine.baseline.mirrored import BaselineSink, BlockChain, BlockTarget
 from engine.format.cluster_config import DEFAULT_LAL, Latency
@@ -64,7 +60,9 @@ from engine.db.database import Database
 from engine.baseline.io_count import PAPER, Ledger, format_table, per_txn, percentile, ratio
 from engine.writer.recovery import recover
 from engine.writer.storage_driver import NodeInfo, StorageDriver
-from engine.format.volume import AZS, VolumeLayout
+from engine.transport import service_of
+from engine.transport.latency import AzLatency
+from engine.format.volume import VolumeLayout
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +126,7 @@ class CountingDriver(StorageDriver):
     async def start(self) -> None:
         await super().start()
         for node in self._nodes.values():
-            node.append_raw = self._counted_append(node.info.name, node.append_raw)
+            node.stub.Append = self._counted_append(node.info.name, node.stub.Append)
             node.stub.ReadPage = self._counted_read(node.info.name, node.stub.ReadPage)
 
     async def read_page(self, page_id: int, read_point: int, min_scl: int | None = None) -> bytes | None:
@@ -176,12 +174,21 @@ class CountingDriver(StorageDriver):
 # --- Node counters -------------------------------------------------------------------------
 
 
+def bench_transport(latency=None):
+    """The transport of the benchmark's own process: gRPC. The benchmark is a composition
+    root (like a process entry point): it starts the processes it measures and talks to
+    them, so it picks the implementation."""
+    from engine.transport.grpc_transport import GrpcTransport
+    return GrpcTransport("bench", latency)
+
+
 async def storage_node_status(group) -> dict[str, dict]:
     """NodeStatus counters of every storage node (name -> dict)."""
     out = {}
     for name in group.names():
-        async with grpc.aio.insecure_channel(group.address(name)) as channel:
-            reply = await spb_grpc.StorageStub(channel).NodeStatus(spb.NodeStatusRequest(), timeout=10)
+        async with bench_transport().channel(group.address(name)) as channel:
+            reply = await channel.stub(service_of(spb, "Storage")).NodeStatus(
+                spb.NodeStatusRequest(), timeout_s=10)
         out[name] = {"az": reply.az, "records_received": reply.records_received,
                      "bytes_received": reply.bytes_received, "append_rpcs": reply.append_rpcs,
                      "lmdb_bytes_written": reply.lmdb_bytes_written, "write_txns": reply.write_txns,
@@ -194,8 +201,9 @@ async def block_server_status(group) -> dict[str, dict]:
     """Status counters of every block server (name -> dict)."""
     out = {}
     for name in group.names():
-        async with grpc.aio.insecure_channel(group.address(name)) as channel:
-            reply = await bpb_grpc.BlockStub(channel).Status(bpb.BlockStatusRequest(), timeout=10)
+        async with bench_transport().channel(group.address(name)) as channel:
+            reply = await channel.stub(service_of(bpb, "Block")).Status(bpb.BlockStatusRequest(),
+                                                                        timeout_s=10)
         out[name] = {"az": reply.az, "write_rpcs": reply.write_rpcs, "block_writes": reply.block_writes,
                      "write_ios": reply.write_ios, "bytes_received": reply.bytes_received,
                      "mirror_rpcs": reply.mirror_rpcs, "mirror_ios": reply.mirror_ios,
@@ -206,9 +214,9 @@ async def block_server_status(group) -> dict[str, dict]:
 
 
 async def configure_mirror_delay(address: str, delay_ms: float) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        await bpb_grpc.BlockStub(channel).Configure(bpb.BlockConfigureRequest(mirror_delay_ms=delay_ms),
-                                                    timeout=10)
+    async with bench_transport().channel(address) as channel:
+        await channel.stub(service_of(bpb, "Block")).Configure(
+            bpb.BlockConfigureRequest(mirror_delay_ms=delay_ms), timeout_s=10)
 
 
 def counter_delta(after: dict[str, dict], before: dict[str, dict]) -> dict[str, dict]:
@@ -330,9 +338,11 @@ class AuroraConfig:
         self.group = group
         self.ledger = Ledger()
         nodes = [NodeInfo(n, group.az(n), group.address(n)) for n in group.names()]
+        self.transport = bench_transport(AzLatency(INSTANCE_AZ, "bench", model=cfg.latency,
+                                                   nodes=nodes))
         self.driver = CountingDriver(VOLUME, nodes, VolumeLayout(cfg.pg_count, cfg.stripe_pages),
                                      epoch=0, lal=cfg.lal, instance="bench", ledger=self.ledger,
-                                     link_delay_ms=cfg.latency.from_az(INSTANCE_AZ, AZS))
+                                     transport=self.transport)
         self.db: Database | None = None
 
     async def setup(self, progress: Progress | None) -> None:
@@ -347,7 +357,7 @@ class AuroraConfig:
         """Apply a whole latency model (AZ delays and cluster.json-style ``extra_node_ms``)
         to the running driver, as a writer reloading cluster.json would
         (bench/bench_outlier.py)."""
-        self.driver.link_delay_ms = latency.from_az(INSTANCE_AZ, AZS)
+        self.transport.latency.set_model(latency)
 
     async def measure(self, variant: str, progress: Progress | None, seed: int | None = None) -> dict:
         cfg, driver = self.cfg, self.driver
@@ -397,7 +407,7 @@ class BaselineConfig:
                         lat.one_way_ms(INSTANCE_AZ, group.az(self.primary))),
             BlockTarget(self.standby, group.az(self.standby), group.address(self.standby),
                         lat.one_way_ms(INSTANCE_AZ, group.az(self.standby))),
-            self.ledger, instance="bench")
+            self.ledger, instance="bench", transport=bench_transport())
         self.sink = BaselineSink(self.chain, layout=VolumeLayout(cfg.pg_count, cfg.stripe_pages),
                                  lal=cfg.lal, binlog_tables={wa_workload.TABLE})
         # The slow block server is bs4, the mirror of bs3: bs3 sends it every write.

@@ -19,7 +19,8 @@ and each AZ. ``intra_az_ms`` applies within an AZ, ``cross_az_ms`` across AZs, a
 the node's own calls to its peers): a slow outlier (`aurora-lite net delay --node`), which
 the 4/6 write quorum should hide (bench/bench_outlier.py). ``extra_node_ms`` is optional in
 the file; a config without it has no slow node.
-Running processes pick a change up within 0.5 s through ``LatencyWatcher``.
+Running processes pick a change up within 0.5 s: the transport's latency model
+(engine/transport/latency.py) re-reads the file when it changes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class NodeInfo:
 DEFAULT_LAL = 100_000
 DEFAULT_INTRA_AZ_MS = 0.25
 DEFAULT_CROSS_AZ_MS = 1.0
-LATENCY_CHECK_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -62,14 +62,6 @@ class Latency:
             self.extra_az_ms.get(from_az, 0.0) if from_az != to_az else 0.0) + (
             self.extra_node_ms.get(to_node, 0.0) if to_node else 0.0) + (
             self.extra_node_ms.get(from_node, 0.0) if from_node and from_node != to_node else 0.0)
-
-    def from_az(self, from_az: str, azs) -> dict[str, float]:
-        """One-way delay from an instance in ``from_az`` to each AZ, plus, keyed by node
-        name, the extra delay of each slowed node: the storage driver (``link_delay_ms``)
-        adds a node's entry to its AZ's. No node entries when no node is slowed."""
-        out = {az: self.one_way_ms(from_az, az) for az in azs}
-        out.update((name, ms) for name, ms in self.extra_node_ms.items() if ms)
-        return out
 
 
 @dataclass
@@ -123,39 +115,3 @@ class ClusterConfig:
         with open(tmp, "w") as f:
             json.dump(self.to_json(), f, indent=2)
         os.replace(tmp, path)
-
-
-class LatencyWatcher:
-    """Live latency for `aurora-lite net delay`, which rewrites cluster.json atomically.
-
-    ``poll()`` is cheap enough to call before every RPC: at most every ``interval_s`` it
-    stats the file, and only when its (mtime, inode, size) changed does it re-read it.
-    It returns the new Latency when the file changed, else None.
-    """
-
-    def __init__(self, path: str, interval_s: float = LATENCY_CHECK_INTERVAL_S) -> None:
-        self.path = path
-        self.interval_s = interval_s
-        self._next_check_s = 0.0
-        self._signature = self._stat()
-
-    def _stat(self):
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_ino, st.st_size)
-
-    def poll(self) -> Latency | None:
-        now = time.monotonic()
-        if now < self._next_check_s:
-            return None
-        self._next_check_s = now + self.interval_s
-        signature = self._stat()
-        if signature is None or signature == self._signature:
-            return None
-        self._signature = signature
-        try:
-            return ClusterConfig.load(self.path).latency
-        except (OSError, ValueError, KeyError):
-            return None   # caught mid-write by a non-atomic editor: try again next change

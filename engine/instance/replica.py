@@ -33,18 +33,17 @@ import logging
 import time
 from collections import deque
 
-import grpc
-
 from aurora_pb import replication_pb2 as rpb
-from aurora_pb import replication_pb2_grpc as rpb_grpc
-from engine.chaos import faults
 from engine import materialiser
 from engine.db.database import Database
-from engine.errors import ReadOnlyError, WriteQuorumUnavailable
+from engine.errors import ReadOnlyError, RpcError, WriteQuorumUnavailable
 from engine.format.redo import FLAG_CPL
 from engine.db.sink import LsnAllocator
 from engine.writer.storage_driver import StorageDriver
 from engine.format.volume import VolumeLayout
+from engine.transport import service_of
+
+REPLICATION = service_of(rpb, "Replication")
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +188,8 @@ class Replica:
                 delay_s = 0.1
             except asyncio.CancelledError:
                 raise
-            except grpc.RpcError as exc:
-                log.info("redo stream from %s ended: %s %s", self.writer_address,
-                         exc.code().name, exc.details())
+            except RpcError as exc:
+                log.info("redo stream from %s ended: %s", self.writer_address, exc)
             except asyncio.InvalidStateError as exc:
                 # The feedback write found the call already finished (the writer went
                 # away between two reads): the same as the stream ending.
@@ -203,10 +201,8 @@ class Replica:
             delay_s = min(delay_s * 2, 1.0)
 
     async def _follow_once(self) -> None:
-        interceptors = faults.client_interceptors(self.instance, self.writer_address) or None
-        async with grpc.aio.insecure_channel(self.writer_address, interceptors=interceptors) as channel:
-            stub = rpb_grpc.ReplicationStub(channel)
-            call = stub.Subscribe()   # feedback goes out with call.write (no generator)
+        async with self.driver.transport.channel(self.writer_address) as channel:
+            call = channel.stub(REPLICATION).Subscribe()   # feedback goes out with call.write
             try:
                 await self._consume(call)
             finally:
@@ -215,7 +211,7 @@ class Replica:
     async def _consume(self, call) -> None:
         """Read one subscription: the snapshot, then MTRs and VDL updates."""
         snapshot = await call.read()
-        if snapshot is grpc.aio.EOF or not snapshot.is_snapshot:
+        if snapshot is None or not snapshot.is_snapshot:
             raise RuntimeError("redo stream did not start with a snapshot")
         sink, db = await self._open_at(snapshot)
         pending: list[list[tuple[int, int, bytes]]] = []
@@ -227,7 +223,7 @@ class Replica:
                  self.writer_address, snapshot.vdl, snapshot.volume_epoch)
         while True:
             msg = await call.read()
-            if msg is grpc.aio.EOF:
+            if msg is None:
                 return
             if msg.volume_epoch != self.driver.epoch:
                 raise RuntimeError(f"writer epoch changed to {msg.volume_epoch}; resubscribing")

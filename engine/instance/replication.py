@@ -25,10 +25,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import grpc
-
 from aurora_pb import replication_pb2 as pb
-from aurora_pb import replication_pb2_grpc as pb_grpc
+from engine.errors import RpcError
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +160,14 @@ class ReplicationHub:
                 sent = horizon
 
 
-class ReplicationService(pb_grpc.ReplicationServicer):
-    """Serves Subscribe streams from a ReplicationHub."""
+class ReplicationService:
+    """Serves Subscribe streams from a ReplicationHub: the Replication service's handler,
+    plain async code served through the transport seam (engine/transport)."""
 
     def __init__(self, hub: ReplicationHub) -> None:
         self.hub = hub
 
-    async def Subscribe(self, request_iterator, context):
+    async def Subscribe(self, request_iterator, ctx):
         hub = self.hub
         sub, snapshot = hub.subscribe()
 
@@ -184,11 +183,11 @@ class ReplicationService(pb_grpc.ReplicationServicer):
                     sub.wakeup.clear()
                     await sub.wakeup.wait()
                 if hub.closed:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        "the writer reopened its volume (backtrack); resubscribe")
+                    raise RpcError("UNAVAILABLE",
+                                   "the writer reopened its volume (backtrack); resubscribe")
                 if sub.overflowed:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        "replica fell behind the redo stream; resubscribe")
+                    raise RpcError("RESOURCE_EXHAUSTED",
+                                   "replica fell behind the redo stream; resubscribe")
                 parts, vdl, vdl_time_us, size = [], 0, 0, 0
                 while sub.queue and size < MESSAGE_BYTES_MAX:
                     data, v, t = sub.queue.popleft()

@@ -3,14 +3,14 @@
 `aurora-lite writer --cluster CLUSTER.json --instance db1 --az az-a --port 0` starts the
 writer; `aurora-lite replica --writer ADDRESS ...` starts a read replica of it (see
 engine/instance/replica.py); a replica can be promoted (InstanceAdmin.Promote, failover). One
-asyncio event loop (grpc.aio) that holds the whole engine: the storage driver, the
+asyncio event loop that holds the whole engine: the storage driver, the
 buffer pool, the B+tree tables and the transactions. Page changes are synchronous code;
 only waiting on storage is async (DESIGN.md section 4).
 
 Startup: connect to the six storage nodes, run recovery (invariant 10, engine/writer/recovery.py)
 until it succeeds (retrying while fewer than a quorum of nodes answer), bootstrap the
 META page of a brand-new volume, then serve. A client error never kills the writer: each
-RPC's exceptions become a gRPC status with an "aurora-error" code (see
+RPC's exceptions become a transport error (status plus "aurora-error" code) (see
 proto/aurora_pb/database.proto). SIGTERM stops serving, waits a grace period for in-flight
 commits, and exits 0.
 """
@@ -25,21 +25,19 @@ import os
 import signal
 import time
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aurora_pb import database_pb2 as pb
-from aurora_pb import database_pb2_grpc as pb_grpc
-from aurora_pb import replication_pb2_grpc as rpb_grpc
+from aurora_pb import replication_pb2 as rpb
 from engine import errors
+from engine.errors import METADATA_NOTHING_DONE, ErrorCode, RpcError
+from engine.transport import Transport, service_of
 from engine.writer.backtrack import BacktrackNotStarted, TimeTravel
-from engine.format.cluster_config import ClusterConfig, LatencyWatcher
+from engine.format.cluster_config import ClusterConfig
 from engine.db.database import Database
 from engine.writer.recovery import RecoveryError, recover
 from engine.instance.replica import Replica
 from engine.instance.replication import ReplicationHub, ReplicationService
 from engine.writer.storage_driver import StorageDriver
-from engine.format.volume import AZS
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +45,26 @@ SCAN_LIMIT_DEFAULT = 1000
 SCAN_LIMIT_MAX = 100_000
 TXN_IDLE_TIMEOUT_S = 60.0
 
-# exception class -> (grpc status, aurora-error code); first match wins (subclasses first).
-ERROR_MAP: list[tuple[type, grpc.StatusCode, str]] = [
-    (errors.KeyNotFound, grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND"),
-    (errors.TableNotFound, grpc.StatusCode.NOT_FOUND, "TABLE_NOT_FOUND"),
-    (errors.ConflictError, grpc.StatusCode.ABORTED, "CONFLICT"),
-    (errors.TooLargeError, grpc.StatusCode.INVALID_ARGUMENT, "TOO_LARGE"),
-    (errors.WriteQuorumUnavailable, grpc.StatusCode.UNAVAILABLE, "WRITE_QUORUM_UNAVAILABLE"),
-    (errors.FencedError, grpc.StatusCode.FAILED_PRECONDITION, "FENCED"),
-    (errors.ReadOnlyError, grpc.StatusCode.FAILED_PRECONDITION, "READ_ONLY"),
-    (errors.TransactionClosedError, grpc.StatusCode.FAILED_PRECONDITION, "TXN_CLOSED"),
-    (errors.OutOfWindowError, grpc.StatusCode.OUT_OF_RANGE, "OUT_OF_WINDOW"),
-    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"),
-    (errors.DatabaseError, grpc.StatusCode.INVALID_ARGUMENT, "BAD_REQUEST"),
+# exception class -> (transport status, aurora-error code); first match wins (subclasses first).
+ERROR_MAP: list[tuple[type, str, ErrorCode]] = [
+    (errors.KeyNotFound, "NOT_FOUND", ErrorCode.KEY_NOT_FOUND),
+    (errors.TableNotFound, "NOT_FOUND", ErrorCode.TABLE_NOT_FOUND),
+    (errors.ConflictError, "ABORTED", ErrorCode.CONFLICT),
+    (errors.TooLargeError, "INVALID_ARGUMENT", ErrorCode.TOO_LARGE),
+    (errors.WriteQuorumUnavailable, "UNAVAILABLE", ErrorCode.WRITE_QUORUM_UNAVAILABLE),
+    (errors.FencedError, "FAILED_PRECONDITION", ErrorCode.FENCED),
+    (errors.ReadOnlyError, "FAILED_PRECONDITION", ErrorCode.READ_ONLY),
+    (errors.TransactionClosedError, "FAILED_PRECONDITION", ErrorCode.TXN_CLOSED),
+    (errors.OutOfWindowError, "OUT_OF_RANGE", ErrorCode.OUT_OF_WINDOW),
+    (errors.UnavailableError, "UNAVAILABLE", ErrorCode.UNAVAILABLE),
+    (errors.DatabaseError, "INVALID_ARGUMENT", ErrorCode.BAD_REQUEST),
 ]
 
 
 # Trailing metadata key set (to "1") on an error that left the database untouched: the
 # write was refused before it started, so a client may safely send it elsewhere (the new
 # writer after a failover). Its absence promises nothing (see engine/client.py).
-NOTHING_DONE_KEY = "aurora-nothing-done"
+NOTHING_DONE_KEY = METADATA_NOTHING_DONE
 
 
 class NothingDone(Exception):
@@ -77,21 +75,21 @@ class NothingDone(Exception):
         self.exc = exc
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    """Turn an engine exception into the service's error contract."""
-    metadata = []
+async def abort_with(ctx, exc: Exception) -> None:
+    """Refuse the request: raise the RpcError that carries an engine exception over the
+    service's error contract (status, ``aurora-error`` code, NOTHING_DONE_KEY)."""
+    metadata = {}
     if isinstance(exc, NothingDone):
-        metadata.append((NOTHING_DONE_KEY, "1"))
+        metadata[NOTHING_DONE_KEY] = "1"
         exc = exc.exc
     for cls, status, code in ERROR_MAP:
         if isinstance(exc, cls):
             break
     else:
         log.exception("internal error serving a request", exc_info=exc)
-        status, code = grpc.StatusCode.INTERNAL, "INTERNAL"
-    context.set_trailing_metadata((("aurora-error", code), *metadata))
+        status, code = "INTERNAL", "INTERNAL"
     message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    await context.abort(status, message or code)
+    raise RpcError(status, message or code, code, metadata)
 
 
 DEFAULT_TABLE = "default"
@@ -105,8 +103,9 @@ def _timeout(ms: int) -> float | None:
     return ms / 1000.0 if ms else None
 
 
-class DatabaseService(pb_grpc.DatabaseServicer):
-    """gRPC face of engine.db.database.Database, for whichever role the instance has now."""
+class DatabaseService:
+    """The Database service's handlers over engine.db.database.Database, for whichever role
+    the instance has now: plain async methods, served through the transport seam."""
 
     def __init__(self, inst: "Instance") -> None:
         self.inst = inst
@@ -284,7 +283,7 @@ async def recover_until_open(driver: StorageDriver, recovery_timeout_s: float = 
     while True:
         try:
             return await recover(driver)
-        except (RecoveryError, asyncio.TimeoutError, grpc.RpcError) as exc:
+        except (RecoveryError, asyncio.TimeoutError, RpcError) as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("recovery not possible yet (%s); retrying in %.1fs", exc, delay_s)
@@ -303,8 +302,9 @@ class Instance:
         replica --follow(address)--> replica (resubscribed to another writer)
     """
 
-    def __init__(self, args, config: ClusterConfig) -> None:
+    def __init__(self, args, config: ClusterConfig, transport: Transport) -> None:
         self.args = args
+        self.transport = transport
         self.name = args.instance
         self.config = config
         self.driver: StorageDriver | None = None
@@ -346,17 +346,8 @@ class Instance:
 
     def _new_driver(self) -> StorageDriver:
         config, args = self.config, self.args
-        reload = None
-        if getattr(args, "cluster", None):
-            watcher = LatencyWatcher(args.cluster)
-
-            def reload():
-                latency = watcher.poll()
-                return None if latency is None else latency.from_az(args.az, AZS)
         return StorageDriver(config.volume, config.storage_nodes, config.layout, epoch=0,
-                             lal=config.lal, instance=self.name,
-                             link_delay_ms=config.latency.from_az(args.az, AZS),
-                             link_delay_reload=reload)
+                             lal=config.lal, instance=self.name, transport=self.transport)
 
     async def start_writer(self) -> None:
         driver = self._new_driver()
@@ -503,7 +494,7 @@ class Instance:
         return state
 
 
-class InstanceAdminService(pb_grpc.InstanceAdminServicer):
+class InstanceAdminService:
     def __init__(self, inst: Instance) -> None:
         self.inst = inst
 
@@ -579,16 +570,16 @@ async def list_volumes(driver) -> list:
     found: dict[str, object] = {}
     for name in driver.node_names:
         try:
-            reply = await driver.stub(name).NodeStatus(spb.NodeStatusRequest(), timeout=5.0)
-        except grpc.RpcError:
+            reply = await driver.stub(name).NodeStatus(spb.NodeStatusRequest(), timeout_s=5.0)
+        except RpcError:
             continue
         for v in reply.volumes:
             if v.volume in found:
                 continue
             try:
                 b = await driver.stub(name).VolumeBytes(spb.VolumeBytesRequest(volume=v.volume),
-                                                        timeout=30.0)
-            except grpc.RpcError:
+                                                        timeout_s=30.0)
+            except RpcError:
                 continue
             found[v.volume] = pb.VolumeEntry(name=v.volume, parent=v.parent, fork_lsn=v.fork_lsn,
                                              dropped=v.dropped, owned_bytes=b.owned_bytes,
@@ -601,11 +592,11 @@ async def drop_volume(driver, volume: str) -> None:
     ok, errs = 0, []
     for name in driver.node_names:
         try:
-            await driver.stub(name).DropVolume(spb.VolumeDropRequest(volume=volume), timeout=5.0)
+            await driver.stub(name).DropVolume(spb.VolumeDropRequest(volume=volume), timeout_s=5.0)
             ok += 1
-        except grpc.RpcError as exc:
+        except RpcError as exc:
             errs.append(exc)
-    if errs and errs[0].code() == grpc.StatusCode.NOT_FOUND and ok == 0:
+    if errs and errs[0].status == "NOT_FOUND" and ok == 0:
         raise errors.DatabaseError(f"no volume named {volume!r}")
     if ok < 4:
         raise errors.UnavailableError(f"drop of {volume!r} reached only {ok} storage nodes")
@@ -615,7 +606,10 @@ async def serve(args) -> int:
     config = ClusterConfig.load(args.cluster)
     if getattr(args, "volume", None):
         config.volume = args.volume
-    inst = Instance(args, config)
+    from engine.transport.grpc_transport import GrpcTransport   # the process entry point
+    from engine.transport.latency import AzLatency
+    transport = GrpcTransport(args.instance, AzLatency(args.az, args.instance, path=args.cluster))
+    inst = Instance(args, config, transport)
     role = "replica" if getattr(args, "writer", None) else "writer"
     if role == "writer":
         await inst.start_writer()
@@ -623,19 +617,16 @@ async def serve(args) -> int:
         await inst.start_replica(args.writer)
     service = DatabaseService(inst)
     inst.service = service
-    server = grpc.aio.server()
-    pb_grpc.add_DatabaseServicer_to_server(service, server)
-    pb_grpc.add_InstanceAdminServicer_to_server(InstanceAdminService(inst), server)
-    rpb_grpc.add_ReplicationServicer_to_server(_ReplicationRouter(inst), server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    await server.start()
+    server = await transport.serve(args.host, args.port, {
+        service_of(pb, "Database"): service,
+        service_of(pb, "InstanceAdmin"): InstanceAdminService(inst),
+        service_of(rpb, "Replication"): _ReplicationRouter(inst),
+    })
+    port = server.port
     if role == "replica":
         # Serving means answering reads: wait for the first snapshot from the writer.
         await inst.replica.ready.wait()
-    for name in ("", "aurora_pb.Database"):
-        await _set_serving(health_servicer, name)
+    await server.set_serving(True)
     log.info("%s %s serving on %s:%d (volume %s, epoch %d, VDL %d)", role, args.instance,
              args.host, port, config.volume, inst.epoch, inst.vdl)
     if args.port_file:
@@ -652,12 +643,12 @@ async def serve(args) -> int:
     await stop.wait()
     log.info("%s %s stopping", inst.role, args.instance)
     reaper.cancel()
-    await server.stop(grace=3.0)
+    await server.stop(3.0)
     await inst.close()
     return 0
 
 
-class _ReplicationRouter(rpb_grpc.ReplicationServicer):
+class _ReplicationRouter:
     """Serves the redo stream while this instance is the writer; refuses it otherwise."""
 
     def __init__(self, inst: Instance) -> None:
@@ -666,17 +657,11 @@ class _ReplicationRouter(rpb_grpc.ReplicationServicer):
     async def Subscribe(self, request_iterator, context):
         hub = self.inst.hub
         if hub is None or self.inst.role != "writer":
-            context.set_trailing_metadata((("aurora-error", "READ_ONLY"),))
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"{self.inst.name} is a {self.inst.role}, not the writer")
+            raise RpcError("FAILED_PRECONDITION",
+                           f"{self.inst.name} is a {self.inst.role}, not the writer",
+                           ErrorCode.READ_ONLY)
         async for message in ReplicationService(hub).Subscribe(request_iterator, context):
             yield message
-
-
-async def _set_serving(servicer, name: str) -> None:
-    result = servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if asyncio.iscoroutine(result):
-        await result
 
 
 def main(args) -> int:

@@ -46,10 +46,8 @@ import logging
 import os
 import time
 
-import grpc
-
 from aurora_pb import storage_pb2 as pb
-from engine.errors import DatabaseError, OutOfWindowError, UnavailableError
+from engine.errors import DatabaseError, OutOfWindowError, RpcError, UnavailableError
 from engine.writer.recovery import gather_per_node, truncate_request
 from engine.format.volume import VR, VW
 
@@ -149,8 +147,8 @@ class TimeTravel:
                                        after_lsn=after_lsn, max_time_us=max_time_us,
                                        forward=forward, use_set=truncs is not None,
                                        set=_pb_ranges(truncs or ()))
-        answers = await self._each_node(lambda stub: stub.FindCommit(request, timeout=RPC_TIMEOUT_S))
-        good = [a for a in answers.values() if not isinstance(a, grpc.RpcError)]
+        answers = await self._each_node(lambda stub: stub.FindCommit(request, timeout_s=RPC_TIMEOUT_S))
+        good = [a for a in answers.values() if not isinstance(a, RpcError)]
         if len(good) < VR:
             raise UnavailableError(f"time-travel lookup reached {len(good)} of the {VR} nodes it needs")
         found = [(a.lsn, a.time_us) for a in good if a.lsn]
@@ -161,8 +159,8 @@ class TimeTravel:
     async def load_history(self) -> list:
         """Every timeline (truncation set) a read quorum of nodes recorded, oldest first."""
         request = pb.VolumeHistoryRequest(volume=self.driver.volume)
-        answers = await self._each_node(lambda stub: stub.VolumeHistory(request, timeout=RPC_TIMEOUT_S))
-        good = [a for a in answers.values() if not isinstance(a, grpc.RpcError)]
+        answers = await self._each_node(lambda stub: stub.VolumeHistory(request, timeout_s=RPC_TIMEOUT_S))
+        good = [a for a in answers.values() if not isinstance(a, RpcError)]
         if len(good) < VR:
             raise UnavailableError(f"volume history reached {len(good)} of the {VR} nodes it needs")
         by_epoch = {}
@@ -180,14 +178,14 @@ class TimeTravel:
         self._open_vdl = self.driver.vdl
         await self.load_history()
         states = await self._each_node(lambda stub: stub.NodeStatus(pb.NodeStatusRequest(),
-                                                                    timeout=RPC_TIMEOUT_S))
+                                                                    timeout_s=RPC_TIMEOUT_S))
         # For times before this writer opened, the floor is the GC horizon the previous
         # writer left: it was at or below the floor of its time, and a floor only rises
         # (a backtrack target is at or above it too). No scan of the log at open, so
         # opening (failover) does not grow with the commits inside the window.
         horizon = 0
         for a in states.values():
-            if not isinstance(a, grpc.RpcError):
+            if not isinstance(a, RpcError):
                 for v in a.volumes:
                     if v.volume == self.driver.volume and v.parent:
                         self.fork_lsn = max(self.fork_lsn, v.fork_lsn)
@@ -326,15 +324,15 @@ class TimeTravel:
         driver = self.driver
         volume, layout = driver.volume, driver.layout
         states = await self._each_node(lambda stub: stub.NodeStatus(pb.NodeStatusRequest(),
-                                                                    timeout=RPC_TIMEOUT_S))
-        answered = [a for a in states.values() if not isinstance(a, grpc.RpcError)]
+                                                                    timeout_s=RPC_TIMEOUT_S))
+        answered = [a for a in states.values() if not isinstance(a, RpcError)]
         if len(answered) < VW:
             raise BacktrackNotStarted(UnavailableError(
                 f"backtrack needs {VW} storage nodes to write its truncation set; "
                 f"{len(answered)} answer. Nothing was changed"))
         epoch, max_lsn = driver.epoch, driver.vdl
         for a in states.values():
-            if isinstance(a, grpc.RpcError):
+            if isinstance(a, RpcError):
                 continue
             for s in a.segments:
                 if s.volume == volume:
@@ -350,11 +348,11 @@ class TimeTravel:
         async def one_pg(pg):
             return pg, await self._each_node(lambda stub: stub.Truncate(
                 truncate_request(volume, pg, new_epoch, new_set, now_us, driver.vdl, target),
-                timeout=RPC_TIMEOUT_S))
+                timeout_s=RPC_TIMEOUT_S))
 
         done = dict(await asyncio.gather(*(one_pg(pg) for pg in range(layout.pg_count))))
         for pg, answers in done.items():
-            ok = [n for n, a in answers.items() if not isinstance(a, grpc.RpcError)]
+            ok = [n for n, a in answers.items() if not isinstance(a, RpcError)]
             if len(ok) < VW:
                 raise UnavailableError(f"backtrack: the truncation of PG {pg} reached {len(ok)} "
                                        f"of the {VW} segments it needs; the volume is unchanged "
@@ -370,8 +368,8 @@ class TimeTravel:
 
         async def one_pg(pg):
             request = pb.SegmentStateRequest(volume=driver.volume, pg=pg, tail_bound=fork_lsn)
-            answers = await self._each_node(lambda stub: stub.SegmentState(request, timeout=RPC_TIMEOUT_S))
-            good = [a for a in answers.values() if not isinstance(a, grpc.RpcError)]
+            answers = await self._each_node(lambda stub: stub.SegmentState(request, timeout_s=RPC_TIMEOUT_S))
+            good = [a for a in answers.values() if not isinstance(a, RpcError)]
             if len(good) < VR:
                 raise UnavailableError(f"clone: PG {pg} answered from {len(good)} of the {VR} "
                                        f"nodes it needs")
@@ -382,20 +380,20 @@ class TimeTravel:
     async def create_clone(self, name: str, fork_lsn: int) -> None:
         driver = self.driver
         states = await self._each_node(lambda stub: stub.NodeStatus(pb.NodeStatusRequest(),
-                                                                    timeout=RPC_TIMEOUT_S))
+                                                                    timeout_s=RPC_TIMEOUT_S))
         for a in states.values():
-            if not isinstance(a, grpc.RpcError) and any(v.volume == name for v in a.volumes):
+            if not isinstance(a, RpcError) and any(v.volume == name for v in a.volumes):
                 raise DatabaseError(f"clone {name!r}: a volume of that name already exists")
         request = pb.CreateVolumeRequest(volume=name, pg_count=driver.layout.pg_count,
                                          stripe_pages=driver.layout.stripe_pages,
                                          volume_epoch=1, parent=driver.volume, fork_lsn=fork_lsn,
                                          fork_tails=await self.fork_tails(fork_lsn))
-        answers = await self._each_node(lambda stub: stub.CreateVolume(request, timeout=RPC_TIMEOUT_S))
-        ok = [n for n, a in answers.items() if not isinstance(a, grpc.RpcError)]
-        errors = [a for a in answers.values() if isinstance(a, grpc.RpcError)]
+        answers = await self._each_node(lambda stub: stub.CreateVolume(request, timeout_s=RPC_TIMEOUT_S))
+        ok = [n for n, a in answers.items() if not isinstance(a, RpcError)]
+        errors = [a for a in answers.values() if isinstance(a, RpcError)]
         if len(ok) < VW:
-            detail = errors[0].details() if errors else ""
-            if errors and errors[0].code() == grpc.StatusCode.INVALID_ARGUMENT:
+            detail = errors[0].detail if errors else ""
+            if errors and errors[0].status == "INVALID_ARGUMENT":
                 raise DatabaseError(f"clone {name!r}: {detail}")
             raise UnavailableError(f"clone {name!r} reached {len(ok)} of the {VW} nodes it "
                                    f"needs ({detail})")

@@ -55,13 +55,11 @@ import logging
 import time
 from dataclasses import dataclass
 
-import grpc
-
 from aurora_pb import storage_pb2 as pb
-from engine.errors import UnavailableError
+from engine.errors import ErrorCode, RpcError, UnavailableError
 from engine.materialiser import scan_batch
 from engine.format.redo import FLAG_CPL
-from engine.writer.storage_driver import StorageDriver, rpc_error_code
+from engine.writer.storage_driver import StorageDriver, truncate_request  # noqa: F401 (re-exported)
 from engine.format.volume import VR, VW
 
 log = logging.getLogger(__name__)
@@ -108,16 +106,6 @@ def lower_out_of(lsn: int, truncs) -> int:
     return lsn
 
 
-def truncate_request(volume: str, pg: int, epoch: int, truncs, time_us: int,
-                     prev_vdl: int, set_writer_vdl: int = 0) -> pb.TruncateRequest:
-    """A Truncate that makes ``truncs`` the segment's whole truncation set (and records
-    the timeline it starts: from time_us, after a timeline that ended at prev_vdl)."""
-    return pb.TruncateRequest(
-        volume=volume, pg=pg, volume_epoch=epoch, replace=True,
-        set=[pb.TruncationRange(start_lsn=s, end_lsn=e, epoch=ep) for s, e, ep in truncs],
-        time_us=time_us, prev_vdl=prev_vdl, set_writer_vdl=set_writer_vdl)
-
-
 async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
     """Run make_call(name, stub) on every node; return {name: reply or RpcError}."""
     names = driver.node_names
@@ -125,7 +113,7 @@ async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float) ->
     async def one(name):
         try:
             return await make_call(name, driver.stub(name))
-        except grpc.RpcError as exc:
+        except RpcError as exc:
             return exc
 
     results = await asyncio.wait_for(
@@ -134,8 +122,8 @@ async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float) ->
 
 
 def _describe_errors(results: dict) -> str:
-    return "; ".join(f"{n}: {rpc_error_code(r) or r.code().name}"
-                     for n, r in results.items() if isinstance(r, grpc.RpcError))
+    return "; ".join(f"{n}: {r.code or r.status}"
+                     for n, r in results.items() if isinstance(r, RpcError))
 
 
 async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
@@ -155,14 +143,14 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     async def learn(pg):
         return pg, await gather_per_node(
             driver, lambda name, stub: stub.SegmentState(
-                pb.SegmentStateRequest(volume=volume, pg=pg), timeout=rpc_timeout_s),
+                pb.SegmentStateRequest(volume=volume, pg=pg), timeout_s=rpc_timeout_s),
             rpc_timeout_s)
 
     learned = dict(await asyncio.gather(*(learn(pg) for pg in pgs)))
     created = False
     unknown = [n for n, r in learned[0].items()
-               if isinstance(r, grpc.RpcError) and rpc_error_code(r) == "UNKNOWN_VOLUME"]
-    known = [n for n, r in learned[0].items() if not isinstance(r, grpc.RpcError)]
+               if isinstance(r, RpcError) and r.code == ErrorCode.UNKNOWN_VOLUME]
+    known = [n for n, r in learned[0].items() if not isinstance(r, RpcError)]
     if not known and len(unknown) >= VW:
         if not create_if_missing:
             raise RecoveryError(f"volume {volume!r} does not exist")
@@ -172,7 +160,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 
     old_epoch = 0
     for pg, results in learned.items():
-        replies = [r for r in results.values() if not isinstance(r, grpc.RpcError)]
+        replies = [r for r in results.values() if not isinstance(r, RpcError)]
         if len(replies) < VR:
             raise RecoveryError(
                 f"recovery needs {VR} segments of PG {pg}, reached {len(replies)} "
@@ -186,13 +174,13 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     # can remove a range), so a union of older sets would hide records of this timeline.
     current_set = newest_truncation_set(
         r.truncations for results in learned.values() for r in results.values()
-        if not isinstance(r, grpc.RpcError))
+        if not isinstance(r, RpcError))
     # since: the highest VDL a writer of THIS timeline reached. A writer_vdl inside a range
     # belongs to a timeline that a backtrack or recovery left: its range start is a VDL.
     since = 0
     for results in learned.values():
         for r in results.values():
-            if not isinstance(r, grpc.RpcError):
+            if not isinstance(r, RpcError):
                 since = max(since, lower_out_of(r.writer_vdl, current_set))
 
     # 2. Fence. ----------------------------------------------------------------------
@@ -200,7 +188,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
         reply = await stub.SegmentState(
             pb.SegmentStateRequest(volume=volume, pg=pg, volume_epoch=new_epoch, fence=True,
                                    records_since=since, include_records=True, tail_bound=since),
-            timeout=rpc_timeout_s)
+            timeout_s=rpc_timeout_s)
         # One reply lists at most 65,536 records and does not say it was cut; a list that
         # stops below the segment's SCL was cut (up to LAL records may lie above `since`):
         # ask for the rest, or step 3 would stop short and truncate durable records.
@@ -208,7 +196,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
             more = await stub.SegmentState(
                 pb.SegmentStateRequest(volume=volume, pg=pg, include_records=True,
                                        records_since=reply.records[-1].lsn),
-                timeout=rpc_timeout_s)
+                timeout_s=rpc_timeout_s)
             if not more.records:
                 break
             reply.records.extend(more.records)
@@ -232,7 +220,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     # whose backlinks collide with the newer epoch's, and would send the walk down them.
     current_set = newest_truncation_set(
         [current_set] + [r.truncations for results in fenced.values() for r in results.values()
-                         if not isinstance(r, grpc.RpcError)])
+                         if not isinstance(r, RpcError)])
     annulled_ranges = {(start, end) for start, end, _epoch in current_set}
 
     def annulled(lsn: int) -> bool:
@@ -240,11 +228,11 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 
     for results in fenced.values():  # the end of every range ever seen: LSNs allocated
         for r in results.values():
-            if not isinstance(r, grpc.RpcError):
+            if not isinstance(r, RpcError):
                 for tr in r.truncations:
                     last_truncate_end = max(last_truncate_end, tr.end_lsn)
     for pg, results in fenced.items():
-        replies = {n: r for n, r in results.items() if not isinstance(r, grpc.RpcError)}
+        replies = {n: r for n, r in results.items() if not isinstance(r, RpcError)}
         if len(replies) < VR:
             raise RecoveryError(
                 f"could not fence {VR} segments of PG {pg} at epoch {new_epoch} "
@@ -289,12 +277,12 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
         return pg, await gather_per_node(
             driver, lambda name, stub: stub.Truncate(
                 truncate_request(volume, pg, new_epoch, new_set, time_us, vdl),
-                timeout=rpc_timeout_s),
+                timeout_s=rpc_timeout_s),
             rpc_timeout_s)
 
     truncated = dict(await asyncio.gather(*(truncate(pg) for pg in pgs)))
     for pg, results in truncated.items():
-        ok = [n for n, r in results.items() if not isinstance(r, grpc.RpcError)]
+        ok = [n for n, r in results.items() if not isinstance(r, RpcError)]
         if len(ok) < VW:
             raise RecoveryError(
                 f"truncation of PG {pg} reached {len(ok)} of the {VW} segments it needs "
@@ -324,9 +312,9 @@ async def _create_volume(driver: StorageDriver, rpc_timeout_s: float) -> None:
     request = pb.CreateVolumeRequest(volume=driver.volume, pg_count=driver.layout.pg_count,
                                      stripe_pages=driver.layout.stripe_pages, volume_epoch=1)
     results = await gather_per_node(
-        driver, lambda name, stub: stub.CreateVolume(request, timeout=rpc_timeout_s),
+        driver, lambda name, stub: stub.CreateVolume(request, timeout_s=rpc_timeout_s),
         rpc_timeout_s)
-    ok = [n for n, r in results.items() if not isinstance(r, grpc.RpcError)]
+    ok = [n for n, r in results.items() if not isinstance(r, RpcError)]
     if len(ok) < VW:
         raise RecoveryError(f"could create volume {driver.volume!r} on only {len(ok)} nodes "
                             f"({_describe_errors(results)})")
@@ -348,7 +336,7 @@ async def _repair(driver: StorageDriver, since: int, vdl: int, tails: dict[int, 
             reply = await driver.stub(name).FetchRecords(
                 pb.FetchRecordsRequest(volume=driver.volume, pg=pg, after_lsn=after, upto_lsn=vdl,
                                        volume_epoch=driver.epoch, sender=driver.instance),
-                timeout=rpc_timeout_s)
+                timeout_s=rpc_timeout_s)
             refs = scan_batch(reply.records)
             if refs:
                 chunks.setdefault(pg, []).append(reply.records)
@@ -368,9 +356,9 @@ async def _repair(driver: StorageDriver, since: int, vdl: int, tails: dict[int, 
             batches=[pb.PgBatch(pg=pg, records=c[i]) for pg, c in chunks.items() if i < len(c)],
             sender=driver.instance)
         results = await gather_per_node(
-            driver, lambda name, stub: stub.Append(request, timeout=rpc_timeout_s), rpc_timeout_s)
+            driver, lambda name, stub: stub.Append(request, timeout_s=rpc_timeout_s), rpc_timeout_s)
         for name, reply in results.items():
-            if not isinstance(reply, grpc.RpcError):
+            if not isinstance(reply, RpcError):
                 for ack in reply.acks:
                     best_scl[(name, ack.pg)] = max(best_scl.get((name, ack.pg), 0), ack.scl)
     for pg in chunks:

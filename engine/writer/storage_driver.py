@@ -28,13 +28,12 @@ Reads (invariant 8): no quorum. One segment whose SCL covers the read is asked, 
 with the lowest measured latency first; if it does not answer within ``hedge_after_s`` a
 second one is asked too, and the first good answer wins.
 
-Simulated AZ latency: ``link_delay_ms`` gives the one-way delay from this instance to each
-AZ; every RPC sleeps it before sending and after the reply (DESIGN.md section 4). An entry
-keyed by a node's name (a slow outlier, cluster.json ``extra_node_ms``) is added to its AZ's
-for that node only. ``status()`` shows per node the delay applied (``link_delay_ms``) and
-the round trip of its Append acks as the driver waits for them, delays included (``ack_ms``).
-``link_delay_reload`` (optional) is asked before each RPC for new delays, so that
-`aurora-lite net delay` acts on a running writer.
+Every call goes through the transport seam (engine/transport): the driver holds one channel
+per node and never sees a grpc object. The transport adds the simulated AZ latency of each
+link (DESIGN.md section 4, engine/transport/latency.py) and injected faults; ``status()``
+shows per node the one-way delay now (``link_delay_ms``), the measured round trip
+(``latency_ms``, delays included: reads prefer the nearest segment, invariant 8) and the
+round trip of its Append acks (``ack_ms``).
 """
 
 from __future__ import annotations
@@ -43,66 +42,46 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
-import grpc
+from typing import Any
 
 from aurora_pb import storage_pb2 as pb
-from aurora_pb import storage_pb2_grpc as pb_grpc
-from engine.chaos import faults
 from engine import planted_bugs
-from engine.errors import FencedError, UnavailableError, WriteQuorumUnavailable
+from engine.errors import (
+    METADATA_CURRENT_EPOCH,
+    ErrorCode,
+    FencedError,
+    RpcError,
+    UnavailableError,
+    WriteQuorumUnavailable,
+)
 from engine.format.cluster_config import NodeInfo  # noqa: F401  (re-exported)
 from engine.writer.quorum import CommitQueue, QuorumTracker
 from engine.format.redo import FLAG_CPL
 from engine.db.sink import LsnAllocator
+from engine.transport import Channel, Transport, service_of
 from engine.format.volume import VW, VolumeLayout
 
 log = logging.getLogger(__name__)
 
-ERROR_KEY = "aurora-error"
-CURRENT_EPOCH_KEY = "aurora-current-epoch"
-
-APPEND_METHOD = "/aurora_pb.Storage/Append"
 BATCH_BYTES_MAX = 4 * 1024 * 1024        # an open batch is sealed at this size regardless
-GRPC_MESSAGE_MAX = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", GRPC_MESSAGE_MAX),
-    ("grpc.max_receive_message_length", GRPC_MESSAGE_MAX),
-    # Reconnect to a restarted node quickly (defaults back off up to 120 s).
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.min_reconnect_backoff_ms", 100),
-]
+STORAGE = service_of(pb, "Storage")
 
 
-def rpc_error_code(exc: grpc.RpcError) -> str:
-    """The machine-readable aurora-error code of a storage error ('' if none)."""
-    try:
-        for key, value in exc.trailing_metadata() or ():
-            if key == ERROR_KEY:
-                return value
-    except Exception:  # an error raised before any metadata arrived
-        pass
-    return ""
-
-
-def rpc_current_epoch(exc: grpc.RpcError) -> int:
-    try:
-        for key, value in exc.trailing_metadata() or ():
-            if key == CURRENT_EPOCH_KEY:
-                return int(value)
-    except Exception:
-        pass
-    return 0
+def truncate_request(volume: str, pg: int, epoch: int, truncs, time_us: int,
+                     prev_vdl: int, set_writer_vdl: int = 0) -> pb.TruncateRequest:
+    """A Truncate that makes ``truncs`` the segment's whole truncation set (and records
+    the timeline it starts: from time_us, after a timeline that ended at prev_vdl)."""
+    return pb.TruncateRequest(
+        volume=volume, pg=pg, volume_epoch=epoch, replace=True,
+        set=[pb.TruncationRange(start_lsn=s, end_lsn=e, epoch=ep) for s, e, ep in truncs],
+        time_us=time_us, prev_vdl=prev_vdl, set_writer_vdl=set_writer_vdl)
 
 
 @dataclass
 class _Node:
     info: NodeInfo
-    channel: grpc.aio.Channel
-    stub: pb_grpc.StorageStub
-    append_raw: Callable
+    channel: Channel
+    stub: Any                   # the Storage service's stub on ``channel``
     latency_ewma_s: float = 0.002
     ack_ewma_s: float = 0.0     # Append round trip incl. simulated delay (status only)
     up: bool = True
@@ -129,9 +108,7 @@ class StorageDriver:
                  epoch: int, lal: int, start_lsn: int = 0, next_lsn: int | None = None,
                  pg_tails: dict[int, int] | None = None, instance: str = "writer",
                  max_inflight_batches: int = 2, rpc_timeout_s: float = 5.0,
-                 hedge_after_s: float = 0.05,
-                 link_delay_ms: dict[str, float] | None = None,
-                 link_delay_reload: Callable[[], dict[str, float] | None] | None = None) -> None:
+                 hedge_after_s: float = 0.05, transport: Transport) -> None:
         assert len(nodes) == 6, "a volume is stored on six nodes"
         assert lal > 0
         self.volume = volume
@@ -142,8 +119,7 @@ class StorageDriver:
         self.max_inflight_batches = max_inflight_batches
         self.rpc_timeout_s = rpc_timeout_s
         self.hedge_after_s = hedge_after_s
-        self.link_delay_ms = dict(link_delay_ms or {})
-        self.link_delay_reload = link_delay_reload   # new delays or None; cheap (see server.py)
+        self.transport = transport
         self.node_infos = list(nodes)
         self.tracker = QuorumTracker([n.name for n in nodes], start_lsn, pg_tails)
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
@@ -175,15 +151,9 @@ class StorageDriver:
     async def start(self) -> None:
         planted_bugs.warn_if_planted(f"instance {self.instance}")   # test-only switches
         for info in self.node_infos:
-            # Injected network faults (engine/chaos/faults.py): none unless $AURORA_FAULTS_FILE.
-            channel = grpc.aio.insecure_channel(
-                info.address, options=CHANNEL_OPTIONS,
-                interceptors=faults.client_interceptors(self.instance, info.address) or None)
-            stub = pb_grpc.StorageStub(channel)
-            append_raw = channel.unary_unary(
-                APPEND_METHOD, request_serializer=None,
-                response_deserializer=pb.AppendReply.FromString)
-            self._nodes[info.name] = _Node(info, channel, stub, append_raw)
+            # The transport adds simulated latency and injected faults (engine/transport).
+            channel = self.transport.channel(info.address, timeout_s=self.rpc_timeout_s)
+            self._nodes[info.name] = _Node(info, channel, channel.stub(STORAGE))
 
     async def close(self) -> None:
         self._closed = True
@@ -203,7 +173,8 @@ class StorageDriver:
         self.epoch_floor_lsn = next_lsn - 1
         self.fenced = None
 
-    def stub(self, name: str) -> pb_grpc.StorageStub:
+    def stub(self, name: str):
+        """The Storage stub of node ``name`` (engine/transport)."""
         return self._nodes[name].stub
 
     @property
@@ -306,30 +277,18 @@ class StorageDriver:
         task.add_done_callback(self._tasks.discard)
 
     def _delay_ms(self, node: _Node) -> float:
-        """One-way simulated delay to ``node``: its AZ's, plus its own if it is slowed."""
-        return self.link_delay_ms.get(node.info.az, 0.0) + self.link_delay_ms.get(node.info.name, 0.0)
-
-    async def _link_delay(self, node: _Node) -> None:
-        if self.link_delay_reload is not None:
-            fresh = self.link_delay_reload()
-            if fresh is not None and fresh != self.link_delay_ms:
-                log.info("simulated one-way delays now %s ms", fresh)
-                self.link_delay_ms = dict(fresh)
-        delay_ms = self._delay_ms(node)
-        if delay_ms > 0:
-            await asyncio.sleep(delay_ms / 1000.0)
+        """One-way simulated delay to ``node`` now (the transport applies it)."""
+        return self.transport.one_way_ms(node.info.address)
 
     async def _send_batch(self, node: _Node, batch: _Batch) -> None:
         backoff_s = 0.05
         while not self._closed and self.fenced is None:
             try:
                 sent = time.monotonic()
-                await self._link_delay(node)
-                started = time.monotonic()
-                reply = await node.append_raw(batch.request_bytes, timeout=self.rpc_timeout_s)
-                self._observe_latency(node, time.monotonic() - started)
-                await self._link_delay(node)
+                # Sent as the bytes serialised once for all six nodes (transport promise 7).
+                reply = await node.stub.Append(batch.request_bytes)
                 ack_s = time.monotonic() - sent
+                self._observe_latency(node, ack_s)
                 node.ack_ewma_s = ack_s if not node.ack_ewma_s else 0.8 * node.ack_ewma_s + 0.2 * ack_s
                 node.rpcs += 1
                 node.bytes_sent += len(batch.request_bytes)
@@ -342,21 +301,19 @@ class StorageDriver:
                 return
             except asyncio.CancelledError:
                 raise
-            except grpc.RpcError as exc:
-                code = rpc_error_code(exc)
-                if code == "STALE_EPOCH":
+            except RpcError as exc:
+                if exc.code == ErrorCode.STALE_EPOCH:
                     self._fence(node, exc)
                     return
-                if code == "EPOCH_AHEAD":
+                if exc.code == ErrorCode.EPOCH_AHEAD:
                     try:
                         await self._send_truncations(node)
                         continue
-                    except grpc.RpcError as truncate_exc:
+                    except RpcError as truncate_exc:
                         exc = truncate_exc  # the node went away meanwhile: back off, retry
                 node.failures += 1
                 if node.up:
-                    log.warning("append to %s failed: %s %s", node.info.name,
-                                exc.code().name, exc.details())
+                    log.warning("append to %s failed: %s", node.info.name, exc)
                 node.up = False
             if self.tracker.vcl >= batch.max_lsn:
                 return  # durable elsewhere; the node catches up by gossip
@@ -388,10 +345,10 @@ class StorageDriver:
             listener.on_vdl(self.tracker.vdl)
         self._vdl_changed.set()
 
-    def _fence(self, node: _Node, exc: grpc.RpcError) -> None:
+    def _fence(self, node: _Node, exc: RpcError) -> None:
         if self.fenced is not None:
             return
-        current = rpc_current_epoch(exc)
+        current = int(exc.metadata.get(METADATA_CURRENT_EPOCH, 0) or 0)
         self.fenced = FencedError(
             f"this writer is fenced: storage node {node.info.name} is at volume epoch "
             f"{current}, this writer has epoch {self.epoch}; a newer writer took over")
@@ -408,16 +365,15 @@ class StorageDriver:
     async def _send_truncations(self, node: _Node) -> None:
         """A node missed one or more Truncates: send it this epoch's whole truncation set
         (it replaces the node's older set; engine/writer/recovery.py truncate_request)."""
-        from engine.writer.recovery import truncate_request  # recovery imports this module
         log.info("node %s is behind epoch %d; sending it the truncation set", node.info.name, self.epoch)
         time_us, prev_vdl = self.truncation_history
         for pg in range(self.layout.pg_count):
             try:
                 await node.stub.Truncate(
                     truncate_request(self.volume, pg, self.epoch, self.truncations, time_us,
-                                     prev_vdl), timeout=self.rpc_timeout_s)
-            except grpc.RpcError as exc:
-                if rpc_error_code(exc) != "STALE_EPOCH":
+                                     prev_vdl))
+            except RpcError as exc:
+                if exc.code != ErrorCode.STALE_EPOCH:
                     raise
 
     def _observe_latency(self, node: _Node, seconds: float) -> None:
@@ -469,25 +425,22 @@ class StorageDriver:
 
     async def _read_one(self, node: _Node, request: pb.ReadPageRequest):
         try:
-            await self._link_delay(node)
             started = time.monotonic()
-            reply = await node.stub.ReadPage(request, timeout=self.rpc_timeout_s)
+            reply = await node.stub.ReadPage(request)
             self._observe_latency(node, time.monotonic() - started)
-            await self._link_delay(node)
             self.stats["read_rpcs"] += 1
             node.up = True
             return ("ok", reply.page)
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError as exc:
-            code = rpc_error_code(exc)
-            if code == "PAGE_NOT_FOUND":
+        except RpcError as exc:
+            if exc.code == ErrorCode.PAGE_NOT_FOUND:
                 return ("absent", None)
-            if code == "STALE_EPOCH":
+            if exc.code == ErrorCode.STALE_EPOCH:
                 self._fence(node, exc)
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if exc.unreachable:
                 node.up = False
-            return ("error", f"{node.info.name}: {code or exc.code().name} {exc.details()}")
+            return ("error", f"{node.info.name}: {exc}")
 
     # --- Control -----------------------------------------------------------------------
 
@@ -498,9 +451,9 @@ class StorageDriver:
 
         async def one(node: _Node) -> None:
             try:
-                await node.stub.SetGcHorizon(request, timeout=self.rpc_timeout_s)
-            except grpc.RpcError as exc:
-                log.debug("SetGcHorizon to %s failed: %s", node.info.name, exc.code().name)
+                await node.stub.SetGcHorizon(request)
+            except RpcError as exc:
+                log.debug("SetGcHorizon to %s failed: %s", node.info.name, exc)
 
         await asyncio.gather(*(one(n) for n in self._nodes.values()))
 
