@@ -17,6 +17,7 @@ import pytest
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine import hooks
 from engine.chaos import faults
 
 
@@ -32,7 +33,7 @@ class CountingStorage(pb_grpc.StorageServicer):
 def run_with(tmp_path, monkeypatch, rules, body):
     path = tmp_path / "faults.json"
     monkeypatch.setenv(faults.FAULTS_FILE_ENV, str(path))
-    monkeypatch.setattr(faults, "_STATES", {})
+    monkeypatch.setattr(hooks, "_STATES", {})
 
     async def main():
         server = grpc.aio.server()
@@ -125,3 +126,26 @@ def test_no_fault_file_no_interceptors(monkeypatch):
     monkeypatch.delenv(faults.FAULTS_FILE_ENV, raising=False)
     assert faults.client_interceptors("db1", "127.0.0.1:1") == []
     assert faults.disk_delay_s("sn1") == 0.0
+
+
+def test_disk_rule_follows_the_fault_file(tmp_path, monkeypatch):
+    """The slow-disk hook (engine/hooks.py, no grpc) reads the disk rule of its own node,
+    follows a rewrite within CHECK_INTERVAL_S, and falls back to no delay when the file is
+    removed; a rule with an unknown link kind is refused whole (the previous rules stay)."""
+    path = tmp_path / "faults.json"
+    monkeypatch.setenv(hooks.FAULTS_FILE_ENV, str(path))
+    monkeypatch.setattr(hooks, "_STATES", {})
+    path.write_text(json.dumps({"disk": {"sn1": {"delay_ms": 40}}}))
+    assert hooks.disk_delay_s("sn1") == pytest.approx(0.04)
+    assert hooks.disk_delay_s("sn2") == 0.0
+    path.write_text(json.dumps({"disk": {"*": {"delay_ms": 5}},
+                                "links": [{"src": "sn1", "dst": "*", "kind": "explode"}]}))
+    time.sleep(hooks.CHECK_INTERVAL_S + 0.1)
+    assert hooks.disk_delay_s("sn1") == pytest.approx(0.04)
+    path.write_text(json.dumps({"disk": {"*": {"delay_ms": 5}}}))
+    time.sleep(hooks.CHECK_INTERVAL_S + 0.1)
+    assert hooks.disk_delay_s("sn1") == pytest.approx(0.005)
+    path.unlink()
+    time.sleep(hooks.CHECK_INTERVAL_S + 0.1)
+    assert hooks.disk_delay_s("sn1") == 0.0
+    assert hooks.state_for("sn1").links == []

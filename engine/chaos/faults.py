@@ -1,25 +1,10 @@
-"""Injected faults: the fault file every process reads, and the gRPC interceptors that obey it.
+"""Injected faults on the wire: the gRPC client interceptors that obey the fault file.
 
-The nemesis (engine/chaos/nemesis.py) breaks a running cluster in two ways: with signals
-(SIGKILL, SIGSTOP/SIGCONT, restarts; it owns those) and by rewriting ONE JSON file, the
-fault file, that every process of the cluster re-reads (by mtime, at most every
-``CHECK_INTERVAL_S``, like storage_node/latency.py re-reads cluster.json). A process
-obeys the file only if ``$AURORA_FAULTS_FILE`` names it when the process starts; without
-it no interceptor is installed and nothing here costs anything.
-
-Fault file (all keys optional)::
-
-    {
-      "names": {"127.0.0.1:40011": "sn1", ...},      address -> process name
-      "links": [                                       per directed link, src -> dst
-        {"src": "db1", "dst": "sn5", "kind": "partition"},
-        {"src": "sn1", "dst": "*",   "kind": "drop", "p": 0.2},
-        {"src": "*",   "dst": "sn3", "kind": "delay", "ms": 30},
-        {"src": "db1", "dst": "sn2", "kind": "duplicate", "p": 0.5},
-        {"src": "db1", "dst": "sn4", "kind": "reorder", "ms": 20}
-      ],
-      "disk": {"sn3": {"delay_ms": 50}}                slow fsync of one storage node
-    }
+The fault file itself (its format, how a process re-reads it, the slow-disk rule) is read
+by engine/hooks.py (``FaultState``, ``state_for``), which imports no grpc so that
+storage_node/ can use it; this module adds what needs grpc. A process obeys the file only
+if ``$AURORA_FAULTS_FILE`` names it when the process starts; without it no interceptor is
+installed and nothing here costs anything.
 
 Link kinds, applied by the CALLER's interceptor (the process named ``src``) on every RPC
 it sends to ``dst`` ("*" matches any name):
@@ -43,108 +28,24 @@ Randomness comes from ``random.Random`` seeded with $AURORA_FAULTS_SEED and the 
 name, so one seed gives one schedule; the exact interleaving of RPCs is still up to the
 OS scheduler (this is a test of real processes, not a simulation).
 
-Dependencies: grpc only. storage_node/ imports this module (a test hook, like
-storage_node/latency.py; it is not the B+tree, buffer pool or driver of DESIGN.md s4).
+Dependencies: grpc and engine/hooks.py. The names of the fault file that callers took
+from here (FAULTS_FILE_ENV, FaultState, state_for, disk_delay_s, ...) are re-exported.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import os
-import random
-import time
-import zlib
 
 import grpc
 
-FAULTS_FILE_ENV = "AURORA_FAULTS_FILE"
-FAULTS_SEED_ENV = "AURORA_FAULTS_SEED"
-CHECK_INTERVAL_S = 0.5
+from engine.format.watched_json import CHECK_INTERVAL_S
+from engine.hooks import (
+    FAULTS_FILE_ENV, FAULTS_SEED_ENV, LINK_KINDS, FaultState, disk_delay_s, state_for)
+
 STREAM_CHECK_S = 0.25
-LINK_KINDS = ("partition", "drop", "delay", "duplicate", "reorder")
 
-log = logging.getLogger("aurora_lite.faults")
-
-
-class FaultState:
-    """The fault file as seen by one process (``me``), re-read when it changes."""
-
-    def __init__(self, path: str, me: str, interval_s: float = CHECK_INTERVAL_S) -> None:
-        self.path = path
-        self.me = me
-        self.interval_s = interval_s
-        seed = int(os.environ.get(FAULTS_SEED_ENV, "0") or 0)
-        self.rng = random.Random(seed * 1_000_003 + zlib.crc32(me.encode()))
-        self._next_check_s = 0.0
-        self._signature = None
-        self.names: dict[str, str] = {}
-        self.links: list[dict] = []
-        self.disk: dict[str, dict] = {}
-        self.check(force=True)
-
-    def check(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now < self._next_check_s:
-            return
-        self._next_check_s = now + self.interval_s
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            if self.links or self.disk:
-                log.info("fault file %s is gone: no faults", self.path)
-            self.links, self.disk, self._signature = [], {}, None
-            return
-        signature = (st.st_mtime_ns, st.st_ino, st.st_size)
-        if signature == self._signature:
-            return
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-            names = dict(data.get("names", {}))
-            links = [dict(r) for r in data.get("links", [])]
-            disk = {k: dict(v) for k, v in data.get("disk", {}).items()}
-            for rule in links:
-                assert rule.get("kind") in LINK_KINDS, rule
-        except (OSError, ValueError, TypeError, AssertionError) as exc:
-            log.warning("cannot read the fault file %s: %s", self.path, exc)
-            return
-        self._signature = signature
-        mine = [r for r in links if r.get("src") in (self.me, "*")]
-        if mine != [r for r in self.links if r.get("src") in (self.me, "*")] or disk != self.disk:
-            log.info("injected faults now: links %s, disk %s", mine or "none",
-                     disk.get(self.me, "none"))
-        self.names, self.links, self.disk = names, links, disk
-
-    def rules_to(self, address: str) -> list[dict]:
-        """Link rules for a call from this process to ``address`` (re-reads when due)."""
-        self.check()
-        if not self.links:
-            return []
-        dst = self.names.get(address, address)
-        return [r for r in self.links
-                if r.get("src") in (self.me, "*") and r.get("dst") in (dst, "*")]
-
-    def disk_delay_s(self) -> float:
-        self.check()
-        spec = self.disk.get(self.me) or self.disk.get("*")
-        return float(spec.get("delay_ms", 0.0)) / 1000.0 if spec else 0.0
-
-
-_STATES: dict[str, FaultState] = {}
-
-
-def state_for(me: str) -> FaultState | None:
-    """This process's FaultState, or None when $AURORA_FAULTS_FILE is not set."""
-    path = os.environ.get(FAULTS_FILE_ENV)
-    if not path:
-        return None
-    st = _STATES.get(me)
-    if st is None:
-        st = _STATES[me] = FaultState(path, me)
-        log.info("%s obeys the fault file %s", me, path)
-    return st
+__all__ = ["CHECK_INTERVAL_S", "FAULTS_FILE_ENV", "FAULTS_SEED_ENV", "LINK_KINDS",
+           "STREAM_CHECK_S", "FaultState", "client_interceptors", "disk_delay_s", "state_for"]
 
 
 def _unavailable(details: str) -> grpc.aio.AioRpcError:
@@ -258,8 +159,3 @@ def client_interceptors(me: str, address: str) -> list:
         return []
     return [_UnaryFaults(state, address), _StreamFaults(state, address)]
 
-
-def disk_delay_s(me: str) -> float:
-    """Extra seconds before each LMDB commit of storage node ``me`` (0 without faults)."""
-    state = state_for(me)
-    return 0.0 if state is None else state.disk_delay_s()

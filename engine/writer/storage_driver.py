@@ -50,7 +50,7 @@ import grpc
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
 from engine.chaos import faults
-from engine import planted_bugs
+from engine import hooks
 from engine.errors import FencedError, UnavailableError, WriteQuorumUnavailable
 from engine.format.cluster_config import NodeInfo  # noqa: F401  (re-exported)
 from engine.writer.quorum import CommitQueue, QuorumTracker
@@ -173,7 +173,7 @@ class StorageDriver:
     # --- Lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        planted_bugs.warn_if_planted(f"instance {self.instance}")   # test-only switches
+        hooks.warn_if_planted(f"instance {self.instance}")   # test-only switches
         for info in self.node_infos:
             # Injected network faults (engine/chaos/faults.py): none unless $AURORA_FAULTS_FILE.
             channel = grpc.aio.insecure_channel(
