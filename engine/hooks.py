@@ -1,2 +1,167 @@
-"""TEMPORARY shim until the hooks module lands (branch store): fault-file state."""
-from engine.chaos.faults import FaultState, state_for  # noqa: F401
+"""Test hooks that reach into every process: injected faults and planted bugs.
+
+Two kinds of switch, both OFF unless an environment variable turns them on, both read by
+processes of every layer (storage nodes, the writer, replicas), so this module imports no
+grpc and nothing of engine/ above engine/format: storage_node/ may import it.
+
+**The fault file** ($AURORA_FAULTS_FILE). The nemesis (engine/chaos/nemesis.py) rewrites
+ONE JSON file that every process of the cluster re-reads when it changes (at most every
+``CHECK_INTERVAL_S``, through engine/format/watched_json.py). A process obeys it only if
+``$AURORA_FAULTS_FILE`` names it when the process starts. All keys are optional::
+
+    {
+      "names": {"127.0.0.1:40011": "sn1", ...},      address -> process name
+      "links": [                                       per directed link, src -> dst
+        {"src": "db1", "dst": "sn5", "kind": "partition"},
+        {"src": "sn1", "dst": "*",   "kind": "drop", "p": 0.2},
+        {"src": "*",   "dst": "sn3", "kind": "delay", "ms": 30},
+        {"src": "db1", "dst": "sn2", "kind": "duplicate", "p": 0.5},
+        {"src": "db1", "dst": "sn4", "kind": "reorder", "ms": 20}
+      ],
+      "disk": {"sn3": {"delay_ms": 50}}                slow fsync of one storage node
+    }
+
+``FaultState`` is that file as one process sees it. The link rules are applied on every
+call a process makes, by the transport seam (engine/transport/links.py documents what
+each kind does), so the gRPC transport and a simulated one obey them alike; the disk rule by ``disk_delay_s``, which a storage node's group commit sleeps
+before each LMDB commit. Randomness comes from ``random.Random`` seeded with
+$AURORA_FAULTS_SEED and the process name, so one seed gives one schedule.
+
+**Planted bugs**: test-only switches that break a guarantee ON PURPOSE, so the
+reliability suite can prove its checkers catch real bugs (tests/test_chaos_planted.py):
+each test plants one bug, runs a scenario and expects a checker to REPORT the violation;
+the same scenario without the bug must pass. Never set them outside such a test. They are
+read from the environment of the process that has the code::
+
+    variable                        where              what breaks
+    AURORA_BUG_ACK_BEFORE_COMMIT=S  storage_node/node  a storage node acks an Append from
+                                                       memory and commits it to LMDB only S
+                                                       seconds later (invariant 3)
+    AURORA_BUG_VDL_SHORT_QUORUM=1   engine/writer/     PGCL is the (Vw-1)-th highest SCL, so
+                                    quorum             VDL passes records that only 3 of 6
+                                                       segments hold (invariant 5); read
+                                                       once, at import
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import zlib
+
+from engine.format.watched_json import CHECK_INTERVAL_S, WatchedJson
+
+FAULTS_FILE_ENV = "AURORA_FAULTS_FILE"
+FAULTS_SEED_ENV = "AURORA_FAULTS_SEED"
+LINK_KINDS = ("partition", "drop", "delay", "duplicate", "reorder")
+
+ACK_BEFORE_COMMIT_ENV = "AURORA_BUG_ACK_BEFORE_COMMIT"
+VDL_SHORT_QUORUM_ENV = "AURORA_BUG_VDL_SHORT_QUORUM"
+
+log = logging.getLogger("aurora_lite.faults")
+_bug_log = logging.getLogger("aurora_lite.planted_bugs")
+
+#: What WatchedJson.poll gives once when the fault file disappears.
+_FILE_GONE = object()
+
+
+# --- the fault file ---------------------------------------------------------------------------
+
+
+class FaultState:
+    """The fault file as seen by one process (``me``), re-read when it changes."""
+
+    def __init__(self, path: str, me: str, interval_s: float = CHECK_INTERVAL_S) -> None:
+        self.path = path
+        self.me = me
+        seed = int(os.environ.get(FAULTS_SEED_ENV, "0") or 0)
+        self.rng = random.Random(seed * 1_000_003 + zlib.crc32(me.encode()))
+        self._file = WatchedJson(path, interval_s, missing=_FILE_GONE)
+        self.names: dict[str, str] = {}
+        self.links: list[dict] = []
+        self.disk: dict[str, dict] = {}
+        self.check(force=True)
+
+    def check(self, force: bool = False) -> None:
+        """Take the file's new content if it changed (stats it at most every interval)."""
+        data = self._file.poll(force)
+        if data is None:
+            return
+        if data is _FILE_GONE:  # no file: no faults
+            if self.links or self.disk:
+                log.info("fault file %s is gone: no faults", self.path)
+            self.links, self.disk = [], {}
+            return
+        try:
+            names = dict(data.get("names", {}))
+            links = [dict(r) for r in data.get("links", [])]
+            disk = {k: dict(v) for k, v in data.get("disk", {}).items()}
+            bad = [r for r in links if r.get("kind") not in LINK_KINDS]
+            if bad:
+                raise ValueError(f"unknown link kind in {bad[0]}")
+        except (AttributeError, ValueError, TypeError) as exc:
+            log.warning("cannot read the fault file %s: %s", self.path, exc)
+            return
+        mine = [r for r in links if r.get("src") in (self.me, "*")]
+        if mine != [r for r in self.links if r.get("src") in (self.me, "*")] or disk != self.disk:
+            log.info("injected faults now: links %s, disk %s", mine or "none",
+                     disk.get(self.me, "none"))
+        self.names, self.links, self.disk = names, links, disk
+
+    def rules_to(self, address: str) -> list[dict]:
+        """Link rules for a call from this process to ``address`` (re-reads when due)."""
+        self.check()
+        if not self.links:
+            return []
+        dst = self.names.get(address, address)
+        return [r for r in self.links
+                if r.get("src") in (self.me, "*") and r.get("dst") in (dst, "*")]
+
+    def disk_delay_s(self) -> float:
+        self.check()
+        spec = self.disk.get(self.me) or self.disk.get("*")
+        return float(spec.get("delay_ms", 0.0)) / 1000.0 if spec else 0.0
+
+
+_STATES: dict[str, FaultState] = {}
+
+
+def state_for(me: str) -> FaultState | None:
+    """This process's FaultState, or None when $AURORA_FAULTS_FILE is not set."""
+    path = os.environ.get(FAULTS_FILE_ENV)
+    if not path:
+        return None
+    st = _STATES.get(me)
+    if st is None:
+        st = _STATES[me] = FaultState(path, me)
+        log.info("%s obeys the fault file %s", me, path)
+    return st
+
+
+def disk_delay_s(me: str) -> float:
+    """Extra seconds before each LMDB commit of storage node ``me`` (0 without faults)."""
+    state = state_for(me)
+    return 0.0 if state is None else state.disk_delay_s()
+
+
+# --- planted bugs -----------------------------------------------------------------------------
+
+
+def ack_before_commit_s() -> float:
+    """Seconds a storage node defers its LMDB commit after acking (0: bug not planted)."""
+    raw = os.environ.get(ACK_BEFORE_COMMIT_ENV, "")
+    return float(raw) if raw else 0.0
+
+
+def vdl_short_quorum() -> bool:
+    """True when the writer's PGCL needs one segment fewer than the write quorum."""
+    return os.environ.get(VDL_SHORT_QUORUM_ENV, "") not in ("", "0")
+
+
+def warn_if_planted(where: str) -> None:
+    """One WARNING line per process with a planted bug, so a log shows it was on purpose."""
+    if ack_before_commit_s() or vdl_short_quorum():
+        _bug_log.warning("%s runs with a PLANTED BUG (%s=%s, %s=%s): test only", where,
+                         ACK_BEFORE_COMMIT_ENV, os.environ.get(ACK_BEFORE_COMMIT_ENV, ""),
+                         VDL_SHORT_QUORUM_ENV, os.environ.get(VDL_SHORT_QUORUM_ENV, ""))

@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, fields
 
-from engine import planted_bugs
+from engine import hooks
 from storage_node.commit import GroupCommitter
 from storage_node.store import AppendOp, Store, verify_and_prepare
 
@@ -110,7 +110,7 @@ class StorageNode:
         self.store = Store(data_dir, node_id, map_size=self.tuning.map_size,
                            logger=node_logger("storage_node.store", node_id, az))
         self.counters = Counters()
-        planted_bugs.warn_if_planted(f"storage node {node_id}")   # test-only switches
+        hooks.warn_if_planted(f"storage node {node_id}")   # test-only switches
         self.committer: GroupCommitter | None = None
         self.read_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lmdb-read")
         self.bg_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmdb-bg")
@@ -161,13 +161,13 @@ class StorageNode:
             self.counters.bytes_received += nbytes
         else:
             self.counters.gossip_records_pulled += n
-        defer_s = planted_bugs.ack_before_commit_s()
+        defer_s = hooks.ack_before_commit_s()
         if defer_s and op.source == "writer" and not background:
             return self._ack_before_commit(op, defer_s)   # PLANTED BUG, test only
         return await self.commit(op, background)
 
     def _ack_before_commit(self, op: AppendOp, defer_s: float) -> dict[int, int]:
-        """Planted bug (engine/planted_bugs.py): claim every batch is stored, commit later."""
+        """Planted bug (engine/hooks.py): claim every batch is stored, commit later."""
         loop = asyncio.get_running_loop()
         loop.call_later(defer_s, lambda: loop.create_task(self.commit(op)))
         acks: dict[int, int] = {}

@@ -22,7 +22,7 @@ import grpc
 
 from engine.chaos import checkers as cc
 from engine.client import Client
-from engine.chaos.faults import FAULTS_FILE_ENV, FAULTS_SEED_ENV
+from engine.hooks import FAULTS_FILE_ENV, FAULTS_SEED_ENV
 from engine.chaos.nemesis import Nemesis
 from tests.harness import StorageCluster
 from tests.writer_harness import WriterProcess

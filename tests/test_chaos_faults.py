@@ -1,7 +1,8 @@
-"""The fault interceptors (engine/chaos/faults.py) do what the fault file says.
+"""The fault rules (engine/hooks.py's fault file, applied by engine/transport/links.py)
+do what the fault file says, on calls through the transport.
 
-Scenario base: an in-process grpc.aio Storage server whose NodeStatus counts calls, and a
-client channel with the interceptors of process "db1" towards it (named "sn1" in the
+Scenario base: an in-process Storage server (plain handler, GrpcTransport) whose
+NodeStatus counts calls, and a channel of process "db1" towards it (named "sn1" in the
 fault file). No cluster: these tests only prove that each link fault really acts, so the
 scenario tests that rely on them are not vacuous.
 """
@@ -12,15 +13,19 @@ import asyncio
 import json
 import time
 
-import grpc
 import pytest
 
 from aurora_pb import storage_pb2 as pb
-from aurora_pb import storage_pb2_grpc as pb_grpc
-from engine.chaos import faults
+from engine import hooks
+from engine import hooks as faults
+from engine.errors import RpcError
+from engine.transport import service_of
+from engine.transport.grpc_transport import GrpcTransport
+
+STORAGE = service_of(pb, "Storage")
 
 
-class CountingStorage(pb_grpc.StorageServicer):
+class CountingStorage:
     def __init__(self) -> None:
         self.calls = 0
 
@@ -32,18 +37,15 @@ class CountingStorage(pb_grpc.StorageServicer):
 def run_with(tmp_path, monkeypatch, rules, body):
     path = tmp_path / "faults.json"
     monkeypatch.setenv(faults.FAULTS_FILE_ENV, str(path))
-    monkeypatch.setattr(faults, "_STATES", {})
+    monkeypatch.setattr(hooks, "_STATES", {})
 
     async def main():
-        server = grpc.aio.server()
         servicer = CountingStorage()
-        pb_grpc.add_StorageServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        address = f"127.0.0.1:{port}"
+        server = await GrpcTransport("sn1").serve("127.0.0.1", 0, {STORAGE: servicer})
+        address = f"127.0.0.1:{server.port}"
         path.write_text(json.dumps({"names": {address: "sn1"}, "links": rules}))
-        channel = grpc.aio.insecure_channel(address, interceptors=faults.client_interceptors("db1", address))
-        stub = pb_grpc.StorageStub(channel)
+        channel = GrpcTransport("db1").channel(address)
+        stub = channel.stub(STORAGE)
         try:
             return await body(stub, servicer, path, address)
         finally:
@@ -57,10 +59,10 @@ async def _outcomes(stub, n):
     ok = err = 0
     for _ in range(n):
         try:
-            await stub.NodeStatus(pb.NodeStatusRequest(), timeout=2)
+            await stub.NodeStatus(pb.NodeStatusRequest(), timeout_s=2)
             ok += 1
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        except RpcError as exc:
+            assert exc.status == "UNAVAILABLE"
             err += 1
     return ok, err
 
@@ -121,7 +123,32 @@ def test_fault_file_rewrite_is_picked_up(tmp_path, monkeypatch):
     assert run_with(tmp_path, monkeypatch, [], body) == ((1, 0), (0, 1), (1, 0))
 
 
-def test_no_fault_file_no_interceptors(monkeypatch):
+def test_no_fault_file_no_faults(monkeypatch):
     monkeypatch.delenv(faults.FAULTS_FILE_ENV, raising=False)
-    assert faults.client_interceptors("db1", "127.0.0.1:1") == []
+    monkeypatch.setattr(faults, "_STATES", {})
+    assert faults.state_for("db1") is None
+    assert GrpcTransport("db1")._links.faults is None
     assert faults.disk_delay_s("sn1") == 0.0
+
+
+def test_disk_rule_follows_the_fault_file(tmp_path, monkeypatch):
+    """The slow-disk hook (engine/hooks.py, no grpc) reads the disk rule of its own node,
+    follows a rewrite within CHECK_INTERVAL_S, and falls back to no delay when the file is
+    removed; a rule with an unknown link kind is refused whole (the previous rules stay)."""
+    path = tmp_path / "faults.json"
+    monkeypatch.setenv(hooks.FAULTS_FILE_ENV, str(path))
+    monkeypatch.setattr(hooks, "_STATES", {})
+    path.write_text(json.dumps({"disk": {"sn1": {"delay_ms": 40}}}))
+    assert hooks.disk_delay_s("sn1") == pytest.approx(0.04)
+    assert hooks.disk_delay_s("sn2") == 0.0
+    path.write_text(json.dumps({"disk": {"*": {"delay_ms": 5}},
+                                "links": [{"src": "sn1", "dst": "*", "kind": "explode"}]}))
+    time.sleep(hooks.CHECK_INTERVAL_S + 0.1)
+    assert hooks.disk_delay_s("sn1") == pytest.approx(0.04)
+    path.write_text(json.dumps({"disk": {"*": {"delay_ms": 5}}}))
+    time.sleep(hooks.CHECK_INTERVAL_S + 0.1)
+    assert hooks.disk_delay_s("sn1") == pytest.approx(0.005)
+    path.unlink()
+    time.sleep(hooks.CHECK_INTERVAL_S + 0.1)
+    assert hooks.disk_delay_s("sn1") == 0.0
+    assert hooks.state_for("sn1").links == []

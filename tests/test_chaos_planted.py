@@ -1,6 +1,6 @@
 """Planted bugs: the checkers must REPORT them (issue 9, "how it is judged").
 
-Each test plants one bug through its test-only switch (engine/planted_bugs.py), runs the
+Each test plants one bug through its test-only switch (engine/hooks.py), runs the
 scenario that should expose it, and expects the named checker to report a violation. The
 same scenario without the bug is a test of tests/test_chaos_scenarios.py and must be
 green there (test_power_loss_every_process_killed_at_once, test_az_plus_one_down_...),
@@ -13,7 +13,7 @@ import time
 
 from engine.chaos import checkers as cc
 from engine.chaos.nemesis import seed_from_env
-from engine.planted_bugs import ACK_BEFORE_COMMIT_ENV, VDL_SHORT_QUORUM_ENV
+from engine.hooks import ACK_BEFORE_COMMIT_ENV, VDL_SHORT_QUORUM_ENV
 from tests.chaos_harness import ChaosRun
 from tests.test_chaos_scenarios import wait_ok
 

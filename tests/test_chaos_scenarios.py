@@ -1,7 +1,7 @@
 """The reliability scenario matrix (issue 9) on real processes, one scenario per test.
 
 Scenario base: six storage nodes, writer db1 (and replicas where the scenario needs them),
-each a real process obeying the fault file (engine/chaos/faults.py); a bank + register + reads
+each a real process obeying the fault file (engine/hooks.py, obeyed through engine/transport/links.py); a bank + register + reads
 workload through the real client (engine/chaos/checkers.py); the nemesis
 (engine/chaos/nemesis.py) applies the faults. Every test ends with ``run.assert_green()``:
 heal, then every checker (bank reads at their read points, lost writes, monotonic VDL and

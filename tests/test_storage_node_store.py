@@ -1,4 +1,5 @@
-"""Fast in-process tests of storage_node/store.py (no gRPC, no subprocess).
+"""Fast in-process tests of storage_node/store.py and the modules it composes (no gRPC,
+no subprocess).
 
 They drive the Store's operations directly and compare every page it serves with the
 reference materialiser applied to the oracle log (tests/storage_client.ChainBuilder).
@@ -14,6 +15,7 @@ import pytest
 from engine.format.redo import encode_record, p_init_page
 from engine.format.volume import VolumeLayout
 from storage_node import errors as E
+from storage_node import layout, pageindex, plans
 from storage_node import store as S
 from tests.storage_client import ChainBuilder
 
@@ -312,7 +314,7 @@ def _versions(store, prefix):
             for k, v in cur.iternext():
                 if k[:8] != prefix:
                     break
-                out[S._PAGE_LSN.unpack_from(k, 8)] = bytes(v)
+                out[layout.PAGE_LSN.unpack_from(k, 8)] = bytes(v)
     return out
 
 
@@ -468,8 +470,8 @@ def index_of(store: S.Store, chain: ChainBuilder, pg: int) -> dict[int, list[tup
             for k, v in cur.iternext():
                 if k[:8] != prefix:
                     break
-                page_id, last = S._PAGE_LSN.unpack_from(k, 8)
-                lsns = S._group_lsns(S._group_of(k, v))
+                page_id, last = layout.PAGE_LSN.unpack_from(k, 8)
+                lsns = pageindex.group_lsns(pageindex.group_of(k, v))
                 assert 1 <= len(lsns) <= S.IDX_GROUP_MAX and lsns[-1] == last
                 assert list(lsns) == sorted(set(lsns)), "a group is strictly ascending"
                 out.setdefault(page_id, []).append(lsns)
@@ -500,7 +502,7 @@ def check_index(store: S.Store, chain: ChainBuilder) -> None:
                     if k[:8] != prefix:
                         break
                     run = S.decode_run(v)
-                    last = S._BE64.unpack_from(k, 8)[0]
+                    last = layout.BE64.unpack_from(k, 8)[0]
                     assert run.lsns[-1] == last, "a run's key is its last LSN"
                     assert list(run.lsns) == sorted(set(run.lsns)), "a run is strictly ascending"
                     assert run.lsns[0] > previous_last, "runs of a segment are disjoint"
@@ -508,7 +510,7 @@ def check_index(store: S.Store, chain: ChainBuilder) -> None:
                     for i, lsn in enumerate(run.lsns):
                         rec = run.record(i)
                         assert S.verify_stored_record(lsn, rec)
-                        stored.setdefault(S._U32.unpack_from(rec, S._REC_PAGE)[0], set()).add(lsn)
+                        stored.setdefault(layout.U32.unpack_from(rec, layout.REC_PAGE)[0], set()).add(lsn)
         index = index_of(store, chain, pg)
         assert set(index) == set(stored)
         for page_id, groups in index.items():
@@ -572,7 +574,7 @@ def test_coalescing_by_one_walk_over_the_runs_equals_page_by_page(store, seed, m
     create(store, chain)
 
     def plan(walk: bool):
-        monkeypatch.setattr(S, "WALK_COALESCE_MIN", 1 if walk else 1 << 40)
+        monkeypatch.setattr(plans, "WALK_COALESCE_MIN", 1 if walk else 1 << 40)
         walked = []
         original = S.Store._coalesce_by_walk
 
@@ -656,13 +658,13 @@ def _rewrite_as_old_format(st, fmt: int) -> None:
                 txn.put(S.log_key(prefix, lsn), run.record(i), db=st.db_log)
         if fmt == 1:  # one empty pageidx row per record
             cur = txn.cursor(db=st.db_pageidx)
-            rows = [(bytes(k), S._group_lsns(S._group_of(k, v))) for k, v in cur]
+            rows = [(bytes(k), pageindex.group_lsns(pageindex.group_of(k, v))) for k, v in cur]
             for k, _lsns in rows:
                 txn.delete(k, db=st.db_pageidx)
             for k, lsns in rows:
                 for lsn in lsns:
-                    txn.put(k[:12] + S._BE64.pack(lsn), b"", db=st.db_pageidx)
-        txn.put(b"format", S._U32.pack(fmt), db=st.db_node)
+                    txn.put(k[:12] + layout.BE64.pack(lsn), b"", db=st.db_pageidx)
+        txn.put(b"format", layout.U32.pack(fmt), db=st.db_node)
 
 
 @pytest.mark.parametrize("fmt", [1, 2])
@@ -682,7 +684,7 @@ def test_old_format_data_dir_is_upgraded_in_place(tmp_path, seed, fmt):
     st = S.Store(path, "sn-old", map_size=1 << 30)
     try:
         with st.env.begin(db=st.db_node) as txn:
-            assert S._U32.unpack(txn.get(b"format"))[0] == S.FORMAT == 3
+            assert layout.U32.unpack(txn.get(b"format"))[0] == S.FORMAT == 3
         check_index(st, chain)
         check_pages(st, chain, chain.lsn)
         append(st, chain, recs[100:140] + chain.next_records(200))
@@ -699,7 +701,7 @@ def test_unknown_format_is_refused(tmp_path):
     S.Store(path, "sn-new", map_size=1 << 30).close()
     st = S.Store(path, "sn-new", map_size=1 << 30)
     with st.env.begin(write=True) as txn:
-        txn.put(b"format", S._U32.pack(S.FORMAT + 1), db=st.db_node)
+        txn.put(b"format", layout.U32.pack(S.FORMAT + 1), db=st.db_node)
     st.close()
     with pytest.raises(RuntimeError, match="unknown layout format"):
         S.Store(path, "sn-new", map_size=1 << 30)

@@ -13,11 +13,11 @@ write it receives from a database to that mirror, in parallel with its own commi
 acks only when both hold it (EBS mirrors inside its AZ before acking). A write that came
 from a primary (``from_primary``) is not forwarded again.
 
-Durability (the same machinery as storage_node/, written again here because engine/ never
-imports storage_node/): one LMDB environment opened with sync; concurrent Write requests
-are group-committed: one writer task takes every pending request into ONE write
-transaction (synced commit) while the next ones queue, so the batch size follows the load
-with no timer. The transaction runs in a single-thread executor, never on the event loop.
+Durability: one LMDB environment opened with sync; concurrent Write requests are
+group-committed by the loop the storage nodes use too (engine/group_commit.py): one
+writer task takes every pending request into ONE write transaction (synced commit) while
+the next ones queue, so the batch size follows the load with no timer. The transaction
+runs in a single-thread executor, never on the event loop.
 
 LMDB key layout (one unnamed database)::
 
@@ -59,6 +59,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from aurora_pb import block_pb2 as pb
 from aurora_pb import block_pb2_grpc as pb_grpc
 from engine.baseline.io_count import block_request_ios
+from engine.group_commit import GroupCommitLoop
 
 log = logging.getLogger(__name__)
 
@@ -121,61 +122,20 @@ class BlockStore:
         self.env.close()
 
 
-class GroupCommitter:
-    """One writer task: every pending request goes into the next LMDB transaction."""
+class GroupCommitter(GroupCommitLoop):
+    """One writer task: every pending request goes into the next LMDB transaction
+    (the loop of engine/group_commit.py, foreground lane only)."""
 
     def __init__(self, store: BlockStore) -> None:
         self.store = store
-        self._pending: list[tuple[list, asyncio.Future]] = []
-        self._slots = asyncio.Semaphore(PENDING_REQUESTS_MAX)
-        self._wake = asyncio.Event()
-        self._closing = False
-        self._task: asyncio.Task | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmdb-writer")
+        super().__init__(self._put_all, owner="block server", logger=log,
+                         txn_items_max=TXN_REQUESTS_MAX, fg_pending_max=PENDING_REQUESTS_MAX,
+                         task_name="block-commit", thread_name="lmdb-writer")
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="block-commit")
-
-    async def submit(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Return once ``items`` are durable (in a synced LMDB commit)."""
-        if self._closing:
-            raise RuntimeError("block server is shutting down")
-        async with self._slots:
-            fut = asyncio.get_running_loop().create_future()
-            self._pending.append((items, fut))
-            self._wake.set()
-            await fut
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            taken = self._pending[:TXN_REQUESTS_MAX]
-            del self._pending[:TXN_REQUESTS_MAX]
-            try:
-                await loop.run_in_executor(self._executor, self.store.put_all, [t[0] for t in taken])
-                error = None
-            except Exception as exc:  # the whole transaction aborted: nothing of it stored
-                log.error("block write transaction of %d requests failed: %r", len(taken), exc)
-                error = exc
-            for _items, fut in taken:
-                if not fut.done():
-                    if error is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(error)
-
-    async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-        self._executor.shutdown(wait=True)
+    def _put_all(self, item_lists: list[list[tuple[bytes, bytes]]]) -> list[None]:
+        """One synced transaction for every request of the round (committer thread)."""
+        self.store.put_all(item_lists)
+        return [None] * len(item_lists)
 
 
 class BlockService(pb_grpc.BlockServicer):

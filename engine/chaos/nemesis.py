@@ -22,7 +22,7 @@ Faults (each ``Nemesis`` method logs one line ``nemesis +12.3s: <what>``)::
     az_down(az) / az_up(az)             SIGKILL / start both storage nodes of an AZ
     partition(a_names, b_names)         every link between the two groups, both ways
     link(src, dst, kind, **params)      one directed link fault: drop, delay, duplicate,
-                                        reorder, partition (engine/chaos/faults.py)
+                                        reorder, partition (engine/hooks.py, obeyed by engine/transport/links.py)
     slow_disk(node, ms)                 a delay before each LMDB commit of one node
     corrupt(node, pattern, n)           flip bytes of ``pattern`` occurrences in a STOPPED
                                         node's data.mdb
@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.chaos.faults import CHECK_INTERVAL_S
+from engine.hooks import CHECK_INTERVAL_S
 
 log = logging.getLogger("aurora_lite.nemesis")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from engine.chaos import checkers as cc
-from engine.chaos.faults import FAULTS_FILE_ENV, FAULTS_SEED_ENV
+from engine.hooks import FAULTS_FILE_ENV, FAULTS_SEED_ENV
 from engine.cluster.launcher import DataDir, read_control
 from engine.chaos.nemesis import DEFAULT_FAULTS, FAULT_KINDS, Nemesis, seed_from_env
 

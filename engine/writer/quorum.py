@@ -34,11 +34,11 @@ import heapq
 from collections import deque
 from typing import Any, Iterable
 
-from engine import planted_bugs
+from engine import hooks
 from engine.format.volume import V, VW
 
-# Test-only planted bug (engine/planted_bugs.py): PGCL one segment short of Vw.
-_PGCL_RANK = VW - 1 if planted_bugs.vdl_short_quorum() else VW
+# Test-only planted bug (engine/hooks.py): PGCL one segment short of Vw.
+_PGCL_RANK = VW - 1 if hooks.vdl_short_quorum() else VW
 
 
 class QuorumTracker:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aurora_pb import storage_pb2 as pb
-from engine import planted_bugs
+from engine import hooks
 from engine.errors import (
     METADATA_CURRENT_EPOCH,
     ErrorCode,
@@ -149,7 +149,7 @@ class StorageDriver:
     # --- Lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        planted_bugs.warn_if_planted(f"instance {self.instance}")   # test-only switches
+        hooks.warn_if_planted(f"instance {self.instance}")   # test-only switches
         for info in self.node_infos:
             # The transport adds simulated latency and injected faults (engine/transport).
             channel = self.transport.channel(info.address, timeout_s=self.rpc_timeout_s)
