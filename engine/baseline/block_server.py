@@ -38,7 +38,7 @@ and after the reply, like engine/writer/storage_driver.py. ``Configure`` changes
 server (the benchmark's slow-node variant adds the slow node's extra delay to every link
 into it).
 
-Lifecycle: open LMDB -> grpc.aio server -> health SERVING for "" and "aurora_pb.Block" ->
+Lifecycle: open LMDB -> server (engine/transport, gRPC) -> health SERVING for "" and "aurora_pb.Block" ->
 port file. SIGTERM/SIGINT: NOT_SERVING, finish in-flight RPCs, drain the committer, close.
 """
 
@@ -52,14 +52,13 @@ import os
 import signal
 import struct
 
-import grpc
 import lmdb
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aurora_pb import block_pb2 as pb
-from aurora_pb import block_pb2_grpc as pb_grpc
 from engine.baseline.io_count import block_request_ios
+from engine.errors import RpcError
 from engine.group_commit import GroupCommitLoop
+from engine.transport import Transport, service_of
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +68,7 @@ MAP_SIZE_DEFAULT = 4 << 30          # sparse; the areas are bounded (circular lo
 TXN_REQUESTS_MAX = 512              # Write requests in one LMDB transaction
 PENDING_REQUESTS_MAX = 2048         # queued requests; submitters wait above it
 MIRROR_TIMEOUT_S = 10.0
-GRPC_MESSAGE_MAX = 64 << 20
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", GRPC_MESSAGE_MAX),
-    ("grpc.max_send_message_length", GRPC_MESSAGE_MAX),
-    ("grpc.so_reuseport", 0),
-]
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", GRPC_MESSAGE_MAX),
-    ("grpc.max_receive_message_length", GRPC_MESSAGE_MAX),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.min_reconnect_backoff_ms", 100),
-]
+BLOCK = service_of(pb, "Block")
 AREAS = frozenset(v.number for v in pb.BlockArea.DESCRIPTOR.values if v.number != 0)
 _OFFSET = struct.Struct(">Q")
 
@@ -138,11 +125,12 @@ class GroupCommitter(GroupCommitLoop):
         return [None] * len(item_lists)
 
 
-class BlockService(pb_grpc.BlockServicer):
-    """aurora_pb.Block over a BlockStore (see module doc)."""
+class BlockService:
+    """aurora_pb.Block over a BlockStore (see module doc): plain handlers, served through
+    the transport seam."""
 
     def __init__(self, name: str, az: str, store: BlockStore, committer: GroupCommitter,
-                 mirror: str | None, mirror_delay_ms: float) -> None:
+                 mirror: str | None, mirror_delay_ms: float, transport: Transport) -> None:
         self.name = name
         self.az = az
         self.store = store
@@ -152,10 +140,8 @@ class BlockService(pb_grpc.BlockServicer):
         self._mirror_write = None
         self._channel = None
         if self.mirror:
-            self._channel = grpc.aio.insecure_channel(self.mirror, options=CHANNEL_OPTIONS)
-            self._mirror_write = self._channel.unary_unary(
-                "/aurora_pb.Block/Write", request_serializer=None,
-                response_deserializer=pb.BlockWriteReply.FromString)
+            self._channel = transport.channel(self.mirror)
+            self._mirror_write = self._channel.stub(BLOCK).Write
         self.read_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lmdb-read")
         self.counters = dict(write_rpcs=0, block_writes=0, write_ios=0, bytes_received=0,
                              mirror_rpcs=0, mirror_ios=0, mirror_bytes=0, read_rpcs=0, read_bytes=0)
@@ -169,7 +155,7 @@ class BlockService(pb_grpc.BlockServicer):
         items = []
         for w in request.writes:
             if w.area not in AREAS:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown block area {w.area}")
+                raise RpcError("INVALID_ARGUMENT", f"unknown block area {w.area}")
             items.append((block_key(request.volume, w.area, w.offset), w.data))
         ios = block_request_ios(len(w.data) for w in request.writes)
         c = self.counters
@@ -185,10 +171,9 @@ class BlockService(pb_grpc.BlockServicer):
         local = asyncio.ensure_future(self.committer.submit(items))
         try:
             await self._to_mirror(data, ios)
-        except grpc.RpcError as exc:
+        except RpcError as exc:
             await local  # our own copy is durable anyway; the caller will retry both
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"mirror {self.mirror} failed: {exc.code().name} {exc.details()}")
+            raise RpcError("UNAVAILABLE", f"mirror {self.mirror} failed: {exc}") from None
         await local
         return pb.BlockWriteReply(server=self.name, mirrored=True)
 
@@ -200,7 +185,7 @@ class BlockService(pb_grpc.BlockServicer):
         c["mirror_rpcs"] += 1
         c["mirror_ios"] += ios
         c["mirror_bytes"] += len(data)
-        await self._mirror_write(data, timeout=MIRROR_TIMEOUT_S)
+        await self._mirror_write(data, timeout_s=MIRROR_TIMEOUT_S)
         if delay_s > 0:
             await asyncio.sleep(delay_s)
 
@@ -221,7 +206,7 @@ class BlockService(pb_grpc.BlockServicer):
 
     async def Configure(self, request: pb.BlockConfigureRequest, context) -> pb.BlockConfigureReply:
         if request.mirror_delay_ms < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "mirror_delay_ms must be >= 0")
+            raise RpcError("INVALID_ARGUMENT", "mirror_delay_ms must be >= 0")
         if request.mirror_delay_ms != self.mirror_delay_ms:
             log.info("one-way delay to the mirror now %.3f ms", request.mirror_delay_ms)
         self.mirror_delay_ms = request.mirror_delay_ms
@@ -238,32 +223,32 @@ def _write_port_file(path: str, port: int) -> None:
 async def serve(args: argparse.Namespace) -> int:
     store = BlockStore(args.data_dir, args.map_size)
     committer = GroupCommitter(store)
-    service = BlockService(args.node_id, args.az, store, committer, args.mirror, args.mirror_delay_ms)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_BlockServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    from engine.transport.grpc_transport import GrpcTransport   # the process entry point
+    transport = GrpcTransport(args.node_id)
+    service = BlockService(args.node_id, args.az, store, committer, args.mirror,
+                           args.mirror_delay_ms, transport)
+    committer.start()
     try:
-        port = server.add_insecure_port(f"{args.host}:{args.port}")
-    except RuntimeError as exc:
+        server = await transport.serve(args.host, args.port, {BLOCK: service})
+    except (OSError, RuntimeError) as exc:
         log.error("cannot bind %s:%s: %s", args.host, args.port, exc)
+        await committer.close()
+        await service.close()
         store.close()
         return 1
-    committer.start()
-    await server.start()
+    port = server.port
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await server.set_serving(True)
     log.info("serving on %s:%d (data dir %s, mirror %s, %.3f ms one-way)", args.host, port,
              args.data_dir, args.mirror or "none", args.mirror_delay_ms)
     if args.port_file:
         _write_port_file(args.port_file, port)
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
-    await health_servicer.enter_graceful_shutdown()
+    await server.set_serving(False)
     await server.stop(SHUTDOWN_GRACE_S)
     await committer.close()
     await service.close()
