@@ -46,6 +46,21 @@ class WrongPageTypeError(FormatError):
     """A record was applied to a page of the wrong type (e.g. COMMIT to a leaf)."""
 
 
+# --- Invariant violations: a bug, never a refusal ---------------------------------------
+
+
+class InvariantViolation(AuroraError):
+    """A check that guards data found one of ARCHITECTURE.md's invariants broken (a bug).
+
+    Raised instead of ``assert`` so that ``python -O`` cannot remove the check: the
+    operation stops before it acknowledges, evicts or stores anything on a broken premise.
+    ``invariant`` is the invariant's number (ARCHITECTURE.md, "Invariants")."""
+
+    def __init__(self, invariant: int, message: str) -> None:
+        super().__init__(f"invariant {invariant}: {message}")
+        self.invariant = invariant
+
+
 # --- Database errors: what a client may see ----------------------------------------------
 
 

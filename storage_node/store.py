@@ -191,7 +191,7 @@ import lmdb
 
 from engine import materialiser
 from engine.format import page as pagefmt
-from engine.errors import ChecksumError, FormatError, PageOrderError
+from engine.errors import ChecksumError, FormatError, InvariantViolation, PageOrderError
 from engine.format.redo import HEADER_SIZE, LSN_MAX
 from engine.format.volume import VolumeLayout
 from storage_node.errors import (
@@ -1476,6 +1476,9 @@ class Store:
                 break
             if not jumped:
                 ok = cur.next()
+        if scl < m.scl:  # not an assert: it must hold under python -O too
+            raise InvariantViolation(4, f"segment {key[0]}/{key[1]}: the SCL walk ended at {scl}, "
+                                        f"below the SCL {m.scl} it started from")
         m.scl = scl
 
     def _chain_point_at_or_below(self, ctx: _Txn, key: tuple, prefix: bytes, limit: int) -> int:
