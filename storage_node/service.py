@@ -30,10 +30,11 @@ import grpc
 
 from aurora_pb import storage_pb2 as pb
 from aurora_pb import storage_pb2_grpc as pb_grpc
+from engine.errors import FormatError
 from engine.format.page import META_PAGE_ID
 from engine.format.volume import DEFAULT_STRIPE_PAGES
 from storage_node import validate
-from storage_node.errors import StorageError
+from storage_node.errors import StorageError, UnbuildablePageError
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import (
     AdoptEpochOp,
@@ -86,9 +87,18 @@ class StorageService(pb_grpc.StorageServicer):
     async def ReadPage(self, request: pb.ReadPageRequest, context) -> pb.ReadPageReply:
         validate.check_volume_name(request.volume)
         validate.check_pg(request.pg)
-        page, page_lsn, scl = await self.node.read(
-            self.store.read_page, request.volume, request.pg, request.page_id,
-            request.read_point, request.volume_epoch, request.min_scl)
+        try:
+            page, page_lsn, scl = await self.node.read(
+                self.store.read_page, request.volume, request.pg, request.page_id,
+                request.read_point, request.volume_epoch, request.min_scl)
+        except FormatError as exc:
+            # A stored record passed its checksum but cannot apply (docs/storage-node.md,
+            # "Records that cannot apply"): this page is refused, the node serves the rest.
+            self.log.warning("ReadPage %s/%d page %d as of %d: cannot be built: %s",
+                             request.volume, request.pg, request.page_id, request.read_point, exc)
+            raise UnbuildablePageError(
+                f"page {request.page_id} of {request.volume}/{request.pg} cannot be built as "
+                f"of {request.read_point}: {exc}") from None
         return pb.ReadPageReply(page=page, page_lsn=page_lsn, scl=scl)
 
     @refusals
