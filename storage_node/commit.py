@@ -18,7 +18,9 @@ background op has waited longer than ``bg_max_wait_s`` (so background work is ne
 starved for good). While one transaction commits (fsync), new requests pile up and go
 into the next one: the batch size adapts to load with no timer (invariant 2's group
 commit, on the storage side). Acknowledgements are sent only after the commit returned,
-i.e. after the data is on disk (invariant 3).
+i.e. after the data is on disk (invariant 3). In chaos mode ($AURORA_FAULTS_FILE) the
+SCLs a transaction changed are appended to the node's SCL log first
+(engine/chaos/faults.py), the record the durability checker trusts.
 
 The LMDB transaction runs in a dedicated single-thread executor, never on the event loop.
 """
@@ -69,6 +71,8 @@ class GroupCommitter:
         #: Ops per transaction of the last commits, for status and benchmarks.
         self.txns = 0
         self.ops = 0
+        #: Chaos mode only: the node's record of its SCLs for the durability checker.
+        self._scl_log = faults.scl_log_for(store.node_id)
 
     def start(self) -> None:
         assert self._task is None
@@ -123,6 +127,8 @@ class GroupCommitter:
             except Exception as exc:  # the whole transaction aborted: nothing of it stored
                 self.log.error("write transaction of %d ops failed: %r", len(ops), exc)
                 results = [exc] * len(ops)
+            if self._scl_log is not None:  # after the sync, before any ack of this txn
+                self._scl_log.record(self.store.segments())
             self.txns += 1
             self.ops += len(ops)
             for (_op, fut, _t), result in zip(taken, results):
@@ -136,3 +142,5 @@ class GroupCommitter:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+        if self._scl_log is not None:
+            self._scl_log.close()
