@@ -194,12 +194,13 @@ class ChaosRun:
         return (f"seed {self.seed} (replay: AURORA_SEED={self.seed}); workload {counts}\n"
                 f"nemesis history:\n{hist}")
 
-    def verdict(self, allow_log: list[str] = (), durable_at_ack: bool = True) -> list[str]:
+    def verdict(self, allow_log: list[str] = (), durable_at_ack: bool = True,
+                min_reads: int = cc.BANK_READS_MIN) -> list[str]:
         """Stop the workload, heal, and run every checker. Returns the violations."""
         self.nemesis.heal()
         self.workload.stop()
         self.sampler.sample()
-        out = cc.check_bank_reads(self.workload)
+        out = cc.check_bank_reads(self.workload, min_reads)
         out += cc.check_lost_writes(self.workload, self.writer_client)
         self.sampler.sample()
         self.sampler.stop()
@@ -209,8 +210,9 @@ class ChaosRun:
         out += cc.scan_logs(self.target.log_paths(), allow_log)
         return out
 
-    def assert_green(self, allow_log: list[str] = (), min_ok: int = cc.ACKED_OPS_MIN) -> None:
-        violations = self.verdict(allow_log)
+    def assert_green(self, allow_log: list[str] = (), min_ok: int = cc.ACKED_OPS_MIN,
+                     min_reads: int = cc.BANK_READS_MIN) -> None:
+        violations = self.verdict(allow_log, min_reads=min_reads)
         counts = self.workload.counts()
         if violations:
             dump = self.base / "history.json"

@@ -350,7 +350,7 @@ def test_outlier_tolerance_two_slow_disks(chaos):
     assert _pct(slow, 0.5) < _pct(healthy, 0.5) + 25.0, summary + "\n" + run.header()
     assert _pct(slow, 0.9) < _pct(healthy, 0.9) + 40.0, summary + "\n" + run.header()
     run.nemesis.clear_disk()
-    run.assert_green(min_ok=0)
+    run.assert_green(min_ok=0, min_reads=0)   # no workload ran: latencies are the test
 
 
 def test_strict_xfails_name_the_exception_they_expect():

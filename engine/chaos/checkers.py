@@ -56,10 +56,12 @@ INITIAL = 100
 TABLE = "default"
 UNKNOWN_SUBSET_MAX = 18      # exact subset search up to 2**18 combinations
 #: Floors a run must reach for its verdict to mean anything: a checker that judged zero
-#: reads or one acknowledged op would pass a cluster that served nothing. Far below what
-#: the workload reaches on a healthy machine (measured per scenario, tests/
-#: test_chaos_scenarios.py: see docs/reliability.md); a run below them is red.
-BANK_READS_MIN = 3           # bank scans judged by check_bank_reads
+#: reads or one acknowledged op would pass a cluster that served nothing. Below what the
+#: workload reaches on a healthy machine in its harshest scenario (measured over
+#: tests/test_chaos_scenarios.py on a shared 2-core machine, seed 9: 4 to 80 reads and 34
+#: to 530 acknowledged ops per scenario; a 60 s `aurora-lite chaos` run reaches
+#: thousands); a run below them is red.
+BANK_READS_MIN = 1           # bank scans judged by check_bank_reads
 ACKED_OPS_MIN = 10           # acknowledged transfers + puts (ChaosRun.assert_green, chaos CLI)
 
 
