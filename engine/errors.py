@@ -49,6 +49,21 @@ class WrongPageTypeError(FormatError):
     """A record was applied to a page of the wrong type (e.g. COMMIT to a leaf)."""
 
 
+# --- Invariant violations: a bug, never a refusal ---------------------------------------
+
+
+class InvariantViolation(AuroraError):
+    """A check that guards data found one of ARCHITECTURE.md's invariants broken (a bug).
+
+    Raised instead of ``assert`` so that ``python -O`` cannot remove the check: the
+    operation stops before it acknowledges, evicts or stores anything on a broken premise.
+    ``invariant`` is the invariant's number (ARCHITECTURE.md, "Invariants")."""
+
+    def __init__(self, invariant: int, message: str) -> None:
+        super().__init__(f"invariant {invariant}: {message}")
+        self.invariant = invariant
+
+
 # --- Database errors: what a client may see ----------------------------------------------
 
 
@@ -126,6 +141,7 @@ class ErrorCode(StrEnum):
     READ_POINT_BELOW_GC = "READ_POINT_BELOW_GC"    # versions below the GC horizon are gone
     PAGE_NOT_FOUND = "PAGE_NOT_FOUND"              # page never initialised as of the read point
     CORRUPT = "CORRUPT"                            # stored bytes failed their checksum
+    UNBUILDABLE = "UNBUILDABLE"                    # a record passes its CRC but cannot apply
     # Database service (engine/instance/server.py sets them, engine/client.py maps them).
     KEY_NOT_FOUND = "KEY_NOT_FOUND"
     TABLE_NOT_FOUND = "TABLE_NOT_FOUND"

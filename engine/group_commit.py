@@ -60,6 +60,7 @@ class GroupCommitLoop:
                  fg_pending_max: int = FG_PENDING_MAX, bg_pending_max: int = BG_PENDING_MAX,
                  bg_max_wait_s: float = BG_MAX_WAIT_S,
                  before_write_s: Callable[[], float] | None = None,
+                 after_write: Callable[[], None] | None = None,
                  task_name: str = "group-commit", thread_name: str = "lmdb-writer") -> None:
         self.durable_write = durable_write
         self.owner = owner                  # for errors and logs: "storage node", ...
@@ -69,6 +70,7 @@ class GroupCommitLoop:
         self.item_bytes = item_bytes
         self.bg_max_wait_s = bg_max_wait_s
         self.before_write_s = before_write_s
+        self.after_write = after_write      # runs after each durable write, before any result
         self.task_name = task_name
         self._fg: collections.deque = collections.deque()   # (item, future, queued at s)
         self._bg: collections.deque = collections.deque()
@@ -139,6 +141,8 @@ class GroupCommitLoop:
                 self.log.error("%s: write transaction of %d requests failed: %r", self.owner,
                                len(items), exc)
                 results = [exc] * len(items)
+            if self.after_write is not None:
+                self.after_write()
             self.txns += 1
             self.ops += len(items)
             for (_item, fut, _t), result in zip(taken, results):

@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 import zlib
 
 from engine.format.watched_json import CHECK_INTERVAL_S, WatchedJson
@@ -165,3 +166,56 @@ def warn_if_planted(where: str) -> None:
         _bug_log.warning("%s runs with a PLANTED BUG (%s=%s, %s=%s): test only", where,
                          ACK_BEFORE_COMMIT_ENV, os.environ.get(ACK_BEFORE_COMMIT_ENV, ""),
                          VDL_SHORT_QUORUM_ENV, os.environ.get(VDL_SHORT_QUORUM_ENV, ""))
+
+
+# --- The storage nodes' own record of their SCLs (chaos mode only) -------------------------
+#
+# In chaos mode every storage node appends one line per durable write transaction that
+# changed the SCL of any of its segments, to ``scl-<node>.log`` next to the fault file
+# (not in the node's data dir: a wiped node keeps its record). The durability checker
+# (engine/chaos/checkers.py, check_acks_held_by_storage) reads them. One line per segment
+# whose SCL changed, written after the LMDB commit returned and before any ack of that
+# transaction is sent::
+#
+#     <monotonic_s> <wall_s> <volume> <pg> <scl>
+#
+# monotonic_s is time.monotonic() (CLOCK_MONOTONIC, shared by every process of the host,
+# the clock the workload stamps its acks with); wall_s is for people reading the file.
+
+SCL_LOG_PREFIX = "scl-"
+
+
+def scl_log_path(me: str, faults_file: str | None = None) -> str | None:
+    """Where storage node ``me`` records its SCLs; None outside chaos mode."""
+    faults_file = faults_file or os.environ.get(FAULTS_FILE_ENV)
+    if not faults_file:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(faults_file)), f"{SCL_LOG_PREFIX}{me}.log")
+
+
+class SclLog:
+    """Appends the SCL changes of one storage node's write transactions (see above)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._last: dict[tuple, int] = {}
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def record(self, segments) -> None:
+        """``segments``: [((volume, pg), meta with .scl)] after a commit; one write()."""
+        now_mono, now_wall = time.monotonic(), time.time()
+        lines = []
+        for key, meta in segments:
+            if self._last.get(key) != meta.scl:
+                self._last[key] = meta.scl
+                lines.append(f"{now_mono:.6f} {now_wall:.6f} {key[0]} {key[1]} {meta.scl}\n")
+        if lines:
+            os.write(self._fd, "".join(lines).encode())
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def scl_log_for(me: str) -> SclLog | None:
+    path = scl_log_path(me)
+    return None if path is None else SclLog(path)

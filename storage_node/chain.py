@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 
+from engine.errors import InvariantViolation
 from engine.format.redo import LSN_MAX
 from storage_node.errors import CorruptError
 from storage_node.layout import (
@@ -115,6 +116,9 @@ class Chain:
                 break
             if not jumped:
                 ok = cur.next()
+        if scl < m.scl:  # not an assert: it must hold under python -O too
+            raise InvariantViolation(4, f"segment {key[0]}/{key[1]}: the SCL walk ended at {scl}, "
+                                        f"below the SCL {m.scl} it started from")
         m.scl = scl
 
     def _chain_point_at_or_below(self, ctx, key: tuple, prefix: bytes, limit: int) -> int:

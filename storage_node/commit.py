@@ -18,7 +18,9 @@ background op has waited longer than ``bg_max_wait_s`` (so background work is ne
 starved for good). While one transaction commits (fsync), new requests pile up and go
 into the next one: the batch size adapts to load with no timer (invariant 2's group
 commit, on the storage side). Acknowledgements are sent only after the commit returned,
-i.e. after the data is on disk (invariant 3).
+i.e. after the data is on disk (invariant 3). In chaos mode ($AURORA_FAULTS_FILE) the
+SCLs a transaction changed are appended to the node's SCL log first
+(engine/hooks.py), the record the durability checker trusts.
 
 The loop itself is engine/group_commit.py, shared with the baseline's block server; this
 module binds it to ``Store.apply_ops``, sizes an op by its record bytes, and sleeps the
@@ -54,10 +56,25 @@ class GroupCommitter(GroupCommitLoop):
                  txn_ops_max: int = TXN_OPS_MAX, txn_bytes_max: int = TXN_BYTES_MAX,
                  bg_max_wait_s: float = BG_MAX_WAIT_S) -> None:
         self.store = store
+        #: Chaos mode only: the node's record of its SCLs for the durability checker.
+        self._scl_log = hooks.scl_log_for(store.node_id)
         super().__init__(
             store.apply_ops, owner="storage node", logger=logger, txn_items_max=txn_ops_max,
             txn_bytes_max=txn_bytes_max, item_bytes=_op_bytes, fg_pending_max=FG_OPS_MAX,
             bg_pending_max=BG_OPS_MAX, bg_max_wait_s=bg_max_wait_s,
             # injected slow fsync (engine/hooks.py): 0 unless the fault file says so
             before_write_s=lambda: hooks.disk_delay_s(store.node_id),
+            after_write=self._record_scls,
             task_name="group-commit", thread_name="lmdb-writer")
+
+    def _record_scls(self) -> None:
+        """Chaos mode only: after the sync and before any ack of the transaction, append the
+        SCLs it changed to the node's SCL log (engine/hooks.py), the record the durability
+        checker trusts."""
+        if self._scl_log is not None:
+            self._scl_log.record(self.store.segments())
+
+    async def close(self) -> None:
+        await super().close()
+        if self._scl_log is not None:
+            self._scl_log.close()

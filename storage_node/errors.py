@@ -18,6 +18,10 @@ proto/aurora_pb/storage.proto is the contract; this module mirrors it)::
     PAGE_NOT_FOUND        NOT_FOUND            page was never initialised as of the read point
     CORRUPT               DATA_LOSS            stored bytes failed their checksum and could not
                                                be repaired from a peer yet (never served)
+    UNBUILDABLE           DATA_LOSS            the page's records pass their checksums but one
+                                               cannot apply to it (slot out of range, wrong
+                                               page type): that page cannot be built; every
+                                               other page is served (docs/storage-node.md)
 
 This module does not import grpc. A StorageError is an engine.errors.RpcError: the store
 and the handlers (storage_node/service.py) raise it, and the transport (engine/transport)
@@ -45,6 +49,7 @@ READ_POINT_ABOVE_SCL = ErrorCode.READ_POINT_ABOVE_SCL
 READ_POINT_BELOW_GC = ErrorCode.READ_POINT_BELOW_GC
 PAGE_NOT_FOUND = ErrorCode.PAGE_NOT_FOUND
 CORRUPT = ErrorCode.CORRUPT
+UNBUILDABLE = ErrorCode.UNBUILDABLE
 
 #: code -> the transport status it travels as.
 STATUS_OF = {
@@ -58,6 +63,7 @@ STATUS_OF = {
     READ_POINT_BELOW_GC: "OUT_OF_RANGE",
     PAGE_NOT_FOUND: "NOT_FOUND",
     CORRUPT: "DATA_LOSS",
+    UNBUILDABLE: "DATA_LOSS",
 }
 
 
@@ -123,6 +129,13 @@ class CorruptError(StorageError):
     """Stored bytes failed their checksum (invariant 13); they are never served."""
 
     code = CORRUPT
+
+
+class UnbuildablePageError(StorageError):
+    """A stored record passes its checksum but cannot apply to its page: the page cannot
+    be built at that read point (never served; the rest of the node is unaffected)."""
+
+    code = UNBUILDABLE
 
 
 def aurora_error_of(rpc_error) -> str | None:

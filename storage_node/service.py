@@ -1,7 +1,8 @@
 """The Storage service's handlers: translate requests into StorageNode / Store calls.
 
 Every handler is a plain ``async def Method(self, request, ctx)`` over protobuf messages,
-served through the transport seam (engine/transport; the gRPC adapter is generic): it turns
+served through the transport seam (engine/transport; the gRPC adapter is generic): it checks
+the request's sizes and counts against their bounds (storage_node/validate.py), turns
 protobuf fields into plain values, runs the call (LMDB reads in the read executor, writes
 through the group committer) and lets a storage_node.errors.StorageError travel as the
 caller's RpcError (status, ``aurora-error`` code, and ``aurora-current-epoch`` for
@@ -28,9 +29,11 @@ from __future__ import annotations
 import functools
 
 from aurora_pb import storage_pb2 as pb
+from engine.errors import FormatError
 from engine.format.page import META_PAGE_ID
 from engine.format.volume import DEFAULT_STRIPE_PAGES
-from storage_node.errors import StorageError
+from storage_node import validate
+from storage_node.errors import StorageError, UnbuildablePageError
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import (
     AdoptEpochOp,
@@ -71,6 +74,7 @@ class StorageService:
     async def Append(self, request: pb.AppendRequest, context) -> pb.AppendReply:
         node = self.node
         node.counters.append_rpcs += 1
+        validate.check_append(request.volume, [b.pg for b in request.batches])
         op = node.verify_append(request.volume, request.volume_epoch, request.writer_vdl,
                                 ((b.pg, b.membership_epoch, b.records) for b in request.batches))
         acks = await node.append(op)
@@ -79,13 +83,26 @@ class StorageService:
 
     @refusals
     async def ReadPage(self, request: pb.ReadPageRequest, context) -> pb.ReadPageReply:
-        page, page_lsn, scl = await self.node.read(
-            self.store.read_page, request.volume, request.pg, request.page_id,
-            request.read_point, request.volume_epoch, request.min_scl)
+        validate.check_volume_name(request.volume)
+        validate.check_pg(request.pg)
+        try:
+            page, page_lsn, scl = await self.node.read(
+                self.store.read_page, request.volume, request.pg, request.page_id,
+                request.read_point, request.volume_epoch, request.min_scl)
+        except FormatError as exc:
+            # A stored record passed its checksum but cannot apply (docs/storage-node.md,
+            # "Records that cannot apply"): this page is refused, the node serves the rest.
+            self.log.warning("ReadPage %s/%d page %d as of %d: cannot be built: %s",
+                             request.volume, request.pg, request.page_id, request.read_point, exc)
+            raise UnbuildablePageError(
+                f"page {request.page_id} of {request.volume}/{request.pg} cannot be built as "
+                f"of {request.read_point}: {exc}") from None
         return pb.ReadPageReply(page=page, page_lsn=page_lsn, scl=scl)
 
     @refusals
     async def SegmentState(self, request: pb.SegmentStateRequest, context) -> pb.SegmentStateReply:
+        validate.check_volume_name(request.volume)
+        validate.check_pg(request.pg)
         self.store.segment(request.volume, request.pg)  # UNKNOWN_VOLUME / MALFORMED early
         if request.fence and request.volume_epoch:
             await self.node.commit(AdoptEpochOp(request.volume, request.pg, request.volume_epoch,
@@ -102,6 +119,8 @@ class StorageService:
 
     @refusals
     async def FetchRecords(self, request: pb.FetchRecordsRequest, context) -> pb.FetchRecordsReply:
+        validate.check_volume_name(request.volume)
+        validate.check_pg(request.pg)
         records, scl, more, epoch, truncs = await self.node.read(
             self.store.fetch_records, request.volume, request.pg, request.after_lsn,
             request.upto_lsn, request.max_bytes, request.volume_epoch)
@@ -110,6 +129,9 @@ class StorageService:
 
     @refusals
     async def Truncate(self, request: pb.TruncateRequest, context) -> pb.TruncateReply:
+        validate.check_volume_name(request.volume)
+        validate.check_pg(request.pg)
+        validate.check_truncation_set("Truncate", len(request.set))
         replace = None
         if request.replace:
             replace = tuple((t.start_lsn, t.end_lsn, t.epoch) for t in request.set)
@@ -121,6 +143,8 @@ class StorageService:
 
     @refusals
     async def FindCommit(self, request: pb.FindCommitRequest, context) -> pb.FindCommitReply:
+        validate.check_volume_name(request.volume)
+        validate.check_truncation_set("FindCommit", len(request.set))
         truncs = None
         if request.use_set:
             truncs = tuple((t.start_lsn, t.end_lsn, t.epoch) for t in request.set)
@@ -134,6 +158,7 @@ class StorageService:
 
     @refusals
     async def VolumeHistory(self, request: pb.VolumeHistoryRequest, context) -> pb.VolumeHistoryReply:
+        validate.check_volume_name(request.volume)
         entries = await self.node.read(self.store.history, request.volume)
         return pb.VolumeHistoryReply(entries=[
             pb.TimelineEntry(epoch=e, time_us=t, prev_vdl=v, set=_truncs_pb(truncs))
@@ -141,16 +166,20 @@ class StorageService:
 
     @refusals
     async def DropVolume(self, request: pb.VolumeDropRequest, context) -> pb.VolumeDropReply:
+        validate.check_volume_name(request.volume)
         dropped = await self.node.commit(DropVolumeOp(request.volume))
         return pb.VolumeDropReply(dropped=dropped)
 
     @refusals
     async def VolumeBytes(self, request: pb.VolumeBytesRequest, context) -> pb.VolumeBytesReply:
+        validate.check_volume_name(request.volume)
         owned, shared = await self.node.read(self.store.volume_bytes, request.volume)
         return pb.VolumeBytesReply(owned_bytes=owned, shared_bytes=shared)
 
     @refusals
     async def CreateVolume(self, request: pb.CreateVolumeRequest, context) -> pb.CreateVolumeReply:
+        validate.check_create_volume(request.volume, request.pg_count, request.stripe_pages,
+                                     len(request.fork_tails))
         created = await self.node.commit(CreateVolumeOp(
             request.volume, request.pg_count, request.stripe_pages or DEFAULT_STRIPE_PAGES,
             request.volume_epoch, request.parent, request.fork_lsn, tuple(request.fork_tails)))
@@ -158,6 +187,7 @@ class StorageService:
 
     @refusals
     async def SetGcHorizon(self, request: pb.SetGcHorizonRequest, context) -> pb.SetGcHorizonReply:
+        validate.check_volume_name(request.volume)
         horizon = await self.node.commit(SetGcHorizonOp(request.volume, request.horizon_lsn,
                                                         request.volume_epoch))
         return pb.SetGcHorizonReply(gc_horizon=horizon)

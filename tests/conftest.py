@@ -5,6 +5,8 @@ az-c, az-c; tests/harness.py), started once per test module and shared by its te
 node is running (resumed / restarted if a previous test stopped it) when a test starts.
 Tests isolate their data by using their own volume names. Everything is SIGKILLed when the
 module ends, also after a failure.
+
+``--run-slow``: also run the tests marked ``slow`` (skipped otherwise).
 """
 
 from __future__ import annotations
@@ -28,6 +30,20 @@ def storage_cluster_module(tmp_path_factory):
 def storage_cluster(storage_cluster_module):
     storage_cluster_module.ensure_all_running()
     return storage_cluster_module
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (long-running soak tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_configure(config):

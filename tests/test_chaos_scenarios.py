@@ -36,6 +36,12 @@ def chaos(tmp_path):
         run.close()
 
 
+class NodeNotRebuilt(AssertionError):
+    """A wiped node did not get back to its peers' SCLs in time: the failure the strict
+    xfail of the no-hydration limitation expects, and no other (a port clash, a timeout
+    of the workload or a red checker is a real failure there)."""
+
+
 def wait_ok(run: ChaosRun, n: int, timeout_s: float = 30.0) -> None:
     """Wait until ``n`` more ops are acknowledged (the workload makes progress)."""
     c = run.workload.counts()
@@ -283,7 +289,8 @@ def _wipe_and_wait_rebuilt(run: ChaosRun, wait_s: float) -> None:
         mine = {(s.volume, s.pg): s.scl for s in st["sn4"][1].segments}
         caught_up = all(mine.get(k, 0) >= v for k, v in best.items())
         time.sleep(0.5)
-    assert caught_up, f"sn4 did not rebuild: {mine} vs {best}"
+    if not caught_up:
+        raise NodeNotRebuilt(f"sn4 did not rebuild: {mine} vs {best}")
 
 
 def test_wiped_node_rebuilt_from_peers(chaos):
@@ -297,7 +304,7 @@ def test_wiped_node_rebuilt_from_peers(chaos):
     run.assert_green()
 
 
-@pytest.mark.xfail(strict=True, reason="no hydration: a wiped node cannot rebuild records "
+@pytest.mark.xfail(strict=True, raises=NodeNotRebuilt, reason="no hydration: a wiped node cannot rebuild records "
                    "its peers already garbage-collected (docs/reliability.md, limitations)")
 def test_wiped_node_cannot_rebuild_once_peers_collected_the_log(chaos):
     """Scenario: as above, but with no backtrack window (the writer's GC horizon follows
@@ -343,4 +350,17 @@ def test_outlier_tolerance_two_slow_disks(chaos):
     assert _pct(slow, 0.5) < _pct(healthy, 0.5) + 25.0, summary + "\n" + run.header()
     assert _pct(slow, 0.9) < _pct(healthy, 0.9) + 40.0, summary + "\n" + run.header()
     run.nemesis.clear_disk()
-    run.assert_green(min_ok=0)
+    run.assert_green(min_ok=0, min_reads=0)   # no workload ran: latencies are the test
+
+
+def test_strict_xfails_name_the_exception_they_expect():
+    """A strict xfail without ``raises=`` counts ANY failure (a port clash, a timeout) as
+    the expected one: every xfail of this module names its exception."""
+    import sys
+
+    module = sys.modules[__name__]
+    marked = {name: mark for name, fn in vars(module).items() if name.startswith("test_")
+              for mark in getattr(fn, "pytestmark", []) if mark.name == "xfail"}
+    assert marked, "expected the wiped-node limitation to be a strict xfail"
+    loose = sorted(name for name, mark in marked.items() if not mark.kwargs.get("raises"))
+    assert not loose, f"xfail without raises=: {loose}"

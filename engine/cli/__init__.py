@@ -46,6 +46,7 @@ def cmd_replica_process(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.cli import bench, chaos, cluster
+    from engine.cluster.listen import add_listen_args
 
     parser = argparse.ArgumentParser(
         prog="aurora-lite",
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("storage-node", help="run one storage node process")
     p.add_argument("--node-id", required=True, help="node name, e.g. sn1")
     p.add_argument("--az", required=True, help="availability zone, e.g. az-a")
-    p.add_argument("--host", default="127.0.0.1")
+    add_listen_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
     p.add_argument("--data-dir", required=True, help="directory for this node's LMDB environment")
     p.add_argument("--peers", default="", help="comma-separated peer addresses host:port for gossip")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", required=True, help="cluster config JSON (storage nodes, layout)")
     p.add_argument("--instance", default="db1", help="instance name (default db1)")
     p.add_argument("--az", default="az-a", help="the instance's availability zone")
-    p.add_argument("--host", default="127.0.0.1")
+    add_listen_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writer", default=None, help="process: address host:port of the writer to follow")
     p.add_argument("--instance", default="db2", help="instance name (default db2)")
     p.add_argument("--az", default="az-b", help="the instance's availability zone")
-    p.add_argument("--host", default="127.0.0.1")
+    add_listen_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
@@ -117,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s " + (f"[{tag}] " if tag else "") + "%(name)s: %(message)s")
+    if hasattr(args, "insecure_listen"):  # a subcommand that starts a server
+        from engine.cluster.listen import check_listen_host
+
+        refusal = check_listen_host(args.host, args.insecure_listen, f"aurora-lite {args.command}")
+        if refusal:
+            print(f"aurora-lite {args.command}: {refusal}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

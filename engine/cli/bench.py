@@ -120,10 +120,12 @@ def cmd_write_amplification(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add `block-server` and `bench` to the `aurora-lite` subcommands."""
+    from engine.cluster.listen import add_listen_args
+
     p = sub.add_parser("block-server", help="run one block server of the mirrored baseline")
     p.add_argument("--name", dest="node_id", required=True, help="server name, e.g. bs1")
     p.add_argument("--az", required=True, help="availability zone, e.g. az-a")
-    p.add_argument("--host", default="127.0.0.1")
+    add_listen_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
     p.add_argument("--data-dir", required=True, help="directory for the LMDB environment")
     p.add_argument("--mirror", default=None, help="address host:port of the mirror (same AZ)")

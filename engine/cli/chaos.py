@@ -203,8 +203,12 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         verdict += cc.check_bank_reads(workload)
         verdict += cc.check_lost_writes(workload, lambda: writer_cc)
         verdict += cc.check_monotonic(sampler)
-        verdict += cc.check_durable_at_ack(workload, nemesis.down_intervals)
+        verdict += cc.check_acks_held_by_storage(workload, data_dir)   # the nodes' SCL logs
         verdict += cc.scan_logs(target.log_paths(), EXPECTED_LOG)
+        acked = sum(1 for o in [*workload.transfers, *workload.puts] if o.outcome == "ok")
+        if acked < cc.ACKED_OPS_MIN:
+            verdict.append(f"workload: only {acked} ops acknowledged (at least "
+                           f"{cc.ACKED_OPS_MIN} needed): the run tested nothing")
     except Exception as exc:   # the run itself broke: that is a red verdict, with the seed
         log.exception("chaos run failed")
         verdict.append(f"chaos run aborted: {exc!r}")

@@ -1016,6 +1016,7 @@ def _endpoint_arg(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     """Add the cluster verbs to `aurora-lite`'s subcommands."""
     from engine.cli.clones import add_volume_args, register as register_clones
+    from engine.cluster.listen import add_listen_args
     p = subparsers.add_parser("up", help="start a local cluster (control plane, six storage nodes, writer, replicas)")
     _data_dir_arg(p)
     p.add_argument("--detach", action="store_true", help="return to the shell once every process serves")
@@ -1041,7 +1042,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("control-plane", help="(started by `up`) launch and supervise a cluster")
     _data_dir_arg(p)
-    p.add_argument("--host", default="127.0.0.1")
+    add_listen_args(p)
     p.add_argument("--base-port", type=int, default=None)
     p.add_argument("--intra-az-ms", type=float, default=None)
     p.add_argument("--cross-az-ms", type=float, default=None)

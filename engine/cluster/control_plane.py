@@ -71,6 +71,7 @@ from engine.cluster.launcher import (
     describe_exit, free_ports, load_topology, pid_belongs, plan_cluster, read_control,
     resolve_data_dir, spawn, stop_pids, write_json_atomic)
 from engine.format.volume import AZS
+from engine.cluster.listen import listen_argv
 
 log = logging.getLogger("aurora_lite.control_plane")
 
@@ -164,7 +165,7 @@ class ControlPlane:
             self.procs[node.name] = Managed(
                 node.name, "storage", node.az, node.address,
                 self.base_argv + ["storage-node", "--node-id", node.name, "--az", node.az,
-                                  "--host", host, "--port", node.address.rsplit(":", 1)[1],
+                                  *listen_argv(host), "--port", node.address.rsplit(":", 1)[1],
                                   "--data-dir", dd.node_dir(node.name), "--peers", ",".join(peers),
                                   "--cluster-config", dd.cluster_json],
                 dd.log(node.name))
@@ -187,7 +188,7 @@ class ControlPlane:
         """The command line for an instance's next launch, from its role NOW: a former
         writer comes back as a replica of the current writer, never as a second writer."""
         common = ["--cluster", self.dd.cluster_json, "--instance", p.name, "--az", p.az,
-                  "--host", self.host, "--port", p.address.rsplit(":", 1)[1]]
+                  *listen_argv(self.host), "--port", p.address.rsplit(":", 1)[1]]
         if p.role == "writer":
             return self.base_argv + ["writer", *common]
         return self.base_argv + ["replica", "--writer", self.procs[self.writer].address, *common]

@@ -51,7 +51,7 @@ import asyncio
 from collections import OrderedDict
 
 from engine.format import page as pagefmt
-from engine.errors import ChecksumError, PageOrderError
+from engine.errors import ChecksumError, InvariantViolation, PageOrderError
 
 #: Smallest useful pool: the pinned META page plus a short root-to-leaf path.
 CAPACITY_MIN_PAGES = 4
@@ -249,10 +249,11 @@ class BufferPool:
 
     def _evict(self, page_id: int) -> None:
         frame = self._frames[page_id]
-        assert page_id not in self._pins, f"evicting pinned page {page_id}"
-        assert pagefmt.page_lsn(frame) <= self._sink.vdl, (
-            f"invariant 7: evicting page {page_id} with page_lsn {pagefmt.page_lsn(frame)} "
-            f"> VDL {self._sink.vdl}")
+        if page_id in self._pins:
+            raise InvariantViolation(7, f"evicting pinned page {page_id}")
+        if pagefmt.page_lsn(frame) > self._sink.vdl:
+            raise InvariantViolation(7, f"evicting page {page_id} with page_lsn "
+                                        f"{pagefmt.page_lsn(frame)} > VDL {self._sink.vdl}")
         del self._frames[page_id]
         self.evictions += 1
         if self.on_evict is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from engine.errors import InvariantViolation
 from engine.format.volume import VolumeLayout
 
 
@@ -20,7 +21,8 @@ class LsnAllocator:
     """Hands out LSNs in order and remembers the volume and per-PG chain tails.
 
     Pure bookkeeping, no I/O. The limit (invariant 6, VDL + LAL) is enforced by the sink
-    before an MTR starts; ``allocate`` asserts it was respected.
+    before an MTR starts; ``allocate`` checks it was respected (InvariantViolation, never
+    an assert: the check survives ``python -O``).
     """
 
     def __init__(self, last_lsn: int = 0, pg_tails: dict[int, int] | None = None,
@@ -36,9 +38,10 @@ class LsnAllocator:
     def allocate(self, pg: int) -> tuple[int, int, int]:
         """(lsn, prev_volume_lsn, prev_pg_lsn) for a new record in ``pg``."""
         lsn = self.next_lsn
+        if self.limit_lsn is not None and lsn > self.limit_lsn:
+            raise InvariantViolation(6, f"LSN {lsn} would be allocated above VDL + LAL = "
+                                        f"{self.limit_lsn}")
         self.next_lsn = lsn + 1
-        assert self.limit_lsn is None or lsn <= self.limit_lsn, (
-            f"invariant 6: LSN {lsn} allocated above VDL + LAL = {self.limit_lsn}")
         prev_volume = self.last_volume_lsn
         prev_pg = self.pg_tails.get(pg, 0)
         self.last_volume_lsn = lsn

@@ -37,6 +37,16 @@ assert V - NODES_PER_AZ - 1 >= VR
 DEFAULT_PG_COUNT = 8
 DEFAULT_STRIPE_PAGES = 64
 
+# Bounds on what a request may ask of a storage node (storage_node/validate.py checks
+# them where requests arrive; a request beyond one is refused as MALFORMED and names it).
+# Each is far above what aurora-lite uses (8 PGs of 64-page stripes by default) and far
+# below what would make a node build millions of rows in one write transaction.
+PG_COUNT_MAX = 1024            # PGs of one volume: CreateVolume writes one row per PG
+STRIPE_PAGES_MAX = 1 << 20     # pages per stripe (8 GiB of pages in one PG's stripe)
+VOLUME_NAME_MAX_BYTES = 255    # a volume name is an LMDB key (LMDB's limit is 511 bytes)
+APPEND_BATCHES_MAX = PG_COUNT_MAX  # PG batches in one Append (one per PG)
+TRUNCATION_SET_MAX = 4096      # ranges in one truncation set (Truncate, FindCommit)
+
 
 @dataclass(frozen=True)
 class VolumeLayout:

@@ -25,7 +25,9 @@ PGCL. VCL is then just below the first record still pending (or the newest recor
 if none is). Each record is pushed once and popped once, so the work per record is O(1).
 
 Invariant 5: none of SCL, PGCL, VCL, VDL ever moves backwards within an epoch; an SCL
-lower than one already seen from the same node (a reordered reply) is ignored.
+lower than one already seen from the same node (a reordered reply) is ignored. The checks
+that guard it raise InvariantViolation (engine/errors.py), not ``assert``, so they hold
+under ``python -O`` too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from collections import deque
 from typing import Any, Iterable
 
 from engine import hooks
+from engine.errors import InvariantViolation
 from engine.format.volume import V, VW
 
 # Test-only planted bug (engine/hooks.py): PGCL one segment short of Vw.
@@ -69,7 +72,9 @@ class QuorumTracker:
 
     def record_sent(self, lsn: int, pg: int, is_cpl: bool) -> None:
         """Register a record that was (or is about to be) shipped, in LSN order."""
-        assert lsn > self.last_sent_lsn, f"records must be registered in LSN order ({lsn} <= {self.last_sent_lsn})"
+        if lsn <= self.last_sent_lsn:
+            raise InvariantViolation(5, f"records must be registered in LSN order ({lsn} <= "
+                                        f"{self.last_sent_lsn}): VCL would skip a record")
         self.last_sent_lsn = lsn
         self._pending.append((lsn, pg, is_cpl))
 
@@ -115,6 +120,7 @@ class QuorumTracker:
 
     def _advance(self) -> bool:
         old_vdl = self.vdl
+        old_vcl = self.vcl
         pending = self._pending
         while pending:
             lsn, pg, is_cpl = pending[0]
@@ -125,7 +131,11 @@ class QuorumTracker:
             if is_cpl:
                 self.vdl = lsn
         self.vcl = pending[0][0] - 1 if pending else self.last_sent_lsn
-        assert self.vdl <= self.vcl, f"VDL {self.vdl} above VCL {self.vcl}"
+        if self.vdl > self.vcl:
+            raise InvariantViolation(5, f"VDL {self.vdl} above VCL {self.vcl}")
+        if self.vcl < old_vcl or self.vdl < old_vdl:
+            raise InvariantViolation(5, f"VCL/VDL moved back within an epoch: VCL {old_vcl} -> "
+                                        f"{self.vcl}, VDL {old_vdl} -> {self.vdl}")
         if self.vdl != old_vdl:
             drained = self._durable_above_vdl
             while drained and drained[0][0] <= self.vdl:
