@@ -87,6 +87,7 @@ expect(7, lambda: pool._evict(7))
     "scl_back_4": '''
 import tempfile
 import storage_node.store as st
+import storage_node.chain as chain       # the SCL walk (invariant 4) reads runs through it
 from engine.format import page as pagefmt
 from engine.format import redo
 d = tempfile.mkdtemp()
@@ -100,13 +101,13 @@ def batch(lsn, prev):
 s.apply_ops([batch(1, 0)])
 s.apply_ops([batch(3, 2)])            # a hole: SCL stays 1
 assert s.segment("v", 0).scl == 1
-real = st.decode_run
+real = chain.decode_run
 def broken(value):                    # a run directory that lies (a merge bug): the
     run = real(value)                 # walk would take the SCL down to 0
     return run._replace(lsns=(run.lsns[0], 0), flags=1) if run.lsns == (3,) else run
-st.decode_run = broken
+chain.decode_run = broken
 expect(4, lambda: s.apply_ops([batch(2, 1)]))
-st.decode_run = real
+chain.decode_run = real
 if s.segment("v", 0).scl != 1:
     raise SystemExit(f"the SCL moved: {s.segment('v', 0).scl}")
 ''',
