@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.cluster.ports import free_ports
 from engine.format.cluster_config import Latency
 from engine.format.volume import AZS, NODES_PER_AZ
 
@@ -36,20 +36,6 @@ BLOCK_SERVERS = [("bs1", "az-a", "bs2"), ("bs2", "az-a", None),
 PRIMARY_BLOCK_SERVER = "bs1"
 STANDBY_BLOCK_SERVER = "bs3"
 STOP_GRACE_S = 10.0
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
