@@ -21,8 +21,9 @@ Exit codes (for scripts and tests)::
 
 Errors are one line on stderr, "aurora-lite: ...", never a traceback.
 
-The control plane is called only through ``control_call`` (its gRPC client lives here and
-nowhere else in the CLI).
+The cluster verbs call the control plane only through ``control_call``, the one gRPC
+client of the Control service among them (engine/cli/chaos.py's nemesis target keeps a
+channel of its own for a whole run; engine/cli/clones.py calls the writer's InstanceAdmin).
 """
 
 from __future__ import annotations
@@ -122,7 +123,6 @@ def _is_connection_failure(detail: str) -> bool:
                                 "connect failed", "unavailable: ipv4"))
 
 
-
 # --- Finding the cluster ----------------------------------------------------------------
 
 
@@ -207,7 +207,6 @@ def endpoint_text(args) -> str | None:
     return f"{client.address} ({client.instance}, {kind} endpoint)"
 
 
-
 # --- Flags and formatting ------------------------------------------------------------------
 
 
@@ -234,4 +233,3 @@ def latency_line(lat) -> str:
     if extra:
         text += "; extra delay into " + ", ".join(f"{az} +{ms:g} ms" for az, ms in sorted(extra.items()))
     return text
-

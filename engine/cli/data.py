@@ -35,7 +35,6 @@ def _client_for(args, **kwargs):
     return client if client is not None else open_client(args, **kwargs)
 
 
-
 # --- Client verbs ---------------------------------------------------------------------------
 
 
@@ -93,7 +92,6 @@ def cmd_scan(args) -> int:
     for key, value in items:
         _out(key + b"\t" + value)
     return EXIT_OK
-
 
 
 # --- shell ------------------------------------------------------------------------------------
@@ -253,7 +251,6 @@ def _shell_command(cmd, db, txn, args):
         state = get_state(require_cluster(data_dir_of(args)))
         print(json.dumps(state_dict(state), indent=2) if cmd.json else format_status(state))
     return txn
-
 
 
 # --- Registration -------------------------------------------------------------------------

@@ -201,7 +201,6 @@ def format_up_block(state, args, detached: bool) -> str:
     return "\n".join(lines)
 
 
-
 # --- up / down / control-plane ------------------------------------------------------------
 
 
@@ -417,7 +416,6 @@ def cmd_down(args) -> int:
     return _shutdown(dd, info)
 
 
-
 # --- status -------------------------------------------------------------------------------
 
 
@@ -430,7 +428,6 @@ def cmd_status(args) -> int:
     else:
         print(format_status(state))
     return EXIT_OK
-
 
 
 # --- logs --------------------------------------------------------------------------------------
@@ -464,7 +461,6 @@ def cmd_logs(args) -> int:
                     time.sleep(0.2)
         except (KeyboardInterrupt, BrokenPipeError):
             return EXIT_OK
-
 
 
 # --- Registration -------------------------------------------------------------------------

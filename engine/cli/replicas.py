@@ -88,7 +88,6 @@ def cmd_endpoint(args) -> int:
     return EXIT_OK
 
 
-
 # --- Registration -------------------------------------------------------------------------
 
 
