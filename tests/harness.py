@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# One free-port search for the whole project; writer_harness imports it from here too.
+from engine.cluster.ports import free_ports  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE_NAMES = ("sn1", "sn2", "sn3", "sn4", "sn5", "sn6")
@@ -59,14 +61,6 @@ FAST_TUNING = {
     "AURORA_SN_SCRUB_INTERVAL_S": "1.0",
     "AURORA_SN_REPAIR_INTERVAL_S": "0.2",
 }
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports that were free a moment ago, below the kernel's ephemeral range
-    so that no client connection takes one before a node (re)binds it."""
-    from engine.cluster.launcher import free_ports as launcher_free_ports
-
-    return launcher_free_ports(n, host)
 
 
 def wait_serving(address: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None,

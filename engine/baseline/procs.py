@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
+from engine.cluster.ports import free_ports
 from engine.format.cluster_config import Latency
 from engine.format.volume import AZS, NODES_PER_AZ
 
@@ -34,20 +34,6 @@ BLOCK_SERVERS = [("bs1", "az-a", "bs2"), ("bs2", "az-a", None),
 PRIMARY_BLOCK_SERVER = "bs1"
 STANDBY_BLOCK_SERVER = "bs3"
 STOP_GRACE_S = 10.0
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

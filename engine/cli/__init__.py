@@ -1,7 +1,20 @@
 """The `aurora-lite` command: argparse subcommands for every process and verb.
 
-Subcommands are registered in ``build_parser``; each lives in the module that implements
-it and is imported lazily, so `aurora-lite version` does not pay for grpc or lmdb.
+Subcommands are registered in ``build_parser``; the process subcommands (storage-node,
+writer, replica, version) are here, every other verb in the module of its group:
+
+- engine/cli/lifecycle.py: up, down, status, logs, control-plane;
+- engine/cli/data.py: put, get, delete, scan, shell;
+- engine/cli/faults.py: node, az, net;
+- engine/cli/replicas.py: failover, replica add|remove, endpoint;
+- engine/cli/clones.py: clone, backtrack, --as-of-*, --volume;
+- engine/cli/bench.py: bench write-amplification, block-server;
+- engine/cli/chaos.py: chaos;
+- engine/cli/common.py: what they share (exit codes, errors, finding the cluster, the
+  control plane's client, flags, tables).
+
+Heavy modules are imported only when a command runs, so `aurora-lite version` does not
+pay for grpc or lmdb.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ def cmd_writer(args: argparse.Namespace) -> int:
 
 def cmd_replica_process(args: argparse.Namespace) -> int:
     """`aurora-lite replica --cluster C --writer W ...`: run a replica process. (`replica
-    add|remove` on a running cluster are verbs of engine/cli/cluster.py.)"""
+    add|remove` on a running cluster are verbs of engine/cli/replicas.py.)"""
     missing = [flag for flag, value in (("--cluster", args.cluster), ("--writer", args.writer)) if not value]
     if missing:
         print(f"aurora-lite replica: {' and '.join(missing)} required to run a replica process "
@@ -45,7 +58,7 @@ def cmd_replica_process(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import bench, chaos, cluster
+    from engine.cli import bench, chaos, clones, data, faults, lifecycle, replicas
     from engine.cluster.listen import add_listen_args
 
     parser = argparse.ArgumentParser(
@@ -86,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_writer)
 
     # One subcommand, two uses: with --cluster/--writer it runs a replica process; with
-    # add/remove (registered by engine/cli/cluster.py) it changes a running cluster.
+    # add/remove (registered by engine/cli/replicas.py) it changes a running cluster.
     p = sub.add_parser("replica", help="add|remove a replica of a running cluster, or run a replica "
                                        "process (--cluster C --writer W)")
     p.add_argument("--cluster", default=None, help="process: cluster config JSON (storage nodes, layout)")
@@ -99,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.set_defaults(func=cmd_replica_process)
-    cluster.register(sub)  # up, down, status, put, ... (docs/cli.md)
+    # The cluster verbs (docs/cli.md), in the order `aurora-lite --help` lists them.
+    lifecycle.register(sub)  # up, down, control-plane, status
+    data.register(sub)  # put, get, delete, scan, shell
+    faults.register(sub)  # node, az, net
+    replicas.register(sub)  # failover, replica add|remove, endpoint
+    clones.register(sub)  # clone, backtrack
+    lifecycle.register_logs(sub)  # logs
     bench.register(sub)  # bench write-amplification, block-server
     chaos.register(sub)  # chaos (docs/reliability.md)
     return parser

@@ -8,7 +8,8 @@ lmdb, the engine) are imported only when a command runs.
         [--configs aurora-lite,baseline] [--json] [--chart PATH | --no-chart] [--keep-dir]
 
 prints the results table ([P17] Table 1 figures beside ours) on stdout, or the whole
-result as JSON with --json; a progress bar goes to stderr; a PNG chart is written when
+result as JSON with --json; a progress bar goes to stderr (rich's live display on a
+terminal, plain lines on a pipe); a PNG chart is written when
 matplotlib (the ``plot`` extra: pip install 'aurora-lite[plot]') is installed.
 Method and counting rules: docs/benchmarks.md.
 """
@@ -24,8 +25,10 @@ DEFAULT_CHART = "write-amplification.png"
 
 
 class ProgressBar:
-    """A one-line text progress bar on stderr (redrawn in place on a terminal; on a pipe,
-    one line per phase and every 25%)."""
+    """Progress of the benchmark's phases on stderr. On a terminal: rich's live progress
+    display, one bar per phase (label, bar, percent, detail, time in the phase), redrawn
+    in place. On a pipe or a file (CI logs): one plain line per phase and every 25%,
+    since a live display there would print only its final state."""
 
     WIDTH = 30
 
@@ -35,30 +38,48 @@ class ProgressBar:
         self._label = None
         self._last_quarter = -1
         self._started = time.monotonic()
+        self._live = None       # rich.progress.Progress on a terminal
+        self._tasks: dict[str, int] = {}
+        self._handlers: list = []   # (log handler, its stream before the live display)
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn)
+
+            self._live = Progress(
+                TextColumn("{task.description:<20}"), BarColumn(bar_width=self.WIDTH),
+                TaskProgressColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                console=Console(file=self.stream), redirect_stdout=False, redirect_stderr=True)
+            self._live.start()
+            # Log lines (WARNING and up during the bench) print above the bars, not through them.
+            self._handlers = [(h, h.setStream(sys.stderr)) for h in logging.getLogger().handlers
+                              if type(h) is logging.StreamHandler and h.stream is self.stream]
 
     def __call__(self, label: str, fraction: float, detail: str) -> None:
         fraction = max(0.0, min(1.0, fraction))
+        if self._live is not None:
+            task = self._tasks.get(label)
+            if task is None:
+                task = self._tasks[label] = self._live.add_task(label, total=1.0, detail=detail)
+            self._live.update(task, completed=fraction, detail=detail)
+            return
+        quarter = int(fraction * 4)
+        if label == self._label and quarter == self._last_quarter:
+            return
+        self._label, self._last_quarter = label, quarter
         filled = int(round(fraction * self.WIDTH))
         bar = "#" * filled + "." * (self.WIDTH - filled)
         elapsed = time.monotonic() - self._started
-        line = f"[{bar}] {fraction * 100:3.0f}% {label:<20} {detail}  ({elapsed:4.0f}s)"
-        if self.tty:
-            if label != self._label and self._label is not None:
-                self.stream.write("\n")
-            self.stream.write("\r" + line.ljust(100)[:110])
-        else:
-            quarter = int(fraction * 4)
-            if label == self._label and quarter == self._last_quarter:
-                return
-            self._last_quarter = quarter
-            self.stream.write(line + "\n")
-        self._label = label
+        self.stream.write(f"[{bar}] {fraction * 100:3.0f}% {label:<20} {detail}  ({elapsed:4.0f}s)\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty and self._label is not None:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+            for handler, stream in self._handlers:
+                handler.setStream(stream)
+            self._handlers = []
 
 
 def cmd_block_server(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ cluster's (its address and pid in DATA_DIR/clones/NAME.json, its log in
 DATA_DIR/logs/NAME.log); `down` stops it. It is not supervised: no replicas, no failover
 (deliberately absent, ARCHITECTURE.md). Times T are ISO-8601 local times
 ("2026-11-26T18:05:00"), unix seconds ("1795713171.5"), or relative ("-30s", "-5m", "-2h").
-Server side: engine/writer/backtrack.py.
+Server side: engine/writer/backtrack.py. This module imports only engine/cli/common.py of
+the CLI: the data verbs (engine/cli/data.py) and `down` (engine/cli/lifecycle.py) import
+its helpers, never the other way round.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 from datetime import datetime
 
-from engine.cli.cluster import (
-    EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, _data_dir_arg, data_dir_of, guarded,
-    require_cluster)
+from engine.cli.common import (
+    EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, data_dir_arg, data_dir_of, guarded,
+    require_cluster, table)
 from engine.cluster.launcher import base_command, pid_running, spawn
 
 CLONE_START_TIMEOUT_S = 90.0
@@ -168,9 +169,7 @@ def cmd_clone(args) -> int:
             rows.append([v.name, v.parent or "-", str(v.fork_lsn) if v.parent else "-",
                          f"{v.owned_bytes:,} B", f"{v.shared_bytes:,} B",
                          "dropped" if v.dropped else running])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print(table(rows))
         print("(bytes on one storage node: each of the six holds a copy)")
         return EXIT_OK
     if args.action == "drop":
@@ -285,26 +284,26 @@ def register(subparsers) -> None:
                                             "start NAME | stop NAME | drop NAME: fast clones")
     sub = p.add_subparsers(dest="action", required=True)
     q = sub.add_parser("create", help="a copy-on-write clone of the volume, copying no data")
-    _data_dir_arg(q)
+    data_dir_arg(q)
     q.add_argument("name")
     q.add_argument("--at-lsn", type=int, default=None, help="as of the last commit at or before LSN N")
     q.add_argument("--at-time", default=None, help="as of time T (ISO-8601, unix s, -30s/-5m/-2h)")
     q.add_argument("--volume", default=None, help="clone this volume (default: the cluster's)")
     q.set_defaults(func=cmd_clone)
     q = sub.add_parser("list", help="every volume: parent, fork LSN, bytes owned and shared")
-    _data_dir_arg(q)
+    data_dir_arg(q)
     q.set_defaults(func=cmd_clone, volume=None)
     for verb, text in (("start", "run a writer for the clone beside the cluster's"),
                        ("stop", "stop the clone's writer"),
                        ("drop", "drop the volume (its own clones keep working)")):
         q = sub.add_parser(verb, help=text)
-        _data_dir_arg(q)
+        data_dir_arg(q)
         q.add_argument("name")
         q.set_defaults(func=cmd_clone, volume=None)
 
     p = subparsers.add_parser("backtrack", help="--to-lsn N | --to-time T | info: rewind the "
                                                 "volume in place, non-destructively")
-    _data_dir_arg(p)
+    data_dir_arg(p)
     p.add_argument("action", nargs="?", choices=["info"], default=None)
     p.add_argument("--to-lsn", type=int, default=None)
     p.add_argument("--to-time", default=None, help="ISO-8601, unix seconds, or -30s/-5m/-2h")

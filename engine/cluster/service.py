@@ -1,0 +1,124 @@
+"""The control plane's gRPC face: the Control service (proto/aurora_pb/control.proto).
+
+A thin layer over the plain logic of engine/cluster/control_plane.py: each method turns a
+request into one call of ControlPlane and its result into a reply. The control plane's
+refusals become the documented status codes: NotFoundError -> NOT_FOUND,
+PreconditionError -> FAILED_PRECONDITION, any other ActionError -> INVALID_ARGUMENT.
+``start_server`` binds and starts the server. This module and engine/cluster/rpc.py (the
+calls to the cluster's processes) are the only ones of the control plane that import grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from aurora_pb import control_pb2 as pb
+from aurora_pb import control_pb2_grpc as pb_grpc
+from engine.cluster.launcher import STOP_GRACE_S
+from engine.cluster.state import PROBE_TIMEOUT_S, ActionError, NotFoundError, PreconditionError
+
+
+class ControlService(pb_grpc.ControlServicer):
+    """gRPC face of ControlPlane (proto/aurora_pb/control.proto)."""
+
+    def __init__(self, cp) -> None:
+        self.cp = cp   # engine.cluster.control_plane.ControlPlane
+
+    async def GetState(self, request, context):
+        timeout_s = (request.probe_timeout_ms or PROBE_TIMEOUT_S * 1000) / 1000.0
+        return await self.cp.collect(timeout_s, probes=not request.skip_probes)
+
+    async def ProcessAction(self, request, context):
+        message = await self._call(context, self.cp.action, request.name, request.action, request.wait_s)
+        state = await self.cp.collect(probes=False)
+        return pb.ActionReply(message=message,
+                              processes=[s for s in state.processes if s.name == request.name])
+
+    async def AzAction(self, request, context):
+        try:
+            message = await self.cp.az_action(request.az, request.action, request.wait_s)
+        except ActionError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        state = await self.cp.collect(probes=False)
+        return pb.ActionReply(message=message,
+                              processes=[s for s in state.processes
+                                         if s.role == "storage" and s.az == request.az])
+
+    async def SetNetworkDelay(self, request, context):
+        try:
+            message = self.cp.set_network_delay(request.az, request.ms, request.clear, request.node)
+        except ActionError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.NetworkReply(message=message, latency=self.cp.latency_message())
+
+    async def _call(self, context, fn, *args):
+        """Run an action; its refusals become the documented gRPC codes."""
+        try:
+            result = fn(*args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        except NotFoundError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except PreconditionError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ActionError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Failover(self, request, context):
+        return await self._call(context, self.cp.failover, request.target)
+
+    async def AddReplica(self, request, context):
+        tier = request.tier if request.HasField("tier") else None
+        name, message = await self._call(context, self.cp.add_replica, tier, request.az, request.wait_s)
+        state = await self.cp.collect(probes=False)
+        return pb.ActionReply(message=message, processes=[s for s in state.processes if s.name == name])
+
+    async def RemoveReplica(self, request, context):
+        message = await self._call(context, self.cp.remove_replica, request.name)
+        return pb.ActionReply(message=message)
+
+    async def ResolveEndpoint(self, request, context):
+        return await self._call(context, self.cp.resolve, request.endpoint or "cluster")
+
+    async def CreateEndpoint(self, request, context):
+        return await self._call(context, self.cp.create_endpoint, request.name, list(request.members))
+
+    async def DeleteEndpoint(self, request, context):
+        return await self._call(context, self.cp.delete_endpoint, request.name)
+
+    async def ListEndpoints(self, request, context):
+        return await self._call(context, self.cp.list_endpoints)
+
+    async def Shutdown(self, request, context):
+        if self.cp.stopping:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "already shutting down")
+        reports = await self.cp.shutdown(request.grace_s or STOP_GRACE_S)
+        # Exit only after this reply is on its way.
+        asyncio.get_running_loop().call_later(0.3, self.cp.stopped.set)
+        return pb.ShutdownReply(reports=reports)
+
+
+class ControlServer:
+    """The started gRPC server of one control plane; ``port`` is the one it bound."""
+
+    def __init__(self, server: grpc.aio.Server, port: int) -> None:
+        self._server = server
+        self.port = port
+
+    async def stop(self, grace_s: float) -> None:
+        await self._server.stop(grace=grace_s)
+
+
+async def start_server(cp, host: str, port: int) -> ControlServer | None:
+    """Serve the Control service of ``cp`` on host:port (0: a port gRPC chooses); None if
+    the address cannot be bound."""
+    server = grpc.aio.server()
+    pb_grpc.add_ControlServicer_to_server(ControlService(cp), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        return None
+    await server.start()
+    return ControlServer(server, bound)
