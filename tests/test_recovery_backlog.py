@@ -19,7 +19,8 @@ import asyncio
 
 from engine.writer.recovery import recover
 from engine.transport.grpc_transport import GrpcTransport
-from engine.writer.storage_driver import NodeInfo, StorageDriver
+from engine.format.cluster_config import NodeInfo
+from engine.writer.storage_driver import StorageDriver
 from engine.format.volume import VolumeLayout
 from tests.harness import NODE_AZS
 from tests.storage_client import ChainBuilder, StorageClient

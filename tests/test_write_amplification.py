@@ -46,7 +46,7 @@ from engine.baseline.io_count import (
     write_ios,
 )
 from engine.writer.recovery import recover
-from engine.writer.storage_driver import NodeInfo
+from engine.format.cluster_config import NodeInfo
 from engine.format.volume import VolumeLayout
 from engine.baseline.wa_bench import (
     CountingDriver,

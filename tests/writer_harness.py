@@ -24,7 +24,7 @@ import grpc
 
 from engine.client import Client
 from engine.format.cluster_config import ClusterConfig, Latency
-from engine.writer.storage_driver import NodeInfo
+from engine.format.cluster_config import NodeInfo
 from tests.harness import NODE_AZS, REPO_ROOT, free_ports, wait_serving
 
 SERVICE = "aurora_pb.Database"

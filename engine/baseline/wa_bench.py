@@ -59,7 +59,8 @@ from engine.format.cluster_config import DEFAULT_LAL, Latency
 from engine.db.database import Database
 from engine.baseline.io_count import PAPER, Ledger, format_table, per_txn, percentile, ratio
 from engine.writer.recovery import recover
-from engine.writer.storage_driver import NodeInfo, StorageDriver
+from engine.format.cluster_config import NodeInfo
+from engine.writer.storage_driver import StorageDriver
 from engine.transport import service_of
 from engine.transport.latency import AzLatency
 from engine.format.volume import VolumeLayout

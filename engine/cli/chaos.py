@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-
 from engine.chaos import checkers as cc
+from engine.cli.common import blocking_stub
 from engine.hooks import FAULTS_FILE_ENV, FAULTS_SEED_ENV
 from engine.cluster.launcher import DataDir, read_control
 from engine.chaos.nemesis import DEFAULT_FAULTS, FAULT_KINDS, Nemesis, seed_from_env
@@ -54,9 +53,8 @@ class ControlTarget:
         self._az = {n: p["az"] for n, p in procs.items()}
         self._addr = {n: p["address"] for n, p in procs.items()}
         self.control_address = info["control"]["address"]
-        self._channel = grpc.insecure_channel(self.control_address)
-        from aurora_pb import control_pb2_grpc
-        self._stub = control_pb2_grpc.ControlStub(self._channel)
+        from aurora_pb import control_pb2
+        self._channel, self._stub = blocking_stub(self.control_address, control_pb2, "Control")
         self._paused: set[str] = set()
 
     def _info(self) -> dict:
@@ -68,7 +66,7 @@ class ControlTarget:
     def _action(self, name: str, action: str, wait_s: float = 0.0) -> str:
         from aurora_pb import control_pb2 as pb
         reply = self._stub.ProcessAction(pb.ProcessActionRequest(name=name, action=action, wait_s=wait_s),
-                                         timeout=wait_s + 30)
+                                         timeout_s=wait_s + 30)
         return reply.message if hasattr(reply, "message") else str(reply)
 
     def writer(self) -> str:
@@ -171,14 +169,16 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     def node_status() -> dict:
         from aurora_pb import storage_pb2 as spb
-        from aurora_pb import storage_pb2_grpc as spb_grpc
+        from engine.errors import RpcError
         out = {}
         for n in target.storage:
+            channel, stub = blocking_stub(target.address(n), spb, "Storage")
             try:
-                with grpc.insecure_channel(target.address(n)) as ch:
-                    out[n] = (0, spb_grpc.StorageStub(ch).NodeStatus(spb.NodeStatusRequest(), timeout=2.0))
-            except grpc.RpcError:
+                out[n] = (0, stub.NodeStatus(spb.NodeStatusRequest(), timeout_s=2.0))
+            except RpcError:
                 pass
+            finally:
+                channel.close()
         return out
 
     logging.getLogger("aurora_lite.nemesis").setLevel(logging.WARNING)   # printed by _say

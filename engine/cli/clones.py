@@ -29,8 +29,8 @@ import time
 from datetime import datetime
 
 from engine.cli.common import (
-    EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, data_dir_arg, data_dir_of, guarded,
-    require_cluster, table)
+    EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, blocking_stub, data_dir_arg, data_dir_of,
+    guarded, require_cluster, table)
 from engine.cluster.launcher import base_command, pid_running, spawn
 
 CLONE_START_TIMEOUT_S = 90.0
@@ -106,9 +106,7 @@ def _terminate(pid: int, grace_s: float = 10.0) -> None:
 def writer_admin(args):
     """(InstanceAdmin stub, channel) of the writer of the cluster's volume, or of the
     clone named by --volume."""
-    import grpc
-
-    from aurora_pb import database_pb2_grpc
+    from aurora_pb import database_pb2
     from engine.client import ClusterClient
 
     dd = data_dir_of(args)
@@ -124,8 +122,8 @@ def writer_admin(args):
         client = ClusterClient(info["control"]["address"], "cluster", timeout_s=10.0)
         address = client.address
         client.close()
-    channel = grpc.insecure_channel(address)
-    return database_pb2_grpc.InstanceAdminStub(channel), channel
+    channel, stub = blocking_stub(address, database_pb2, "InstanceAdmin")
+    return stub, channel
 
 
 def _main_volume(dd) -> str:
@@ -135,12 +133,12 @@ def _main_volume(dd) -> str:
 
 def _call(args, method: str, request):
     from engine.client import translate
-    import grpc
+    from engine.errors import RpcError
 
     stub, channel = writer_admin(args)
     try:
-        return getattr(stub, method)(request, timeout=ADMIN_TIMEOUT_S)
-    except grpc.RpcError as exc:
+        return getattr(stub, method)(request, timeout_s=ADMIN_TIMEOUT_S)
+    except RpcError as exc:
         raise translate(exc) from None
     finally:
         channel.close()

@@ -107,13 +107,8 @@ def describe_error(exc: Exception, endpoint: str | None = None) -> tuple[str, in
         return f"unavailable: {detail}", EXIT_NO_CLUSTER
     if isinstance(exc, errors.DatabaseError):
         return f"{type(exc).__name__}: {detail}", EXIT_FAILED
-    try:
-        import grpc
-
-        if isinstance(exc, grpc.RpcError):
-            return f"{exc.code().name}: {exc.details()}", EXIT_NO_CLUSTER
-    except ImportError:
-        pass
+    if isinstance(exc, errors.RpcError):
+        return f"{exc.status}: {exc.detail}", EXIT_NO_CLUSTER
     return f"unexpected error: {type(exc).__name__}: {detail}", EXIT_FAILED
 
 
@@ -146,28 +141,42 @@ def require_cluster(dd: DataDir) -> dict:
     return info
 
 
+def cli_transport():
+    """The transport of the CLI's own process: gRPC. The CLI is a composition root (it
+    starts every kind of process), so it picks the implementation."""
+    from engine.transport.grpc_transport import GrpcTransport
+
+    return GrpcTransport("cli")
+
+
+def blocking_stub(address: str, pb_module, service: str):
+    """(channel, stub) of ``service`` at ``address`` for a blocking CLI call; close the
+    channel when done."""
+    from engine.transport import service_of
+
+    channel = cli_transport().blocking_channel(address)
+    return channel, channel.stub(service_of(pb_module, service))
+
+
 def control_stub(info: dict):
-    import grpc
+    from aurora_pb import control_pb2
 
-    from aurora_pb import control_pb2_grpc
-
-    channel = grpc.insecure_channel(info["control"]["address"])
-    return channel, control_pb2_grpc.ControlStub(channel)
+    return blocking_stub(info["control"]["address"], control_pb2, "Control")
 
 
 def control_call(info: dict, method: str, request, timeout_s: float = 30.0):
-    import grpc
+    from engine.errors import RpcError
 
     channel, stub = control_stub(info)
     try:
-        return getattr(stub, method)(request, timeout=timeout_s)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            raise CliError(exc.details(), EXIT_USAGE) from None
-        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-            raise CliError(exc.details(), EXIT_FAILED) from None
+        return getattr(stub, method)(request, timeout_s=timeout_s)
+    except RpcError as exc:
+        if exc.status == "INVALID_ARGUMENT":
+            raise CliError(exc.detail, EXIT_USAGE) from None
+        if exc.status in ("NOT_FOUND", "FAILED_PRECONDITION"):
+            raise CliError(exc.detail, EXIT_FAILED) from None
         raise CliError(f"the control plane at {info['control']['address']} did not answer "
-                       f"({exc.code().name}: {exc.details()})", EXIT_NO_CLUSTER) from None
+                       f"({exc.status}: {exc.detail})", EXIT_NO_CLUSTER) from None
     finally:
         channel.close()
 

@@ -82,7 +82,7 @@ log = logging.getLogger("aurora_lite.control_plane")
 
 class ControlPlane(Supervision, Failover, Endpoints):
     """Supervisor state and actions (state.py, supervision.py, failover.py, endpoints.py);
-    engine/cluster/service.py's ControlService is its gRPC face."""
+    engine/cluster/service.py's ControlService is its service face."""
 
     async def close_channels(self) -> None:
         await self.rpc.close_all()
@@ -132,12 +132,14 @@ async def serve(args) -> int:
         return 1
     plan.config.save(dd.cluster_json)   # before any process starts
     topology.save(dd)
+    from engine.transport.grpc_transport import GrpcTransport   # the process entry point
     cp = ControlPlane(dd, plan, topology, host=args.host, log_level=args.log_level,
-                      failover_after_s=getattr(args, "failover_after_s", None) or FAILOVER_AFTER_S)
+                      failover_after_s=getattr(args, "failover_after_s", None) or FAILOVER_AFTER_S,
+                      transport=GrpcTransport("control"))
     log.info("instances: %s; writer %s", ", ".join(
         f"{i.name} ({i.az}, tier {i.tier})" for i in topology.instances), topology.writer)
 
-    server = await start_server(cp, args.host, plan.control_port)
+    server = await start_server(cp, args.host, plan.control_port, cp.transport)
     if server is None:
         log.error("cannot bind the control plane to %s:%d", args.host, plan.control_port)
         return 1

@@ -32,7 +32,7 @@ import json
 import time
 
 from aurora_pb import control_pb2 as pb
-from engine.cluster.rpc import RpcFailure
+from engine.errors import RpcError
 from engine.cluster.state import (
     HEALTH_TIMEOUT_S, PROBE_TIMEOUT_S, ClusterState, Managed, PreconditionError, log)
 
@@ -85,8 +85,8 @@ class Failover(ClusterState):
         for cand in self.candidates(exclude):
             try:
                 return await self._promote(cand, old, reason)
-            except (RpcFailure, asyncio.TimeoutError) as exc:
-                why = str(exc) if isinstance(exc, RpcFailure) else "timeout"
+            except (RpcError, asyncio.TimeoutError) as exc:
+                why = str(exc) if isinstance(exc, RpcError) else "timeout"
                 log.warning("promoting %s failed (%s); trying the next replica", cand.name, why)
                 tried.append(cand.name)
         raise PreconditionError(
@@ -125,9 +125,8 @@ class Failover(ClusterState):
             await self.rpc.follow(p.name, p.address, writer.address, FOLLOW_TIMEOUT_S)
             log.info("%s now follows %s at %s", p.name, writer.name, writer.address)
             return True
-        except RpcFailure as exc:
-            log.info("%s did not take Follow(%s) yet: %s %s", p.name, writer.name,
-                     exc.code, exc.details)
+        except RpcError as exc:
+            log.info("%s did not take Follow(%s) yet: %s", p.name, writer.name, exc)
             return False
 
     async def watch_writer(self) -> None:
@@ -184,7 +183,7 @@ class Failover(ClusterState):
         try:
             reply = await self.rpc.instance_status(p.name, p.address, PROBE_TIMEOUT_S)
             following = json.loads(reply.json).get("replica", {}).get("writer_address", "")
-        except (RpcFailure, ValueError, AttributeError):
+        except (RpcError, ValueError, AttributeError):
             return
         if reply.role != "replica" or following != writer.address:
             log.info("%s is %s (following %r), not a replica of %s: telling it to follow",
@@ -212,7 +211,7 @@ class Failover(ClusterState):
                     reply = await self._promote(self.procs[target], old, reason)
                 else:
                     reply = await self._promote_best(old, reason)
-            except RpcFailure as exc:
+            except RpcError as exc:
                 raise PreconditionError(f"promoting {target} failed: {exc}") from None
             finally:
                 self.failing_over = False

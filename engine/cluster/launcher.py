@@ -262,7 +262,7 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
     With --base-port, dbN listens on base + N.
     """
     from engine.format.cluster_config import ClusterConfig, Latency  # imports grpc: only when planning
-    from engine.writer.storage_driver import NodeInfo
+    from engine.format.cluster_config import NodeInfo
 
     previous = ClusterConfig.load(dd.cluster_json) if os.path.exists(dd.cluster_json) else None
     latency = previous.latency if previous else Latency()

@@ -1,27 +1,26 @@
-"""The control plane's gRPC face: the Control service (proto/aurora_pb/control.proto).
+"""The control plane's service face: the Control service (proto/aurora_pb/control.proto).
 
 A thin layer over the plain logic of engine/cluster/control_plane.py: each method turns a
 request into one call of ControlPlane and its result into a reply. The control plane's
 refusals become the documented status codes: NotFoundError -> NOT_FOUND,
 PreconditionError -> FAILED_PRECONDITION, any other ActionError -> INVALID_ARGUMENT.
-``start_server`` binds and starts the server. This module and engine/cluster/rpc.py (the
-calls to the cluster's processes) are the only ones of the control plane that import grpc.
+``start_server`` binds and starts the server through the transport seam (engine/transport);
+the handlers are plain async methods, and no module of the control plane imports grpc.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import grpc
-
 from aurora_pb import control_pb2 as pb
-from aurora_pb import control_pb2_grpc as pb_grpc
+from engine.errors import RpcError
+from engine.transport import Transport, service_of
 from engine.cluster.launcher import STOP_GRACE_S
 from engine.cluster.state import PROBE_TIMEOUT_S, ActionError, NotFoundError, PreconditionError
 
 
-class ControlService(pb_grpc.ControlServicer):
-    """gRPC face of ControlPlane (proto/aurora_pb/control.proto)."""
+class ControlService:
+    """The Control service's handlers over ControlPlane (proto/aurora_pb/control.proto)."""
 
     def __init__(self, cp) -> None:
         self.cp = cp   # engine.cluster.control_plane.ControlPlane
@@ -40,7 +39,7 @@ class ControlService(pb_grpc.ControlServicer):
         try:
             message = await self.cp.az_action(request.az, request.action, request.wait_s)
         except ActionError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RpcError("INVALID_ARGUMENT", str(exc))
         state = await self.cp.collect(probes=False)
         return pb.ActionReply(message=message,
                               processes=[s for s in state.processes
@@ -50,7 +49,7 @@ class ControlService(pb_grpc.ControlServicer):
         try:
             message = self.cp.set_network_delay(request.az, request.ms, request.clear, request.node)
         except ActionError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RpcError("INVALID_ARGUMENT", str(exc))
         return pb.NetworkReply(message=message, latency=self.cp.latency_message())
 
     async def _call(self, context, fn, *args):
@@ -61,11 +60,11 @@ class ControlService(pb_grpc.ControlServicer):
                 result = await result
             return result
         except NotFoundError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise RpcError("NOT_FOUND", str(exc))
         except PreconditionError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise RpcError("FAILED_PRECONDITION", str(exc))
         except ActionError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RpcError("INVALID_ARGUMENT", str(exc))
 
     async def Failover(self, request, context):
         return await self._call(context, self.cp.failover, request.target)
@@ -94,31 +93,20 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def Shutdown(self, request, context):
         if self.cp.stopping:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "already shutting down")
+            raise RpcError("FAILED_PRECONDITION", "already shutting down")
         reports = await self.cp.shutdown(request.grace_s or STOP_GRACE_S)
         # Exit only after this reply is on its way.
         asyncio.get_running_loop().call_later(0.3, self.cp.stopped.set)
         return pb.ShutdownReply(reports=reports)
 
 
-class ControlServer:
-    """The started gRPC server of one control plane; ``port`` is the one it bound."""
-
-    def __init__(self, server: grpc.aio.Server, port: int) -> None:
-        self._server = server
-        self.port = port
-
-    async def stop(self, grace_s: float) -> None:
-        await self._server.stop(grace=grace_s)
-
-
-async def start_server(cp, host: str, port: int) -> ControlServer | None:
-    """Serve the Control service of ``cp`` on host:port (0: a port gRPC chooses); None if
-    the address cannot be bound."""
-    server = grpc.aio.server()
-    pb_grpc.add_ControlServicer_to_server(ControlService(cp), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
+async def start_server(cp, host: str, port: int, transport: Transport):
+    """Serve the Control service of ``cp`` on host:port (0: any free port) through
+    ``transport``; the started server (its ``port`` is the one bound), or None if the
+    address cannot be bound."""
+    try:
+        server = await transport.serve(host, port, {service_of(pb, "Control"): ControlService(cp)})
+    except (OSError, RuntimeError):
         return None
-    await server.start()
-    return ControlServer(server, bound)
+    await server.set_serving(True)
+    return server

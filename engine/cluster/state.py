@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 
 from aurora_pb import control_pb2 as pb
 from engine.cluster.launcher import HOST, DataDir, InstanceSpec, Plan, Topology, base_command, write_json_atomic
-from engine.cluster.rpc import ProcessRpc, RpcFailure
+from engine.cluster.rpc import ProcessRpc
+from engine.errors import RpcError
+from engine.transport import Transport
 
 log = logging.getLogger("aurora_lite.control_plane")
 
@@ -92,8 +94,10 @@ class ClusterState:
     """The processes, the topology and the files that publish them (see the module doc)."""
 
     def __init__(self, dd: DataDir, plan: Plan, topology: Topology, *, host: str = HOST,
-                 log_level: str = "INFO", failover_after_s: float = FAILOVER_AFTER_S) -> None:
+                 log_level: str = "INFO", failover_after_s: float = FAILOVER_AFTER_S,
+                 transport: Transport) -> None:
         self.dd = dd
+        self.transport = transport
         self.config = plan.config
         self.topology = topology
         self.host = host
@@ -101,7 +105,7 @@ class ClusterState:
         self.stopping = False
         self.stopped = asyncio.Event()
         self.procs: dict[str, Managed] = {}
-        self.rpc = ProcessRpc()
+        self.rpc = ProcessRpc(transport)
         self.base_argv = base_command() + ["--log-level", log_level]
         self.failover_after_s = failover_after_s
         for spec in topology.instances:
@@ -255,7 +259,7 @@ class ClusterState:
                         state.lag_ms_p99 = float(replica.get("lag_ms_p99", 0.0))
                 except (ValueError, AttributeError, TypeError):
                     pass
-        except RpcFailure as exc:
+        except RpcError as exc:
             state.probe_error = str(exc)
         except Exception as exc:  # a malformed reply must not break status
             state.probe_error = repr(exc)
