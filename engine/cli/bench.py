@@ -1,4 +1,4 @@
-"""`aurora-lite bench write-amplification` and `aurora-lite block-server`.
+"""`aurora-lite bench write-amplification`, `aurora-lite bench load` and `aurora-lite block-server`.
 
 Registered by engine/cli/__init__.py's build_parser (``register(sub)``). Heavy modules (grpc,
 lmdb, the engine) are imported only when a command runs.
@@ -11,7 +11,8 @@ prints the results table ([P17] Table 1 figures beside ours) on stdout, or the w
 result as JSON with --json; a progress bar goes to stderr (rich's live display on a
 terminal, plain lines on a pipe); a PNG chart is written when
 matplotlib (the ``plot`` extra: pip install 'aurora-lite[plot]') is installed.
-Method and counting rules: docs/benchmarks.md.
+Method and counting rules: docs/benchmarks.md. `bench load` (a load generator against a
+running cluster) lives in engine/cli/load.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import argparse
 import logging
 import sys
 import time
+
+from engine.cli import load
 
 DEFAULT_CHART = "write-amplification.png"
 
@@ -156,7 +159,7 @@ def register(sub) -> None:
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.set_defaults(func=cmd_block_server)
 
-    bench = sub.add_parser("bench", help="benchmarks (write-amplification)")
+    bench = sub.add_parser("bench", help="benchmarks (write-amplification, load)")
     bench.set_defaults(func=cmd_bench_help, bench_parser=bench)
     verbs = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     w = verbs.add_parser(
@@ -191,3 +194,4 @@ def register(sub) -> None:
                    "(default: a temporary dir, removed afterwards)")
     w.add_argument("--keep-dir", action="store_true", help="keep the temporary dir")
     w.set_defaults(func=cmd_write_amplification)
+    load.register(verbs)   # bench load (engine/cli/load.py)
