@@ -13,9 +13,7 @@ import pytest
 
 from engine.cluster import launcher
 from engine.cluster.launcher import DataDir
-from tests.test_cli_tour import _MISSING, Cli, up
-
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"not built yet: {', '.join(_MISSING)}")
+from tests.test_cli_tour import Cli, up
 
 CLUSTER_PROCESSES = ["control-plane", "db1", "db2", "sn1", "sn2", "sn3", "sn4", "sn5", "sn6"]
 DURATION_S = 3
