@@ -20,8 +20,9 @@ import json
 import sys
 import time
 
-from engine.cli.cluster import (
-    EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, data_dir_of, guarded, require_cluster)
+from engine.cli.common import (
+    EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, data_dir_arg, data_dir_of, guarded,
+    require_cluster)
 from engine.cluster.launcher import cluster_pids, pid_belongs
 
 INIT_CLIENT_TIMEOUT_S = 60.0
@@ -111,7 +112,6 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def register(verbs) -> None:
     """Add `load` to the `aurora-lite bench` verbs."""
-    from engine.cluster.launcher import DEFAULT_DATA_DIR
 
     p = verbs.add_parser(
         "load", help="load generator (pgbench-like) against the running cluster",
@@ -119,8 +119,7 @@ def register(verbs) -> None:
                     "(in several worker processes) and print transactions/s, latency "
                     "percentiles, aborts and CPU per committed transaction of every process. "
                     "First load a table with --init --rows N. See docs/cli.md.")
-    p.add_argument("--data-dir", default=None,
-                   help=f"the cluster's data dir (default: $AURORA_LITE_DATA_DIR or ./{DEFAULT_DATA_DIR})")
+    data_dir_arg(p)
     p.add_argument("--init", action="store_true", help="load the table (with --rows N) and exit")
     p.add_argument("--rows", type=int, default=None,
                    help="rows to load with --init; on a run, use only ids 1..N of the loaded rows")
