@@ -22,7 +22,7 @@ test_clone_creation  CLONE_ROUNDS clones of each volume, alternating small and b
     bytes (must not change), and the bytes the six node processes wrote to disk
     (/proc/PID/io write_bytes; includes background work, so it is only an upper bound).
     One clone of each size is then opened by a writer and a sample of keys read back.
-    Goal (DESIGN.md 5): creation time of big within 1.5x of small; zero pages copied.
+    Goal (docs/clones.md): creation time of big within 1.5x of small; zero pages copied.
 
 test_backtrack_time  on ``big``: BACKTRACK_ROUNDS rounds, each rewinding the last N
     transactions for every N in BACKTRACK_TXNS (Backtrack to_lsn = the commit N from the

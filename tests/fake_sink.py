@@ -9,7 +9,7 @@ It plays the storage driver plus six storage nodes, without quorums or gRPC:
   delay plus a seeded random jitter (so acks arrive out of order), ``None`` only when the
   test calls ``ack`` / ``ack_upto`` / ``ack_all`` (to hold VDL back on purpose).
 * VCL = highest LSN with every submitted record at or below it acked; VDL = highest CPL
-  <= VCL (invariant 5, DESIGN.md section 2). ``vdl_history`` keeps every VDL it reached.
+  <= VCL (invariant 5, docs/glossary.md). ``vdl_history`` keeps every VDL it reached.
 * ``read_page(page_id, read_point)`` rebuilds the page by applying the stored records with
   engine.format.materialise_py, the reference materialiser, up to the read point (None if the
   page has no record there), caching the newest version per page like a segment does.

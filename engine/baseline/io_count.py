@@ -1,7 +1,7 @@
 """Counting rules of the write-amplification benchmark: pure functions, no I/O.
 
 [P17 3.2, Table 1] compares network I/Os per transaction of Aurora (0.95) and of mirrored
-MySQL (7.4). DESIGN.md section 7 fixes the unit: write I/Os are counted in 4 KiB units,
+MySQL (7.4). [P17] fixes the unit: write I/Os are counted in 4 KiB units,
 small records batched together. Everything that counts I/Os in aurora-lite (the benchmark
 runner, the baseline's block chain, the block servers) uses these functions, so the rules
 live in one place and tests/test_write_amplification.py checks them by hand.

@@ -2,7 +2,7 @@
 
 ``aurora-lite bench write-amplification`` (engine/cli/bench.py) and
 bench/bench_write_amplification.py call ``run_bench``. The experiment is [P17 3.2,
-Table 1] on one machine (DESIGN.md section 6; method and results in docs/benchmarks.md)::
+Table 1] on one machine (method and results in docs/benchmarks.md)::
 
     this process: ONE asyncio loop, the engine (engine.db.database.Database) and C coroutine
                   clients running engine/baseline/workload.py (SysBench oltp_write_only-like)

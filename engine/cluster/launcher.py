@@ -22,7 +22,7 @@ Data dir layout (default ``./.aurora-lite``; ``--data-dir`` or $AURORA_LITE_DATA
       logs/NAME.log    stdout + stderr of each process (control.log, sn1.log, db1.log, ...)
 
 Processes are always fresh subprocesses (``python -m engine.cli ...``), never a fork of a
-process that runs gRPC (DESIGN.md section 4). Every process of a cluster has the data dir
+process that runs gRPC (docs/decisions.md, design choice D6). Every process of a cluster has the data dir
 in its command line, which is how a pid read from control.json is told apart from an
 unrelated process that reused the pid.
 

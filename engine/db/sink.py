@@ -5,7 +5,7 @@ made to a ``RedoSink``; only waiting on storage is async. engine/writer/storage_
 real sink (six storage nodes over gRPC); tests may use an in-memory one.
 
 LSNs are record sequence numbers: every record gets the next integer. ``LsnAllocator``
-stamps the three backlinks of DESIGN.md section 2 (previous LSN in the volume, in the
+stamps the three backlinks of docs/glossary.md (previous LSN in the volume, in the
 record's PG, and for its page; the page backlink is the page's own page_lsn).
 """
 

@@ -12,7 +12,7 @@ serving; `aurora-lite writer --cluster FILE` and the tests read it. Example::
                   "extra_node_ms": {"sn3": 50}}
     }
 
-Latency model (DESIGN.md section 4): a one-way delay between AZs and between an instance
+Latency model (docs/decisions.md, design choice D5): a one-way delay between AZs and between an instance
 and each AZ. ``intra_az_ms`` applies within an AZ, ``cross_az_ms`` across AZs, and
 ``extra_az_ms`` adds a per-AZ delay on every link into that AZ (`aurora-lite net delay`).
 ``extra_node_ms`` adds a per-node delay on every link into that one storage node (and on

@@ -1,6 +1,6 @@
 """The page format: fixed-size slotted pages for B+tree leaves, internal nodes and the meta page.
 
-Pages are PAGE_SIZE = 8192 bytes (8 KiB, as DESIGN.md suggests: big enough for a useful
+Pages are PAGE_SIZE = 8192 bytes (8 KiB: big enough for a useful
 fan-out, small enough that the materialiser's copy-on-apply stays cheap). Pages are never
 written by the writer (invariant 1): storage builds them by applying redo records, and the
 writer's buffer pool changes its cached copies with the very same apply code.

@@ -11,7 +11,7 @@ B+tree split) usually spans several PGs. Each PG is stored as V = 6 segments, on
 storage node, two per availability zone. Tests use small stripes so that many PGs and
 cross-PG MTRs occur.
 
-Quorum arithmetic (DESIGN.md section 3): a write is durable at Vw = 4 of V = 6 segments;
+Quorum arithmetic (ARCHITECTURE.md, Invariants): a write is durable at Vw = 4 of V = 6 segments;
 Vr = 3 are enough to read and to recover. Vr + Vw > V makes every read quorum overlap every
 write quorum; 2 * Vw > V makes two write quorums overlap, so two writers cannot both win.
 """

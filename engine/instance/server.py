@@ -5,7 +5,7 @@ writer; `aurora-lite replica --writer ADDRESS ...` starts a read replica of it (
 engine/instance/replica.py); a replica can be promoted (InstanceAdmin.Promote, failover). One
 asyncio event loop that holds the whole engine: the storage driver, the
 buffer pool, the B+tree tables and the transactions. Page changes are synchronous code;
-only waiting on storage is async (DESIGN.md section 4).
+only waiting on storage is async (docs/decisions.md, design choice D4).
 
 Startup: connect to the six storage nodes, run recovery (invariant 10, engine/writer/recovery.py)
 until it succeeds (retrying while fewer than a quorum of nodes answer), bootstrap the

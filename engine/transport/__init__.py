@@ -34,7 +34,7 @@ must keep every line):
   6. Faults: when the fault file is active (engine/hooks.py), calls obey its rules on the
      caller's side (partition, drop, delay, duplicate, reorder); see docs/reliability.md.
   7. A request may be passed to a unary call already serialised (``bytes``): one Append
-     batch is serialised once for six nodes (DESIGN: one serialisation per batch).
+     batch is serialised once for six nodes (docs/decisions.md, design choice D2).
 
 No grpc, no asyncio at import: engine/writer, storage_node and the simulator import this.
 """

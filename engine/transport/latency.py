@@ -1,6 +1,6 @@
 """Simulated AZ latency: the one-way delay of each link, from the cluster's latency model.
 
-DESIGN section 4: simulated AZs are real failure domains with real latency. cluster.json's
+docs/decisions.md, design choice D5: simulated AZs are real failure domains with real latency. cluster.json's
 ``latency`` object (format and model in engine/format/cluster_config.py, ``Latency``) gives
 a delay within an AZ, across AZs, per AZ and per slowed node. A transport built with an
 ``AzLatency`` sleeps ``one_way_s(address)`` before each unary request and again before its

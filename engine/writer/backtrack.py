@@ -1,4 +1,4 @@
-"""Time travel on versioned storage: as-of reads, backtrack and fast clones (DESIGN.md 5).
+"""Time travel on versioned storage: as-of reads, backtrack and fast clones (docs/clones.md).
 
 Storage never overwrites: a page as of any LSN at or above the GC horizon can be built from
 its versions and records (invariant 12 keeps them). This module is the writer's side of

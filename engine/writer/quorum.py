@@ -4,7 +4,7 @@ Like etcd's raft core, this is a plain state machine: the storage driver feeds i
 records it sent and the acks it got, and asks it questions. It can be tested exhaustively
 and handed to students as a lab (tests/test_quorum.py).
 
-Definitions (DESIGN.md section 2, [P17] 4.1, [P18] 2.3)::
+Definitions (docs/glossary.md, [P17] 4.1, [P18] 2.3)::
 
     SCL(node, pg)  reported by a node in every ack: highest LSN up to which its segment of
                    pg holds every record of pg (invariant 4).

@@ -30,7 +30,7 @@ second one is asked too, and the first good answer wins.
 
 Every call goes through the transport seam (engine/transport): the driver holds one channel
 per node and never sees a grpc object. The transport adds the simulated AZ latency of each
-link (DESIGN.md section 4, engine/transport/latency.py) and injected faults; ``status()``
+link (docs/decisions.md D5, engine/transport/latency.py) and injected faults; ``status()``
 shows per node the one-way delay now (``link_delay_ms``), the measured round trip
 (``latency_ms``, delays included: reads prefer the nearest segment, invariant 8) and the
 round trip of its Append acks (``ack_ms``).
