@@ -35,6 +35,7 @@ from engine.format import page as pagefmt
 from engine.format import redo
 from engine.format.redo import RecordType as RT
 from engine.format.volume import VolumeLayout
+from engine.transport import grpc_transport
 
 #: Small stripes so that many PGs occur with few pages.
 TEST_LAYOUT = VolumeLayout(pg_count=4, stripe_pages=4)
@@ -185,14 +186,10 @@ def append_request(chain: ChainBuilder, recs: list[Rec], epoch: int | None = Non
         batches=[pb.PgBatch(pg=pg, records=buf) for pg, buf in sorted(batches.items())])
 
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    # Tests kill and restart nodes: reconnect within a fraction of a second.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
+# The raw gRPC client of these tests uses the transport's own limits, and reconnects to a
+# killed and restarted node within a fraction of a second.
+CHANNEL_OPTIONS = [opt for opt in grpc_transport.CHANNEL_OPTIONS
+                   if opt[0] != "grpc.max_reconnect_backoff_ms"] + [("grpc.max_reconnect_backoff_ms", 500)]
 
 
 class StorageClient:
