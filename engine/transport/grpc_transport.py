@@ -35,13 +35,20 @@ log = logging.getLogger(__name__)
 #: 4 MiB; page fetches and hydration replies are the large ones).
 MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 
+#: How long one connection attempt may take before gRPC gives it up (gRPC core takes it from
+#: ``grpc.min_reconnect_backoff_ms``). A refused connection fails at once whatever this is;
+#: it bounds only a handshake that is slow, e.g. a control plane busy starting six nodes
+#: on two cores. At 100 ms such handshakes failed and callers saw UNAVAILABLE from a
+#: healthy process; gRPC's default (20 s) would hide a paused process for too long.
+CONNECT_TIMEOUT_MIN_MS = 2000
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
     ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
     # Reconnect to a restarted process quickly (gRPC's defaults back off up to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MIN_MS),
 ]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
