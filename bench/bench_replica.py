@@ -228,7 +228,7 @@ class Probe(threading.Thread):
         while not self.stop.is_set():
             t0 = time.perf_counter()
             try:
-                reply = stub.Get(request, timeout=5)
+                reply = stub.Get(request, timeout_s=5)
             except Exception as exc:  # noqa: BLE001 - reported by the test
                 self.errors.append(exc)
                 return
