@@ -147,6 +147,7 @@ def write_chart(sweep: dict, path: str) -> bool:
         else:
             ax.set_title(f"redo log {cfg['redo_log_bytes_used'] / 2**20:.2f} MiB, pool "
                          f"{cfg['buffer_pool_pages']} pages", fontsize=10)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("baseline / aurora-lite I/Os per txn")
         ax.legend(fontsize=8)
