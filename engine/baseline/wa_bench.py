@@ -20,6 +20,10 @@ configuration starts: the two never run at once, not even idle (aurora-lite's st
 nodes keep gossiping, coalescing and scrubbing in the background, on the same two cores).
 The order is ``BenchConfig.configs``; runs alternate it (docs/benchmarks.md).
 
+The baseline's redo log is MySQL's 96 MiB scaled to the phase as [P17]'s 30-minute run
+was to it (``scaled_redo_log_bytes``), so checkpoint flushing writes pages during a short
+phase as it did there; ``BenchConfig.redo_log_bytes`` overrides it.
+
 Slow node: one storage node (sn4, az-b) or one block server (bs4, the standby's mirror,
 az-b) gets ``slow_ms`` of extra one-way delay on every link into it, for writes and reads
 (the sender sleeps it before the request and after the reply, as the AZ delay itself).
@@ -27,7 +31,9 @@ The 4/6 quorum should hide it; the chain cannot, since every write waits for bs4
 
 What is measured per phase (counting rules R1-R7 in engine/baseline/io_count.py):
 
-    compute I/Os/txn   aurora-lite: every Append the instance sends (six per batch).
+    compute I/Os/txn   aurora-lite: every PG batch of every Append the instance sends
+                       (R2; six copies of each), and beside it the old count, each
+                       Append one write (R2-old, ``compute_append_ios_per_txn``).
                        baseline: every write the instance sends to ITS OWN block server
                        (bs1), which is what [P17 Table 1] counts for MySQL ("not counting
                        the chained replication within EBS nor the cross-AZ writes").
