@@ -12,6 +12,8 @@ Settings come from the environment (defaults as the CLI's, shorter duration):
 
     AURORA_WA_ROWS=1000  AURORA_WA_CLIENTS=16  AURORA_WA_DURATION=10
     AURORA_WA_POOL_PAGES=256  AURORA_WA_SLOW_MS=10
+    AURORA_WA_REDO_MB (unset: the baseline's redo log is scaled to the phase, as the CLI's)
+    AURORA_WA_ORDER=aurora-lite,baseline   (one configuration at a time; alternate it)
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import os
 
 from engine.baseline import wa_bench
 
-FIGURES = ("tps", "compute_ios_per_txn", "compute_all_ios_per_txn", "chain_ios_per_txn",
+FIGURES = ("tps", "compute_ios_per_txn", "compute_append_ios_per_txn", "compute_all_ios_per_txn",
+           "chain_ios_per_txn",
            "compute_bytes_per_txn", "chain_bytes_per_txn", "busiest_node_ios_per_txn",
            "lmdb_bytes_per_txn", "read_ios_per_txn", "transactions", "aborts", "errors")
 
@@ -32,7 +35,9 @@ def _config() -> wa_bench.BenchConfig:
         rows=int(env("AURORA_WA_ROWS", "1000")), clients=int(env("AURORA_WA_CLIENTS", "16")),
         duration_s=float(env("AURORA_WA_DURATION", "10")),
         buffer_pool_pages=int(env("AURORA_WA_POOL_PAGES", "256")),
-        slow_ms=float(env("AURORA_WA_SLOW_MS", "10")))
+        slow_ms=float(env("AURORA_WA_SLOW_MS", "10")),
+        redo_log_bytes=int(float(env("AURORA_WA_REDO_MB")) * 2**20) if env("AURORA_WA_REDO_MB") else None,
+        configs=tuple(env("AURORA_WA_ORDER", "aurora-lite,baseline").split(",")))
 
 
 def test_write_amplification(benchmark):

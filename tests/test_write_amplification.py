@@ -41,6 +41,7 @@ from engine.baseline.io_count import (
     Tally,
     append_ios,
     block_request_ios,
+    pg_batch_ios,
     per_txn,
     percentile,
     write_ios,
@@ -76,10 +77,21 @@ def test_write_ios_rounds_up_to_4k_units():
         write_ios(-1)
 
 
-def test_append_is_one_write_but_block_writes_are_separate():
-    """Scenario: R2 boxcars an Append's PG batches into one write; R3 counts each block."""
-    # Three PG batches of 1000 + 2000 + 1500 = 4500 bytes in ONE Append: ceil(4500/4096) = 2.
+def test_each_pg_batch_is_a_write_and_the_old_count_beside_it():
+    """Scenario: R2 counts each PG batch of an Append as its own write (Aurora boxcars per
+    PG, [P17]); R2-old, the figure before issue 16, counted the whole Append as one write;
+    R3 counts each block write."""
+    # Three PG batches of 1000 + 2000 + 1500 bytes in ONE Append: R2 1 + 1 + 1 = 3 I/Os;
+    # R2-old one write of 4500 bytes, ceil(4500/4096) = 2.
+    assert pg_batch_ios([1000, 2000, 1500]) == 3
     assert append_ios([1000, 2000, 1500]) == 2
+    # A big PG batch costs its 4 KiB units: 9000 bytes = 3 I/Os under both rules; a small
+    # second batch then costs R2 one more I/O but R2-old none (9100 bytes is still 3).
+    assert pg_batch_ios([9000]) == append_ios([9000]) == 3
+    assert pg_batch_ios([9000, 100]) == 4 and append_ios([9000, 100]) == 3
+    # One PG batch: the two rules agree (every PG of a 1,000-row run is PG 0).
+    assert pg_batch_ios([213]) == append_ios([213]) == 1
+    assert pg_batch_ios([]) == append_ios([]) == 0
     # The same sizes as three block writes: 1 + 1 + 1 = 3.
     assert block_request_ios([1000, 2000, 1500]) == 3
     # A double-write batch of two 8 KiB pages (16384 B = 4) + two home pages (2 + 2) + a
@@ -101,11 +113,17 @@ def test_ledger_per_destination_totals_and_deltas():
     total = ledger.total()
     # 6 nodes x 2 I/Os + 2 = 14 I/Os; 6 x 5040 + 340 + 740 = 31,320 bytes; 8 requests.
     assert (total.ios, total.bytes, total.requests, total.writes) == (14, 31_320, 8, 8)
+    assert total.append_ios == 14                            # one PG batch: the rules agree
     assert ledger.total(["sn1", "sn2"]).ios == 4
-    assert ledger.read_total() == Tally(1, 1, 2, 8192, 8192)  # an 8 KiB page read = 2 I/Os
+    assert ledger.read_total() == Tally(1, 1, 2, 8192, 8192, 2)  # an 8 KiB page read = 2 I/Os
     delta = ledger.delta(before)
     assert delta.total().ios == 2 and delta.total(["sn1"]).ios == 0
-    assert delta.writes["bs1"] == Tally(2, 2, 2, 1000, 1080)
+    assert delta.writes["bs1"] == Tally(2, 2, 2, 1000, 1080, 2)
+    # An Append with batches of three PGs (1000 + 2000 + 1500 bytes, serialised 4540):
+    # three writes, 3 I/Os by R2, 2 by R2-old.
+    assert ledger.sent_append("sn1", [1000, 2000, 1500], 4540) == 3
+    after = ledger.delta(before).writes["sn1"]
+    assert after == Tally(requests=1, writes=3, ios=3, payload_bytes=4500, bytes=4540, append_ios=2)
 
 
 def test_percentile_is_nearest_rank():
@@ -145,6 +163,48 @@ def test_summarise_divides_by_committed_transactions():
     c = compare([aurora, run_])["healthy"]
     assert (c["ios_ratio"], c["txn_ratio"], c["per_node_ratio"]) == (2.0, 4.0, 4.0)
     assert not c["goal_ios_ratio_met"] and c["goal_tps_ahead"]
+    # The baseline's old and new counts are the same (R3 did not change).
+    assert run_["compute_append_ios_per_txn"] == run_["compute_ios_per_txn"] == 1.0
+    assert run_["chain_append_ios_per_txn"] == 4.0
+
+
+def test_summarise_reports_both_counts_for_multi_pg_appends():
+    """Scenario: 2 commits; each of the six nodes got two Appends, each carrying a batch of
+    PG 0 (3000 bytes) and one of PG 1 (2000 bytes). R2: 2 I/Os per Append, R2-old 2 (5000
+    bytes) too; a third Append to each node of 100 + 100 bytes: R2 2, R2-old 1."""
+    phase = wa_workload.PhaseResult(committed=2, elapsed_s=1.0, commit_latencies_s=[0.001, 0.002])
+    writes = Ledger()
+    names = [f"sn{i}" for i in range(1, 7)]
+    for name in names:
+        writes.sent_append(name, [3000, 2000], 5100)
+        writes.sent_append(name, [3000, 2000], 5100)
+        writes.sent_append(name, [100, 100], 300)
+    nodes = {name: {"az": "az-a", "received_ios": writes.writes[name].ios,
+                    "received_append_ios": writes.writes[name].append_ios,
+                    "received_bytes": writes.writes[name].bytes, "lmdb_bytes_written": 0,
+                    "write_txns": 0} for name in names}
+    run_ = summarise("aurora-lite", "healthy", phase, writes, names, names, nodes)
+    # R2: per node 2 + 2 + 2 = 6, six nodes 36, per txn 18. R2-old: 2 + 2 + 1 = 5 -> 15.
+    assert run_["compute_ios_per_txn"] == 18.0 and run_["compute_append_ios_per_txn"] == 15.0
+    assert run_["chain_ios_per_txn"] == 18.0 and run_["chain_append_ios_per_txn"] == 15.0
+    assert run_["busiest_node_ios_per_txn"] == 3.0 and run_["busiest_node_append_ios_per_txn"] == 2.5
+    assert run_["compute_writes_per_request"] == 2.0    # six PG batches in three Appends
+    base = dict(run_, config="baseline", compute_ios_per_txn=30.0, compute_append_ios_per_txn=30.0)
+    c = compare([run_, base])["healthy"]
+    assert c["ios_ratio"] == 30.0 / 18.0 and c["ios_ratio_append_rule"] == 2.0
+
+
+def test_counting_driver_counts_each_pg_batch_of_an_append():
+    """Scenario: the benchmark's driver wrapper parses a serialised Append once and hands
+    the Ledger one size per PG batch (what R2 counts)."""
+    from aurora_pb import storage_pb2 as spb
+    nodes = [NodeInfo(f"sn{i}", "az-a", f"127.0.0.1:{i}") for i in range(1, 7)]   # never dialled
+    driver = CountingDriver("v", nodes, VolumeLayout(2, 1), epoch=0, lal=10, instance="bench",
+                            ledger=Ledger(), transport=bench_transport())
+    data = spb.AppendRequest(volume="v", batches=[
+        spb.PgBatch(pg=0, records=b"a" * 5000), spb.PgBatch(pg=1, records=b"b" * 300)]).SerializeToString()
+    assert driver._payload(data) == [5000, 300]
+    assert driver._payload(data) is driver._payload(data)    # parsed once, reused per node
     assert counter_delta({"a": {"x": 5, "az": "z"}}, {"a": {"x": 2, "az": "z"}}) == {"a": {"x": 3, "az": "z"}}
 
 
@@ -440,7 +500,7 @@ def test_replay_aurora_lite_counts(storage_nodes):
         assert driver.epoch == 2 and request == 241
         for name in storage_nodes.names():
             assert delta.writes[name] == Tally(requests=3, writes=3, ios=3, payload_bytes=3 * payload,
-                                               bytes=3 * request), name
+                                               bytes=3 * request, append_ios=3), name
             # The node saw the same: 3 Appends, 6 records, 639 record bytes; LMDB bytes at
             # least the records (keys, page versions and background work come on top), in
             # at least one synced transaction (a lagging node group-commits two Appends).
@@ -494,7 +554,8 @@ def test_replay_baseline_counts(block_servers):
         #           1+2+220 = 223 -> request 11 + 223 + 7 = 241
         #   binlog: area 2, offset (slot 2, 3, 4) 2, data 1+2+377 = 380 -> 384, framed
         #           1+2+384 = 387 -> request 11 + 387 + 7 = 405
-        per_commit = Tally(requests=2, writes=2, ios=2, payload_bytes=213 + 377, bytes=241 + 405)
+        per_commit = Tally(requests=2, writes=2, ios=2, payload_bytes=213 + 377, bytes=241 + 405,
+                           append_ios=2)
         three = per_commit + per_commit + per_commit
         assert delta.writes["bs1"] == three and delta.writes["bs3"] == three
         # Headline [P17 rule] 6 I/Os / 3 txns = 2 per transaction; with the standby 4.
@@ -520,7 +581,7 @@ def test_replay_baseline_counts(block_servers):
         #         8202 -> 11 + 8200 + 8202 + 7 = 16420
         #   meta: 2 + 1+2+512 = 517 -> framed 520 -> 11 + 520 + 7 = 538
         flush_tally = Tally(requests=3, writes=4, ios=9, payload_bytes=16384 + 16384 + 512,
-                            bytes=16412 + 16420 + 538)
+                            bytes=16412 + 16420 + 538, append_ios=9)
         assert flush.writes["bs1"] == flush_tally and flush.writes["bs3"] == flush_tally
         assert all(s["write_ios"] == 9 for s in flush_status.values())
         # The page read back from bs1 is the flushed root leaf: one 8 KiB read = 2 I/Os (R6).
@@ -562,9 +623,42 @@ def test_cli_write_amplification_smoke(tmp_path):
             assert len(r["nodes"]) == 6 and len(per_node) == 1
             assert r["compute_ios_per_txn"] == pytest.approx(6 * per_node.pop())
             assert r["chain_ios_per_txn"] == pytest.approx(r["compute_ios_per_txn"])
+            # R2 counts each PG batch, R2-old the Append: never fewer I/Os by R2.
+            assert r["compute_ios_per_txn"] >= r["compute_append_ios_per_txn"] > 0
         else:
-            # The standby gets what bs1 gets, and each mirror what its primary gets.
-            assert r["compute_all_ios_per_txn"] == pytest.approx(2 * r["compute_ios_per_txn"])
-            assert r["chain_ios_per_txn"] == pytest.approx(4 * r["compute_ios_per_txn"])
+            # The standby gets what bs1 gets, and each mirror what its primary gets, but
+            # for the one chained write that may be in flight at each edge of the phase
+            # (with the scaled redo log, page flushes run throughout the phase: a flush
+            # batch can be on bs1 and not yet on bs3 when the phase ends).
+            sent = r["writes"]
+            assert abs(sent["bs1"]["requests"] - sent["bs3"]["requests"]) <= 1, sent
+            received = {name: n["counters"]["write_rpcs"] for name, n in r["nodes"].items()}
+            assert all(abs(received[a] - received[b]) <= 1
+                       for a, b in (("bs1", "bs2"), ("bs3", "bs4"), ("bs1", "bs3"))), received
+            assert r["compute_append_ios_per_txn"] == r["compute_ios_per_txn"]
             assert len(r["nodes"]) == 4
     assert set(results["comparison"]) == {"healthy", "slow"}
+    # One configuration at a time, in the order given: both of aurora-lite's phases end
+    # before the baseline's start (its processes are stopped in between).
+    assert results["order"] == ["aurora-lite", "baseline"]
+    assert [(r["config"], r["variant"]) for r in results["runs"]] == [
+        ("aurora-lite", "healthy"), ("aurora-lite", "slow"), ("baseline", "healthy"), ("baseline", "slow")]
+    assert runs[("aurora-lite", "slow")]["started_at"] < runs[("baseline", "healthy")]["started_at"]
+    # The baseline's redo log is MySQL's 96 MiB scaled to the 1 s phase: 96 MiB / 1800 is
+    # 55,924 bytes, below the 128 KiB floor.
+    assert results["config"]["redo_log_bytes_used"] == 128 << 10
+    assert runs[("baseline", "healthy")]["extra"]["redo_log_bytes"] == 128 << 10
+
+
+def test_redo_log_scales_with_the_phase_as_p17():
+    """Scenario: [P17] ran 30 minutes (780,000 MySQL transactions) through 96 MiB of redo;
+    a phase gets 96 MiB x its share of that run, in 4 KiB steps, between 128 KiB and 96 MiB."""
+    from engine.baseline.wa_bench import BenchConfig, scaled_redo_log_bytes
+    # 20 s: 96 MiB x 20 / 1800 = 1,118,481 bytes -> 273 x 4096 = 1,118,208.
+    assert scaled_redo_log_bytes(20.0, None) == 1_118_208
+    # 78,000 transactions, a tenth of [P17]'s: 9.6 MiB -> 10,066,329 -> 2457 x 4096.
+    assert scaled_redo_log_bytes(None, 78_000) == 2457 * 4096
+    assert scaled_redo_log_bytes(1.0, None) == 128 << 10
+    assert scaled_redo_log_bytes(36_000.0, None) == 96 << 20
+    assert BenchConfig(duration_s=20.0).redo_log_bytes_used == 1_118_208
+    assert BenchConfig(redo_log_bytes=1 << 20).redo_log_bytes_used == 1 << 20

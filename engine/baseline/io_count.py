@@ -2,7 +2,8 @@
 
 [P17 3.2, Table 1] compares network I/Os per transaction of Aurora (0.95) and of mirrored
 MySQL (7.4). [P17] fixes the unit: write I/Os are counted in 4 KiB units,
-small records batched together. Everything that counts I/Os in aurora-lite (the benchmark
+small records batched together, and Aurora batches ("boxcars") per protection group: one
+PG's records go to that PG's six segments. Everything that counts I/Os in aurora-lite (the benchmark
 runner, the baseline's block chain, the block servers) uses these functions, so the rules
 live in one place and tests/test_write_amplification.py checks them by hand.
 
@@ -10,9 +11,15 @@ Counting rules (numbered; docs/benchmarks.md cites them):
 
     (R1) An I/O is up to IO_UNIT_BYTES = 4096 payload bytes of ONE write: a write of n > 0
          bytes costs ceil(n / 4096) I/Os; an empty write costs nothing.
-    (R2) aurora-lite: one Append request to one storage node is one write whose payload is
-         every redo record it carries, all PGs together (Aurora's boxcarring: a batch of
-         small records is one I/O per 4 KiB), so it costs ceil(records bytes / 4096).
+    (R2) aurora-lite: each PG batch (``PgBatch``) of an Append to one storage node is one
+         write, costing ceil(its records' bytes / 4096): Aurora boxcars per PG, and each PG
+         has its own six segments, so one PG's batch to one segment is the unit [P17]
+         counts. An Append that carries batches of several PGs costs the SUM of its
+         batches' I/Os. (It carries several only because every PG of aurora-lite lives on
+         the same six nodes; in Aurora they would be separate requests to different nodes.)
+    (R2-old) The figure before issue 16, kept beside the headline: one Append to one node
+         is one write of all its PG batches together, ceil(sum of their bytes / 4096).
+         It is never larger than R2's count (``Tally.append_ios``).
     (R3) Baseline: every BlockWrite is its own write (a redo-log write, a binlog write, a
          double-write-buffer write, ONE data page at its home location, a metadata write)
          even when one RPC carries several of them; a request costs the sum.
@@ -57,8 +64,13 @@ def write_ios(nbytes: int) -> int:
     return -(-nbytes // IO_UNIT_BYTES)
 
 
+def pg_batch_ios(pg_batch_bytes) -> int:
+    """(R2) I/Os of one aurora-lite Append to one node: each PG batch is a write of its own."""
+    return sum(write_ios(n) for n in pg_batch_bytes)
+
+
 def append_ios(pg_batch_bytes) -> int:
-    """(R2) I/Os of one aurora-lite Append to one node: its PG batches are ONE write."""
+    """(R2-old) I/Os of one aurora-lite Append to one node with its PG batches as ONE write."""
     return write_ios(sum(pg_batch_bytes))
 
 
@@ -72,28 +84,33 @@ class Tally:
     """Writes sent to one destination (or any sum of them)."""
 
     requests: int = 0      # RPCs
-    writes: int = 0        # writes in them (R2: one per Append; R3: one per BlockWrite)
-    ios: int = 0           # 4 KiB units (R1)
+    writes: int = 0        # writes in them (R2: one per PG batch; R3: one per BlockWrite)
+    ios: int = 0           # 4 KiB units (R1), by R2 / R3: the headline's count
     payload_bytes: int = 0  # bytes of the writes' data
     bytes: int = 0         # serialised request bytes (R5)
+    append_ios: int = 0    # the same writes by R2-old (an Append is one write); = ios for R3
 
-    def add(self, ios: int, payload_bytes: int, request_bytes: int, writes: int = 1) -> None:
+    def add(self, ios: int, payload_bytes: int, request_bytes: int, writes: int = 1,
+            append_ios: int | None = None) -> None:
+        append_ios = ios if append_ios is None else append_ios
         assert ios >= 0 and payload_bytes >= 0 and request_bytes >= 0 and writes >= 0
+        assert 0 <= append_ios <= ios
         self.requests += 1
         self.writes += writes
         self.ios += ios
         self.payload_bytes += payload_bytes
         self.bytes += request_bytes
+        self.append_ios += append_ios
 
     def __add__(self, other: "Tally") -> "Tally":
         return Tally(self.requests + other.requests, self.writes + other.writes,
                      self.ios + other.ios, self.payload_bytes + other.payload_bytes,
-                     self.bytes + other.bytes)
+                     self.bytes + other.bytes, self.append_ios + other.append_ios)
 
     def __sub__(self, other: "Tally") -> "Tally":
         return Tally(self.requests - other.requests, self.writes - other.writes,
                      self.ios - other.ios, self.payload_bytes - other.payload_bytes,
-                     self.bytes - other.bytes)
+                     self.bytes - other.bytes, self.append_ios - other.append_ios)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,10 +125,13 @@ class Ledger:
     reads: dict[str, Tally] = field(default_factory=dict)
 
     def sent_append(self, dest: str, pg_batch_bytes, request_bytes: int) -> int:
-        """Record one Append to ``dest`` (R2); returns its I/Os."""
-        payload = sum(pg_batch_bytes)
-        ios = write_ios(payload)
-        self.writes.setdefault(dest, Tally()).add(ios, payload, request_bytes)
+        """Record one Append to ``dest``: its PG batches' sizes, one per batch. Counts R2
+        (each PG batch a write) and, beside it, R2-old (the Append one write); returns
+        the R2 I/Os."""
+        sizes = list(pg_batch_bytes)
+        ios = pg_batch_ios(sizes)
+        self.writes.setdefault(dest, Tally()).add(ios, sum(sizes), request_bytes, len(sizes),
+                                                  append_ios=append_ios(sizes))
         return ios
 
     def sent_blocks(self, dest: str, write_bytes, request_bytes: int) -> int:
@@ -123,7 +143,8 @@ class Ledger:
 
     def read(self, dest: str, reply_bytes: int) -> None:
         """Record one read answered by ``dest`` with ``reply_bytes`` bytes (R6)."""
-        self.reads.setdefault(dest, Tally()).add(write_ios(reply_bytes), reply_bytes, reply_bytes)
+        ios = write_ios(reply_bytes)
+        self.reads.setdefault(dest, Tally()).add(ios, reply_bytes, reply_bytes)
 
     def total(self, dests=None) -> Tally:
         """Sum of the write tallies of ``dests`` (default: every destination)."""

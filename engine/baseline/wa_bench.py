@@ -14,10 +14,15 @@ Table 1] on one machine (method and results in docs/benchmarks.md)::
 The two configurations share everything but the sink: the engine, the buffer pool size,
 the workload, the seed, gRPC, LMDB with sync, and the simulated AZ latency
 (engine/cluster_config.Latency; the instance is in az-a). Each gets its own processes and
-a fresh volume, creates the tables and loads N rows; then the measured phases alternate,
-never two at once (they would share two cores): aurora-lite healthy, baseline healthy,
-aurora-lite slow, baseline slow, all of the same length on the same data, so that a drift
-in the machine's load is shared by both.
+a fresh volume, creates the tables and loads N rows, runs its measured phases (healthy,
+then slow, of the same length) and is shut down, its processes stopped, before the next
+configuration starts: the two never run at once, not even idle (aurora-lite's storage
+nodes keep gossiping, coalescing and scrubbing in the background, on the same two cores).
+The order is ``BenchConfig.configs``; runs alternate it (docs/benchmarks.md).
+
+The baseline's redo log is MySQL's 96 MiB scaled to the phase as [P17]'s 30-minute run
+was to it (``scaled_redo_log_bytes``), so checkpoint flushing writes pages during a short
+phase as it did there; ``BenchConfig.redo_log_bytes`` overrides it.
 
 Slow node: one storage node (sn4, az-b) or one block server (bs4, the standby's mirror,
 az-b) gets ``slow_ms`` of extra one-way delay on every link into it, for writes and reads
@@ -26,7 +31,9 @@ The 4/6 quorum should hide it; the chain cannot, since every write waits for bs4
 
 What is measured per phase (counting rules R1-R7 in engine/baseline/io_count.py):
 
-    compute I/Os/txn   aurora-lite: every Append the instance sends (six per batch).
+    compute I/Os/txn   aurora-lite: every PG batch of every Append the instance sends
+                       (R2; six copies of each), and beside it the old count, each
+                       Append one write (R2-old, ``compute_append_ios_per_txn``).
                        baseline: every write the instance sends to ITS OWN block server
                        (bs1), which is what [P17 Table 1] counts for MySQL ("not counting
                        the chained replication within EBS nor the cross-AZ writes").
@@ -54,7 +61,7 @@ from typing import Callable
 from aurora_pb import block_pb2 as bpb
 from aurora_pb import storage_pb2 as spb
 from engine.baseline import procs as bench_procs, workload as wa_workload
-from engine.baseline.mirrored import BaselineSink, BlockChain, BlockTarget
+from engine.baseline.mirrored import REDO_LOG_BYTES_DEFAULT, BaselineSink, BlockChain, BlockTarget
 from engine.format.cluster_config import DEFAULT_LAL, Latency
 from engine.db.database import Database
 from engine.baseline.io_count import PAPER, Ledger, format_table, per_txn, percentile, ratio
@@ -74,6 +81,28 @@ SLOW_BLOCK_SERVER = "bs4"
 CONFIGS = ("aurora-lite", "baseline")
 Progress = Callable[[str, float, str], None]    # (phase label, fraction done, detail)
 
+#: [P17 Table 1]'s run: SysBench write-only for 30 minutes (780,000 MySQL transactions,
+#: about 433 tx/s) through MySQL's default redo log of 2 x 48 MiB.
+P17_RUN_S = 1800.0
+REDO_LOG_MIN_BYTES = 128 << 10      # floor of the scaled log: a few load transactions
+
+
+def scaled_redo_log_bytes(duration_s: float | None, transactions: int | None) -> int:
+    """The baseline's redo log capacity scaled to one measured phase as [P17]'s mirrored
+    MySQL was to its run: 96 MiB for 30 minutes at 433 tx/s (780,000 transactions), i.e.
+    96 MiB x transactions / 780,000, or, for a phase given by its duration, 96 MiB x
+    duration / 1800 s. A phase then wraps the log as often as [P17]'s run did when it
+    commits at [P17]'s MySQL rate (less often when slower; the report prints the wraps),
+    so checkpoint flushing writes pages several times per phase, as it did there."""
+    if transactions is not None:
+        fraction = transactions / PAPER["mysql_transactions"]
+    elif duration_s is not None:
+        fraction = duration_s / P17_RUN_S
+    else:
+        raise ValueError("give a duration or a transaction count")
+    scaled = int(REDO_LOG_BYTES_DEFAULT * fraction) // 4096 * 4096
+    return max(REDO_LOG_MIN_BYTES, min(REDO_LOG_BYTES_DEFAULT, scaled))
+
 
 @dataclass
 class BenchConfig:
@@ -84,6 +113,7 @@ class BenchConfig:
     duration_s: float | None = 20.0
     transactions: int | None = None         # per phase, instead of (or besides) a duration
     buffer_pool_pages: int = 256            # both configurations (2 MiB of 8 KiB pages)
+    redo_log_bytes: int | None = None       # baseline's redo log; None: scaled_redo_log_bytes
     slow_ms: float = 10.0                   # extra one-way delay into the slow node
     slow_phase: bool = True
     configs: tuple[str, ...] = CONFIGS
@@ -101,9 +131,17 @@ class BenchConfig:
     def latency(self) -> Latency:
         return Latency(self.intra_az_ms, self.cross_az_ms)
 
+    @property
+    def redo_log_bytes_used(self) -> int:
+        """The baseline's redo log capacity: as given, else scaled to the phase."""
+        if self.redo_log_bytes is not None:
+            return self.redo_log_bytes
+        return scaled_redo_log_bytes(self.duration_s, self.transactions)
+
     def to_json(self) -> dict:
         out = asdict(self)
         out["configs"] = list(self.configs)
+        out["redo_log_bytes_used"] = self.redo_log_bytes_used
         return out
 
 
@@ -122,7 +160,7 @@ class CountingDriver(StorageDriver):
         super().__init__(*args, **kwargs)
         self.ledger = ledger
         self.extra_delay_ms: dict[str, float] = {}   # node name -> extra one-way ms
-        self._payload_cache: tuple[bytes | None, int] = (None, 0)
+        self._payload_cache: tuple[bytes | None, list[int]] = (None, [])
 
     async def start(self) -> None:
         await super().start()
@@ -141,11 +179,12 @@ class CountingDriver(StorageDriver):
                                                 + (time.perf_counter() - started) * 1000)
 
     def _payload(self, data: bytes) -> list[int]:
-        cached, size = self._payload_cache
+        """The record bytes of each PG batch of a serialised Append (R2 counts each)."""
+        cached, sizes = self._payload_cache
         if cached is not data:  # the same bytes object goes to all six nodes: parse once
-            size = sum(len(b.records) for b in spb.AppendRequest.FromString(data).batches)
-            self._payload_cache = (data, size)
-        return [size]
+            sizes = [len(b.records) for b in spb.AppendRequest.FromString(data).batches]
+            self._payload_cache = (data, sizes)
+        return sizes
 
     def _counted_append(self, name: str, call):
         async def append(data: bytes, **kwargs):
@@ -248,9 +287,11 @@ def summarise(config: str, variant: str, phase: wa_workload.PhaseResult, writes:
     head = writes.total(headline)
     comp = writes.total(compute)
     chain_ios = sum(v["received_ios"] for v in nodes.values())
+    chain_append_ios = sum(v.get("received_append_ios", v["received_ios"]) for v in nodes.values())
     chain_bytes = sum(v["received_bytes"] for v in nodes.values())
     per_node = {name: {"az": v.get("az", ""),
                        "ios_per_txn": per_txn(v["received_ios"], n),
+                       "append_ios_per_txn": per_txn(v.get("received_append_ios", v["received_ios"]), n),
                        "bytes_per_txn": per_txn(v["received_bytes"], n),
                        "lmdb_bytes_per_txn": per_txn(v["lmdb_bytes_written"], n),
                        "write_txns_per_txn": per_txn(v["write_txns"], n),
@@ -269,6 +310,11 @@ def summarise(config: str, variant: str, phase: wa_workload.PhaseResult, writes:
         "compute_ios_per_txn": per_txn(head.ios, n),
         "compute_all_ios_per_txn": per_txn(comp.ios, n),
         "chain_ios_per_txn": per_txn(chain_ios, n),
+        # The same sends by R2-old (an Append is one write of all its PG batches): the
+        # headline before issue 16. Identical for the baseline (R3 is unchanged).
+        "compute_append_ios_per_txn": per_txn(head.append_ios, n),
+        "chain_append_ios_per_txn": per_txn(chain_append_ios, n),
+        "compute_writes_per_request": per_txn(comp.writes, comp.requests),
         "compute_bytes_per_txn": per_txn(comp.bytes, n),
         "chain_bytes_per_txn": per_txn(chain_bytes, n),
         "compute_requests_per_txn": per_txn(comp.requests, n),
@@ -278,6 +324,7 @@ def summarise(config: str, variant: str, phase: wa_workload.PhaseResult, writes:
                                      (extra or {}).get("page_reads", 0)),
         "busiest_node": busiest,
         "busiest_node_ios_per_txn": per_node[busiest]["ios_per_txn"] if busiest else 0.0,
+        "busiest_node_append_ios_per_txn": per_node[busiest]["append_ios_per_txn"] if busiest else 0.0,
         "lmdb_bytes_per_txn": per_txn(sum(v["lmdb_bytes_written"] for v in nodes.values()), n),
         "gossip_records_per_txn": per_txn(sum(v.get("gossip_records_pulled", 0) for v in nodes.values()), n),
         "nodes": per_node,
@@ -377,6 +424,7 @@ class AuroraConfig:
         for name, c in counters.items():
             sent = delta.writes.get(name)
             c["received_ios"] = sent.ios if sent else 0      # the instance's sends = receipts
+            c["received_append_ios"] = sent.append_ios if sent else 0
             c["received_bytes"] = sent.bytes if sent else 0
         extra = {k: driver.stats[k] - stats_before.get(k, 0) for k in driver.stats}
         extra["buffer_pool"] = _pool_delta(self.db.pool.stats(), pool_before)
@@ -410,7 +458,8 @@ class BaselineConfig:
                         lat.one_way_ms(INSTANCE_AZ, group.az(self.standby))),
             self.ledger, instance="bench", transport=bench_transport())
         self.sink = BaselineSink(self.chain, layout=VolumeLayout(cfg.pg_count, cfg.stripe_pages),
-                                 lal=cfg.lal, binlog_tables={wa_workload.TABLE})
+                                 lal=cfg.lal, binlog_tables={wa_workload.TABLE},
+                                 redo_log_bytes=cfg.redo_log_bytes_used)
         # The slow block server is bs4, the mirror of bs3: bs3 sends it every write.
         self.slow_sender = next(n for n, _, mirror in bench_procs.BLOCK_SERVERS
                                 if mirror == SLOW_BLOCK_SERVER)
@@ -464,6 +513,9 @@ class BaselineConfig:
         status_after = sink.status()
         extra = {k: sink.stats[k] - stats_before.get(k, 0) for k in sink.stats}
         extra["ios_per_txn_by_kind"] = {k: per_txn(t.ios, phase.committed) for k, t in kinds.writes.items()}
+        extra["redo_log_bytes"] = sink.redo_log_bytes
+        extra["data_pages"] = len(sink.pages)
+        extra["redo_log_wraps"] = extra.get("redo_bytes", 0) / sink.redo_log_bytes
         extra["buffer_pool"] = _pool_delta(self.db.pool.stats(), pool_before)
         extra["database"] = {k: v - db_before.get(k, 0) for k, v in self.db.counters.items()}
         # Flushing owed at the edges of the phase: pages evicted while dirty and not yet
@@ -483,59 +535,67 @@ class BaselineConfig:
 async def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
     """Run every configuration of ``cfg`` over fresh real processes; return the results.
 
-    Both configurations are set up (processes started, tables loaded) first; then the
-    measured phases alternate: aurora-lite healthy, baseline healthy, aurora-lite slow,
-    baseline slow, so that a drift in the machine's load (other processes) does not
-    land on one configuration only. A configuration that is not being measured is idle.
+    One configuration at a time, in the order of ``cfg.configs``: start its processes,
+    create and load the tables, measure its phases (healthy, then slow), close it and
+    STOP its processes; only then start the next. So while one configuration is measured
+    the other's processes are not running (aurora-lite's storage nodes would otherwise
+    gossip, coalesce, collect garbage and scrub on the same cores). Alternate the order
+    across runs (``configs=("baseline", "aurora-lite")``) so that neither always goes
+    first; docs/benchmarks.md does.
     """
     for name in cfg.configs:
         if name not in CONFIGS:
             raise ValueError(f"unknown configuration {name!r}; choose from {CONFIGS}")
+    if len(set(cfg.configs)) != len(cfg.configs):
+        raise ValueError(f"a configuration is named twice in {cfg.configs}")
     if cfg.duration_s is None and cfg.transactions is None:
         raise ValueError("give a duration or a transaction count")
     base = Path(cfg.base_dir) if cfg.base_dir else Path(tempfile.mkdtemp(prefix="aurora-lite-wa-"))
     base.mkdir(parents=True, exist_ok=True)
     started = time.time()
     runs: list[dict] = []
-    groups = []
-    configs = []
     ok = False
     try:
-        for name in CONFIGS:
-            if name not in cfg.configs:
-                continue
-            if progress:
-                progress(f"{name}: start", 0.0, "starting processes")
-            if name == "aurora-lite":
-                group = await asyncio.to_thread(bench_procs.start_storage_nodes, base / name,
-                                                log_level=cfg.process_log_level)
-                groups.append(group)
-                configs.append(AuroraConfig(cfg, group))
-            else:
-                group = await asyncio.to_thread(bench_procs.start_block_servers, base / name,
-                                                cfg.latency, log_level=cfg.process_log_level)
-                groups.append(group)
-                configs.append(BaselineConfig(cfg, group))
-            await configs[-1].setup(progress)
-        for variant in ("healthy", "slow") if cfg.slow_phase else ("healthy",):
-            for config in configs:
-                runs.append(await config.measure(variant, progress))
+        for name in cfg.configs:
+            runs.extend(await _run_config(cfg, name, base, progress))
         ok = True
     finally:
-        for config in configs:
-            try:
-                await config.close()
-            except Exception as exc:  # closing must not hide the real failure
-                log.warning("closing %s failed: %r", config.name, exc)
-        for group in groups:
-            await asyncio.to_thread(group.stop_all)
         if ok and not cfg.keep_dir and not cfg.base_dir:
             shutil.rmtree(base, ignore_errors=True)
         elif not ok:
             log.error("benchmark failed; process logs kept in %s", base)
     return {"config": cfg.to_json(), "started": started, "seconds": time.time() - started,
             "base_dir": str(base) if (cfg.keep_dir or cfg.base_dir) else None,
-            "runs": runs, "comparison": compare(runs), "paper": PAPER}
+            "order": list(cfg.configs), "runs": runs, "comparison": compare(runs), "paper": PAPER}
+
+
+async def _run_config(cfg: BenchConfig, name: str, base: Path, progress: Progress | None) -> list[dict]:
+    """One configuration from start to stop: processes, load, every phase, shutdown."""
+    if progress:
+        progress(f"{name}: start", 0.0, "starting processes")
+    if name == "aurora-lite":
+        group = await asyncio.to_thread(bench_procs.start_storage_nodes, base / name,
+                                        log_level=cfg.process_log_level)
+    else:
+        group = await asyncio.to_thread(bench_procs.start_block_servers, base / name,
+                                        cfg.latency, log_level=cfg.process_log_level)
+    config = None
+    try:
+        config = AuroraConfig(cfg, group) if name == "aurora-lite" else BaselineConfig(cfg, group)
+        await config.setup(progress)
+        runs = []
+        for variant in ("healthy", "slow") if cfg.slow_phase else ("healthy",):
+            run = await config.measure(variant, progress)
+            run["started_at"] = time.time() - run["elapsed_s"]
+            runs.append(run)
+        return runs
+    finally:
+        if config is not None:
+            try:
+                await config.close()
+            except Exception as exc:  # closing must not hide the real failure
+                log.warning("closing %s failed: %r", name, exc)
+        await asyncio.to_thread(group.stop_all)
 
 
 # --- Comparison, table, chart -----------------------------------------------------------------
@@ -554,6 +614,7 @@ def compare(runs: list[dict]) -> dict:
             continue
         out[variant] = {
             "ios_ratio": ratio(b["compute_ios_per_txn"], a["compute_ios_per_txn"]),
+            "ios_ratio_append_rule": ratio(b["compute_append_ios_per_txn"], a["compute_append_ios_per_txn"]),
             "ios_ratio_with_standby": ratio(b["compute_all_ios_per_txn"], a["compute_all_ios_per_txn"]),
             "ios_ratio_whole_path": ratio(b["chain_ios_per_txn"], a["chain_ios_per_txn"]),
             "txn_ratio": ratio(a["tps"], b["tps"]),
@@ -583,7 +644,9 @@ def render(results: dict) -> str:
         + (f"transactions={cfg['transactions']} " if cfg.get("transactions") else "")
         + f"buffer pool={cfg['buffer_pool_pages']} pages (8 KiB) "
         f"latency one-way intra-AZ {cfg['intra_az_ms']:g} ms, cross-AZ {cfg['cross_az_ms']:g} ms; "
-        f"I/O = 4 KiB of one write (engine/baseline/io_count.py R1-R7)",
+        f"baseline redo log {cfg.get('redo_log_bytes_used', 0) / 2**20:.2f} MiB; "
+        f"I/O = 4 KiB of one write, a write = one PG batch to one segment "
+        f"(engine/baseline/io_count.py R1-R7)",
         "",
     ]
     paper_tps_aurora = paper["aurora_transactions"] / 1800
@@ -618,6 +681,9 @@ def render(results: dict) -> str:
             ["I/Os per txn from the instance [P17 rule]", val(a, "compute_ios_per_txn"),
              val(b, "compute_ios_per_txn"), _x(cmp_.get("ios_ratio")),
              paper["aurora_ios_per_txn"], paper["mysql_ios_per_txn"], _x(paper["ios_ratio"])],
+            ["  old count: an Append = one write (R2-old)", val(a, "compute_append_ios_per_txn"),
+             val(b, "compute_append_ios_per_txn"), _x(cmp_.get("ios_ratio_append_rule")),
+             None, None, ""],
             ["  + shipping to the standby", val(a, "compute_all_ios_per_txn"),
              val(b, "compute_all_ios_per_txn"), _x(cmp_.get("ios_ratio_with_standby")), None, None, ""],
             ["  whole storage path (incl. mirrors)", val(a, "chain_ios_per_txn"),
@@ -666,7 +732,8 @@ def render(results: dict) -> str:
                          f"pages flushed {run['extra'].get('pages_flushed', 0)} "
                          f"(LRU {run['extra'].get('lru_pages_flushed', 0)}, checkpoint "
                          f"{run['extra'].get('checkpoint_pages_flushed', 0)}), "
-                         f"log groups {run['extra'].get('groups', 0)}, evicted pages awaiting "
+                         f"log groups {run['extra'].get('groups', 0)}, redo written "
+                         f"{run['extra'].get('redo_log_wraps', 0):.1f}x the redo log, evicted pages awaiting "
                          f"their write at start/end {run['extra'].get('evicted_dirty_at_start', 0)}/"
                          f"{run['extra'].get('evicted_dirty_at_end', 0)}")
         else:
@@ -675,7 +742,9 @@ def render(results: dict) -> str:
             lines.append(f"aurora-lite {run['variant']}: batches {e.get('batches', 0)} "
                          f"({per_txn(e.get('records', 0), e.get('batches', 0)):.1f} records, "
                          f"{per_txn(run['transactions'], e.get('batches', 0)):.1f} txns each), "
-                         f"append RPCs {e.get('append_rpcs', 0)}, retries {e.get('retries', 0)}, "
+                         f"append RPCs {e.get('append_rpcs', 0)} "
+                         f"({run.get('compute_writes_per_request', 0):.2f} PG batches each), "
+                         f"retries {e.get('retries', 0)}, "
                          f"records pulled by gossip {gossip}, hedged reads {e.get('hedged_reads', 0)}")
     for variant, c in results["comparison"].items():
         lines.append(f"{variant}: baseline/aurora-lite I/Os per txn = {_x(c['ios_ratio'])} "

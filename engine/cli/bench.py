@@ -4,8 +4,9 @@ Registered by engine/cli/__init__.py's build_parser (``register(sub)``). Heavy m
 lmdb, the engine) are imported only when a command runs.
 
     aurora-lite bench write-amplification [--rows N] [--clients C] [--duration S]
-        [--transactions T] [--buffer-pool-pages P] [--slow-ms MS] [--no-slow]
-        [--configs aurora-lite,baseline] [--json] [--chart PATH | --no-chart] [--keep-dir]
+        [--transactions T] [--buffer-pool-pages P] [--redo-log-mb MB] [--slow-ms MS]
+        [--no-slow] [--configs aurora-lite,baseline] [--json] [--chart PATH | --no-chart]
+        [--keep-dir]
 
 prints the results table ([P17] Table 1 figures beside ours) on stdout, or the whole
 result as JSON with --json; a progress bar goes to stderr (rich's live display on a
@@ -25,6 +26,7 @@ import time
 from engine.cli import load
 
 DEFAULT_CHART = "write-amplification.png"
+DEFAULT_SENSITIVITY_CHART = "write-amplification-sensitivity.png"
 
 
 class ProgressBar:
@@ -107,12 +109,15 @@ def cmd_write_amplification(args: argparse.Namespace) -> int:
     cfg = wa_bench.BenchConfig(
         rows=args.rows, clients=args.clients, duration_s=args.duration,
         transactions=args.transactions, buffer_pool_pages=args.buffer_pool_pages,
+        redo_log_bytes=None if args.redo_log_mb is None else int(args.redo_log_mb * 2**20),
         slow_ms=args.slow_ms, slow_phase=not args.no_slow, configs=configs, seed=args.seed,
         intra_az_ms=args.intra_az_ms, cross_az_ms=args.cross_az_ms,
         base_dir=args.base_dir, keep_dir=args.keep_dir)
     if args.log_level.upper() == "INFO":
         # The engine's INFO lines (recovery, volume creation) would break the progress bar.
         logging.getLogger().setLevel(logging.WARNING)
+    if args.sensitivity:
+        return _sensitivity(args, cfg)
     bar = None if args.no_progress else ProgressBar()
     try:
         results = asyncio.run(wa_bench.run_bench(cfg, bar))
@@ -137,6 +142,45 @@ def cmd_write_amplification(args: argparse.Namespace) -> int:
         print(wa_bench.dumps(results))
     else:
         print(wa_bench.render(results))
+        if chart:
+            print(f"\nchart: {chart}")
+    return 0
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _sensitivity(args: argparse.Namespace, cfg) -> int:
+    """`--sensitivity`: the I/O ratio against redo capacity and data size / pool
+    (engine/baseline/wa_sweep.py): a table, and a PNG chart when matplotlib is there."""
+    import asyncio
+
+    from engine.baseline import wa_bench, wa_sweep
+
+    bar = None if args.no_progress else ProgressBar()
+    try:
+        sweep = asyncio.run(wa_sweep.run_sweep(
+            cfg, redo_mib=_floats(args.sweep_redo_mb),
+            rows=tuple(int(x) for x in _floats(args.sweep_rows)), progress=bar))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if bar:
+            bar.close()
+    chart = None
+    if not args.no_chart:
+        path = args.chart or DEFAULT_SENSITIVITY_CHART
+        if wa_sweep.write_chart(sweep, path):
+            chart = sweep["chart"] = path
+        elif args.chart:
+            print("no chart: matplotlib is not installed (pip install 'aurora-lite[plot]')",
+                  file=sys.stderr)
+    if args.json:
+        print(wa_bench.dumps(sweep))
+    else:
+        print(wa_sweep.render(sweep))
         if chart:
             print(f"\nchart: {chart}")
     return 0
@@ -178,11 +222,16 @@ def register(sub) -> None:
                    help="committed transactions per measured phase (instead of a duration)")
     w.add_argument("--buffer-pool-pages", type=int, default=256,
                    help="buffer pool of both configurations, 8 KiB pages (default 256)")
+    w.add_argument("--redo-log-mb", type=float, default=None,
+                   help="the baseline's redo log capacity in MiB (default: MySQL's 96 MiB "
+                        "scaled to the phase as [P17]'s 30-minute run: 96 x duration / 1800 s)")
     w.add_argument("--slow-ms", type=float, default=10.0,
                    help="extra one-way delay into the slow node (default 10 ms)")
     w.add_argument("--no-slow", action="store_true", help="skip the slow-node phase")
     w.add_argument("--configs", default="aurora-lite,baseline",
-                   help="which configurations to run (default both)")
+                   help="which configurations to run, in this order, one at a time with the "
+                        "other's processes stopped (default aurora-lite,baseline; alternate "
+                        "the order across runs)")
     w.add_argument("--intra-az-ms", type=float, default=0.25, help="one-way delay inside an AZ")
     w.add_argument("--cross-az-ms", type=float, default=1.0, help="one-way delay between AZs")
     w.add_argument("--seed", type=int, default=1)
@@ -193,5 +242,13 @@ def register(sub) -> None:
     w.add_argument("--base-dir", default=None, help="where the processes' data and logs go "
                    "(default: a temporary dir, removed afterwards)")
     w.add_argument("--keep-dir", action="store_true", help="keep the temporary dir")
+    w.add_argument("--sensitivity", action="store_true",
+                   help="instead: the I/O ratio against the baseline's redo log capacity and "
+                        "against data size / buffer pool, one healthy phase per point "
+                        f"(table, and a chart, default ./{DEFAULT_SENSITIVITY_CHART})")
+    w.add_argument("--sweep-redo-mb", default="0.25,0.5,1,4,16,96",
+                   help="redo log capacities of --sensitivity, MiB (at --rows)")
+    w.add_argument("--sweep-rows", default="1000,5000,10000,20000",
+                   help="row counts of --sensitivity (at the scaled or given redo log)")
     w.set_defaults(func=cmd_write_amplification)
     load.register(verbs)   # bench load (engine/cli/load.py)
