@@ -177,8 +177,10 @@ class Transaction:
     def _buffer(self, table: str, key: bytes, value: bytes | None) -> None:
         self._check_active()
         self._db._check_writable()
-        self._db._root(table)  # TableNotFound early; commit checks again
-        writes = self._writes.setdefault(table, {})
+        writes = self._writes.get(table)
+        if writes is None:
+            self._db._root(table)  # TableNotFound early (once per table); commit checks again
+            writes = self._writes[table] = {}
         if key not in writes:
             if self._n_writes >= TXN_WRITES_MAX:
                 raise TooLargeError(f"transaction writes more than TXN_WRITES_MAX = {TXN_WRITES_MAX} keys")
@@ -321,6 +323,10 @@ class Database:
     def tables(self) -> list[str]:
         """Names of every table, in catalog (byte) order."""
         return btree.table_names(self._meta())
+
+    def has_table(self, name: str) -> bool:
+        """Whether table ``name`` exists (one catalog search, not a list of every table)."""
+        return btree.catalog_root(self._meta(), btree.table_key(name)) is not None
 
     async def create_table(self, name: str, timeout_s: float | None = None) -> int:
         """Create an empty table (its own committed MTR); returns the commit LSN.

@@ -156,7 +156,9 @@ class DatabaseService:
 
     async def ensure_tables(self, tables) -> None:
         """A write to a table that does not exist creates it (database.proto)."""
-        for table in sorted(set(tables) - set(self.db.tables())):
+        db = self.db
+        missing = [table for table in tables if not db.has_table(table)]
+        for table in sorted(set(missing)):
             try:
                 await self.db.create_table(table)
             except errors.TableExistsError:
