@@ -37,10 +37,23 @@ When is a failed write retried? Only when the client KNOWS nothing was written
       the writer (the old one is paused or cut off; checked every WATCH_INTERVAL_S)
 
 so a commit whose outcome is unknown is never reported as done, nor silently sent twice.
-Reads are retried on any unavailability (they change nothing). A transaction lives on the
-instance where it began: it is never moved; if that instance fails, commit raises
-UnavailableError (nothing committed) or CommitOutcomeUnknown, and the caller runs the
-transaction again (``begin`` re-resolves).
+Reads are retried on any unavailability (they change nothing).
+
+Transactions buffer their writes in the client. ``put`` and ``delete`` send nothing; the
+commit carries every buffered write in ONE call (CommitRequest.ops), so a transaction that
+only writes costs one RPC. A read inside the transaction answers a key it wrote from the
+buffer (a buffered delete: KeyNotFound) and merges the buffer over the server's scan; the
+first read sends Begin, so that first-committer-wins counts from before it (a key this
+transaction writes that another one committed after that -> ConflictError at commit). A
+transaction that reads nothing begins on the instance at its commit (docs/decisions.md
+11). Size limits (KEY_MAX, VALUE_MAX, TXN_WRITES_MAX) are checked at ``put``, as before.
+
+A transaction lives on the instance where it began: once it has read, it is never moved;
+if that instance fails, commit raises UnavailableError (nothing committed) or
+CommitOutcomeUnknown, and the caller runs the transaction again (``begin`` re-resolves). A
+transaction of a ClusterClient that read nothing has begun nowhere: its commit is a write
+like ``put``, sent where the endpoint leads and retried on a new writer only when nothing
+was done (the table above).
 """
 
 from __future__ import annotations
@@ -52,6 +65,8 @@ import time
 
 from aurora_pb import database_pb2 as pb
 from engine import errors
+from engine.db.btree import check_key, check_value, table_key
+from engine.db.database import SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX, TXN_WRITES_MAX
 from engine.errors import METADATA_NOTHING_DONE, ErrorCode, RpcError
 from engine.transport import Transport, service_of
 
@@ -189,7 +204,9 @@ class Client:
     # --- Transactions -----------------------------------------------------------------
 
     def begin(self) -> "Transaction":
-        return Transaction(self, self._call(self._stub.Begin, pb.BeginRequest()).txn_id)
+        """A transaction on this instance. Sends nothing: Begin goes with its first read,
+        its writes with its commit (module doc)."""
+        return Transaction(self)
 
     def transaction(self) -> "Transaction":
         """A transaction usable as a context manager (commit on success, abort on error)."""
@@ -197,46 +214,140 @@ class Client:
 
 
 class Transaction:
-    """Reads see the transaction's own writes; writes become visible at commit."""
+    """Writes are buffered here and sent with the commit (one RPC); reads see the
+    transaction's own writes (from the buffer) merged over the instance's committed state.
 
-    def __init__(self, client: Client, txn_id: int) -> None:
+    ``txn_id`` is the instance's id of the transaction: 0 until it began there (its first
+    read, or for a transaction that only writes, its commit)."""
+
+    def __init__(self, client: "Client | None", txn_id: int = 0) -> None:
         self.client = client
         self.txn_id = txn_id
         self.closed = False
+        self._writes: dict[tuple[str, bytes], bytes | None] = {}   # (table, key) -> value | None
 
-    def get(self, key: bytes, table: str = DEFAULT_TABLE) -> bytes:
-        c = self.client
-        return c._call(c._stub.Get, pb.GetRequest(table=table, key=key, txn_id=self.txn_id)).value
+    # --- Buffered writes ------------------------------------------------------------------
 
     def put(self, key: bytes, value: bytes, table: str = DEFAULT_TABLE) -> None:
-        c = self.client
-        c._call(c._stub.Put, pb.PutRequest(table=table, key=key, value=value, txn_id=self.txn_id))
+        """Buffer insert-or-replace; sent with the commit."""
+        self._buffer(table, key, check_value(value))
 
     def delete(self, key: bytes, table: str = DEFAULT_TABLE) -> None:
-        c = self.client
-        c._call(c._stub.Delete, pb.DeleteRequest(table=table, key=key, txn_id=self.txn_id))
+        """Buffer a delete (nothing happens at commit if the key is absent then)."""
+        self._buffer(table, key, None)
+
+    def _buffer(self, table: str, key: bytes, value: bytes | None) -> None:
+        self._check_open()
+        table = table or DEFAULT_TABLE
+        table_key(table)
+        entry = (table, check_key(key))
+        if entry not in self._writes and len(self._writes) >= TXN_WRITES_MAX:
+            raise errors.TooLargeError(
+                f"transaction writes more than TXN_WRITES_MAX = {TXN_WRITES_MAX} keys")
+        self._writes[entry] = value
+
+    def _ops(self) -> list:
+        return [pb.WriteOp(table=table, key=key, delete=True) if value is None
+                else pb.WriteOp(table=table, key=key, value=value)
+                for (table, key), value in self._writes.items()]
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise errors.TransactionClosedError("transaction is closed (committed or aborted)")
+
+    # --- Reads ------------------------------------------------------------------------------
+
+    def _begin(self) -> Client:
+        """The client of the instance the transaction lives on, after Begin if not yet sent."""
+        if not self.txn_id:
+            c = self.client
+            self.txn_id = c._call(c._stub.Begin, pb.BeginRequest()).txn_id
+        return self.client
+
+    def get(self, key: bytes, table: str = DEFAULT_TABLE) -> bytes:
+        self._check_open()
+        table = table or DEFAULT_TABLE
+        key = check_key(key)
+        if (table, key) in self._writes:
+            value = self._writes[(table, key)]
+            if value is None:
+                raise errors.KeyNotFound(f"key {key!r} not found in table {table!r}")
+            return value
+        c = self._begin()
+        try:
+            return c._call(c._stub.Get, pb.GetRequest(table=table, key=key, txn_id=self.txn_id)).value
+        except errors.TableNotFound:
+            if self._writes_table(table):   # created at commit: so far only our writes are in it
+                raise errors.KeyNotFound(f"key {key!r} not found in table {table!r}") from None
+            raise
 
     def scan(self, start: bytes = b"", end: bytes = b"", limit: int = 0,
              table: str = DEFAULT_TABLE) -> list[tuple[bytes, bytes]]:
-        c = self.client
-        reply = c._call(c._stub.Scan, pb.ScanRequest(table=table, start=start, end=end,
-                                                     limit=limit, txn_id=self.txn_id))
-        return [(kv.key, kv.value) for kv in reply.items]
+        """Keys in [start, end) in order, at most limit (0: the server's default), the
+        buffered writes merged over the instance's scan."""
+        self._check_open()
+        table = table or DEFAULT_TABLE
+        limit = limit or SCAN_LIMIT_DEFAULT
+        mine = {k: v for (t, k), v in self._writes.items()
+                if t == table and k >= start and (not end or k < end)}
+        c = self._begin()
+        if not mine:
+            reply = c._call(c._stub.Scan, pb.ScanRequest(table=table, start=start, end=end,
+                                                         limit=limit, txn_id=self.txn_id))
+            return [(kv.key, kv.value) for kv in reply.items]
+        # Each buffered delete can hide one row of the instance's scan: ask for that many
+        # more, and page on while a full page still leaves fewer than limit rows.
+        ask = limit if limit > SCAN_LIMIT_MAX else min(
+            SCAN_LIMIT_MAX, limit + sum(1 for v in mine.values() if v is None))
+        theirs: dict[bytes, bytes] = {}
+        cursor = start
+        while True:
+            try:
+                reply = c._call(c._stub.Scan, pb.ScanRequest(table=table, start=cursor, end=end,
+                                                             limit=ask, txn_id=self.txn_id))
+            except errors.TableNotFound:
+                if self._writes_table(table):
+                    break
+                raise
+            for kv in reply.items:
+                theirs[kv.key] = kv.value
+            if len(reply.items) < ask:
+                break   # the instance has no more rows in the range
+            last = reply.items[-1].key
+            if len(_merged(theirs, mine, last)) >= limit:
+                break   # the rows up to the page's last key are exact and fill limit
+            cursor = last + b"\x00"
+        return sorted(_merged(theirs, mine, None).items())[:limit]
+
+    def _writes_table(self, table: str) -> bool:
+        return any(t == table for t, _ in self._writes)
+
+    # --- End ------------------------------------------------------------------------------
+
+    def _commit_request(self, timeout_s: float | None) -> pb.CommitRequest:
+        return pb.CommitRequest(txn_id=self.txn_id, timeout_ms=_ms(timeout_s), ops=self._ops())
 
     def commit(self, timeout_s: float | None = None) -> int:
-        """Commit; returns the commit LSN once durable. Raises ConflictError on conflict."""
-        c = self.client
+        """Commit: the buffered writes and the commit in one call; returns the commit LSN
+        once durable (0 if nothing was written). Raises ConflictError on conflict."""
+        self._check_open()
         self.closed = True
-        reply = c._call(c._stub.Commit, pb.CommitRequest(txn_id=self.txn_id, timeout_ms=_ms(timeout_s)),
+        if not self.txn_id and not self._writes:
+            return 0    # read nothing, wrote nothing: nothing to send
+        c = self.client
+        reply = c._call(c._stub.Commit, self._commit_request(timeout_s),
                         _deadline(timeout_s, c.timeout_s))
         return reply.commit_lsn
 
     def abort(self) -> None:
+        """Drop the buffered writes; end the instance's transaction if it began there."""
         if self.closed:
             return
         self.closed = True
-        c = self.client
-        c._call(c._stub.Abort, pb.AbortRequest(txn_id=self.txn_id))
+        self._writes.clear()
+        if self.txn_id:
+            c = self.client
+            c._call(c._stub.Abort, pb.AbortRequest(txn_id=self.txn_id))
 
     def __enter__(self) -> "Transaction":
         return self
@@ -474,14 +585,10 @@ class ClusterClient:
         return self._read("status", lambda c: c.status())
 
     def begin(self) -> "Transaction":
-        """A transaction on the instance the endpoint leads to now; it stays there."""
-        def call(c: Client):
-            txn = PinnedTransaction(c, c._call(c._stub.Begin, pb.BeginRequest()).txn_id)
-            with self._lock:
-                instance = next((i for i, a in self._targets if a == c.address), c.address)
-            txn.abandon = self._abandon_if_moved(instance)
-            return txn
-        return self._read("begin", call)
+        """A transaction of this endpoint. Sends nothing: it begins (Begin, on the instance
+        the endpoint leads to then, where it stays) at its first read; one that only writes
+        begins at its commit, sent like a put (module doc)."""
+        return PinnedTransaction(self)
 
     def transaction(self) -> "Transaction":
         return self.begin()
@@ -501,16 +608,45 @@ class ClusterClient:
 
 
 class PinnedTransaction(Transaction):
-    """A transaction of a ClusterClient: its commit says whether its outcome is known, and
-    stops waiting (CommitOutcomeUnknown) once its instance is no longer the writer."""
+    """A transaction of a ClusterClient. Its first read begins it on the instance the
+    endpoint leads to (retried like a read until one answers) and pins it there; its
+    commit then says whether its outcome is known, and stops waiting
+    (CommitOutcomeUnknown) once that instance is no longer the writer. A transaction that
+    read nothing commits through the endpoint like a put (retried only if nothing was done)."""
 
-    abandon = staticmethod(lambda: None)   # set by ClusterClient.begin
+    def __init__(self, cluster: ClusterClient) -> None:
+        super().__init__(None)
+        self.cluster = cluster
+        self.abandon = lambda: None
+
+    def _begin(self) -> Client:
+        if self.txn_id:
+            return self.client
+        cluster = self.cluster
+
+        def call(c: Client) -> None:
+            self.txn_id = c._call(c._stub.Begin, pb.BeginRequest()).txn_id
+            self.client = c
+            with cluster._lock:
+                instance = next((i for i, a in cluster._targets if a == c.address), c.address)
+            self.abandon = cluster._abandon_if_moved(instance)
+        cluster._read("begin", call)
+        return self.client
 
     def commit(self, timeout_s: float | None = None) -> int:
-        c = self.client
+        self._check_open()
         self.closed = True
+        if not self.txn_id:
+            if not self._writes:
+                return 0    # read nothing, wrote nothing: nothing to send
+            # Begun nowhere: the commit is a write like a put, retried only if nothing was done.
+            request = self._commit_request(timeout_s)
+            return self.cluster._write(
+                f"transaction of {len(self._writes)} writes", lambda c, abandon: c._call_watched(
+                    c._stub.Commit, request, _deadline(timeout_s, c.timeout_s), abandon).commit_lsn)
+        c = self.client
         try:
-            return c._call_watched(c._stub.Commit, pb.CommitRequest(txn_id=self.txn_id, timeout_ms=_ms(timeout_s)),
+            return c._call_watched(c._stub.Commit, self._commit_request(timeout_s),
                                    _deadline(timeout_s, c.timeout_s), self.abandon).commit_lsn
         except errors.CommitOutcomeUnknown:
             raise
@@ -525,6 +661,21 @@ class PinnedTransaction(Transaction):
                 f"transaction {self.txn_id} on {self.client.address}: the instance failed after "
                 f"the commit was sent ({type(exc).__name__}: {exc}); it may or may not have "
                 f"committed") from exc
+
+
+def _merged(theirs: dict[bytes, bytes], mine: dict[bytes, bytes | None],
+            upto: bytes | None) -> dict[bytes, bytes]:
+    """The instance's rows with a transaction's buffered writes over them (None: deleted),
+    only keys <= upto if given."""
+    out = {k: v for k, v in theirs.items() if upto is None or k <= upto}
+    for key, value in mine.items():
+        if upto is not None and key > upto:
+            continue
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def _ms(timeout_s: float | None) -> int:

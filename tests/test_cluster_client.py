@@ -44,6 +44,7 @@ class FakeInstance(dpb_grpc.DatabaseServicer):
         self.name = name
         self.script: list[tuple] = []
         self.calls: dict[str, int] = {"Put": 0, "Get": 0, "Begin": 0, "Commit": 0}
+        self.commits: list = []          # every CommitRequest received
         self.lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
         dpb_grpc.add_DatabaseServicer_to_server(self, self.server)
@@ -81,6 +82,8 @@ class FakeInstance(dpb_grpc.DatabaseServicer):
         return dpb.BeginReply(txn_id=1)
 
     def Commit(self, request, context):
+        with self.lock:
+            self.commits.append(request)
         return self._answer("Commit", context, dpb.WriteReply(commit_lsn=200, vdl=200))
 
     def stop(self) -> None:
@@ -197,14 +200,18 @@ def test_commit_waiting_on_a_deposed_writer_gives_up(fakes):
         assert (a.calls["Put"], b.calls["Put"]) == (1, 0)
         assert db.put(b"k2", b"v") == 100 and b.calls["Put"] == 1   # the next one goes to db2
 
-        control.routes["cluster"] = [("db1", a.address, True)]
-        db.resolve()
-        txn = db.begin()
-        a.script = [("hang", 3.0)]
-        threading.Timer(0.3, lambda: control.routes.update(cluster=[("db2", b.address, True)])).start()
-        with pytest.raises(errors.CommitOutcomeUnknown):
-            txn.commit()
-        assert b.calls["Commit"] == 0
+        for reads_first in (True, False):   # pinned by its first read; write-only
+            control.routes["cluster"] = [("db1", a.address, True)]
+            db.resolve()
+            txn = db.begin()
+            if reads_first:
+                txn.get(b"k")
+            txn.put(b"k", b"v")
+            a.script = [("hang", 3.0)]
+            threading.Timer(0.3, lambda: control.routes.update(cluster=[("db2", b.address, True)])).start()
+            with pytest.raises(errors.CommitOutcomeUnknown):
+                txn.commit()
+            assert b.calls["Commit"] == 0
 
 
 def test_write_quorum_timeout_is_raised_as_is(fakes):
@@ -274,29 +281,68 @@ def test_writes_through_a_reader_endpoint_are_refused(fakes):
 
 
 def test_transaction_stays_on_its_instance(fakes):
-    """Scenario: a transaction begun on db1 commits on db1 even after the endpoint moved
-    to db2. Its commit failing mid-call raises CommitOutcomeUnknown; refused up front, it
-    says nothing was committed. Neither is re-run by the client."""
+    """Scenario: a transaction that began on db1 (its first read sent Begin there) commits
+    on db1, with its writes, even after the endpoint moved to db2. Its commit failing
+    mid-call raises CommitOutcomeUnknown; refused up front, it says nothing was committed.
+    Neither is re-run by the client."""
     control, a, b, _ = fakes
     control.routes["cluster"] = [("db1", a.address, True)]
-    with client(control) as db:
+
+    def begun(db):
         txn = db.begin()
+        assert txn.get(b"k") == b"db1"
+        txn.put(b"k", b"v")
+        return txn
+
+    with client(control) as db:
+        txn = begun(db)
         control.routes["cluster"] = [("db2", b.address, True)]
         db.resolve()
         assert txn.commit() == 200
         assert (a.calls["Commit"], b.calls["Commit"]) == (1, 0)
+        assert a.commits[-1].txn_id == 1 and [op.key for op in a.commits[-1].ops] == [b"k"]
 
         control.routes["cluster"] = [("db1", a.address, True)]
         db.resolve()
         a.script = [SOCKET_CLOSED]
         with pytest.raises(errors.CommitOutcomeUnknown):
-            db.begin().commit()
+            begun(db).commit()
         a.script = [READ_ONLY]
         with pytest.raises(errors.UnavailableError) as info:
-            db.begin().commit()
+            begun(db).commit()
         assert "nothing was committed" in str(info.value)
         assert not isinstance(info.value, errors.CommitOutcomeUnknown)
     assert b.calls["Commit"] == 0
+
+
+def test_write_only_transaction_commits_like_a_put(fakes):
+    """Scenario: a transaction that read nothing has begun nowhere: begin() sends nothing,
+    and its commit (txn_id 0, every write in ops) goes where the endpoint leads at commit.
+    Refused up front by db1, it is sent once to the new writer db2; lost mid-call, it
+    raises CommitOutcomeUnknown and is not sent again."""
+    control, a, b, _ = fakes
+    control.routes["cluster"] = [("db1", a.address, True)]
+    with client(control) as db:
+        txn = db.begin()
+        txn.put(b"k1", b"v1")
+        txn.delete(b"k2")
+        assert a.calls["Begin"] == 0
+        a.script = [READ_ONLY]
+        control.after = (2, {"cluster": [("db2", b.address, True)]})
+        assert txn.commit() == 200
+        assert (a.calls["Commit"], b.calls["Commit"]) == (1, 1)
+        sent = b.commits[-1]
+        assert sent.txn_id == 0
+        assert [(op.key, op.value, op.delete) for op in sent.ops] == [(b"k1", b"v1", False),
+                                                                      (b"k2", b"", True)]
+        control.after = None
+        txn = db.begin()
+        txn.put(b"k3", b"v3")
+        b.script = [SOCKET_CLOSED]
+        with pytest.raises(errors.CommitOutcomeUnknown):
+            txn.commit()
+        assert b.calls["Commit"] == 2 and a.calls["Commit"] == 1
+    assert a.calls["Begin"] == b.calls["Begin"] == 0
 
 
 def test_unknown_endpoint_and_bad_names():

@@ -11,16 +11,18 @@ committed transaction, read from the processes' own counters (/proc/PID/stat).
 Workloads (one "transaction" each; ids uniform in 1..rows, drawn independently):
 
     write-only   SysBench oltp_write_only-like: begin; put i1; put i2; delete i3; put i3;
-                 commit (one engine.client transaction: Begin, four writes, Commit)
+                 commit (one engine.client transaction; the client buffers the four
+                 writes and sends them with the commit: one RPC)
     read-only    READS_PER_READ_TXN autocommit point reads (the writer answers them)
     mixed        begin; get i1; get i2 (inside the transaction); then the write-only writes;
-                 commit
+                 commit (Begin before the first get, two Gets, Commit with the writes)
 
 A write-write conflict (first committer wins) aborts the attempt: it counts in ``aborted``
 and the client goes on with new ids (as SysBench does). Other database errors count in
 ``errors``. ``retries`` is what the client library resent after a failure
-(``ClusterClient.retries``). Latency is per transaction, from its first RPC to the commit's
-acknowledgement (``p50_ms`` ...); ``commit_*_ms`` time the Commit call alone.
+(``ClusterClient.retries``). Latency is per transaction, from ``begin()`` to the commit's
+acknowledgement (``p50_ms`` ...); ``commit_*_ms`` time the Commit call alone (which
+carries the transaction's writes).
 
 Why processes: a client call holds the GIL while it builds and parses messages, so C
 threads in one process saturate one core long before the cluster does. The generator runs

@@ -160,7 +160,7 @@ def cmd_shell(args) -> int:
         print(f"connected to {endpoint_text(args)}; `help` lists the commands")
     try:
         while True:
-            prompt = f"aurora-lite (txn {txn.txn_id})> " if txn else "aurora-lite> "
+            prompt = "aurora-lite (txn)> " if txn else "aurora-lite> "
             try:
                 line = input(prompt) if interactive else sys.stdin.readline()
             except EOFError:
@@ -201,7 +201,7 @@ def cmd_shell(args) -> int:
                 txn.abort()
             except errors.DatabaseError:
                 pass
-            print(f"transaction {txn.txn_id} aborted (end of input)")
+            print("transaction aborted (end of input)")
     finally:
         db.close()
     return EXIT_OK if interactive else last_error   # scripts learn that something failed
@@ -216,7 +216,7 @@ def _shell_command(cmd, db, txn, args):
     elif verb == "put":
         if txn is not None:
             txn.put(_b(cmd.key), _b(cmd.value))
-            print(f"OK (in transaction {txn.txn_id})")
+            print("OK (in transaction)")
         else:
             print(f"OK (commit LSN {db.put(_b(cmd.key), _b(cmd.value), timeout_s=cmd.timeout)})")
     elif verb == "get":
@@ -224,7 +224,7 @@ def _shell_command(cmd, db, txn, args):
     elif verb in ("delete", "del"):
         if txn is not None:
             txn.delete(_b(cmd.key))
-            print(f"deleted (in transaction {txn.txn_id})")
+            print("deleted (in transaction)")
         else:
             print(f"deleted (commit LSN {db.delete(_b(cmd.key), timeout_s=cmd.timeout)})")
     elif verb == "scan":
@@ -232,9 +232,9 @@ def _shell_command(cmd, db, txn, args):
             _out(key + b"\t" + value)
     elif verb == "begin":
         if txn is not None:
-            raise CliError(f"transaction {txn.txn_id} is already open (commit or abort it first)")
+            raise CliError("a transaction is already open (commit or abort it first)")
         txn = db.begin()
-        print(f"BEGIN (transaction {txn.txn_id})")
+        print("BEGIN (writes are sent with COMMIT)")
     elif verb == "commit":
         if txn is None:
             raise CliError("no open transaction (begin first)")
@@ -245,7 +245,7 @@ def _shell_command(cmd, db, txn, args):
         if txn is None:
             raise CliError("no open transaction")
         txn.abort()
-        print(f"ABORT (transaction {txn.txn_id})")
+        print("ABORT")
         txn = None
     elif verb == "status":
         state = get_state(require_cluster(data_dir_of(args)))

@@ -29,7 +29,9 @@ Isolation: read committed, plus first-committer-wins on write-write conflicts
     two reads of one key in a transaction may differ (no snapshot). A transaction that
     wrote key k aborts with ConflictError at commit if another transaction committed a
     write to k after this one began, so there are no lost updates (read-modify-write of
-    one key by two transactions: one of them aborts). Write skew is possible.
+    one key by two transactions: one of them aborts). Write skew is possible. A client
+    transaction begins here at its first read, or at its commit if it reads nothing
+    (``begin(conflicts_from_commit=True)``; docs/decisions.md 11).
     Conflict tracking: (table, key) -> LSN of its last committed write, forgetting entries
     older than the oldest active transaction's start; if more than CONFLICT_KEYS_MAX
     entries are still needed, the oldest active transaction is doomed (it gets
@@ -175,8 +177,10 @@ class Transaction:
     def _buffer(self, table: str, key: bytes, value: bytes | None) -> None:
         self._check_active()
         self._db._check_writable()
-        self._db._root(table)  # TableNotFound early; commit checks again
-        writes = self._writes.setdefault(table, {})
+        writes = self._writes.get(table)
+        if writes is None:
+            self._db._root(table)  # TableNotFound early (once per table); commit checks again
+            writes = self._writes[table] = {}
         if key not in writes:
             if self._n_writes >= TXN_WRITES_MAX:
                 raise TooLargeError(f"transaction writes more than TXN_WRITES_MAX = {TXN_WRITES_MAX} keys")
@@ -320,6 +324,10 @@ class Database:
         """Names of every table, in catalog (byte) order."""
         return btree.table_names(self._meta())
 
+    def has_table(self, name: str) -> bool:
+        """Whether table ``name`` exists (one catalog search, not a list of every table)."""
+        return btree.catalog_root(self._meta(), btree.table_key(name)) is not None
+
     async def create_table(self, name: str, timeout_s: float | None = None) -> int:
         """Create an empty table (its own committed MTR); returns the commit LSN.
 
@@ -338,9 +346,15 @@ class Database:
 
     # --- Transactions ----------------------------------------------------------------------
 
-    def begin(self) -> Transaction:
-        """Start a transaction (isolation: see the module doc)."""
+    def begin(self, *, conflicts_from_commit: bool = False) -> Transaction:
+        """Start a transaction (isolation: see the module doc). ``conflicts_from_commit``:
+        for a transaction that has read nothing and commits now (a client's write-only
+        transaction, docs/decisions.md 11): it begins at its commit, so no commit can come
+        between its begin and its own and it checks no conflicts, like the autocommit
+        helpers (its writes are tracked for others)."""
         self._meta()
+        if conflicts_from_commit:
+            return Transaction(self, 0, None)
         self._begin_seq += 1
         txn = Transaction(self, self._begin_seq, self.sink.allocator.last_volume_lsn)
         self._active[txn.begin_seq] = txn

@@ -103,6 +103,9 @@ def _timeout(ms: int) -> float | None:
     return ms / 1000.0 if ms else None
 
 
+RPC_NAMES = ("Get", "Put", "Delete", "Scan", "Begin", "Commit", "Abort", "Status")
+
+
 class DatabaseService:
     """The Database service's handlers over engine.db.database.Database, for whichever role
     the instance has now: plain async methods, served through the transport seam."""
@@ -113,6 +116,7 @@ class DatabaseService:
         self.txns: dict[int, tuple[object, float]] = {}   # txn_id -> (txn, last use)
         self._ids = itertools.count(1)
         self.started_at = time.time()
+        self.rpcs = dict.fromkeys(RPC_NAMES, 0)            # calls served, per method (Status)
 
     def _txn(self, txn_id: int):
         entry = self.txns.get(txn_id)
@@ -152,13 +156,16 @@ class DatabaseService:
 
     async def ensure_tables(self, tables) -> None:
         """A write to a table that does not exist creates it (database.proto)."""
-        for table in sorted(set(tables) - set(self.db.tables())):
+        db = self.db
+        missing = [table for table in tables if not db.has_table(table)]
+        for table in sorted(set(missing)):
             try:
                 await self.db.create_table(table)
             except errors.TableExistsError:
                 pass  # created by a concurrent request
 
     async def Get(self, request, context):
+        self.rpcs["Get"] += 1
         try:
             table = _table(request.table)
             read_point = self.inst.vdl
@@ -178,6 +185,7 @@ class DatabaseService:
             await abort_with(context, exc)
 
     async def Put(self, request, context):
+        self.rpcs["Put"] += 1
         try:
             if request.txn_id:
                 txn = self._txn(request.txn_id)
@@ -193,6 +201,7 @@ class DatabaseService:
             await abort_with(context, exc)
 
     async def Delete(self, request, context):
+        self.rpcs["Delete"] += 1
         try:
             if request.txn_id:
                 self._txn(request.txn_id).delete(_table(request.table), request.key)
@@ -207,6 +216,7 @@ class DatabaseService:
             await abort_with(context, exc)
 
     async def Scan(self, request, context):
+        self.rpcs["Scan"] += 1
         try:
             limit = request.limit or SCAN_LIMIT_DEFAULT
             if limit > SCAN_LIMIT_MAX:
@@ -228,6 +238,7 @@ class DatabaseService:
             await abort_with(context, exc)
 
     async def Begin(self, request, context):
+        self.rpcs["Begin"] += 1
         try:
             txn = self.db.begin()
             txn_id = next(self._ids)
@@ -237,22 +248,41 @@ class DatabaseService:
             await abort_with(context, exc)
 
     async def Commit(self, request, context):
+        """Commit a transaction with the writes it carries (CommitRequest.ops). txn_id 0:
+        one that read nothing, begun here and now (docs/decisions.md 11)."""
+        self.rpcs["Commit"] += 1
         try:
-            txn = self._txn(request.txn_id)
-            self.txns.pop(request.txn_id, None)
-            if txn._writes:
+            if request.txn_id:
+                txn = self._txn(request.txn_id)
+                self.txns.pop(request.txn_id, None)
+            else:
+                txn = None
+            if request.ops or (txn is not None and txn._writes):
                 try:
                     self._check_writer()
                 except NothingDone:
-                    txn.abort()
+                    if txn is not None:
+                        txn.abort()
                     raise
-            await self.ensure_tables(list(txn._writes))
+            if txn is None:
+                txn = self.db.begin(conflicts_from_commit=True)
+            try:
+                await self.ensure_tables({_table(op.table) for op in request.ops} | txn._writes.keys())
+                for op in request.ops:
+                    if op.delete:
+                        txn.delete(_table(op.table), op.key)
+                    else:
+                        txn.put(_table(op.table), op.key, op.value)
+            except BaseException:
+                txn.abort()
+                raise
             lsn = await txn.commit(timeout_s=_timeout(request.timeout_ms))
             return pb.WriteReply(commit_lsn=lsn or 0, vdl=self.inst.vdl)
         except Exception as exc:
             await abort_with(context, exc)
 
     async def Abort(self, request, context):
+        self.rpcs["Abort"] += 1
         entry = self.txns.pop(request.txn_id, None)
         if entry is not None:
             entry[0].abort()
@@ -263,9 +293,10 @@ class DatabaseService:
         return self.inst.database()
 
     async def Status(self, request, context):
+        self.rpcs["Status"] += 1
         state = {"instance": self.instance, "pid": os.getpid(),
                  "uptime_s": round(time.time() - self.started_at, 1),
-                 "open_txns": len(self.txns), **self.inst.status()}
+                 "open_txns": len(self.txns), "rpcs": dict(self.rpcs), **self.inst.status()}
         return pb.StatusReply(instance=self.instance, role=self.inst.role, vdl=self.inst.vdl,
                               volume_epoch=self.inst.epoch, json=json.dumps(state))
 
