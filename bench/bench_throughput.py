@@ -22,6 +22,12 @@ aurora-lite / ceiling) and stores every figure in benchmark.extra_info. One run 
 
 Settings (environment): AURORA_THROUGHPUT_ROWS=10000  AURORA_THROUGHPUT_DURATION=15
 AURORA_THROUGHPUT_CLIENTS=8,64
+
+Before and after: AURORA_THROUGHPUT_BEFORE=/path/to/an/older/checkout (with its own
+``.venv``, e.g. a `git worktree` of the commit before the write-path work) adds a third
+configuration, "before": the same CLI verbs run from that tree's venv, so its cluster AND
+its client library are the old code. It joins the alternating order, and the table adds
+the after/before ratios (CPU per transaction, tps) measured in the same sitting.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ ROWS = int(os.environ.get("AURORA_THROUGHPUT_ROWS", "10000"))
 DURATION_S = float(os.environ.get("AURORA_THROUGHPUT_DURATION", "15"))
 CLIENTS = tuple(int(c) for c in os.environ.get("AURORA_THROUGHPUT_CLIENTS", "8,64").split(","))
 WARMUP_S = 1.0
+BEFORE_TREE = os.environ.get("AURORA_THROUGHPUT_BEFORE") or None
 
 
 def _env() -> dict:
@@ -52,14 +59,17 @@ def _env() -> dict:
 class AuroraCluster:
     """The aurora-lite side, driven through the CLI only, as a user would."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, tree: str = ROOT) -> None:
         self.data_dir = data_dir
+        self.tree = tree        # the checkout whose code runs: this one, or BEFORE_TREE
+        self.python = (sys.executable if tree == ROOT
+                       else os.path.join(tree, ".venv", "bin", "python"))
         self.loaded = False
 
     def cli(self, *argv: str, timeout_s: float = 180.0) -> str:
-        cmd = [sys.executable, "-m", "engine.cli", *argv, "--data-dir", self.data_dir]
+        cmd = [self.python, "-m", "engine.cli", *argv, "--data-dir", self.data_dir]
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout_s,
-                             env=_env(), cwd=ROOT)   # progress (stderr) goes to the terminal
+                             env=_env(), cwd=self.tree)   # progress (stderr) goes to the terminal
         assert out.returncode == 0, f"`aurora-lite {' '.join(argv)}` exited {out.returncode}"
         return out.stdout
 
@@ -79,37 +89,44 @@ class AuroraCluster:
             timeout_s=DURATION_S + 180))
 
 
+def _configs() -> list[str]:
+    return ["before", "aurora-lite", "ceiling"] if BEFORE_TREE else ["aurora-lite", "ceiling"]
+
+
 def _schedule() -> list[tuple[str, int]]:
     """(configuration, clients) in run order: the order alternates per client count."""
     order = []
     for i, clients in enumerate(CLIENTS):
-        pair = ["aurora-lite", "ceiling"] if i % 2 == 0 else ["ceiling", "aurora-lite"]
-        order += [(config, clients) for config in pair]
+        configs = _configs() if i % 2 == 0 else list(reversed(_configs()))
+        order += [(config, clients) for config in configs]
     return order
 
 
 def run_side_by_side(base_dir: str, say=print) -> dict:
     """Every measurement of the schedule, each with the other configuration stopped."""
-    aurora = AuroraCluster(os.path.join(base_dir, "aurora"))
+    clusters = {"aurora-lite": AuroraCluster(os.path.join(base_dir, "aurora"))}
+    if BEFORE_TREE:
+        clusters["before"] = AuroraCluster(os.path.join(base_dir, "before"), BEFORE_TREE)
     results: dict[tuple[str, int], dict] = {}
-    running = False
+    running: AuroraCluster | None = None
     try:
         for config, clients in _schedule():
             say(f"--- {config}, {clients} clients ({DURATION_S:.0f} s)")
-            if config == "aurora-lite":
-                if not running:
-                    aurora.up()
-                    running = True
-                results[(config, clients)] = aurora.measure(clients)
+            wanted = clusters.get(config)
+            if running is not None and running is not wanted:
+                running.down()      # each configuration runs with the others stopped
+                running = None
+            if wanted is not None:
+                if running is None:
+                    wanted.up()
+                    running = wanted
+                results[(config, clients)] = wanted.measure(clients)
             else:
-                if running:
-                    aurora.down()
-                    running = False
                 results[(config, clients)] = ceiling.run_ceiling(clients, DURATION_S, WARMUP_S,
                                                                  base_dir=base_dir)
     finally:
-        if running:
-            aurora.down()
+        if running is not None:
+            running.down()
     return {"order": [f"{c}@{n}" for c, n in _schedule()], "rows": ROWS,
             "duration_s": DURATION_S, "runs": results}
 
@@ -129,6 +146,13 @@ def render(results: dict) -> str:
         lines.append(f"{clients:>7}  {'aurora/ceil':<13}{_ratio(a['tps'], c['tps']):>9}"
                      f"{_ratio(a['p50_ms'], c['p50_ms']):>9}{_ratio(a['p99_ms'], c['p99_ms']):>9}"
                      f"{_ratio(a['cpu_ms_per_txn']['total'], c['cpu_ms_per_txn']['total']):>12}")
+        if ("before", clients) in runs:
+            b = runs[("before", clients)]
+            lines.append(f"{clients:>7}  {'before':<13}{b['tps']:>9.0f}{b['p50_ms']:>9.1f}"
+                         f"{b['p99_ms']:>9.1f}{b['cpu_ms_per_txn']['total']:>12.3f}")
+            lines.append(f"{clients:>7}  {'after/before':<13}{_ratio(a['tps'], b['tps']):>9}"
+                         f"{_ratio(a['p50_ms'], b['p50_ms']):>9}{_ratio(a['p99_ms'], b['p99_ms']):>9}"
+                         f"{_ratio(a['cpu_ms_per_txn']['total'], b['cpu_ms_per_txn']['total']):>12}")
     cores = ", ".join(f"{runs[('aurora-lite', n)]['load_generator_cores']:.2f} at {n} clients"
                       for n in CLIENTS)
     lines.append(f"aurora-lite's load generator used {cores} cores "
@@ -161,7 +185,7 @@ def test_throughput_side_by_side(benchmark, tmp_path):
             info[prefix + key] = round(r[key], 3)
         info[prefix + "cpu_ms_per_txn"] = {k: (round(v, 4) if v is not None else None)
                                            for k, v in r["cpu_ms_per_txn"].items()}
-        if config == "aurora-lite":
+        if config in ("aurora-lite", "before"):
             info[prefix + "aborted"] = r["aborted"]
             info[prefix + "load_generator_cores"] = round(r["load_generator_cores"], 3)
         else:
@@ -171,6 +195,11 @@ def test_throughput_side_by_side(benchmark, tmp_path):
         info[f"ratio.c{clients}.tps"] = round(a["tps"] / c["tps"], 4) if c["tps"] else None
         info[f"ratio.c{clients}.cpu_ms_per_txn"] = round(
             a["cpu_ms_per_txn"]["total"] / c["cpu_ms_per_txn"]["total"], 2)
+        if ("before", clients) in results["runs"]:
+            b = results["runs"][("before", clients)]
+            info[f"after_over_before.c{clients}.cpu_ms_per_txn"] = round(
+                a["cpu_ms_per_txn"]["total"] / b["cpu_ms_per_txn"]["total"], 4)
+            info[f"after_over_before.c{clients}.tps"] = round(a["tps"] / b["tps"], 3) if b["tps"] else None
     print()
     print(render(results))
     assert all(r["committed"] > 0 for r in results["runs"].values())
