@@ -403,7 +403,7 @@ def test_append_stream_acks_in_order_refuses_per_request_and_goes_on(storage_clu
     stub = client.stub("sn3")
     first, second = chain.next_records(12), chain.next_records(12)
     batches = ChainBuilder.pack(second)
-    pg_bad = sorted(batches)[0]
+    pg_bad = max(batches, key=lambda pg: len(batches[pg]))   # >= 3 records: past byte 50
     flipped = bytearray(batches[pg_bad])
     flipped[50] ^= 0xFF
     requests = [append_request(chain, first), append_request(chain, [], batches={**batches, pg_bad: bytes(flipped)}),

@@ -7,6 +7,7 @@ uses its own volume name, so the module can share one storage cluster.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -418,3 +419,64 @@ def test_storage_node_kill_and_restart_mid_load_keeps_every_acknowledged_commit(
     assert not lost, f"{len(lost)} acknowledged commits lost, e.g. {lost[:3]}"
     for ka, kb, _value in attempted:
         assert (ka in present) == (kb in present), f"half a transaction visible: {ka!r}"
+
+
+def test_paused_node_stream_is_cut_after_rpc_timeout_and_reopened(storage_cluster):
+    """Scenario: sn6 is SIGSTOPped under load. A paused node never breaks its stream, so
+    the driver's watchdog cuts it once sn6's oldest unanswered batch is older than
+    rpc_timeout_s (1 s here), even with a write stuck in flow control; commits go on
+    meanwhile (five nodes answer). After SIGCONT the stream is reopened and sn6 acks
+    again."""
+    from engine.db.database import Database
+    from engine.format.cluster_config import NodeInfo
+    from engine.format.volume import VolumeLayout
+    from engine.transport.grpc_transport import GrpcTransport
+    from engine.writer.recovery import recover
+    from engine.writer.storage_driver import StorageDriver
+    from tests.harness import NODE_AZS
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        nodes = [NodeInfo(n, NODE_AZS[n], storage_cluster.address(n)) for n in storage_cluster.nodes]
+        driver = StorageDriver("watchdog", nodes, VolumeLayout(4, 64), epoch=0, lal=100_000,
+                               rpc_timeout_s=1.0, transport=GrpcTransport("writer"))
+        await driver.start()
+        try:
+            await recover(driver)
+            db = Database(driver, 256)
+            await db.bootstrap()
+            await db.create_table("t")
+            value = os.urandom(1200)
+            n = 0
+
+            async def puts_for(seconds: float) -> int:
+                nonlocal n
+                done, until = 0, loop.time() + seconds
+                while loop.time() < until:
+                    await db.put("t", b"k%06d" % n, value, timeout_s=5)
+                    n += 1
+                    done += 1
+                return done
+
+            await puts_for(0.3)
+            storage_cluster.pause("sn6")
+            try:
+                during = await puts_for(2.5)
+                paused = driver.status()["nodes"]["sn6"]
+            finally:
+                storage_cluster.resume("sn6")
+            deadline = loop.time() + 15
+            while True:
+                await puts_for(0.1)
+                back = driver.status()["nodes"]["sn6"]
+                if back["up"] and back["streams"] >= 2 and back["unacked"] == 0:
+                    break
+                assert loop.time() < deadline, f"sn6 never answered again: {back}"
+            return during, paused, back
+        finally:
+            await driver.close()
+
+    during, paused, back = asyncio.run(asyncio.wait_for(run(), 120))
+    assert during > 10, "commits must go on while one node is paused"
+    assert not paused["up"] and paused["failures"] >= 1, paused
+    assert back["rpcs"] > paused["rpcs"], back

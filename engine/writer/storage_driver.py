@@ -104,7 +104,7 @@ class _Node:
     refused: list = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     stream_error: RpcError | None = None     # why the current stream must be reopened
-    streaming: bool = False                  # a stream is open
+    stream: Any = None                       # the open stream, if any
     send_truncations: bool = False
     backoff_s: float = 0.05
     streams_opened: int = 0
@@ -296,7 +296,7 @@ class StorageDriver:
         self._inflight.append(batch)
         for node in self._nodes.values():
             node.outbox.append((batch, False))
-            if not node.streaming and len(node.outbox) > 64:
+            if node.stream is None and len(node.outbox) > 64:
                 self._prune(node)   # a node that is down must not hoard durable batches
             node.wake.set()
 
@@ -334,9 +334,8 @@ class StorageDriver:
                     await self._send_truncations(node)
                     self._requeue_refused(node)
                 node.stream_error = None
-                stream = self._open_stream(node)
+                stream = node.stream = self._open_stream(node)
                 node.streams_opened += 1
-                node.streaming = True
                 reader = asyncio.ensure_future(self._read_replies(node, stream))
                 self._prune(node)   # what became durable while no stream was open
                 while node.stream_error is None and not self._closed and self.fenced is None:
@@ -356,17 +355,16 @@ class StorageDriver:
                 if node.stream_error is not None:
                     raise node.stream_error
             except asyncio.CancelledError:
-                raise
+                if asyncio.current_task().cancelling() or node.stream_error is None:
+                    raise   # the driver is closing
+                self._stream_broke(node, node.stream_error)   # a write the watchdog cut
             except RpcError as exc:
                 if exc.code == ErrorCode.STALE_EPOCH:   # from a Truncate
                     self._fence(node, exc)
                     return
-                node.failures += 1
-                if node.up:
-                    log.warning("append stream to %s broke: %s", node.info.name, exc)
-                node.up = False
+                self._stream_broke(node, exc)
             finally:
-                node.streaming = False
+                node.stream = None
                 if stream is not None:
                     stream.cancel()
                 if reader is not None:
@@ -381,6 +379,12 @@ class StorageDriver:
             self.stats["retries"] += 1
             await asyncio.sleep(node.backoff_s)
             node.backoff_s = min(node.backoff_s * 2, 1.0)
+
+    def _stream_broke(self, node: _Node, exc: RpcError) -> None:
+        node.failures += 1
+        if node.up:
+            log.warning("append stream to %s broke: %s", node.info.name, exc)
+        node.up = False
 
     async def _read_replies(self, node: _Node, stream) -> None:
         """Match each reply of ``node``'s stream to its batch (by seq) and act on it."""
@@ -461,6 +465,8 @@ class StorageDriver:
                             "DEADLINE_EXCEEDED", f"no append reply from {node.info.name} "
                                                  f"for {now - written:.1f} s")
                         node.wake.set()
+                        if node.stream is not None:
+                            node.stream.cancel()   # also ends a write stuck in flow control
 
     def _on_acks(self, node: _Node, reply: pb.AppendReply, batch: _Batch) -> None:
         moved = False
