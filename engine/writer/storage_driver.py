@@ -13,10 +13,14 @@ Write path::
           --> CommitQueue releases every commit whose LSN <= VDL (invariant 2)
 
 Batching without a timer: a sealed batch is "in flight" until Vw = 4 nodes acked it.
-While fewer than ``max_inflight_batches`` are in flight the open batch is sealed and sent
-at once (a lone commit goes out immediately); otherwise records pile up in the open batch
-and leave together when an in-flight batch reaches quorum. So the batch size follows the
-load: one record at one client, hundreds at 64.
+While fewer than ``max_inflight_batches`` (1) are in flight the open batch is sealed and
+sent at once (a lone commit goes out immediately); otherwise records pile up in the open
+batch and leave together when the in-flight batch reaches quorum. So the batch size
+follows the load: one record at one client, hundreds at 64. One batch in flight rather
+than two: on the 2-core machine every batch costs six stream messages and six synced
+LMDB transactions, so fuller boxcars beat the shorter wait (measured side by side: about
+1.4x the transactions per batch at 8 clients, 1.6-2x at 64, with more tx/s, less CPU
+per transaction and no worse commit p99).
 
 One stream per node (``_node_loop``): a sender writes the node's outbox in seq order,
 a reader matches each reply to its batch by ``seq``. A stream that breaks (node down,
@@ -127,7 +131,7 @@ class StorageDriver:
     def __init__(self, volume: str, nodes: list[NodeInfo], layout: VolumeLayout, *,
                  epoch: int, lal: int, start_lsn: int = 0, next_lsn: int | None = None,
                  pg_tails: dict[int, int] | None = None, instance: str = "writer",
-                 max_inflight_batches: int = 2, rpc_timeout_s: float = 5.0,
+                 max_inflight_batches: int = 1, rpc_timeout_s: float = 5.0,
                  hedge_after_s: float = 0.05, transport: Transport) -> None:
         assert len(nodes) == 6, "a volume is stored on six nodes"
         assert lal > 0
