@@ -91,20 +91,25 @@ class GroupCommitLoop:
     async def submit(self, item, background: bool = False):
         """Queue ``item``; return its result once it is durable, or raise it if it is an
         exception."""
+        result = await (await self.enqueue(item, background))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def enqueue(self, item, background: bool = False) -> asyncio.Future:
+        """Queue ``item`` (waiting for a slot: back-pressure) and return the future of its
+        result, set once its round is durable; a result that is an exception is returned
+        as the future's value, not raised. For callers that keep many items in flight
+        without a task each (the storage node's AppendStream)."""
         if self._closing:
             raise RuntimeError(f"{self.owner} is shutting down")
         slots = self._bg_slots if background else self._fg_slots
         await slots.acquire()
         fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda _f: slots.release())
         (self._bg if background else self._fg).append((item, fut, time.monotonic()))
         self._wake.set()
-        try:
-            result = await fut
-        finally:
-            slots.release()
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return fut
 
     def _take(self) -> list:
         """The next round: foreground first, then at most one background item."""

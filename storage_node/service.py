@@ -11,6 +11,8 @@ lets an exception kill the server.
 
     RPC            what it does                                     store / node call
     Append         verify all batches, group-commit, ack SCLs       verify_append, append
+    AppendStream   the same per request over one long-lived stream  verify_append,
+                   (the writer's path; replies tagged with seq)     append_future
     ReadPage       page as of a read point (invariant 8)            Store.read_page
     SegmentState   state (+ fence: adopt a higher epoch first)      AdoptEpochOp, segment_state
     FetchRecords   chain-complete records in (after, upto]          Store.fetch_records
@@ -26,6 +28,7 @@ lets an exception kill the server.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 from aurora_pb import storage_pb2 as pb
@@ -80,6 +83,61 @@ class StorageService:
         acks = await node.append(op)
         return pb.AppendReply(acks=[pb.PgAck(pg=pg, scl=scl) for pg, scl in acks.items()],
                               node_id=node.node_id)
+
+    async def AppendStream(self, requests, context):
+        """Append over one long-lived stream: each request is verified and queued for group
+        commit as it arrives (so many are in flight, and requests that arrive during one
+        fsync share the next transaction), and its reply is written once its transaction
+        committed with sync (invariant 3), in request order (the group-commit loop is
+        FIFO, so waiting in order costs nothing). A refusal is that request's reply
+        (error_* fields); the stream goes on."""
+        node = self.node
+        pending: asyncio.Queue = asyncio.Queue()   # (seq, future or refusal), in order; None: end
+
+        async def read_requests() -> None:
+            try:
+                async for request in requests:
+                    try:
+                        pending.put_nowait((request.seq, await self._queue_append(request)))
+                    except StorageError as exc:
+                        pending.put_nowait((request.seq, exc))
+            finally:
+                pending.put_nowait(None)
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            while True:
+                item = await pending.get()
+                if item is None:
+                    break
+                seq, outcome = item
+                if isinstance(outcome, asyncio.Future):
+                    outcome = await outcome
+                if isinstance(outcome, StorageError):
+                    self.log.info("AppendStream request %d refused (%s): %s", seq, outcome.code,
+                                  outcome.detail)
+                    yield pb.AppendReply(seq=seq, node_id=node.node_id,
+                                         error_status=outcome.status, error_code=outcome.code,
+                                         error_detail=outcome.detail,
+                                         error_metadata=outcome.metadata)
+                elif isinstance(outcome, Exception):
+                    raise outcome   # a failed LMDB transaction: the stream ends with it
+                else:
+                    yield pb.AppendReply(
+                        seq=seq, node_id=node.node_id,
+                        acks=[pb.PgAck(pg=pg, scl=scl) for pg, scl in outcome.items()])
+            await reader   # its error (a broken stream), if any
+        finally:
+            reader.cancel()
+
+    async def _queue_append(self, request: pb.AppendRequest) -> asyncio.Future:
+        """Verify one Append request and queue it for group commit: the future of its acks."""
+        node = self.node
+        node.counters.append_rpcs += 1
+        validate.check_append(request.volume, [b.pg for b in request.batches])
+        op = node.verify_append(request.volume, request.volume_epoch, request.writer_vdl,
+                                ((b.pg, b.membership_epoch, b.records) for b in request.batches))
+        return await node.append_future(op)
 
     @refusals
     async def ReadPage(self, request: pb.ReadPageRequest, context) -> pb.ReadPageReply:

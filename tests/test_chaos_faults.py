@@ -33,6 +33,11 @@ class CountingStorage:
         self.calls += 1
         return pb.NodeStatusReply(node_id="sn1")
 
+    async def AppendStream(self, requests, context):
+        async for request in requests:
+            self.calls += 1
+            yield pb.AppendReply(seq=request.seq)
+
 
 def run_with(tmp_path, monkeypatch, rules, body):
     path = tmp_path / "faults.json"
@@ -89,6 +94,60 @@ def test_drop_loses_requests_and_replies(tmp_path, monkeypatch):
     (ok, err), calls = run_with(tmp_path, monkeypatch, [{"src": "*", "dst": "sn1", "kind": "drop", "p": 1.0}], body)
     assert ok == 0 and err == 40
     assert 5 <= calls <= 35, calls   # both requests and replies were dropped
+
+
+async def _stream_outcomes(stub, n):
+    """n streams, each one request and its reply: (answered, broken)."""
+    ok = err = 0
+    for seq in range(n):
+        stream = stub.AppendStream()
+        try:
+            await stream.write(pb.AppendRequest(seq=seq))
+            reply = await stream.read()
+            assert reply.seq == seq
+            ok += 1
+        except RpcError as exc:
+            assert exc.status == "UNAVAILABLE"
+            err += 1
+        finally:
+            stream.cancel()
+    return ok, err
+
+
+def test_drop_breaks_streams_before_or_after_the_server_saw_the_request(tmp_path, monkeypatch):
+    """p=1 on a stream: no request gets its reply; the stream breaks at the write (the
+    request lost) or at the read (the reply lost: the server saw it), about half each."""
+    async def body(stub, srv, path, address):
+        outcome = await _stream_outcomes(stub, 40)
+        await asyncio.sleep(0.2)   # requests in flight reach the server
+        return outcome, srv.calls
+    (ok, err), calls = run_with(tmp_path, monkeypatch, [{"src": "*", "dst": "sn1", "kind": "drop", "p": 1.0}], body)
+    assert ok == 0 and err == 40
+    assert 5 <= calls <= 35, calls
+
+
+def test_stream_messages_obey_delay_and_partition(tmp_path, monkeypatch):
+    """A delay rule delays a stream message each way; a partition written while a stream
+    is open cuts it within STREAM_CHECK_S, and no new stream opens across it."""
+    async def body(stub, srv, path, address):
+        started = time.monotonic()
+        delayed = await _stream_outcomes(stub, 2)
+        elapsed = time.monotonic() - started
+        stream = stub.AppendStream()
+        await stream.write(pb.AppendRequest(seq=1))
+        path.write_text(json.dumps({"names": {address: "sn1"}, "links": [
+            {"src": "db1", "dst": "sn1", "kind": "partition"}]}))
+        await asyncio.sleep(faults.CHECK_INTERVAL_S + 0.1)
+        with pytest.raises(RpcError) as cut:
+            while True:
+                await stream.read()   # the reply, if it came before the cut, then the cut
+        with pytest.raises(RpcError) as refused:
+            stub.AppendStream()
+        return delayed, elapsed, cut.value.status, refused.value.status
+    delayed, elapsed, cut, refused = run_with(
+        tmp_path, monkeypatch, [{"src": "db1", "dst": "sn1", "kind": "delay", "ms": 50}], body)
+    assert delayed == (2, 0) and elapsed >= 2 * 2 * 0.05
+    assert (cut, refused) == ("UNAVAILABLE", "UNAVAILABLE")
 
 
 def test_duplicate_sends_twice(tmp_path, monkeypatch):

@@ -390,6 +390,52 @@ def test_every_refusal_has_its_own_code_and_the_node_keeps_serving(storage_clust
     assert client.status("sn4").node_id == "sn4"
 
 
+def test_append_stream_acks_in_order_refuses_per_request_and_goes_on(storage_cluster, client, seed):
+    """Scenario: the writer's path, AppendStream, on one node: five requests written back
+    to back are answered in order, each reply tagged with its request's seq; a bad
+    checksum and an epoch ahead are refused in their own replies (aurora-error code and
+    status as a unary Append would fail with) and store nothing, the stream goes on, a
+    retransmit is idempotent; after a fence the old epoch is refused with the current
+    epoch in the reply's metadata (invariant 9); the acks' SCLs are what the node stores
+    (invariant 3)."""
+    chain = ChainBuilder("stream", seed=seed)
+    client.create_volume(chain, nodes=["sn3"])
+    stub = client.stub("sn3")
+    first, second = chain.next_records(12), chain.next_records(12)
+    batches = ChainBuilder.pack(second)
+    pg_bad = max(batches, key=lambda pg: len(batches[pg]))   # >= 3 records: past byte 50
+    flipped = bytearray(batches[pg_bad])
+    flipped[50] ^= 0xFF
+    requests = [append_request(chain, first), append_request(chain, [], batches={**batches, pg_bad: bytes(flipped)}),
+                append_request(chain, second), append_request(chain, first),
+                append_request(chain, chain.next_records(2), epoch=chain.epoch + 5)]
+    chain.forget(2)
+    for seq, request in enumerate(requests, start=10):
+        request.seq = seq
+    replies = list(stub.AppendStream(iter(requests), timeout=10))
+    assert [r.seq for r in replies] == [10, 11, 12, 13, 14]
+    assert [r.error_code for r in replies] == ["", E.BAD_CHECKSUM, "", "", E.EPOCH_AHEAD]
+    assert (replies[1].error_status, replies[4].error_status) == ("DATA_LOSS", "FAILED_PRECONDITION")
+    assert not replies[1].acks and not replies[4].acks
+    scls = client.scls("sn3", chain)
+    assert {a.pg: a.scl for a in replies[2].acks} == {pg: scls[pg] for pg in batches}
+    assert {a.pg: a.scl for a in replies[3].acks} == {pg: scls[pg] for pg in ChainBuilder.pack(first)}, \
+        "a retransmit acks the SCLs as they are"
+    assert sum(seg.records for seg in client.status("sn3").segments if seg.volume == "stream") == 24
+    client.check_pages("sn3", chain)
+    # A new writer fences every PG at a higher epoch: the old one's next request is refused
+    # as stale, in its reply, with the current epoch.
+    for pg in range(chain.layout.pg_count):
+        stub.SegmentState(pb.SegmentStateRequest(volume=chain.volume, pg=pg,
+                                                 volume_epoch=chain.epoch + 1, fence=True), timeout=5)
+    stale = append_request(chain, chain.next_records(3))
+    chain.forget(3)
+    stale.seq = 99
+    [reply] = list(stub.AppendStream(iter([stale]), timeout=10))
+    assert (reply.seq, reply.error_code, reply.error_status) == (99, E.STALE_EPOCH, "FAILED_PRECONDITION")
+    assert int(reply.error_metadata[E.METADATA_CURRENT_EPOCH]) == chain.epoch + 1
+
+
 # --- truncation and epochs -------------------------------------------------------------------
 
 

@@ -250,3 +250,33 @@ def test_latency_is_added_both_ways():
     assert delayed >= 0.06
     assert asked and set(asked) == {asked[0]}
     assert one_way_ms == pytest.approx(30.0)
+
+
+def test_stream_messages_are_delayed_both_ways_and_pipelined():
+    """Scenario: with a LinkDelay of 250 ms, each stream message is delivered 250 ms late,
+    each way (promise 5), in order; three messages written back to back come back after
+    about one round trip, not three: the delay is pipelined, so a delayed stream carries
+    as many messages per second as an undelayed one."""
+    class Fixed:
+        def one_way_s(self, address: str) -> float:
+            return 0.25
+
+    async def body(server, handlers, transport, address):
+        transport.latency = Fixed()
+        loop = asyncio.get_running_loop()
+        async with transport.channel(address) as channel:
+            stream = channel.stub(REPLICATION).Subscribe()
+            started = loop.time()
+            first = await stream.read()          # sent by the server at once
+            first_s = loop.time() - started
+            started = loop.time()
+            for vdl in (10, 20, 30):
+                await stream.write(rpb.ReplicaFeedback(applied_vdl=vdl))
+            got = [(await stream.read()).vdl for _ in range(3)]
+            three_s = loop.time() - started
+            stream.cancel()
+        return first, first_s, got, three_s
+    first, first_s, got, three_s = served(body)
+    assert first.is_snapshot and first_s >= 0.25
+    assert got == [10, 20, 30]
+    assert 0.5 <= three_s < 1.4, three_s   # one after another would take >= 1.5 s

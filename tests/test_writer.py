@@ -7,6 +7,7 @@ uses its own volume name, so the module can share one storage cluster.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -331,3 +332,151 @@ def test_writer_sigkill_during_load_loses_no_acknowledged_commit(make_writer):
         acked, attempted = _run_kill_trial(w, base_seed + trial)
         total_acked += acked
     assert total_acked > KILL_TRIALS, "the load should commit something in most trials"
+
+
+def test_storage_node_kill_and_restart_mid_load_keeps_every_acknowledged_commit(
+        make_writer, storage_cluster):
+    """Scenario: 4 clients commit two-key transactions while storage nodes are SIGKILLed
+    and restarted under them (sn2 and sn4, then sn6): the writer's AppendStream to each
+    breaks, is reopened with backoff once the node is back, and the node answers again;
+    commits never stop (4 of 6 stay up). Then the writer is SIGKILLed and restarted with
+    sn1 and sn5, which were never killed, down: recovery from the other four finds every
+    acknowledged commit (none lost with its stream) and no half transaction
+    (invariants 2, 3 and 10)."""
+    w = make_writer("streamkill")
+    stop = threading.Event()
+    acked: list[tuple[bytes, bytes, bytes]] = []
+    attempted: list[tuple[bytes, bytes, bytes]] = []
+    lock = threading.Lock()
+
+    def load(c):
+        db = w.client(timeout_s=20)
+        j = 0
+        while not stop.is_set():
+            ka, kb = b"c%d-%05d-a" % (c, j), b"c%d-%05d-b" % (c, j)
+            value = os.urandom(8).hex().encode()
+            with lock:
+                attempted.append((ka, kb, value))
+            try:
+                txn = db.begin()
+                txn.put(ka, value)
+                txn.put(kb, value)
+                txn.commit()
+            except Exception:
+                break   # the writer died: this one's outcome is unknown
+            with lock:
+                acked.append((ka, kb, value))
+            j += 1
+        db.close()
+
+    def acked_now() -> int:
+        with lock:
+            return len(acked)
+
+    threads = [threading.Thread(target=load, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        for victims in (("sn2", "sn4"), ("sn6",)):
+            for name in victims:
+                storage_cluster.kill(name)
+            before = acked_now()
+            time.sleep(0.7)
+            assert acked_now() > before, f"commits stopped with {victims} down"
+            for name in victims:
+                storage_cluster.start_node(name)
+            time.sleep(1.0)   # the streams reconnect (backoff <= 1 s) and catch up
+        with w.client() as db:
+            deadline = time.monotonic() + 20
+            while True:
+                nodes = status_json(db)["driver"]["nodes"]
+                if all(nodes[n]["up"] for n in nodes) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        for name in ("sn2", "sn4", "sn6"):
+            assert nodes[name]["up"], f"{name} never answered again: {nodes[name]}"
+            assert nodes[name]["streams"] >= 2, f"{name}'s stream was never reopened"
+        assert all(nodes[n]["streams"] == 1 for n in ("sn1", "sn3", "sn5")), nodes
+        time.sleep(0.3)
+    finally:
+        w.kill()
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert len(acked) > 20, "the load should have committed through the kills"
+    storage_cluster.kill("sn1")
+    storage_cluster.kill("sn5")
+    try:
+        w.start()
+        with w.client() as db:
+            present = dict(db.scan(start=b"c", end=b"d", limit=100_000))
+    finally:
+        storage_cluster.start_node("sn1")
+        storage_cluster.start_node("sn5")
+    lost = [ka for ka, kb, value in acked
+            if present.get(ka) != value or present.get(kb) != value]
+    assert not lost, f"{len(lost)} acknowledged commits lost, e.g. {lost[:3]}"
+    for ka, kb, _value in attempted:
+        assert (ka in present) == (kb in present), f"half a transaction visible: {ka!r}"
+
+
+def test_paused_node_stream_is_cut_after_rpc_timeout_and_reopened(storage_cluster):
+    """Scenario: sn6 is SIGSTOPped under load. A paused node never breaks its stream, so
+    the driver's watchdog cuts it once sn6's oldest unanswered batch is older than
+    rpc_timeout_s (1 s here), even with a write stuck in flow control; commits go on
+    meanwhile (five nodes answer). After SIGCONT the stream is reopened and sn6 acks
+    again."""
+    from engine.db.database import Database
+    from engine.format.cluster_config import NodeInfo
+    from engine.format.volume import VolumeLayout
+    from engine.transport.grpc_transport import GrpcTransport
+    from engine.writer.recovery import recover
+    from engine.writer.storage_driver import StorageDriver
+    from tests.harness import NODE_AZS
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        nodes = [NodeInfo(n, NODE_AZS[n], storage_cluster.address(n)) for n in storage_cluster.nodes]
+        driver = StorageDriver("watchdog", nodes, VolumeLayout(4, 64), epoch=0, lal=100_000,
+                               rpc_timeout_s=1.0, transport=GrpcTransport("writer"))
+        await driver.start()
+        try:
+            await recover(driver)
+            db = Database(driver, 256)
+            await db.bootstrap()
+            await db.create_table("t")
+            value = os.urandom(1200)
+            n = 0
+
+            async def puts_for(seconds: float) -> int:
+                nonlocal n
+                done, until = 0, loop.time() + seconds
+                while loop.time() < until:
+                    await db.put("t", b"k%06d" % n, value, timeout_s=5)
+                    n += 1
+                    done += 1
+                return done
+
+            await puts_for(0.3)
+            storage_cluster.pause("sn6")
+            try:
+                during = await puts_for(2.5)
+                paused = driver.status()["nodes"]["sn6"]
+            finally:
+                storage_cluster.resume("sn6")
+            deadline = loop.time() + 15
+            while True:
+                await puts_for(0.1)
+                back = driver.status()["nodes"]["sn6"]
+                if back["up"] and back["streams"] >= 2 and back["unacked"] == 0:
+                    break
+                assert loop.time() < deadline, f"sn6 never answered again: {back}"
+            return during, paused, back
+        finally:
+            await driver.close()
+
+    during, paused, back = asyncio.run(asyncio.wait_for(run(), 120))
+    assert during > 10, "commits must go on while one node is paused"
+    assert not paused["up"] and paused["failures"] >= 1, paused
+    assert back["rpcs"] > paused["rpcs"], back

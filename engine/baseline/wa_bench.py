@@ -31,9 +31,10 @@ The 4/6 quorum should hide it; the chain cannot, since every write waits for bs4
 
 What is measured per phase (counting rules R1-R7 in engine/baseline/io_count.py):
 
-    compute I/Os/txn   aurora-lite: every PG batch of every Append the instance sends
-                       (R2; six copies of each), and beside it the old count, each
-                       Append one write (R2-old, ``compute_append_ios_per_txn``).
+    compute I/Os/txn   aurora-lite: every PG batch of every Append request the instance
+                       sends (R2; six copies of each, each request a message on a node's
+                       AppendStream), and beside it the old count, each Append one write
+                       (R2-old, ``compute_append_ios_per_txn``).
                        baseline: every write the instance sends to ITS OWN block server
                        (bs1), which is what [P17 Table 1] counts for MySQL ("not counting
                        the chained replication within EBS nor the cross-AZ writes").
@@ -69,6 +70,7 @@ from engine.writer.recovery import recover
 from engine.format.cluster_config import NodeInfo
 from engine.writer.storage_driver import StorageDriver
 from engine.transport import service_of
+from engine.transport.links import Links
 from engine.transport.latency import AzLatency
 from engine.format.volume import VolumeLayout
 
@@ -152,8 +154,10 @@ class CountingDriver(StorageDriver):
     """The real StorageDriver with every Append and ReadPage counted in a Ledger, and an
     optional extra one-way delay to some nodes (the slow-node phase).
 
-    It wraps the per-node RPC callables after ``start``; the driver's batching, quorum
-    tracking and retries are untouched.
+    It counts every Append request written to a node's AppendStream (one I/O each, as a
+    unary Append was), delays each node's stream by its extra delay (both ways, read live
+    so a phase can change it) and wraps the ReadPage callables after ``start``; the
+    driver's batching, quorum tracking and retries are untouched.
     """
 
     def __init__(self, *args, ledger: Ledger, **kwargs) -> None:
@@ -165,8 +169,21 @@ class CountingDriver(StorageDriver):
     async def start(self) -> None:
         await super().start()
         for node in self._nodes.values():
-            node.stub.Append = self._counted_append(node.info.name, node.stub.Append)
             node.stub.ReadPage = self._counted_read(node.info.name, node.stub.ReadPage)
+
+    def _open_stream(self, node):
+        extra = self
+
+        class ExtraDelay:   # a LinkDelay: this node's extra one-way delay now
+            def one_way_s(self, _address: str) -> float:
+                return extra.extra_delay_ms.get(node.info.name, 0.0) / 1000.0
+        return Links(f"wa-bench-{node.info.name}", ExtraDelay()).stream(
+            node.info.address, super()._open_stream(node))
+
+    async def _write_append(self, node, stream, batch) -> None:
+        data = batch.request_bytes
+        self.ledger.sent_append(node.info.name, self._payload(data), len(data))
+        await super()._write_append(node, stream, batch)
 
     async def read_page(self, page_id: int, read_point: int, min_scl: int | None = None) -> bytes | None:
         """The driver's read (hedged), timed: what a buffer pool miss waits for."""
@@ -185,18 +202,6 @@ class CountingDriver(StorageDriver):
             sizes = [len(b.records) for b in spb.AppendRequest.FromString(data).batches]
             self._payload_cache = (data, sizes)
         return sizes
-
-    def _counted_append(self, name: str, call):
-        async def append(data: bytes, **kwargs):
-            self.ledger.sent_append(name, self._payload(data), len(data))
-            extra_s = self.extra_delay_ms.get(name, 0.0) / 1000.0
-            if extra_s:
-                await asyncio.sleep(extra_s)
-            reply = await call(data, **kwargs)
-            if extra_s:
-                await asyncio.sleep(extra_s)
-            return reply
-        return append
 
     def _counted_read(self, name: str, call):
         async def read_page(request, **kwargs):

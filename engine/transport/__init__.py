@@ -30,11 +30,15 @@ must keep every line):
      once; a stream that breaks ends with an RpcError from ``read``/``write`` (or None from
      ``read`` when the server finished it).
   5. Latency: a Transport built with a ``LinkDelay`` adds its one-way delay before a unary
-     request is sent and again before its reply is delivered (engine/transport/latency.py).
+     request is sent and again before its reply is delivered (engine/transport/latency.py);
+     on a stream, every message each way is delivered its one-way delay late, pipelined
+     (a stream's write returns once the message is queued; a break shows on the next
+     read or write).
   6. Faults: when the fault file is active (engine/hooks.py), calls obey its rules on the
      caller's side (partition, drop, delay, duplicate, reorder); see docs/reliability.md.
-  7. A request may be passed to a unary call already serialised (``bytes``): one Append
-     batch is serialised once for six nodes (docs/decisions.md, design choice D2).
+  7. A request may be passed to a unary call or a stream's write already serialised
+     (``bytes``): one Append batch is serialised once for six nodes (docs/decisions.md,
+     design choice D2).
 
 No grpc, no asyncio at import: engine/writer, storage_node and the simulator import this.
 """

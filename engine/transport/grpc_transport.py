@@ -98,21 +98,18 @@ def _methods(service):
 
 
 class _Stream:
-    """The caller's end of a bidirectional stream."""
+    """The caller's end of a bidirectional stream, as gRPC gives it (errors mapped);
+    engine/transport/links.py wraps it in the link's latency and faults."""
 
-    def __init__(self, call, address: str, links: Links) -> None:
+    def __init__(self, call) -> None:
         self._call = call
-        self._address = address
-        self._links = links
 
     async def read(self):
-        async def once():
-            msg = await self._call.read()
-            return None if msg is grpc.aio.EOF else msg
         try:
-            return await self._links.stream_read(self._address, once, self._call.cancel)
+            msg = await self._call.read()
         except grpc.RpcError as exc:
             raise _error_of(exc) from None
+        return None if msg is grpc.aio.EOF else msg
 
     async def write(self, message) -> None:
         try:
@@ -155,10 +152,10 @@ class _Stub:
 
     @staticmethod
     def _stream_method(channel: "_Channel", mc):
-        def open_stream(metadata: dict | None = None) -> _Stream:
+        def open_stream(metadata: dict | None = None):
             channel._links.check_stream_start(channel.address)
             call = mc(metadata=tuple(metadata.items()) if metadata else None)
-            return _Stream(call, channel.address, channel._links)
+            return channel._links.stream(channel.address, _Stream(call))
         return open_stream
 
 
