@@ -129,22 +129,7 @@ def cmd_write_amplification(args: argparse.Namespace) -> int:
     finally:
         if bar:
             bar.close()
-    chart = None
-    if not args.no_chart:
-        path = args.chart or DEFAULT_CHART
-        if wa_bench.write_chart(results, path):
-            chart = path
-            results["chart"] = path
-        elif args.chart:
-            print("no chart: matplotlib is not installed (pip install 'aurora-lite[plot]')",
-                  file=sys.stderr)
-    if args.json:
-        print(wa_bench.dumps(results))
-    else:
-        print(wa_bench.render(results))
-        if chart:
-            print(f"\nchart: {chart}")
-    return 0
+    return _report(args, results, wa_bench.write_chart, wa_bench.render, DEFAULT_CHART)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -156,7 +141,7 @@ def _sensitivity(args: argparse.Namespace, cfg) -> int:
     (engine/baseline/wa_sweep.py): a table, and a PNG chart when matplotlib is there."""
     import asyncio
 
-    from engine.baseline import wa_bench, wa_sweep
+    from engine.baseline import wa_sweep
 
     bar = None if args.no_progress else ProgressBar()
     try:
@@ -169,18 +154,26 @@ def _sensitivity(args: argparse.Namespace, cfg) -> int:
     finally:
         if bar:
             bar.close()
+    return _report(args, sweep, wa_sweep.write_chart, wa_sweep.render, DEFAULT_SENSITIVITY_CHART)
+
+
+def _report(args: argparse.Namespace, results: dict, write_chart, render, default_chart: str) -> int:
+    """Print a run's results (a table, or JSON with --json) and write its chart unless
+    --no-chart; a chart asked for by --chart without matplotlib is said, not an error."""
+    from engine.baseline import wa_bench
+
     chart = None
     if not args.no_chart:
-        path = args.chart or DEFAULT_SENSITIVITY_CHART
-        if wa_sweep.write_chart(sweep, path):
-            chart = sweep["chart"] = path
+        path = args.chart or default_chart
+        if write_chart(results, path):
+            chart = results["chart"] = path
         elif args.chart:
             print("no chart: matplotlib is not installed (pip install 'aurora-lite[plot]')",
                   file=sys.stderr)
     if args.json:
-        print(wa_bench.dumps(sweep))
+        print(wa_bench.dumps(results))
     else:
-        print(wa_sweep.render(sweep))
+        print(render(results))
         if chart:
             print(f"\nchart: {chart}")
     return 0
