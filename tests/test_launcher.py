@@ -127,7 +127,11 @@ async def _fake_serve(args) -> int:
                 return dpb.BeginReply(txn_id=txn_id)
 
             async def Commit(self, request, context):
-                writes = txns.pop(request.txn_id)
+                # Writes come with the commit (CommitRequest.ops; txn_id 0: no Begin was
+                # needed because the transaction read nothing), as the real instance takes them.
+                writes = txns.pop(request.txn_id) if request.txn_id else {}
+                for op in request.ops:
+                    writes[op.key] = None if op.delete else op.value
                 if not writes:
                     return dpb.WriteReply()
                 state["lsn"] += 1
@@ -361,8 +365,11 @@ def test_shell_from_a_pipe(fake_cluster):
         "begin", "put k3 v3", "abort", "get k3", "bogus", "scan", "status --json", "quit", "put never x"])
     result = cli(fake_cluster, "shell", stdin=script + "\n")
     out = result.stdout
-    assert "OK (commit LSN 1)" in out and "BEGIN (transaction 1)" in out and "OK (in transaction 1)" in out
-    assert "COMMIT (commit LSN 2)" in out and "ABORT (transaction 2)" in out
+    # The client buffers a transaction's writes and sends them with COMMIT (decision 11):
+    # the shell has no transaction id to show before the first read.
+    assert "OK (commit LSN 1)" in out and "BEGIN (writes are sent with COMMIT)" in out
+    assert "OK (in transaction)" in out
+    assert "COMMIT (commit LSN 2)" in out and "ABORT" in out.splitlines()
     assert out.splitlines().count("v2") == 2 and "k1\tv1\nk2\tv2\n" in out
     assert '"cluster_endpoint"' in out
     assert "error: not found: key 'k3'" in result.stderr
