@@ -13,23 +13,10 @@ import pytest
 
 from engine.cluster import launcher
 from engine.cluster.launcher import DataDir
-from tests.test_cli_tour import Cli, up
+from tests.test_cli_tour import cluster, up  # noqa: F401 (cluster: the fixture)
 
 CLUSTER_PROCESSES = ["control-plane", "db1", "db2", "sn1", "sn2", "sn3", "sn4", "sn5", "sn6"]
 DURATION_S = 3
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    cli = Cli(tmp_path / "aurora")
-    pids: list[int] = []
-    try:
-        yield cli
-        pids = cli.pids()
-    finally:
-        pids = pids or cli.pids()
-        cli("down", check=None, record=False)
-        cli.kill_leftovers(pids)
 
 
 def test_bench_load_init_and_write_only_run(cluster):

@@ -268,6 +268,30 @@ def test_model_across_restarts_with_tiny_buffer_pool(make_writer, storage_cluste
         db.close()
 
 
+def commit_key_pairs(db, stop, key_prefix: bytes, make_value, attempted: list, acked: list,
+                     lock) -> None:
+    """One client's load: two-key transactions (both keys get one value) until ``stop``
+    or the first failure (the writer died: that transaction's outcome is unknown). Every
+    attempt is recorded before it is sent, every acknowledged one after its commit."""
+    j = 0
+    while not stop.is_set():
+        ka, kb = b"%s-%05d-a" % (key_prefix, j), b"%s-%05d-b" % (key_prefix, j)
+        value = make_value()
+        with lock:
+            attempted.append((ka, kb, value))
+        try:
+            txn = db.begin()
+            txn.put(ka, value)
+            txn.put(kb, value)
+            txn.commit()
+        except Exception:
+            break
+        with lock:
+            acked.append((ka, kb, value))
+        j += 1
+    db.close()
+
+
 def _run_kill_trial(w, seed: int, clients: int = 4) -> tuple[int, int]:
     """Concurrent transactional load, SIGKILL the writer at a seeded moment, restart,
     check. Each transaction writes two keys with the same value: after the restart
@@ -283,23 +307,8 @@ def _run_kill_trial(w, seed: int, clients: int = 4) -> tuple[int, int]:
             db = w.client(timeout_s=10)
         except Exception:
             return
-        j = 0
-        while not stop.is_set():
-            ka, kb = b"s%d-c%d-%05d-a" % (seed, c, j), b"s%d-c%d-%05d-b" % (seed, c, j)
-            value = b"%d" % rng.randrange(1 << 30)
-            with lock:
-                attempted.append((ka, kb, value))
-            try:
-                txn = db.begin()
-                txn.put(ka, value)
-                txn.put(kb, value)
-                txn.commit()
-            except Exception:
-                break  # the writer died: this one's outcome is unknown
-            with lock:
-                acked.append((ka, kb, value))
-            j += 1
-        db.close()
+        commit_key_pairs(db, stop, b"s%d-c%d" % (seed, c),
+                         lambda: b"%d" % rng.randrange(1 << 30), attempted, acked, lock)
 
     threads = [threading.Thread(target=load, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -375,24 +384,8 @@ def test_storage_node_kill_and_restart_mid_load_keeps_every_acknowledged_commit(
     lock = threading.Lock()
 
     def load(c):
-        db = w.client(timeout_s=20)
-        j = 0
-        while not stop.is_set():
-            ka, kb = b"c%d-%05d-a" % (c, j), b"c%d-%05d-b" % (c, j)
-            value = os.urandom(8).hex().encode()
-            with lock:
-                attempted.append((ka, kb, value))
-            try:
-                txn = db.begin()
-                txn.put(ka, value)
-                txn.put(kb, value)
-                txn.commit()
-            except Exception:
-                break   # the writer died: this one's outcome is unknown
-            with lock:
-                acked.append((ka, kb, value))
-            j += 1
-        db.close()
+        commit_key_pairs(w.client(timeout_s=20), stop, b"c%d" % c,
+                         lambda: os.urandom(8).hex().encode(), attempted, acked, lock)
 
     def acked_now() -> int:
         with lock:
