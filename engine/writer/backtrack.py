@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 BACKTRACK_WINDOW_DEFAULT_S = float(os.environ.get("AURORA_BACKTRACK_WINDOW_S", "3600"))
 BACKTRACK_WINDOW_MAX_S = 72 * 3600.0
 RPC_TIMEOUT_S = 5.0
+#: How long write_backtrack waits before asking silent nodes a second time: longer than a
+#: channel's largest reconnect backoff (1 s) with gRPC's 20% jitter.
+RECONNECT_WAIT_S = 1.5
 CLOCK_SAMPLES_MAX = 100_000
 
 
@@ -325,6 +328,17 @@ class TimeTravel:
         volume, layout = driver.volume, driver.layout
         states = await self._each_node(lambda stub: stub.NodeStatus(pb.NodeStatusRequest(),
                                                                     timeout_s=RPC_TIMEOUT_S))
+        if sum(not isinstance(a, RpcError) for a in states.values()) < VW:
+            # A node restarted a moment ago may still sit in its channel's reconnect backoff
+            # (at most 1 s, engine/transport/grpc_transport.py) and fail a call at once:
+            # ask the silent ones again once that has passed before refusing.
+            await asyncio.sleep(RECONNECT_WAIT_S)
+            again = await gather_per_node(
+                self.driver, lambda name, stub: (
+                    stub.NodeStatus(pb.NodeStatusRequest(), timeout_s=RPC_TIMEOUT_S)
+                    if isinstance(states[name], RpcError) else _answered(states[name])),
+                RPC_TIMEOUT_S)
+            states.update(again)
         answered = [a for a in states.values() if not isinstance(a, RpcError)]
         if len(answered) < VW:
             raise BacktrackNotStarted(UnavailableError(
@@ -397,3 +411,8 @@ class TimeTravel:
                 raise DatabaseError(f"clone {name!r}: {detail}")
             raise UnavailableError(f"clone {name!r} reached {len(ok)} of the {VW} nodes it "
                                    f"needs ({detail})")
+
+
+async def _answered(reply):
+    """An awaitable of a reply already in hand (write_backtrack's second asking)."""
+    return reply
