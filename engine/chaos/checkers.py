@@ -360,6 +360,14 @@ def check_lost_writes(w: Workload, writer_client) -> list[str]:
             if time.monotonic() > deadline:
                 return [f"lost-writes: cannot read the final state: {exc!r}"]
             time.sleep(0.5)
+    return judge_final_state(w, got, read_point, acc)
+
+
+def judge_final_state(w: Workload, got: dict, read_point: int, acc) -> list[str]:
+    """The lost-write verdict on a final state read after heal: ``got`` {key: value} of
+    the registers, ``acc`` [(key, value)] of the accounts, both at ``read_point`` (shared
+    by check_lost_writes and the simulator, engine/sim/workload.py)."""
+    out = []
     for p in w.puts:
         if p.outcome == "ok" and got.get(p.key) != p.value:
             out.append(f"lost write: {p.key!r} = {p.value!r} was acknowledged at commit LSN {p.lsn} "
@@ -497,6 +505,12 @@ def check_acks_held_by_storage(w: Workload, scl_log_dir, volume: str | None = No
     logs = read_scl_logs(scl_log_dir)
     if not logs:
         return [f"durability: no storage node SCL log in {scl_log_dir} (is $AURORA_FAULTS_FILE set?)"]
+    return judge_acks_held(w, logs, volume)
+
+
+def judge_acks_held(w: Workload, logs: dict, volume: str | None = None) -> list[str]:
+    """check_acks_held_by_storage on SCL records already in memory, in read_scl_logs's
+    shape (the simulator keeps them there, engine/sim/workload.py)."""
     if volume is None:
         volumes = sorted({key[0] for segs in logs.values() for key in segs})
         if len(volumes) != 1:

@@ -34,7 +34,7 @@ import time
 from collections import deque
 
 from aurora_pb import replication_pb2 as rpb
-from engine import materialiser
+from engine import hooks, materialiser
 from engine.db.database import Database
 from engine.errors import ReadOnlyError, RpcError, WriteQuorumUnavailable
 from engine.format.redo import FLAG_CPL
@@ -126,7 +126,8 @@ class ReplicaSink:
         tails = self.reader.tracker.vdl_tails
         for mtr in mtrs:
             for page_id, lsn, record in mtr:
-                assert lsn <= vdl, f"invariant 11: record {lsn} above VDL {vdl}"
+                assert lsn <= vdl or hooks.replica_above_vdl(), \
+                    f"invariant 11: record {lsn} above VDL {vdl}"
                 page = pool.peek(page_id)
                 if page is not None:
                     materialiser.apply(page, page_id, record, verify_pages=False)
@@ -240,7 +241,8 @@ class Replica:
             self.writer_vdl = max(self.writer_vdl, msg.vdl)
             if msg.vdl > sink.vdl:
                 visible = 0
-                while visible < len(pending) and pending[visible][-1][1] <= msg.vdl:
+                above_vdl = hooks.replica_above_vdl()   # PLANTED BUG when True, test only
+                while visible < len(pending) and (above_vdl or pending[visible][-1][1] <= msg.vdl):
                     visible += 1
                 batch, pending = pending[:visible], pending[visible:]
                 pending_records -= sum(len(m) for m in batch)
