@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 FAULT_KINDS = ("delay", "drop", "duplicate", "reorder", "node-partition", "az-partition",
                "one-way-partition", "node-crash", "az-down", "az-plus-one", "slow-disk",
                "corrupt", "writer-crash", "replica-crash")
+#: Virtual seconds of faults in one schedule, unless told otherwise.
+VIRTUAL_S_DEFAULT = 30.0
+#: The planted bugs a schedule can run with (engine/hooks.py) and their switch values.
+BUGS = {"ack-before-commit": (hooks.ACK_BEFORE_COMMIT_ENV, "0.5"),
+        "vdl-short-quorum": (hooks.VDL_SHORT_QUORUM_ENV, "1"),
+        "scl-overclaim": (hooks.SCL_OVERCLAIM_ENV, "1"),
+        "replica-above-vdl": (hooks.REPLICA_ABOVE_VDL_ENV, "1")}
 GAP_S = (0.3, 1.0)
 HOLD_S = (0.8, 2.0)
 FAILOVER_AFTER_S = 1.0
