@@ -111,6 +111,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         "min_acked": min(r["acked"] for r in results),
         "min_virtual_s": min(r["virtual_s"] for r in results),
         "bug": args.bug,
+        "grpc_imported": any(r.get("grpc_imported") for r in results),
         "hashes": {str(r["seed"]): r["trace_hash"] for r in sorted(results, key=lambda r: r["seed"])},
     }
     verdict = "GREEN" if not red else "RED"

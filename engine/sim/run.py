@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -197,6 +198,7 @@ def _run_one(args) -> dict:
     seed, virtual_s, kinds, bug, keep_trace = args
     r = run_schedule(seed, virtual_s, kinds, keep_trace=keep_trace, bug=bug)
     d = r.to_json()
+    d["grpc_imported"] = any(m.split(".")[0] in ("grpc", "grpc_health") for m in sys.modules)
     if keep_trace:
         d["trace"] = r.trace
     return d
