@@ -46,7 +46,7 @@ class SimProcess:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: dict[asyncio.Task, None] = {}   # ordered: kill cancels in a fixed order
         self.dead = False
 
     def context(self) -> contextvars.Context:
@@ -127,8 +127,8 @@ def _task_factory(loop, coro, context=None):
         if proc.dead:
             task.cancel()
         else:
-            proc.tasks.add(task)
-            task.add_done_callback(proc.tasks.discard)
+            proc.tasks[task] = None
+            task.add_done_callback(lambda t: proc.tasks.pop(t, None))
     return task
 
 

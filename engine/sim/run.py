@@ -172,6 +172,7 @@ async def _schedule(seed, virtual_s, kinds, loop, net, trace, base_dir, scl, out
     out["virtual_s"] = loop.time()
     out["corrupted"] = any(k == "corrupt" for _t, k, _w in nemesis.episodes)
     trace.note(loop.time(), f"verdict {len(out['violations'])} violations")
+    trace.closed = True
     cluster.close()
 
 

@@ -24,6 +24,7 @@ class Trace:
         self.keep = keep
         self.lines: list[str] = []
         self.events = 0
+        self.closed = False     # after the verdict: the teardown is not part of the trace
 
     def event(self, t: float, src: str, dst: str, what: str, kind: str, size: int) -> None:
         line = f"{t:.6f} {src} > {dst} {what} {kind} {size}"
@@ -34,10 +35,14 @@ class Trace:
         self._add(f"{t:.6f} * {text}")
 
     def jump(self, t: float) -> None:
+        if self.closed:
+            return
         self._hash.update(b"J%.6f" % t)
         self.events += 1
 
     def _add(self, line: str) -> None:
+        if self.closed:
+            return
         self.events += 1
         self._hash.update(line.encode())
         if self.keep:
