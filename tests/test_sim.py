@@ -84,10 +84,10 @@ def test_soak():
 # Planted bugs (engine/hooks.py): (bug, the first seed that catches it searching from seed 1,
 # i.e. caught after that many seeds, and a word the violation must contain).
 PLANTED = [
-    ("ack-before-commit", 1, "lost write"),
-    ("vdl-short-quorum", 1, "durability"),
-    ("scl-overclaim", 1, "durability"),
-    ("replica-above-vdl", 1, "read point"),
+    ("ack-before-commit", 1, "durability"),   # caught after 1 seed
+    ("vdl-short-quorum", 2, "durability"),    # caught after 2 seeds
+    ("scl-overclaim", 2, "durability"),       # caught after 2 seeds
+    ("replica-above-vdl", 3, "read point"),   # caught after 3 seeds
 ]
 
 

@@ -29,7 +29,7 @@ from engine.transport import service_of
 
 DATABASE = service_of(dpb, "Database")
 OP_TIMEOUT_S = 5.0
-PAUSE_OK_S = 0.1
+PAUSE_OK_S = 0.15
 PAUSE_FAIL_S = 0.1
 READ_EVERY_S = 0.25
 SAMPLE_EVERY_S = 0.5
