@@ -45,8 +45,8 @@ read from the environment of the process that has the code::
                                                        highest LSN as its SCL, even when a
                                                        gap in the chain keeps its real SCL
                                                        lower (invariant 4)
-    AURORA_BUG_REPLICA_ABOVE_VDL=1  engine/instance/   a replica applies every whole MTR it
-                                    replica            has, also those above the VDL it was
+    AURORA_BUG_REPLICA_ABOVE_VDL=1  engine/instance/   a replica applies every whole MTR as
+                                    replica            it arrives, also above the VDL it was
                                                        told (invariant 11)
 
 **In-process state** (``install_state``): the deterministic simulator (engine/sim/) runs

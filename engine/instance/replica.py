@@ -239,9 +239,9 @@ class Replica:
                 if pending_records > PENDING_RECORDS_MAX:
                     raise RuntimeError("too many records above VDL; resubscribing")
             self.writer_vdl = max(self.writer_vdl, msg.vdl)
-            if msg.vdl > sink.vdl:
+            above_vdl = hooks.replica_above_vdl()   # PLANTED BUG when True, test only
+            if msg.vdl > sink.vdl or (above_vdl and pending):
                 visible = 0
-                above_vdl = hooks.replica_above_vdl()   # PLANTED BUG when True, test only
                 while visible < len(pending) and (above_vdl or pending[visible][-1][1] <= msg.vdl):
                     visible += 1
                 batch, pending = pending[:visible], pending[visible:]
@@ -249,7 +249,7 @@ class Replica:
                 # A read that gave up on optimistic retries holds this lock for its whole
                 # run; it must not see an MTR applied halfway through it.
                 async with db.mtr_lock:
-                    sink.apply_visible(batch, msg.vdl, db.pool)
+                    sink.apply_visible(batch, max(msg.vdl, sink.vdl), db.pool)
                 if msg.vdl_time_us:
                     self.lag_ms.append(max(0.0, (time.time_ns() // 1000 - msg.vdl_time_us) / 1000.0))
             now = time.monotonic()
