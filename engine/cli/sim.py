@@ -94,7 +94,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
             red.append(r["seed"])
             print(f"seed {r['seed']} RED: {r['violations'][0][:300]}", file=sys.stderr)
             print(f"  replay: {_replay_command(r['seed'], args)}", file=sys.stderr)
-        print(f"[{len(results)}/{len(seeds)}] seed {r['seed']} {'green' if r['green'] else 'RED'} "
+        print(f"[{len(results)}/{len(seeds)}] +{time.perf_counter() - started:.1f}s "
+              f"seed {r['seed']} {'green' if r['green'] else 'RED'} "
               f"hash {r['trace_hash']} acked {r['acked']} episodes {r['episodes']}",
               file=sys.stderr, flush=True)
     wall_s = time.perf_counter() - started
