@@ -41,6 +41,17 @@ read from the environment of the process that has the code::
                                     quorum             VDL passes records that only 3 of 6
                                                        segments hold (invariant 5); read
                                                        once, at import
+    AURORA_BUG_SCL_OVERCLAIM=1      storage_node/node  a storage node acks each batch's
+                                                       highest LSN as its SCL, even when a
+                                                       gap in the chain keeps its real SCL
+                                                       lower (invariant 4)
+    AURORA_BUG_REPLICA_ABOVE_VDL=1  engine/instance/   a replica applies every whole MTR as
+                                    replica            it arrives, also above the VDL it was
+                                                       told (invariant 11)
+
+**In-process state** (``install_state``): the deterministic simulator (engine/sim/) runs
+every process in one Python process, so it hands the slow-disk rules and the SCL log
+sink to this module directly instead of through a fault file.
 """
 
 from __future__ import annotations
@@ -59,6 +70,14 @@ LINK_KINDS = ("partition", "drop", "delay", "duplicate", "reorder")
 
 ACK_BEFORE_COMMIT_ENV = "AURORA_BUG_ACK_BEFORE_COMMIT"
 VDL_SHORT_QUORUM_ENV = "AURORA_BUG_VDL_SHORT_QUORUM"
+SCL_OVERCLAIM_ENV = "AURORA_BUG_SCL_OVERCLAIM"
+REPLICA_ABOVE_VDL_ENV = "AURORA_BUG_REPLICA_ABOVE_VDL"
+PLANTED_BUG_ENVS = (ACK_BEFORE_COMMIT_ENV, VDL_SHORT_QUORUM_ENV, SCL_OVERCLAIM_ENV,
+                    REPLICA_ABOVE_VDL_ENV)
+
+#: Set by install_state (the simulator): {node: delay_s} and a factory of SCL logs.
+_installed_disk_delays: dict[str, float] | None = None
+_installed_scl_log_factory = None
 
 log = logging.getLogger("aurora_lite.faults")
 _bug_log = logging.getLogger("aurora_lite.planted_bugs")
@@ -140,8 +159,20 @@ def state_for(me: str) -> FaultState | None:
     return st
 
 
+def install_state(*, disk_delays: dict[str, float] | None = None, scl_log_factory=None) -> None:
+    """In-process fault state (the simulator, engine/sim/): ``disk_delays`` {node: seconds
+    before each LMDB commit} replaces the fault file's disk rules; ``scl_log_factory(me)``
+    returns the object whose ``record(segments)`` storage node ``me`` calls after each
+    durable write (as SclLog). None for both: back to the environment."""
+    global _installed_disk_delays, _installed_scl_log_factory
+    _installed_disk_delays = disk_delays
+    _installed_scl_log_factory = scl_log_factory
+
+
 def disk_delay_s(me: str) -> float:
     """Extra seconds before each LMDB commit of storage node ``me`` (0 without faults)."""
+    if _installed_disk_delays is not None:
+        return _installed_disk_delays.get(me, 0.0)
     state = state_for(me)
     return 0.0 if state is None else state.disk_delay_s()
 
@@ -160,12 +191,22 @@ def vdl_short_quorum() -> bool:
     return os.environ.get(VDL_SHORT_QUORUM_ENV, "") not in ("", "0")
 
 
+def scl_overclaim() -> bool:
+    """True when a storage node acks each batch's highest LSN whatever its SCL is."""
+    return os.environ.get(SCL_OVERCLAIM_ENV, "") not in ("", "0")
+
+
+def replica_above_vdl() -> bool:
+    """True when a replica applies whole MTRs above the VDL it was told."""
+    return os.environ.get(REPLICA_ABOVE_VDL_ENV, "") not in ("", "0")
+
+
 def warn_if_planted(where: str) -> None:
     """One WARNING line per process with a planted bug, so a log shows it was on purpose."""
-    if ack_before_commit_s() or vdl_short_quorum():
-        _bug_log.warning("%s runs with a PLANTED BUG (%s=%s, %s=%s): test only", where,
-                         ACK_BEFORE_COMMIT_ENV, os.environ.get(ACK_BEFORE_COMMIT_ENV, ""),
-                         VDL_SHORT_QUORUM_ENV, os.environ.get(VDL_SHORT_QUORUM_ENV, ""))
+    planted = [f"{name}={os.environ[name]}" for name in PLANTED_BUG_ENVS
+               if os.environ.get(name, "") not in ("", "0")]
+    if planted:
+        _bug_log.warning("%s runs with a PLANTED BUG (%s): test only", where, ", ".join(planted))
 
 
 # --- The storage nodes' own record of their SCLs (chaos mode only) -------------------------
@@ -217,5 +258,7 @@ class SclLog:
 
 
 def scl_log_for(me: str) -> SclLog | None:
+    if _installed_scl_log_factory is not None:
+        return _installed_scl_log_factory(me)
     path = scl_log_path(me)
     return None if path is None else SclLog(path)

@@ -176,7 +176,27 @@ class StorageNode:
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(self._ack_before_commit(op, defer_s))   # PLANTED BUG, test only
             return fut
-        return await self.committer.enqueue(op, background)
+        fut = await self.committer.enqueue(op, background)
+        if op.source == "writer" and hooks.scl_overclaim():
+            return self._overclaim(op, fut)   # PLANTED BUG, test only
+        return fut
+
+    def _overclaim(self, op: AppendOp, fut: asyncio.Future) -> asyncio.Future:
+        """Planted bug (engine/hooks.py): ack each batch's highest LSN as the SCL, even when
+        a gap in the chain holds the real SCL lower (invariant 4)."""
+        out = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future) -> None:
+            result = f.result()
+            if not isinstance(result, Exception):
+                result = dict(result)
+                for batch in op.batches:
+                    result[batch.pg] = max(result.get(batch.pg, 0), batch.scan.max_lsn)
+            if not out.done():
+                out.set_result(result)
+
+        fut.add_done_callback(done)
+        return out
 
     def _ack_before_commit(self, op: AppendOp, defer_s: float) -> dict[int, int]:
         """Planted bug (engine/hooks.py): claim every batch is stored, commit later."""

@@ -34,7 +34,7 @@ import time
 from collections import deque
 
 from aurora_pb import replication_pb2 as rpb
-from engine import materialiser
+from engine import hooks, materialiser
 from engine.db.database import Database
 from engine.errors import ReadOnlyError, RpcError, WriteQuorumUnavailable
 from engine.format.redo import FLAG_CPL
@@ -126,7 +126,8 @@ class ReplicaSink:
         tails = self.reader.tracker.vdl_tails
         for mtr in mtrs:
             for page_id, lsn, record in mtr:
-                assert lsn <= vdl, f"invariant 11: record {lsn} above VDL {vdl}"
+                assert lsn <= vdl or hooks.replica_above_vdl(), \
+                    f"invariant 11: record {lsn} above VDL {vdl}"
                 page = pool.peek(page_id)
                 if page is not None:
                     materialiser.apply(page, page_id, record, verify_pages=False)
@@ -238,16 +239,17 @@ class Replica:
                 if pending_records > PENDING_RECORDS_MAX:
                     raise RuntimeError("too many records above VDL; resubscribing")
             self.writer_vdl = max(self.writer_vdl, msg.vdl)
-            if msg.vdl > sink.vdl:
+            above_vdl = hooks.replica_above_vdl()   # PLANTED BUG when True, test only
+            if msg.vdl > sink.vdl or (above_vdl and pending):
                 visible = 0
-                while visible < len(pending) and pending[visible][-1][1] <= msg.vdl:
+                while visible < len(pending) and (above_vdl or pending[visible][-1][1] <= msg.vdl):
                     visible += 1
                 batch, pending = pending[:visible], pending[visible:]
                 pending_records -= sum(len(m) for m in batch)
                 # A read that gave up on optimistic retries holds this lock for its whole
                 # run; it must not see an MTR applied halfway through it.
                 async with db.mtr_lock:
-                    sink.apply_visible(batch, msg.vdl, db.pool)
+                    sink.apply_visible(batch, max(msg.vdl, sink.vdl), db.pool)
                 if msg.vdl_time_us:
                     self.lag_ms.append(max(0.0, (time.time_ns() // 1000 - msg.vdl_time_us) / 1000.0))
             now = time.monotonic()

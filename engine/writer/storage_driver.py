@@ -163,7 +163,9 @@ class StorageDriver:
         self._inflight: list[_Batch] = []  # sealed, not yet acked by VW nodes nor durable
         self._batch_seq = 0
         self._vdl_changed = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
+        # Insertion-ordered (a dict, not a set): closing cancels them in a fixed order, so
+        # a seed of the simulator replays the same events (engine/sim).
+        self._tasks: dict[asyncio.Task, None] = {}
         self._closed = False
         # Counters for status and the write-amplification benchmark.
         self.stats = {"batches": 0, "records": 0, "record_bytes": 0, "append_rpcs": 0,
@@ -306,8 +308,8 @@ class StorageDriver:
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = None
+        task.add_done_callback(lambda t: self._tasks.pop(t, None))
 
     def _delay_ms(self, node: _Node) -> float:
         """One-way simulated delay to ``node`` now (the transport applies it)."""
@@ -548,19 +550,22 @@ class StorageDriver:
                            n.latency_ewma_s))
         errors: list[str] = []
         pending: set[asyncio.Task] = set()
+        started: dict[asyncio.Task, int] = {}   # hedge order: ties go to the first started
         index = 0
         try:
             while index < len(candidates) or pending:
                 if index < len(candidates) and len(pending) < 2:
                     node = candidates[index]
                     index += 1
-                    pending.add(asyncio.ensure_future(self._read_one(node, request)))
+                    task = asyncio.ensure_future(self._read_one(node, request))
+                    started[task] = index
+                    pending.add(task)
                     if len(pending) == 2:
                         self.stats["hedged_reads"] += 1
                 wait_s = self.hedge_after_s if index < len(candidates) and len(pending) < 2 else None
                 done, pending = await asyncio.wait(pending, timeout=wait_s,
                                                    return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                for task in sorted(done, key=started.__getitem__):
                     outcome = task.result()
                     if outcome[0] == "ok":
                         return outcome[1]
@@ -568,7 +573,7 @@ class StorageDriver:
                         return None
                     errors.append(outcome[1])
         finally:
-            for task in pending:
+            for task in sorted(pending, key=started.__getitem__):
                 task.cancel()
         raise UnavailableError(
             f"no segment of PG {pg} could serve page {page_id} at read point {read_point}: "
