@@ -10,6 +10,7 @@ writer, replica, version) are here, every other verb in the module of its group:
 - engine/cli/clones.py: clone, backtrack, --as-of-*, --volume;
 - engine/cli/bench.py: bench write-amplification, block-server;
 - engine/cli/chaos.py: chaos;
+- engine/cli/lab.py: lab list|make|grade (the coursework labs, labs/);
 - engine/cli/common.py: what they share (exit codes, errors, finding the cluster, the
   control plane's client, flags, tables).
 
@@ -58,7 +59,7 @@ def cmd_replica_process(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import bench, chaos, clones, data, faults, lifecycle, replicas
+    from engine.cli import bench, chaos, clones, data, faults, lab, lifecycle, replicas
     from engine.cluster.listen import add_listen_args
 
     parser = argparse.ArgumentParser(
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle.register_logs(sub)  # logs
     bench.register(sub)  # bench write-amplification, block-server
     chaos.register(sub)  # chaos (docs/reliability.md)
+    lab.register(sub)  # lab list|make|grade (docs/labs.md)
     return parser
 
 
