@@ -91,6 +91,23 @@ class Chain:
             out.append(rec)
         return out
 
+    def truncate(self, start: int, end: int, epoch: int) -> None:
+        """Annul (start, end] like recovery does: forget the records in it; the next records
+        get LSNs above end and chain to what is left."""
+        self.records = [r for r in self.records if not start < r.lsn <= end]
+        self.lsn = max(self.lsn, end)
+        self.epoch = epoch
+        self._last_pg.clear()
+        self._last_page.clear()
+        self._cells.clear()
+        for r in self.records:
+            self._last_pg[r.pg] = r.lsn
+            self._last_page[r.page_id] = r.lsn
+            if r.rtype == RT.INIT_PAGE:
+                self._cells[r.page_id] = 0
+            elif r.rtype == RT.INSERT_CELL:
+                self._cells[r.page_id] += 1
+
     @staticmethod
     def pack(recs: list[Rec]) -> dict[int, bytes]:
         """{pg: packed batch} of recs (in the given order)."""
