@@ -39,6 +39,7 @@ GRADE_TIMEOUT_S = 600.0
 @dataclass
 class TestVerdict:
     name: str            # the test function's name (with its parameters)
+    module: str          # e.g. lab1_quorum.test_lab1
     outcome: str         # passed | failed | error | skipped
     given: bool          # passes on the skeleton too; not scored
     processes: bool      # runs real processes
@@ -81,7 +82,7 @@ def parse_junit(path: str, lab: int, tree: str | None) -> list[TestVerdict]:
         if seed is not None and outcome in ("failed", "error"):
             where = f" --tree {tree}" if tree else ""
             replay = f"AURORA_TEST_SEED={seed} aurora-lite lab grade {lab}{where} -k '{name}'"
-        verdicts.append(TestVerdict(name=name, outcome=outcome, given="given" in marks.get(name, ()),
+        verdicts.append(TestVerdict(name=name, module=case.get("classname") or "", outcome=outcome, given="given" in marks.get(name, ()),
                                     processes="processes" in marks.get(name, ()),
                                     seconds=float(case.get("time") or 0.0), message=message,
                                     seed=seed, replay=replay))

@@ -108,6 +108,22 @@ class Chain:
             elif r.rtype == RT.INSERT_CELL:
                 self._cells[r.page_id] += 1
 
+    def fork(self, name: str, fork_lsn: int) -> "Chain":
+        """A chain for a clone of this volume made at fork_lsn: the parent's records up to
+        the fork (what its pages start from), and its own records chained to the fork in
+        every PG (a clone's segments start complete to the fork)."""
+        clone = Chain(name, self.layout, seed=self.rng.randrange(1 << 30), pages=self.pages,
+                      epoch=self.epoch)
+        clone.records = [r for r in self.records if r.lsn <= fork_lsn]
+        clone.truncate(fork_lsn, fork_lsn, self.epoch)
+        for pg in range(self.layout.pg_count):
+            clone._last_pg[pg] = fork_lsn
+        return clone
+
+    def pg_tail(self, pg: int, upto: int) -> int:
+        """The PG's last record at or below upto (0: none)."""
+        return max((r.lsn for r in self.records if r.pg == pg and r.lsn <= upto), default=0)
+
     @staticmethod
     def pack(recs: list[Rec]) -> dict[int, bytes]:
         """{pg: packed batch} of recs (in the given order)."""

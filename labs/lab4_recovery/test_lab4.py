@@ -51,7 +51,7 @@ def test_lower_out_of_a_range_goes_to_its_start():
 
 
 RECOVERED_RE = re.compile(r"recovered volume \S+: epoch (\d+), VDL (\d+) \(VCL (\d+), since (\d+)\), "
-                          r"truncated \((\d+), (\d+)\)")
+                          r"truncated \((\d+), (\d+)\]")
 
 
 @pytest.mark.processes
