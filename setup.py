@@ -123,8 +123,8 @@ def extensions():
 setup(
     packages=find_packages(include=["engine", "engine.*", "storage_node", "storage_node.*",
                                     "labs", "labs.*"]) + [PB_PACKAGE],
-    # The labs' handouts and grading config ship with the package (`aurora-lite lab`).
-    package_data={"labs": ["pytest.ini", "*.md", "*/README.md"]},
+    # The labs' handouts, tests and pytest.ini ship with the package (`aurora-lite lab`).
+    package_data={"labs": ["pytest.ini", "*/README.md", "*/test_*.py"]},
     ext_modules=extensions(),
     cmdclass={"build_py": BuildPy, "build_ext": OptionalBuildExt, "egg_info": EggInfo},
     zip_safe=False,
