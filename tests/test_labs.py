@@ -62,6 +62,22 @@ def test_markers_are_well_formed_and_each_lab_marks_its_files():
     assert set(blocks) == {lab.number for lab in registry.LABS}
 
 
+def test_every_lab_has_a_handout_and_tests_that_ship():
+    """Scenario: each lab folder holds README.md and test_labN.py, the files setup.py's
+    package_data ships (labs/*/README.md, labs/*/test_*.py)."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        setup_text = f.read()
+    assert '"*/README.md"' in setup_text and '"*/test_*.py"' in setup_text
+    for lab in registry.LABS:
+        assert os.path.isfile(lab.handout) and os.path.isfile(lab.test_file), lab.name
+        with open(lab.handout) as f:
+            handout = f.read()
+        for heading in ("## Read first", "## What to implement", "## How it is graded",
+                        "## Hints", "## Questions to answer in writing"):
+            assert heading in handout, f"{lab.name}/README.md lacks {heading!r}"
+        assert f"aurora-lite lab grade {lab.number} --tree" in handout
+
+
 def test_malformed_markers_are_refused():
     with pytest.raises(MarkerError, match="without its END"):
         find_blocks("x = 1\n# BEGIN LAB 1: do it\ny = 2\n")
