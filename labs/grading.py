@@ -117,8 +117,12 @@ def run_pytest(test_files: list[str], tree: str | None, *, keyword: str | None =
         cmd += ["-k", keyword]
     if markexpr:
         cmd += ["-m", markexpr]
-    proc = subprocess.run(cmd, cwd=tree or out_dir, env=run_env, capture_output=True, text=True,
-                          timeout=timeout_s)
+    try:
+        proc = subprocess.run(cmd, cwd=tree or out_dir, env=run_env, capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        # pytest's own per-test timeout (labs/pytest.ini) should have fired first.
+        proc = subprocess.CompletedProcess(cmd, -1, exc.stdout or "", f"grading stopped after {timeout_s:.0f}s")
     return xml, proc
 
 
