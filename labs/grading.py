@@ -122,7 +122,8 @@ def run_pytest(test_files: list[str], tree: str | None, *, keyword: str | None =
                               text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
         # pytest's own per-test timeout (labs/pytest.ini) should have fired first.
-        proc = subprocess.CompletedProcess(cmd, -1, exc.stdout or "", f"grading stopped after {timeout_s:.0f}s")
+        partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        proc = subprocess.CompletedProcess(cmd, -1, partial, f"grading stopped after {timeout_s:.0f}s")
     return xml, proc
 
 
