@@ -137,6 +137,7 @@ def grade(lab_number: int, tree: str | None = None, *, keyword: str | None = Non
     if tree is not None and not os.path.isdir(tree):
         raise FileNotFoundError(f"--tree {tree}: no such directory (make one with "
                                 f"`aurora-lite lab make {lab_number} --out DIR`)")
+    tree = os.path.abspath(tree) if tree else None
     started = time.monotonic()
     xml, proc = run_pytest([lab.test_file], tree, keyword=keyword, markexpr=markexpr, env=lab.env)
     verdicts = parse_junit(xml, lab.number, tree) if os.path.exists(xml) else []
