@@ -11,6 +11,7 @@ from engine import materialiser
 from engine.db.buffer_pool import BufferPool
 from engine.errors import InvariantViolation
 from engine.format.cluster_config import NodeInfo
+from engine.format.redo import FLAG_CPL
 from engine.instance.replica import ReplicaSink
 from engine.transport.grpc_transport import GrpcTransport
 from engine.writer.storage_driver import StorageDriver
@@ -27,7 +28,8 @@ def make_sink(chain, vdl):
 
 
 def mtrs_of(recs):
-    """Group records into MTRs ending at each CPL record: [[(page_id, lsn, bytes), ...], ...]."""
+    """(whole MTRs, each ending at a CPL record, as [(page_id, lsn, bytes), ...]; the records
+    after the last CPL)."""
     out, current = [], []
     for r in recs:
         current.append((r.page_id, r.lsn, r.data))
@@ -38,9 +40,7 @@ def mtrs_of(recs):
 
 
 def _is_cpl(rec) -> bool:
-    from engine.format.redo import FLAG_CPL
-    ref = materialiser.scan_batch(rec.data)[0]
-    return bool(ref[8] & FLAG_CPL)
+    return bool(materialiser.scan_batch(rec.data)[0][8] & FLAG_CPL)
 
 
 def cache(pool, chain, page_id, upto):
@@ -79,7 +79,8 @@ def test_pages_not_cached_are_not_loaded_and_pg_tails_follow(seed):
     first = chain.next_records(20)
     later = chain.next_records(30)
     sink, pool = make_sink(chain, first[-1].lsn)
-    cache(pool, chain, 1, first[-1].lsn) if chain.expected_cells(1, first[-1].lsn) is not None else None
+    if chain.expected_cells(1, first[-1].lsn) is not None:
+        cache(pool, chain, 1, first[-1].lsn)
     resident = set(pool.resident_pages())
     mtrs, _ = mtrs_of(later)
     vdl = mtrs[-1][-1][1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from engine import materialiser
 from engine.writer.backtrack import CommitClock, hidden
 from labs.support import Chain, cells
 from storage_node import errors as E
