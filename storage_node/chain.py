@@ -44,6 +44,7 @@ class Chain:
         follows the stored log with a cursor; one seek tells whether anything stored
         earlier lies beyond.
         """
+        # BEGIN LAB 2: the SCL walk: from m.scl follow stored records whose prev_pg_lsn links to the SCL, skipping truncation ranges; count dirty pages; set m.scl
         m = ctx.meta(key)
         scl = m.scl
         truncs = m.truncs
@@ -120,6 +121,7 @@ class Chain:
             raise InvariantViolation(4, f"segment {key[0]}/{key[1]}: the SCL walk ended at {scl}, "
                                         f"below the SCL {m.scl} it started from")
         m.scl = scl
+        # END LAB 2
 
     def _chain_point_at_or_below(self, ctx, key: tuple, prefix: bytes, limit: int) -> int:
         """Highest visible record LSN <= limit (the chain point a truncation falls back to)."""

@@ -158,6 +158,7 @@ class Gossip:
 
     async def _pull(self, stub, peer: str, key: tuple, peer_scl: int, budget: int) -> tuple[int, int]:
         """Fetch records above own SCL from the peer until caught up or out of budget."""
+        # BEGIN LAB 2: gossip pull: FetchRecords above own SCL (only the hole when records above it are already stored), append them, stop when caught up, out of budget or stuck
         volume, pg = key
         start_scl = self.store.segment(volume, pg).scl
         pulled = nbytes = 0
@@ -187,6 +188,7 @@ class Gossip:
             self.log.info("gossip: pulled %d records (%d bytes) of %s/%d from %s; SCL %d -> %d",
                           pulled, nbytes, volume, pg, peer, start_scl, end_scl)
         return pulled, nbytes
+        # END LAB 2
 
     async def _repair(self, stub, peer: str, theirs: dict) -> None:
         """Refetch quarantined records, and versions the log cannot rebuild (invariant 13)."""

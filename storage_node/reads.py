@@ -152,6 +152,7 @@ class Reads:
         """A clone's page as of its fork: the parent's page as of fork_lsn, built from the
         parent's segment on this node under the parent's truncation set at the fork; None
         if the page did not exist then. Recursive for a clone of a clone."""
+        # BEGIN LAB 6: a clone's page: build the parent's page as of the fork under the truncation set the clone inherited (refuse if the parent's segment is not complete to the fork tail)
         info = self._volumes[volume]
         parent = self._by_id[info.parent_id]
         pg = parent.layout.pg_of(page_id)
@@ -173,6 +174,7 @@ class Reads:
                                     version_cap=cap)
         except PageNotFoundError:
             return None
+        # END LAB 6
 
     def _build_page(self, txn, key: tuple, prefix: bytes, m: SegMeta, page_id: int,
                     read_point: int, version_cap: int | None = None) -> bytearray:

@@ -11,6 +11,7 @@ writer, replica, version) are here, every other verb in the module of its group:
 - engine/cli/bench.py: bench write-amplification, block-server;
 - engine/cli/chaos.py: chaos;
 - engine/cli/sim.py: sim;
+- engine/cli/lab.py: lab list|make|grade (the coursework labs, labs/);
 - engine/cli/common.py: what they share (exit codes, errors, finding the cluster, the
   control plane's client, flags, tables).
 
@@ -59,7 +60,7 @@ def cmd_replica_process(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import bench, chaos, clones, data, faults, lifecycle, replicas, sim
+    from engine.cli import bench, chaos, clones, data, faults, lab, lifecycle, replicas, sim
     from engine.cluster.listen import add_listen_args
 
     parser = argparse.ArgumentParser(
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)  # bench write-amplification, block-server
     chaos.register(sub)  # chaos (docs/reliability.md)
     sim.register(sub)  # sim: the deterministic simulation (docs/reliability.md)
+    lab.register(sub)  # lab list|make|grade (docs/labs.md)
     return parser
 
 

@@ -455,6 +455,7 @@ def apply_to_pages(pages: dict, buf, upto_lsn: int = LSN_MAX, verify_pages: bool
         if _page_id(image) != page_id:
             raise PageOrderError(f"page image holds page {_page_id(image)}, not {page_id}")
         _check_layout(image, page_id)
+    # BEGIN LAB 3: walk the records of buf: skip those above upto_lsn, of other pages or already in the base image; a page without image starts at INIT_PAGE; check the page backlink (PageOrderError); _apply_one, stamp the page LSN, remember changed pages
     # Records at or below a base image's LSN are already in it and are skipped; every
     # later record must continue the page chain.
     base_lsns = {page_id: (0 if image is None else _U64.unpack_from(image, pg.OFF_PAGE_LSN)[0])
@@ -482,6 +483,7 @@ def apply_to_pages(pages: dict, buf, upto_lsn: int = LSN_MAX, verify_pages: bool
         _apply_one(image, page_id, lsn, rtype, payload)
         _U64.pack_into(image, pg.OFF_PAGE_LSN, lsn)
         changed.add(page_id)
+    # END LAB 3
     for page_id in changed:
         pg.seal(pages[page_id])
     return pages

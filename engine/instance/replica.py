@@ -122,6 +122,7 @@ class ReplicaSink:
 
     def apply_visible(self, mtrs: list[list[tuple[int, int, bytes]]], vdl: int, pool) -> int:
         """Apply whole MTRs (all CPLs <= vdl) to cached pages, then move VDL. Synchronous."""
+        # BEGIN LAB 5: apply each record to its page if cached (pool.peek), buffer it if the page is being fetched (self._fetching), keep the PG tails; then move the VDL (sink, tracker, allocator) and wake waiters (invariant 11)
         applied = 0
         tails = self.reader.tracker.vdl_tails
         for mtr in mtrs:
@@ -140,6 +141,7 @@ class ReplicaSink:
         self.allocator.last_volume_lsn = vdl
         self._changed.set()
         return applied
+        # END LAB 5
 
 
 class Replica:
@@ -241,11 +243,16 @@ class Replica:
             self.writer_vdl = max(self.writer_vdl, msg.vdl)
             above_vdl = hooks.replica_above_vdl()   # PLANTED BUG when True, test only
             if msg.vdl > sink.vdl or (above_vdl and pending):
+                # BEGIN LAB 5: take the whole MTRs whose last record (its CPL) is <= msg.vdl off the front of pending: batch, pending, pending_records
                 visible = 0
-                while visible < len(pending) and (above_vdl or pending[visible][-1][1] <= msg.vdl):
+                while visible < len(pending) and pending[visible][-1][1] <= msg.vdl:
                     visible += 1
                 batch, pending = pending[:visible], pending[visible:]
                 pending_records -= sum(len(m) for m in batch)
+                # END LAB 5
+                if above_vdl and pending:   # PLANTED BUG: the MTRs above VDL are applied too
+                    pending_records -= sum(len(m) for m in pending)
+                    batch, pending = batch + pending, []
                 # A read that gave up on optimistic retries holds this lock for its whole
                 # run; it must not see an MTR applied halfway through it.
                 async with db.mtr_lock:

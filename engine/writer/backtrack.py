@@ -85,7 +85,9 @@ def _pb_ranges(truncs) -> list:
 
 
 def hidden(lsn: int, truncs) -> bool:
+    # BEGIN LAB 6: is lsn inside a range (start, end] of the truncation set truncs?
     return any(start < lsn <= end for start, end, _ in truncs)
+    # END LAB 6
 
 
 class CommitClock:
@@ -108,8 +110,10 @@ class CommitClock:
 
     def at_or_before(self, time_us: int) -> int | None:
         """Highest sampled commit LSN with timestamp <= time_us (None: none sampled)."""
+        # BEGIN LAB 6: time -> LSN: the newest sample at or before time_us (binary search)
         i = bisect.bisect_right(self.times, time_us)
         return self.lsns[i - 1] if i else None
+        # END LAB 6
 
     def prune(self, before_us: int) -> None:
         """Forget samples older than the newest one at or before ``before_us``."""
@@ -352,12 +356,14 @@ class TimeTravel:
                 if s.volume == volume:
                     epoch = max(epoch, s.volume_epoch)
                     max_lsn = max(max_lsn, s.max_lsn)
+        # BEGIN LAB 6: the new set: the target's timeline cut at target, plus (target, end, new_epoch) with end past every LSN ever allocated
         ends = [e for h in self.history for _s, e, _ep in h[3]] + [e for _s, e, _ep in driver.truncations]
         end = max([driver.vdl + driver.lal, max_lsn, driver.allocator.next_lsn]
                   + [e + driver.lal for e in ends])
         new_epoch = epoch + 1
         new_set = tuple(sorted({t for t in truncs if t[1] < target} | {(target, end, new_epoch)},
                                key=lambda t: (t[2], t[0])))
+        # END LAB 6
         now_us = time.time_ns() // 1000
         async def one_pg(pg):
             return pg, await self._each_node(lambda stub: stub.Truncate(

@@ -115,12 +115,15 @@ class QuorumTracker:
 
     def _quorum_scl(self, pg: int) -> int:
         """The VW-th highest SCL of pg's segments (0 if fewer than VW have reported)."""
+        # BEGIN LAB 1: PGCL: the Vw-th highest SCL among the segments of pg (use _PGCL_RANK)
         scls = sorted((self.scl.get((n, pg), 0) for n in self.nodes), reverse=True)
         return scls[_PGCL_RANK - 1]
+        # END LAB 1
 
     def _advance(self) -> bool:
         old_vdl = self.vdl
         old_vcl = self.vcl
+        # BEGIN LAB 1: pop records at or below their PG's PGCL; set VDL at each CPL popped, then VCL
         pending = self._pending
         while pending:
             lsn, pg, is_cpl = pending[0]
@@ -131,6 +134,7 @@ class QuorumTracker:
             if is_cpl:
                 self.vdl = lsn
         self.vcl = pending[0][0] - 1 if pending else self.last_sent_lsn
+        # END LAB 1
         if self.vdl > self.vcl:
             raise InvariantViolation(5, f"VDL {self.vdl} above VCL {self.vcl}")
         if self.vcl < old_vcl or self.vdl < old_vdl:
@@ -165,11 +169,13 @@ class CommitQueue:
 
     def release(self, vdl: int) -> list[Any]:
         """Remove and return every token whose LSN <= vdl, lowest LSN first."""
+        # BEGIN LAB 1: commit release: pop every token with LSN <= vdl from the heap, lowest first
         out = []
         heap = self._heap
         while heap and heap[0][0] <= vdl:
             out.append(heapq.heappop(heap)[2])
         return out
+        # END LAB 1
 
     def drain(self) -> list[Any]:
         """Remove and return every token (on shutdown or fencing)."""

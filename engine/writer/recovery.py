@@ -86,6 +86,7 @@ def newest_truncation_set(sets) -> tuple:
     """Of several truncation sets (each an iterable of TruncationRange messages or
     (start, end, epoch) tuples), the one of the highest epoch as sorted (start, end, epoch)
     tuples; sets of that same epoch are united (older single-range Truncates)."""
+    # BEGIN LAB 4: the newest truncation set: the ranges of the highest epoch, sets of that epoch united, sorted by (epoch, start)
     best_epoch, best = 0, set()
     for ranges in sets:
         tuples = {(t.start_lsn, t.end_lsn, t.epoch) if hasattr(t, "start_lsn") else tuple(t)
@@ -96,14 +97,17 @@ def newest_truncation_set(sets) -> tuple:
         elif epoch == best_epoch:
             best |= tuples
     return tuple(sorted(best, key=lambda t: (t[2], t[0])))
+    # END LAB 4
 
 
 def lower_out_of(lsn: int, truncs) -> int:
     """``lsn``, or the start of the truncation range that hides it."""
+    # BEGIN LAB 4: lower an LSN out of the truncation range (start, end] that hides it
     for start, end, _epoch in truncs:
         if start < lsn <= end:
             return start
     return lsn
+    # END LAB 4
 
 
 async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
@@ -251,6 +255,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
                 if not annulled(meta.lsn):
                     by_prev[meta.prev_volume_lsn] = (meta.lsn, pg, bool(meta.flags & FLAG_CPL))
 
+    # BEGIN LAB 4: walk the volume backlink chain (by_prev) up from since: VCL, VDL (last CPL), the PG tails at or below VDL, and truncate_end (invariants 6, 10)
     vcl = vdl = since
     tails = dict(tails_at_since)
     walked: list[tuple[int, int]] = []
@@ -267,6 +272,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     # The previous writer allocated at most max(its VDL, its truncation end) + LAL
     # (invariant 6, StorageDriver.allocation_limit); annul all of that.
     truncate_end = max(vdl + driver.lal, last_truncate_end + driver.lal, max_lsn_seen)
+    # END LAB 4
 
     # 4. Truncate at a write quorum of every PG. -------------------------------------
     new_set = tuple(sorted(set(current_set) | {(vdl, truncate_end, new_epoch)},
