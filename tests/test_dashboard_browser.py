@@ -95,7 +95,7 @@ def test_dashboard_watches_quorum_storage_fail_and_recover(cluster, tmp_path):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
-                page = browser.new_page(viewport={"width": 1200, "height": 1000})
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.on("dialog", lambda dialog: dialog.accept())
                 page.goto(url)
                 _scenario(page, cli, shots, host)

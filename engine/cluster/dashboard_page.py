@@ -111,7 +111,7 @@ table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #dde;paddin
 th{background:#f0f1f4}
 .h0{background:#b7e1c1}.h1{background:#d6efc7}.h2{background:#fff2b3}.h3{background:#ffd199}.h4{background:#f6a5a0}.hx{background:#ccc;color:#666}
 svg{background:#fbfbfd;border:1px solid #e3e5ea}
-#timeline{max-height:240px;overflow:auto;font-size:12px;margin:0;padding-left:0;list-style:none}
+#timeline{max-height:300px;overflow:auto;font-size:12px;margin:0;padding-left:0;list-style:none}
 #timeline li{border-bottom:1px solid #eee;padding:2px 0}
 .kind{display:inline-block;min-width:70px;font-weight:600}
 .note{color:#667;font-size:12px}
@@ -138,14 +138,14 @@ svg{background:#fbfbfd;border:1px solid #e3e5ea}
 <button id="net-delay" data-verb="net-delay"@@DIS@@>delay</button><button data-verb="net-clear" data-target=""@@DIS@@>clear delays</button>
 &nbsp; <button data-verb="failover" data-target=""@@DIS@@>failover (best replica)</button>
 <span class="note" id="latency"></span></div></section>
-<section class="wide"><h2>Protection groups: each segment's SCL against PGCL and VDL</h2>
+<section><h2>Protection groups: each segment's SCL against PGCL and VDL</h2>
 <div id="pgs" class="note">(script renders this)</div>
 <div class="note">cell: the segment's SCL; colour: how far it is behind the PGCL (green 0, yellow &lt;1000, red &ge;10000 LSNs, grey: node down). W/R: a write (4/6) or read (3/6) quorum of the PG's segments can be reached now.</div></section>
+<section><h2>Timeline</h2><ul id="timeline"></ul></section>
 <section><h2>Throughput (commits/s)</h2><svg id="chart-tput" width="520" height="140"></svg></section>
 <section><h2>Commit latency (ms, p50 and p99)</h2><svg id="chart-lat" width="520" height="140"></svg></section>
-<section><h2>Replica lag (ms, worst replica)</h2><svg id="chart-lag" width="520" height="140"></svg>
-<div id="replicas"></div></section>
-<section><h2>Timeline</h2><ul id="timeline"></ul></section>
+<section class="wide"><h2>Replica lag (ms, worst replica)</h2><div style="display:flex;gap:16px;align-items:flex-start"><svg id="chart-lag" width="520" height="140"></svg>
+<div id="replicas"></div></div></section>
 <section class="wide note">@@NOTYET@@ Metrics of every process: <code>aurora-lite status --json</code> lists each <code>metrics</code> URL; this page's own is <a href="/metrics">/metrics</a>.</section>
 </main>
 <script>
