@@ -8,7 +8,7 @@ behind a confirm(), which the test accepts).
 
 Chromium is /usr/bin/chromium (.ci/run installs it; `playwright install` is never run).
 Without it, or without the playwright package, the test skips with the reason, except
-when CI=true: then it fails. AURORA_UPDATE_SCREENSHOTS=1 writes the screenshots of the
+when CI=true or AURORA_REQUIRE_BROWSER=1 (.ci/run sets it): then it fails. AURORA_UPDATE_SCREENSHOTS=1 writes the screenshots of the
 states into docs/img/ (README.md and docs/dashboard.md show them); otherwise they go to
 the test's tmp dir.
 """
@@ -43,8 +43,8 @@ def sync_playwright_or_skip():
     if missing is None and not os.path.exists(CHROMIUM):
         missing = f"{CHROMIUM} is missing (apt-get install -y chromium; .ci/run does it)"
     if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {missing}")
+        if os.environ.get("CI") == "true" or os.environ.get("AURORA_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"CI=true or AURORA_REQUIRE_BROWSER=1 (.ci/run), but {missing}")
         pytest.skip(missing)
     return sync_playwright
 

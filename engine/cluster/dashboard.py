@@ -92,6 +92,7 @@ class Dashboard:
         self._last_commits: tuple[str, int, float] | None = None   # (writer, commits, time)
         self._last_epoch: tuple[str, int] | None = None
         self._last_vdl = 0
+        self._last_status: dict = {}
         self._volumes: set[str] = set()
         self.http = HttpServer({
             ("GET", "/"): self._page, ("GET", "/events"): self._events,
@@ -169,16 +170,26 @@ class Dashboard:
                 status = json.loads(writer.status_json)
             except ValueError:
                 status = {}
+        fresh = bool(status.get("driver"))
+        if not fresh and self.snapshot.get("writer") == state.writer:
+            # The writer did not answer this probe (busy, paused, down): keep showing what
+            # it said last rather than zeros; the node grid shows its state.
+            status = self._last_status
+        else:
+            self._last_status = status
         driver = status.get("driver", {})
         database = status.get("database", {})
         pgcl = {int(k): int(v) for k, v in driver.get("pgcl", {}).items()}
-        vdl = writer.vdl if writer is not None and writer.HasField("vdl") else 0
+        vdl = int(driver.get("vdl", 0))
         commits = int(database.get("commits", 0))
         commits_s = 0.0
-        if self._last_commits and self._last_commits[0] == state.writer and commits >= self._last_commits[1]:
+        if not fresh:
+            commits_s = self.snapshot.get("commits_s", 0.0) if status else 0.0
+        elif self._last_commits and self._last_commits[0] == state.writer and commits >= self._last_commits[1]:
             dt = now - self._last_commits[2]
             commits_s = (commits - self._last_commits[1]) / dt if dt > 0 else 0.0
-        self._last_commits = (state.writer, commits, now)
+        if fresh:
+            self._last_commits = (state.writer, commits, now)
         self._timeline_from(state, writer, status, vdl)
 
         def node_status(p) -> str:
