@@ -104,8 +104,7 @@ def registry_of(fn: Callable[[], Iterable]) -> CollectorRegistry:
     return registry
 
 
-def gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None,
-          unit: str = "") -> GaugeMetricFamily:
+def gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
     labels = labels or {}
     fam = GaugeMetricFamily(name, doc, labels=list(labels))
     fam.add_metric(list(labels.values()), value)
