@@ -36,6 +36,8 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
+from engine.metrics import Buckets
+
 #: Default bound on the items of one round (transaction).
 TXN_ITEMS_MAX = 512
 #: Default bound on the foreground items waiting; submitters wait (back-pressure) above it.
@@ -83,6 +85,9 @@ class GroupCommitLoop:
         #: Rounds (durable writes) and items written so far, for status and benchmarks.
         self.txns = 0
         self.ops = 0
+        #: Wall time of each durable write (sync included) as this loop sees it, for the
+        #: processes' metrics (engine/metrics.py); plain ints, no lock.
+        self.write_seconds = Buckets()
 
     def start(self) -> None:
         assert self._task is None, "the writer task is already running"
@@ -140,6 +145,7 @@ class GroupCommitLoop:
                 delay_s = self.before_write_s()
                 if delay_s > 0:
                     await asyncio.sleep(delay_s)
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self.durable_write, items)
             except Exception as exc:  # the whole write aborted: nothing of it stored
@@ -148,6 +154,7 @@ class GroupCommitLoop:
                 results = [exc] * len(items)
             if self.after_write is not None:
                 self.after_write()
+            self.write_seconds.observe(time.perf_counter() - started)   # for metrics
             self.txns += 1
             self.ops += len(items)
             for (_item, fut, _t), result in zip(taken, results):

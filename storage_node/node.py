@@ -91,6 +91,7 @@ class Counters:
     """NodeStatus counters (since this process started)."""
 
     append_rpcs: int = 0
+    append_batches: int = 0          # per-PG batches of the writer's Appends
     records_received: int = 0
     bytes_received: int = 0
     pages_materialised: int = 0
@@ -167,6 +168,7 @@ class StorageNode:
         n = sum(b.scan.count for b in op.batches)
         nbytes = sum(len(b.buf) for b in op.batches)
         if op.source == "writer":
+            self.counters.append_batches += len(op.batches)
             self.counters.records_received += n
             self.counters.bytes_received += nbytes
         else:

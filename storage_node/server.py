@@ -91,6 +91,12 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    metrics_server = None
+    if getattr(args, "metrics_port", 0):
+        from engine.metrics import registry_of, serve_metrics
+        from storage_node.metrics import collector
+        metrics_server = await serve_metrics(args.host, args.metrics_port, registry_of(collector(node)))
+
     await server.set_serving(True)
     log.info("serving on %s:%d (data dir %s, %d peers, materialiser %s)", args.host, port,
              args.data_dir, len(peers), _materialiser_name())
@@ -103,6 +109,8 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
     await server.set_serving(False)
+    if metrics_server is not None:
+        await metrics_server.close()
     await gossip.close()
     await background.close()
     await server.stop(SHUTDOWN_GRACE_S)

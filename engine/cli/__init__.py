@@ -59,6 +59,9 @@ def cmd_replica_process(args: argparse.Namespace) -> int:
     return cmd_writer(args)
 
 
+METRICS_PORT_HELP = "serve Prometheus metrics at http://HOST:PORT/metrics (default 0: none)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine.cli import bench, chaos, clones, data, faults, lab, lifecycle, replicas, sim
     from engine.cluster.listen import add_listen_args
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.add_argument("--cluster-config", default=None,
                    help="cluster.json: peers' AZs and the simulated latency for gossip (reloaded live)")
+    p.add_argument("--metrics-port", type=int, default=0, help=METRICS_PORT_HELP)
     p.set_defaults(func=cmd_storage_node)
 
     p = sub.add_parser("writer", help="run the writer instance (database service)")
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.add_argument("--metrics-port", type=int, default=0, help=METRICS_PORT_HELP)
     p.add_argument("--volume", default=None,
                    help="the volume to open (default: the cluster config's); e.g. a clone")
     p.add_argument("--backtrack-window", type=float, default=None, metavar="SECONDS",
@@ -113,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.add_argument("--metrics-port", type=int, default=0, help=METRICS_PORT_HELP)
     p.set_defaults(func=cmd_replica_process)
     # The cluster verbs (docs/cli.md), in the order `aurora-lite --help` lists them.
     lifecycle.register(sub)  # up, down, control-plane, status

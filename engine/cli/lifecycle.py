@@ -49,7 +49,7 @@ def process_dict(p) -> dict:
         "name": p.name, "role": p.role, "az": p.az, "address": p.address,
         "pid": p.pid or None, "state": p.state, "up": p.up,
         "exit_reason": p.exit_reason or None, "uptime_s": p.uptime_s, "starts": p.starts,
-        "log": p.log,
+        "log": p.log, "metrics": p.metrics or None,
         "scl": scl if storage and p.up and not p.probe_error else None,
         "scl_min": min(scl.values()) if storage and scl else None,
         "scl_max": max(scl.values()) if storage and scl else None,
@@ -72,7 +72,10 @@ def process_dict(p) -> dict:
 def state_dict(state) -> dict:
     return {
         "data_dir": state.data_dir, "volume": state.volume,
-        "control": {"address": state.control_address, "pid": state.control_pid},
+        "control": {"address": state.control_address, "pid": state.control_pid,
+                    "metrics": state.control_metrics or None},
+        "dashboard": state.dashboard or None,
+        "restarts": state.restarts,
         "cluster_endpoint": state.cluster_endpoint, "writer": state.writer,
         "reader_endpoint": reader_addresses(state),
         "all_up": state.all_up,
@@ -191,6 +194,8 @@ def format_up_block(state, args, detached: bool) -> str:
     lines = [f"aurora-lite cluster is up (data dir {state.data_dir}, volume {state.volume})", "",
              table(rows, indent="  "), "",
              *endpoint_lines(state),
+             *([f"dashboard: {state.dashboard}   (metrics: `aurora-lite status --json`)"]
+               if state.dashboard else []),
              f"network: {latency_line(state.latency)}",
              f"logs: aurora-lite logs NAME [-f]{flag}   (files in {os.path.join(state.data_dir, 'logs')})",
              f"try: aurora-lite put hello world{flag}; aurora-lite get hello{flag}; aurora-lite status{flag}"]
@@ -234,6 +239,8 @@ def cmd_up(args) -> int:
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     argv = base_command() + ["--log-level", args.log_level, "control-plane", "--data-dir", dd.root]
+    if args.dashboard_read_only:
+        argv.append("--dashboard-read-only")
     for flag, value in (("--base-port", args.base_port), ("--intra-az-ms", args.intra_az_ms),
                         ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas)):
         if value is not None:
@@ -486,6 +493,8 @@ def register(subparsers) -> None:
     p.add_argument("--backtrack-window", type=float, default=None, metavar="SECONDS",
                    help="how far back backtrack and as-of reads reach (default 3600; at most "
                         "259200 = 72 h); storage keeps that much history")
+    p.add_argument("--dashboard-read-only", action="store_true",
+                   help="serve the dashboard without its fault buttons (POSTs refused with 403)")
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser("down", help="stop the cluster of a data dir")
@@ -501,6 +510,8 @@ def register(subparsers) -> None:
     p.add_argument("--replicas", type=int, default=None)
     p.add_argument("--failover-after-s", type=float, default=None,
                    help="fail over once the writer's health check has failed this long (default 1.5)")
+    p.add_argument("--dashboard-read-only", action="store_true",
+                   help="the dashboard's fault buttons are off (its POSTs are refused)")
     p.set_defaults(func=cmd_control_plane, log_tag="control-plane")
 
     p = subparsers.add_parser("status", help="every process: role, AZ, pid, state, SCL or VDL, lag")

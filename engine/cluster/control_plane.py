@@ -9,6 +9,8 @@ its own module in engine/cluster/:
 - failover.py: automatic and planned failover by promotion tier, and reconcile;
 - endpoints.py: cluster, reader, instance and custom endpoints;
 - service.py: the Control gRPC service, a thin layer over ``ControlPlane``;
+- dashboard.py (and dashboard_page.py): the live web page, its fault buttons and the
+  control plane's Prometheus metrics, on its HTTP port;
 - rpc.py: the calls the control plane makes to its processes (health, status, Promote,
   Follow);
 - launcher.py and ports.py: the data dir, the port plan, spawning and stopping processes.
@@ -20,8 +22,9 @@ process in its own session. It
    previous control plane of DIR left behind (it was killed, its children were not);
 2. plans the ports and writes DIR/cluster.json before anything starts
    (engine/cluster/launcher.py);
-3. serves the Control gRPC service (proto/aurora_pb/control.proto) and writes
-   DIR/control.json with its address and pid;
+3. serves the Control gRPC service (proto/aurora_pb/control.proto) and the dashboard
+   (engine/cluster/dashboard.py, http://127.0.0.1:PORT/, read-only with
+   --dashboard-read-only), and writes DIR/control.json with their addresses and its pid;
 4. launches the six storage nodes, waits until they are SERVING (gRPC health), then the
    writer (db1 on a new data dir; topology.json says which instance after a failover),
    which runs recovery and serves the cluster endpoint, then the read replicas, each
@@ -66,10 +69,11 @@ import logging
 import os
 import signal
 
+from engine.cluster.dashboard import Dashboard
 from engine.cluster.endpoints import Endpoints
 from engine.cluster.failover import Failover
 from engine.cluster.launcher import (
-    DataDir, cluster_pids, load_topology, pid_belongs, plan_cluster, read_control,
+    CONTROL_NAME, DataDir, cluster_pids, load_topology, pid_belongs, plan_cluster, read_control,
     resolve_data_dir, stop_pids)
 from engine.cluster.service import start_server
 from engine.cluster.state import FAILOVER_AFTER_S, ActionError, NotFoundError, PreconditionError
@@ -144,6 +148,14 @@ async def serve(args) -> int:
         log.error("cannot bind the control plane to %s:%d", args.host, plan.control_port)
         return 1
     cp.address = f"{args.host}:{server.port}"
+    dashboard = Dashboard(cp, read_only=getattr(args, "dashboard_read_only", False))
+    try:
+        cp.dashboard_port = await dashboard.start(args.host, plan.metrics_ports.get(CONTROL_NAME, 0))
+        log.info("dashboard on %s%s", cp.dashboard_url,
+                 " (read-only)" if dashboard.read_only else "")
+    except OSError as exc:
+        log.warning("no dashboard: cannot listen on %s:%d: %s", args.host,
+                    plan.metrics_ports.get(CONTROL_NAME, 0), exc)
     cp.write_control()
     log.info("control plane for %s serving on %s (pid %d)", dd.root, cp.address, os.getpid())
 
@@ -175,6 +187,7 @@ async def serve(args) -> int:
     if leftovers:
         for line in stop_pids(leftovers, dd.root, grace_s=1.0):
             log.warning("at exit: %s", line)
+    await dashboard.close()
     cp.write_control()
     await server.stop(0.5)
     await cp.close_channels()

@@ -107,6 +107,8 @@ class Failover(ClusterState):
         self._writer_ok_at = time.monotonic()
         self.last_failover = (f"{time.strftime('%H:%M:%S')} {old.name} -> {new.name} ({reason}); "
                               f"epoch {reply.volume_epoch}, VDL {reply.vdl}, promote {promote_s:.2f}s")
+        self.event("failover", f"{old.name} -> {new.name} ({reason}); epoch {reply.volume_epoch}, "
+                               f"VDL {reply.vdl}")
         self.save_topology()
         self.write_control()
         log.warning("%s is the writer now (epoch %d, VDL %d, recovery %.3fs, promote %.2fs); "

@@ -27,9 +27,10 @@ in its command line, which is how a pid read from control.json is told apart fro
 unrelated process that reused the pid.
 
 Port plan with ``--base-port N``: control plane N, db1 N+1 (db2.. N+2..), sn1..sn6
-N+11..N+16. Without it: each process keeps the previous run's port if it is still free,
-else gets a free port chosen by the kernel. A replica added later (`replica add`) gets a
-free port from the kernel.
+N+11..N+16; their HTTP ports (Prometheus ``/metrics``, engine/metrics.py) 20 higher: the
+control plane's dashboard and metrics N+20, db1 N+21.., sn1..sn6 N+31..N+36. Without it:
+each process keeps the previous run's ports if they are still free, else gets free ports
+(engine/cluster/ports.py). A replica added later (`replica add`) gets free ports.
 
 Instances: db1 starts as the writer, db2..db(N+1) as its read replicas, spread over the AZs
 (db1 az-a, db2 az-b, db3 az-c, db4 az-a, ...), each with a promotion tier (db1 0, db2 1,
@@ -63,6 +64,8 @@ assert STORAGE_NODES[0] == ("sn1", "az-a") and STORAGE_NODES[5] == ("sn6", "az-c
 CONTROL_PORT_OFFSET = 0
 INSTANCE_PORT_OFFSET = 1      # db1 -> base+1, db2 -> base+2, ...
 STORAGE_PORT_OFFSET = 11      # sn1 -> base+11, ..., sn6 -> base+16
+METRICS_PORT_OFFSET = 20      # each process's HTTP port: its port + 20 (control: dashboard)
+CONTROL_NAME = "control-plane"  # the control plane's key in Plan.metrics_ports
 
 DEFAULT_REPLICAS = 1          # `up` without --replicas on a new data dir
 MAX_INSTANCES = STORAGE_PORT_OFFSET - INSTANCE_PORT_OFFSET   # db1..db10 fit the port plan
@@ -249,6 +252,9 @@ class Plan:
     config: "ClusterConfig"  # noqa: F821 (engine.format.cluster_config, imported lazily)
     instance_ports: dict[str, int]
     control_port: int           # 0: let gRPC choose
+    #: HTTP port of every process (/metrics) and of the control plane (CONTROL_NAME: the
+    #: dashboard and its /metrics)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
 
 def plan_cluster(dd: DataDir, *, base_port: int | None = None,
@@ -276,12 +282,15 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
     names = [n for n, _ in STORAGE_NODES]
     inst_names = instances if instances is not None else (Topology.load(dd) or Topology.initial()).names
     if base_port is not None:
-        if not 1024 <= base_port <= 65535 - STORAGE_PORT_OFFSET - len(names):
+        if not 1024 <= base_port <= 65535 - METRICS_PORT_OFFSET - STORAGE_PORT_OFFSET - len(names):
             raise ValueError(f"--base-port {base_port} is out of range")
         sn_ports = {n: base_port + STORAGE_PORT_OFFSET + i for i, n in enumerate(names)}
         inst_ports = {n: base_port + INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}
         control_port = base_port + CONTROL_PORT_OFFSET
-        busy = [p for p in [control_port, *sn_ports.values(), *inst_ports.values()]
+        metrics_ports = {name: port + METRICS_PORT_OFFSET for name, port in
+                         [(CONTROL_NAME, control_port), *sn_ports.items(), *inst_ports.items()]}
+        busy = [p for p in [control_port, *sn_ports.values(), *inst_ports.values(),
+                            *metrics_ports.values()]
                 if not port_free(p, host)]
         if busy:
             raise ValueError(f"ports in use: {', '.join(map(str, busy))} (choose another --base-port)")
@@ -301,6 +310,16 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
         sn_ports = {n: chosen[n] for n in names}
         inst_ports = {n: chosen[n] for n in inst_names}
         control_port = 0
+        old_http = _previous_metrics_ports(dd)
+        metrics_ports = {}
+        for name in [CONTROL_NAME, *names, *inst_names]:
+            port = old_http.get(name)
+            taken = set(chosen.values()) | set(metrics_ports.values())
+            if not port or port in taken or not port_free(port, host):
+                port = free_ports(1, host)[0]
+                while port in taken:
+                    port = free_ports(1, host)[0]
+            metrics_ports[name] = port
     nodes = [NodeInfo(n, az, f"{host}:{sn_ports[n]}") for n, az in STORAGE_NODES]
     if previous:
         config = ClusterConfig(storage_nodes=nodes, volume=previous.volume,
@@ -308,7 +327,24 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
                                lal=previous.lal, latency=latency)
     else:
         config = ClusterConfig(storage_nodes=nodes, latency=latency)
-    return Plan(config, inst_ports, control_port)
+    return Plan(config, inst_ports, control_port, metrics_ports)
+
+
+def _previous_metrics_ports(dd: DataDir) -> dict[str, int]:
+    """HTTP ports of the last run (control.json's ``metrics`` and ``dashboard`` URLs)."""
+    info = read_json(dd.control_json) or {}
+    ports = {}
+    for name, proc in info.get("processes", {}).items():
+        if proc.get("metrics"):
+            ports[name] = int(proc["metrics"].rsplit(":", 1)[1].split("/")[0])
+    if info.get("dashboard"):
+        ports[CONTROL_NAME] = int(info["dashboard"].rsplit(":", 1)[1].split("/")[0])
+    return ports
+
+
+def http_url(host: str, port: int, path: str = "/") -> str:
+    """http://host:port/path (an empty string for port 0: no such server)."""
+    return f"http://{host}:{port}{path}" if port else ""
 
 
 def _previous_instance_ports(dd: DataDir) -> dict[str, int]:

@@ -22,6 +22,7 @@ No grpc here: probes go through engine/cluster/rpc.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -30,7 +31,9 @@ import time
 from dataclasses import dataclass, field
 
 from aurora_pb import control_pb2 as pb
-from engine.cluster.launcher import HOST, DataDir, InstanceSpec, Plan, Topology, base_command, write_json_atomic
+from engine.cluster.launcher import (
+    HOST, DataDir, InstanceSpec, Plan, Topology, base_command, http_url,
+    write_json_atomic)
 from engine.cluster.rpc import ProcessRpc
 from engine.errors import RpcError
 from engine.transport import Transport
@@ -42,6 +45,7 @@ HEALTH_TIMEOUT_S = 0.5       # one health check
 PROBE_TIMEOUT_S = 1.0        # one status query (GetState)
 START_WAIT_S = 60.0          # `node start` waits this long for SERVING
 FAILOVER_AFTER_S = 1.5       # a failover starts after the writer's health check failed this long
+EVENTS_MAX = 200             # timeline entries kept for the dashboard
 
 
 class ActionError(Exception):
@@ -66,6 +70,7 @@ class Managed:
     address: str
     log_path: str
     tier: int = 0                  # instances: promotion tier, lower promoted first
+    metrics_port: int = 0          # its /metrics HTTP port (0: none)
     popen: subprocess.Popen | None = None
     state: str = "down"
     exit_reason: str = "not started"
@@ -108,11 +113,19 @@ class ClusterState:
         self.rpc = ProcessRpc(transport)
         self.base_argv = base_command() + ["--log-level", log_level]
         self.failover_after_s = failover_after_s
+        self.metrics_ports = dict(plan.metrics_ports)
         for spec in topology.instances:
-            self._add_instance(spec, plan.instance_ports[spec.name])
+            self._add_instance(spec, plan.instance_ports[spec.name],
+                               self.metrics_ports.get(spec.name, 0))
         for node in self.config.storage_nodes:
             self.procs[node.name] = Managed(node.name, "storage", node.az, node.address,
-                                            dd.log(node.name))
+                                            dd.log(node.name),
+                                            metrics_port=self.metrics_ports.get(node.name, 0))
+        self.dashboard_port = 0        # set once the dashboard serves (engine/cluster/dashboard.py)
+        self.restarts = 0              # launches of a process that ran before: repairs
+        self.volumes_seen: set[str] = set()   # volumes storage reports (clones show up here)
+        #: What the dashboard's timeline shows: (unix time, kind, text), newest last.
+        self.events: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=EVENTS_MAX)
         self.writer = topology.writer
         # Failover bookkeeping.
         self.failover_lock = asyncio.Lock()
@@ -122,9 +135,10 @@ class ClusterState:
         self._writer_ok_at = time.monotonic()   # last passing health check of the writer
         self._tasks: set[asyncio.Task] = set()
 
-    def _add_instance(self, spec: InstanceSpec, port: int) -> Managed:
+    def _add_instance(self, spec: InstanceSpec, port: int, metrics_port: int = 0) -> Managed:
         p = Managed(spec.name, "writer" if spec.name == self.topology.writer else "replica",
-                    spec.az, f"{self.host}:{port}", self.dd.log(spec.name), tier=spec.tier)
+                    spec.az, f"{self.host}:{port}", self.dd.log(spec.name), tier=spec.tier,
+                    metrics_port=metrics_port)
         self.procs[spec.name] = p
         return p
 
@@ -138,6 +152,17 @@ class ClusterState:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def event(self, kind: str, text: str) -> None:
+        """One entry of the dashboard's timeline (failover, epoch, restart, ...)."""
+        self.events.append((time.time(), kind, text))
+
+    def metrics_url(self, p: Managed) -> str:
+        return http_url(self.host, p.metrics_port, "/metrics")
+
+    @property
+    def dashboard_url(self) -> str:
+        return http_url(self.host, self.dashboard_port, "/")
 
     def _check_running(self) -> None:
         if self.stopping:
@@ -196,8 +221,10 @@ class ClusterState:
             "writer": self.writer,
             "failovers": self.failovers,
             "volume": self.config.volume,
+            "dashboard": self.dashboard_url,
             "processes": {p.name: {"role": p.role, "az": p.az, "address": p.address,
                                    "pid": p.pid, "state": p.state, "log": p.log_path,
+                                   "metrics": self.metrics_url(p),
                                    **({"tier": p.tier} if p.role != "storage" else {})}
                           for p in self.procs.values()},
         })
@@ -209,7 +236,7 @@ class ClusterState:
             name=p.name, role=p.role, az=p.az, address=p.address, pid=p.pid, state=p.state,
             up=p.state == "up", exit_reason=p.exit_reason if p.state == "down" else "",
             uptime_s=round(time.monotonic() - p.started_at, 1) if p.alive else 0.0,
-            starts=p.starts, log=p.log_path, tier=p.tier)
+            starts=p.starts, log=p.log_path, tier=p.tier, metrics=self.metrics_url(p))
 
     def latency_message(self) -> pb.Latency:
         lat = self.config.latency
@@ -229,12 +256,15 @@ class ClusterState:
             latency=self.latency_message(),
             all_up=all(p.state == "up" for p in self.procs.values()),
             failovers=self.failovers, failing_over=self.failing_over,
-            last_failover=self.last_failover)
+            last_failover=self.last_failover, dashboard=self.dashboard_url,
+            control_metrics=http_url(self.host, self.dashboard_port, "/metrics"),
+            restarts=self.restarts)
 
     async def _probe(self, p: Managed, state: pb.ProcessState, timeout_s: float) -> None:
         try:
             if p.role == "storage":
                 reply = await self.rpc.node_status(p.name, p.address, timeout_s)
+                self.volumes_seen.update(v.volume for v in reply.volumes if not v.dropped)
                 state.bytes_received = reply.bytes_received
                 state.records_received = reply.records_received
                 for seg in reply.segments:

@@ -50,6 +50,10 @@ class Supervision(ClusterState):
         """The command line for p's next launch. An instance's comes from its role NOW: a
         former writer comes back as a replica of the current writer, never as a second
         writer."""
+        metrics = ["--metrics-port", str(p.metrics_port)] if p.metrics_port else []
+        return self._argv_without_metrics(p) + metrics
+
+    def _argv_without_metrics(self, p: Managed) -> list[str]:
         if p.role == "storage":
             peers = [n.address for n in self.config.storage_nodes if n.name != p.name]
             return self.base_argv + [
@@ -69,6 +73,9 @@ class Supervision(ClusterState):
         p.exit_reason = ""
         p.started_at = time.monotonic()
         p.starts += 1
+        if p.starts > 1:
+            self.restarts += 1
+            self.event("restart", f"{p.name} started again (pid {p.pid}, {p.role})")
         p.intentional = False
         if p.name == self.writer:
             self._writer_ok_at = time.monotonic()
@@ -132,6 +139,8 @@ class Supervision(ClusterState):
     def _mark_down(self, p: Managed, rc: int) -> None:
         p.state = "down"
         p.exit_reason = describe_exit(rc)
+        if not self.stopping:
+            self.event("down", f"{p.name} ({p.role}) {p.exit_reason}")
         pid = p.popen.pid if p.popen else 0
         if p.intentional:
             log.info("%s (pid %d) %s", p.name, pid, p.exit_reason)
@@ -179,6 +188,7 @@ class Supervision(ClusterState):
             raise ActionError(f"unknown AZ action {action!r} (down or up)")
         nodes = [p for p in self.storage if p.az == az]
         sub = "kill" if action == "down" else "start"
+        self.event("az", f"AZ {az} {action}: {', '.join(p.name for p in nodes)}")
         lines = await asyncio.gather(*(self.action(p.name, sub, wait_s) for p in nodes))
         return "\n".join(lines)
 
@@ -236,6 +246,7 @@ class Supervision(ClusterState):
             return f"{p.name} is already paused (pid {p.pid})"
         os.kill(p.pid, signal.SIGSTOP)
         p.state = "paused"
+        self.event("pause", f"{p.name} paused (SIGSTOP)")
         self.write_control()
         log.info("%s paused (SIGSTOP to pid %d)", p.name, p.pid)
         return f"{p.name} paused (SIGSTOP to pid {p.pid})"
@@ -247,6 +258,7 @@ class Supervision(ClusterState):
             return f"{p.name} is not paused ({p.state})"
         os.kill(p.pid, signal.SIGCONT)
         p.state = "starting"   # the next health check turns it "up"
+        self.event("resume", f"{p.name} resumed (SIGCONT)")
         self.write_control()
         log.info("%s resumed (SIGCONT to pid %d)", p.name, p.pid)
         return f"{p.name} resumed (SIGCONT to pid {p.pid})"
@@ -297,6 +309,7 @@ class Supervision(ClusterState):
             message = f"every link into {az} now has {ms:g} ms of extra one-way delay"
         config.save(self.dd.cluster_json)
         self.config.latency = config.latency
+        self.event("net", message)
         log.info("%s (cluster.json updated)", message)
         return message
 
@@ -309,9 +322,9 @@ class Supervision(ClusterState):
             spec = self.topology.next_instance(tier, az or None)
         except ValueError as exc:
             raise ActionError(str(exc)) from None
-        port = free_ports(1, self.host)[0]
+        port, metrics_port = free_ports(2, self.host)
         self.topology.instances.append(spec)
-        p = self._add_instance(spec, port)
+        p = self._add_instance(spec, port, metrics_port)
         self.save_topology()
         async with p.lock:
             message = await self._start(p, wait_s or START_WAIT_S)

@@ -86,6 +86,7 @@ from engine.errors import (
     WriteQuorumUnavailable,
 )
 from engine.db.mtr import MtrPlan
+from engine.metrics import Buckets
 from engine.format.page import META_PAGE_ID, PageType
 from engine.format.redo import RecordType as RT, commit_payload, p_init_page, p_set_aux
 
@@ -276,6 +277,9 @@ class Database:
         self.counters = {"commits": 0, "aborts": 0, "conflicts": 0, "doomed": 0,
                          "read_retries": 0, "read_locked": 0, "read_durable_waits": 0,
                          "read_snapshots": 0}
+        #: Commit latency (MTR planned to durable) for metrics and the dashboard
+        #: (engine/metrics.py Buckets: plain ints, read at scrape time).
+        self.commit_latency = Buckets()
 
     # --- Lifecycle -------------------------------------------------------------------------
 
@@ -403,6 +407,8 @@ class Database:
     def stats(self) -> dict:
         """Counters for tests, metrics and the service's Status call (JSON-friendly)."""
         return {**self.counters, "buffer_pool": self.pool.stats(), "read_only": self.read_only,
+                "commit_p50_ms": round(self.commit_latency.quantile(0.5) * 1000, 3),
+                "commit_p99_ms": round(self.commit_latency.quantile(0.99) * 1000, 3),
                 "broken": self.broken, "active_txns": len(self._active),
                 "conflict_keys": len(self._last_write), "tables": self.tables() if self._open else []}
 
@@ -554,6 +560,7 @@ class Database:
 
     async def _commit_mtr(self, build, before, after, timeout_s: float | None) -> int:
         """Plan ``build`` plus a COMMIT record as one MTR, emit it, wait until durable."""
+        started = time.perf_counter()
         async with self._commit_lock:
             self._check_writable()
             if before is not None:
@@ -578,6 +585,7 @@ class Database:
                 after(lsn, txn_id)
         # Invariant 2: the client hears "committed" only once VDL >= the commit record.
         await self.sink.wait_durable(lsn, self.durable_timeout_s if timeout_s is None else timeout_s)
+        self.commit_latency.observe(time.perf_counter() - started)
         return lsn
 
     async def _execute(self, plan: MtrPlan) -> int:

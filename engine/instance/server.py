@@ -657,6 +657,11 @@ async def serve(args) -> int:
     if role == "replica":
         # Serving means answering reads: wait for the first snapshot from the writer.
         await inst.replica.ready.wait()
+    metrics_server = None
+    if getattr(args, "metrics_port", 0):
+        from engine.instance.metrics import collector
+        from engine.metrics import registry_of, serve_metrics
+        metrics_server = await serve_metrics(args.host, args.metrics_port, registry_of(collector(inst)))
     await server.set_serving(True)
     log.info("%s %s serving on %s:%d (volume %s, epoch %d, VDL %d)", role, args.instance,
              args.host, port, config.volume, inst.epoch, inst.vdl)
@@ -674,6 +679,8 @@ async def serve(args) -> int:
     await stop.wait()
     log.info("%s %s stopping", inst.role, args.instance)
     reaper.cancel()
+    if metrics_server is not None:
+        await metrics_server.close()
     await server.stop(3.0)
     await inst.close()
     return 0

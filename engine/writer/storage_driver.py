@@ -617,6 +617,7 @@ class StorageDriver:
         snap = self.tracker.snapshot()
         snap.update({
             "epoch": self.epoch, "lal": self.lal, "next_lsn": self.allocator.next_lsn,
+            "allocation_limit": self.allocation_limit(),
             "inflight_batches": len(self._inflight), "open_records": self._open_records,
             "waiting_commits": len(self.commits), "fenced": self.fenced is not None,
             "stats": dict(self.stats),
