@@ -58,7 +58,7 @@ def cmd_replica_process(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import bench, chaos, clones, data, faults, lifecycle, replicas
+    from engine.cli import bench, chaos, clones, data, faults, lifecycle, pgcli, replicas
     from engine.cluster.listen import add_listen_args
 
     parser = argparse.ArgumentParser(
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_listen_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--pg-port", type=int, default=0,
+                   help="PostgreSQL protocol port (docs/postgres.md); 0 picks a free one, -1: none")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.add_argument("--volume", default=None,
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_listen_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--pg-port", type=int, default=0,
+                   help="PostgreSQL protocol port (docs/postgres.md); 0 picks a free one, -1: none")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.set_defaults(func=cmd_replica_process)
@@ -118,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.register(sub)  # node, az, net
     replicas.register(sub)  # failover, replica add|remove, endpoint
     clones.register(sub)  # clone, backtrack
+    pgcli.register(sub)  # psql
     lifecycle.register_logs(sub)  # logs
     bench.register(sub)  # bench write-amplification, block-server
     chaos.register(sub)  # chaos (docs/reliability.md)

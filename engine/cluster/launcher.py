@@ -27,7 +27,8 @@ in its command line, which is how a pid read from control.json is told apart fro
 unrelated process that reused the pid.
 
 Port plan with ``--base-port N``: control plane N, db1 N+1 (db2.. N+2..), sn1..sn6
-N+11..N+16. Without it: each process keeps the previous run's port if it is still free,
+N+11..N+16; PostgreSQL (docs/postgres.md): the cluster endpoint N+18, the reader endpoint
+N+19, db1 N+21 (db2.. N+22..). Without it: each process keeps the previous run's port if it is still free,
 else gets a free port chosen by the kernel. A replica added later (`replica add`) gets a
 free port from the kernel.
 
@@ -63,6 +64,9 @@ assert STORAGE_NODES[0] == ("sn1", "az-a") and STORAGE_NODES[5] == ("sn6", "az-c
 CONTROL_PORT_OFFSET = 0
 INSTANCE_PORT_OFFSET = 1      # db1 -> base+1, db2 -> base+2, ...
 STORAGE_PORT_OFFSET = 11      # sn1 -> base+11, ..., sn6 -> base+16
+PG_CLUSTER_PORT_OFFSET = 18   # PostgreSQL: the cluster endpoint's listener (control plane)
+PG_READER_PORT_OFFSET = 19    # PostgreSQL: the reader endpoint's listener (control plane)
+PG_INSTANCE_PORT_OFFSET = 21  # PostgreSQL: db1 -> base+21, ..., db10 -> base+30
 
 DEFAULT_REPLICAS = 1          # `up` without --replicas on a new data dir
 MAX_INSTANCES = STORAGE_PORT_OFFSET - INSTANCE_PORT_OFFSET   # db1..db10 fit the port plan
@@ -249,6 +253,7 @@ class Plan:
     config: "ClusterConfig"  # noqa: F821 (engine.format.cluster_config, imported lazily)
     instance_ports: dict[str, int]
     control_port: int           # 0: let gRPC choose
+    pg_ports: dict[str, int] = field(default_factory=dict)  # PostgreSQL: dbN, "cluster", "reader"
 
 
 def plan_cluster(dd: DataDir, *, base_port: int | None = None,
@@ -276,12 +281,15 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
     names = [n for n, _ in STORAGE_NODES]
     inst_names = instances if instances is not None else (Topology.load(dd) or Topology.initial()).names
     if base_port is not None:
-        if not 1024 <= base_port <= 65535 - STORAGE_PORT_OFFSET - len(names):
+        if not 1024 <= base_port <= 65535 - PG_INSTANCE_PORT_OFFSET - MAX_INSTANCES:
             raise ValueError(f"--base-port {base_port} is out of range")
         sn_ports = {n: base_port + STORAGE_PORT_OFFSET + i for i, n in enumerate(names)}
         inst_ports = {n: base_port + INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}
         control_port = base_port + CONTROL_PORT_OFFSET
-        busy = [p for p in [control_port, *sn_ports.values(), *inst_ports.values()]
+        pg_ports = {"cluster": base_port + PG_CLUSTER_PORT_OFFSET,
+                    "reader": base_port + PG_READER_PORT_OFFSET,
+                    **{n: base_port + PG_INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}}
+        busy = [p for p in [control_port, *sn_ports.values(), *inst_ports.values(), *pg_ports.values()]
                 if not port_free(p, host)]
         if busy:
             raise ValueError(f"ports in use: {', '.join(map(str, busy))} (choose another --base-port)")
@@ -301,6 +309,7 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
         sn_ports = {n: chosen[n] for n in names}
         inst_ports = {n: chosen[n] for n in inst_names}
         control_port = 0
+        pg_ports = _plan_pg_ports(dd, ["cluster", "reader", *inst_names], set(chosen.values()), host)
     nodes = [NodeInfo(n, az, f"{host}:{sn_ports[n]}") for n, az in STORAGE_NODES]
     if previous:
         config = ClusterConfig(storage_nodes=nodes, volume=previous.volume,
@@ -308,7 +317,21 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
                                lal=previous.lal, latency=latency)
     else:
         config = ClusterConfig(storage_nodes=nodes, latency=latency)
-    return Plan(config, inst_ports, control_port)
+    return Plan(config, inst_ports, control_port, pg_ports)
+
+
+def _plan_pg_ports(dd: DataDir, names: list[str], taken: set[int], host: str) -> dict[str, int]:
+    """PostgreSQL ports: each keeps the last run's (control.json "postgres") if free."""
+    old = (read_json(dd.control_json) or {}).get("postgres", {})
+    previous = {"cluster": old.get("cluster"), "reader": old.get("reader"), **old.get("instances", {})}
+    ports: dict[str, int] = {}
+    for name in names:
+        port = _port_of(previous[name]) if previous.get(name) else 0
+        while not port or port in taken or not port_free(port, host):
+            port = free_ports(1, host)[0]
+        taken.add(port)
+        ports[name] = port
+    return ports
 
 
 def _previous_instance_ports(dd: DataDir) -> dict[str, int]:

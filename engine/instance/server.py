@@ -36,6 +36,8 @@ from engine.format.cluster_config import ClusterConfig
 from engine.db.database import Database
 from engine.writer.recovery import RecoveryError, recover
 from engine.instance.replica import Replica
+from engine.pg.rows import ENGINE_TABLE
+from engine.pg.sql import Backend
 from engine.instance.replication import ReplicationHub, ReplicationService
 from engine.writer.storage_driver import StorageDriver
 
@@ -347,6 +349,8 @@ class Instance:
         self.backtracking = False
         self._background: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
+        self.pg_backend = Backend(self.database, lambda: self.role != "writer")
+        self.pg_port = 0
 
     @property
     def role(self) -> str:
@@ -393,6 +397,8 @@ class Instance:
             # The table clients use when they name none always exists, so a read of it
             # says "key not found", never "table not found".
             await db.create_table(DEFAULT_TABLE)
+        if ENGINE_TABLE not in db.tables():
+            await db.create_table(ENGINE_TABLE)   # every SQL table's rows (engine/pg/rows.py)
         timetravel = TimeTravel(driver, getattr(self.args, "backtrack_window", None))
         await timetravel.on_open()
         db.on_commit = timetravel.clock.add
@@ -509,6 +515,9 @@ class Instance:
 
     def status(self) -> dict:
         state = {"role": self.role, "volume": self.config.volume}
+        if self.pg_port:
+            state["postgres"] = {"port": self.pg_port, **self.pg_backend.counters,
+                                 **self.pg_backend.locks.counters}
         if self.replica is not None:
             state["replica"] = self.replica.status()
             if self.replica.db is not None:
@@ -657,6 +666,13 @@ async def serve(args) -> int:
     if role == "replica":
         # Serving means answering reads: wait for the first snapshot from the writer.
         await inst.replica.ready.wait()
+    pg_server = None
+    if getattr(args, "pg_port", -1) >= 0:
+        # The PostgreSQL front end (docs/postgres.md): same process, same Database.
+        from engine.pg.protocol import PgServer
+        pg_server = PgServer(inst.pg_backend)
+        inst.pg_port = await pg_server.start(args.host, args.pg_port)
+        log.info("%s %s serves PostgreSQL on %s:%d", role, args.instance, args.host, inst.pg_port)
     await server.set_serving(True)
     log.info("%s %s serving on %s:%d (volume %s, epoch %d, VDL %d)", role, args.instance,
              args.host, port, config.volume, inst.epoch, inst.vdl)
@@ -674,6 +690,8 @@ async def serve(args) -> int:
     await stop.wait()
     log.info("%s %s stopping", inst.role, args.instance)
     reaper.cancel()
+    if pg_server is not None:
+        await pg_server.stop()
     await server.stop(3.0)
     await inst.close()
     return 0
