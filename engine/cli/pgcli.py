@@ -1,10 +1,10 @@
 """`aurora-lite psql`: psql on the cluster's PostgreSQL endpoint (docs/postgres.md).
 
-    aurora-lite psql [--endpoint cluster|reader|dbN] [-- PSQL ARGS...]
+    aurora-lite psql [--endpoint cluster|reader|dbN] [-c SQL]... [-f FILE] [-- PSQL ARGS...]
 
 runs the psql of the postgresql-client package with -h/-p of the chosen endpoint (the
-cluster endpoint by default: the writer, stable across failovers) and any further
-arguments, e.g. `aurora-lite psql -- -c 'select 1'`.
+cluster endpoint by default: the writer, stable across failovers), the -c/-f given, and
+any further psql arguments after --, e.g. `aurora-lite psql -c 'select 1' -- -At`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ def cmd_psql(args) -> int:
         raise CliError("psql is not installed (apt-get install postgresql-client)", EXIT_NOT_FOUND)
     host, port = address.rsplit(":", 1)
     extra = [a for a in args.psql_args if a != "--"]
-    argv = [psql, "-h", host, "-p", port, "-U", args.user, "-d", "aurora", *extra]
+    for command in args.command or ():
+        extra += ["-c", command]
+    if args.file:
+        extra += ["-f", args.file]
+    argv = [psql, "-X", "-h", host, "-p", port, "-U", args.user, "-d", "aurora", *extra]
     os.execv(psql, argv)
     return 0  # not reached
 
@@ -42,5 +46,7 @@ def register(sub) -> None:
     p.add_argument("--endpoint", default="cluster",
                    help="cluster (the writer, default), reader, or an instance name such as db2")
     p.add_argument("--user", default="aurora", help="user name to send (any is accepted; default aurora)")
-    p.add_argument("psql_args", nargs="*", help="arguments for psql after --, e.g. -- -c 'select 1'")
+    p.add_argument("-c", "--command", action="append", help="run this SQL (repeatable), like psql -c")
+    p.add_argument("-f", "--file", default=None, help="run the SQL in FILE (- for stdin), like psql -f")
+    p.add_argument("psql_args", nargs="*", help="more psql arguments after --, e.g. -- -At")
     p.set_defaults(func=cmd_psql)

@@ -254,6 +254,7 @@ class Connection:
     # --- Simple query --------------------------------------------------------------------------
 
     async def simple_query(self, text: str) -> None:
+        log.debug("query: %s", text)
         try:
             stmts = _parse(text)
         except PgError as err:
@@ -370,6 +371,7 @@ class Connection:
         (n,) = struct.unpack(">H", rest[:2])
         oids = list(struct.unpack(f">{n}I", rest[2:2 + 4 * n]))
         text_s = text.decode()
+        log.debug("parse %r: %s", name, text_s)
         stmts = _parse(text_s)
         if len(stmts) > 1:
             raise PgError("42601", "cannot insert multiple commands into a prepared statement")
