@@ -76,13 +76,40 @@ def test_where_order_limit_and_ranges(pg):
         conn.execute("DROP TABLE r")
 
 
+def test_secondary_index_is_kept_with_its_rows(pg):
+    with connect(pg, autocommit=True) as conn:
+        conn.execute("CREATE TABLE s (id int PRIMARY KEY, k int NOT NULL, c text)")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO s VALUES (%s, %s, %s)", [(i, i % 7, f"c{i}") for i in range(1, 71)])
+        assert conn.execute("CREATE INDEX k_1 ON s (k)").statusmessage == "CREATE INDEX"
+        lookups = pg.backend.counters["index_lookups"]
+        assert conn.execute("SELECT count(*) FROM s WHERE k = 3").fetchone() == (10,)
+        assert pg.backend.counters["index_lookups"] == lookups + 1   # read through the index
+        conn.execute("UPDATE s SET k = k + 100 WHERE id = 3")          # moves its index entry
+        conn.execute("DELETE FROM s WHERE id = 10")                     # removes one
+        conn.execute("INSERT INTO s VALUES (1000, 3, 'new')")           # adds one
+        with conn.transaction():
+            conn.execute("INSERT INTO s VALUES (1001, 3, 'rolled back')")
+            conn.execute("UPDATE s SET k = 5 WHERE id = 17")
+            raise psycopg.Rollback()
+        assert conn.execute("SELECT id FROM s WHERE k = 3 ORDER BY id").fetchall() == \
+            [(i,) for i in range(1, 71) if i % 7 == 3 and i not in (3, 10)] + [(1000,)]
+        assert conn.execute("SELECT id, c FROM s WHERE k = 103").fetchall() == [(3, "c3")]
+        conn.execute("TRUNCATE s")
+        conn.execute("INSERT INTO s VALUES (1, 3, 'x')")
+        assert conn.execute("SELECT id FROM s WHERE k = 3").fetchall() == [(1,)]
+        assert conn.execute("DROP INDEX k_1").statusmessage == "DROP INDEX"
+        assert conn.execute("SELECT id FROM s WHERE k = 3").fetchall() == [(1,)]
+        conn.execute("DROP TABLE s")
+
+
 def test_sqlstates(pg):
     with connect(pg, autocommit=True) as conn:
         conn.execute("CREATE TABLE u (k int PRIMARY KEY, v text NOT NULL)")
         conn.execute("INSERT INTO u VALUES (1, 'a')")
         cases = [("INSERT INTO u VALUES (1, 'b')", "23505"), ("SELECT * FROM nope", "42P01"),
                  ("SELEC 1", "42601"), ("INSERT INTO u VALUES (2, NULL)", "23502"),
-                 ("SELECT nope FROM u", "42703"), ("CREATE INDEX i ON u (v)", "0A000"),
+                 ("SELECT nope FROM u", "42703"), ("CREATE UNIQUE INDEX i ON u (v)", "0A000"),
                  ("SELECT * FROM u, u AS w", "0A000"), ("SELECT 1 / 0", "22012"),
                  ("CREATE TABLE u (k int)", "42P07"), ("INSERT INTO u VALUES ('x', 'y')", "22P02")]
         for sql, code in cases:

@@ -96,15 +96,36 @@ class TableSchema:
     table_id: int
     columns: list[Column]
     pk: list[str] = field(default_factory=list)   # primary key column names; [] = hidden row id
+    indexes: list[dict] = field(default_factory=list)  # {"name", "id", "columns"}: secondary indexes
 
     def to_json(self) -> bytes:
         return json.dumps({"name": self.name, "id": self.table_id, "pk": self.pk,
-                           "columns": [c.__dict__ for c in self.columns]}).encode()
+                           "columns": [c.__dict__ for c in self.columns],
+                           "indexes": self.indexes}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "TableSchema":
         d = json.loads(raw)
-        return cls(d["name"], d["id"], [Column(**c) for c in d["columns"]], d["pk"])
+        return cls(d["name"], d["id"], [Column(**c) for c in d["columns"]], d["pk"],
+                   d.get("indexes", []))
+
+    def index_key(self, index: dict, row: list, row_key: bytes) -> bytes:
+        """A secondary index entry's key: index id, the indexed columns (each 0x00 for NULL
+        or 0x01 + its key encoding), then the row's key without its table id."""
+        parts = [struct.pack(">I", index["id"])]
+        for name in index["columns"]:
+            i = self.index(name)
+            value = row[i]
+            parts.append(b"\x00" if value is None else b"\x01" + encode_key_part(self.columns[i], value))
+        parts.append(row_key[4:])
+        return b"".join(parts)
+
+    def index_prefix(self, index: dict, values: list) -> bytes:
+        """The key prefix of the entries whose indexed columns equal ``values``."""
+        parts = [struct.pack(">I", index["id"])]
+        for name, value in zip(index["columns"], values):
+            parts.append(b"\x01" + encode_key_part(self.columns[self.index(name)], value))
+        return b"".join(parts)
 
     def index(self, name: str) -> int:
         for i, c in enumerate(self.columns):

@@ -62,7 +62,7 @@ class Backend:
         self.locks = LockManager()
         self._seq: dict[bytes, tuple[int, int]] = {}   # sequence key -> (next, limit)
         self._last_rowid = 0
-        self.counters = {"statements": 0, "errors": 0}
+        self.counters = {"statements": 0, "errors": 0, "index_lookups": 0}
 
     async def ensure_table(self) -> None:
         db = self.db()
@@ -226,6 +226,10 @@ def key_range(schema: TableSchema, where, params) -> tuple[bytes, bytes, bool]:
 async def scan_rows(session: Session, schema: TableSchema, where, params):
     """(key, row) of every row of the table WHERE may match (not yet filtered by WHERE)."""
     start, end, exact = key_range(schema, where, params)
+    if not exact and schema.indexes:
+        found = await _index_lookup(session, schema, where, params)
+        if found is not None:
+            return found
     txn = session.transaction()
     if exact:
         if start == end:
@@ -240,6 +244,78 @@ async def scan_rows(session: Session, schema: TableSchema, where, params):
             break
         start = page[-1][0] + b"\x00"
     return out
+
+
+def put_row(session: Session, schema: TableSchema, key: bytes, row: list, old: list | None = None) -> int:
+    """Buffer the row and its secondary index entries (replacing ``old``'s, if given);
+    returns the number of keys written."""
+    txn = session.transaction()
+    txn.put(ENGINE_TABLE, key, encode_row(schema, row))
+    n = 1
+    for index in schema.indexes:
+        entry = schema.index_key(index, row, key)
+        if old is not None:
+            old_entry = schema.index_key(index, old, key)
+            if old_entry == entry:
+                continue
+            txn.delete(ENGINE_TABLE, old_entry)
+            n += 1
+        txn.put(ENGINE_TABLE, entry, b"")
+        n += 1
+    return n
+
+
+def remove_row(session: Session, schema: TableSchema, key: bytes, row: list) -> int:
+    """Buffer the removal of the row and its index entries; returns the keys written."""
+    txn = session.transaction()
+    txn.delete(ENGINE_TABLE, key)
+    for index in schema.indexes:
+        txn.delete(ENGINE_TABLE, schema.index_key(index, row, key))
+    return 1 + len(schema.indexes)
+
+
+async def _index_lookup(session: Session, schema: TableSchema, where, params):
+    """(key, row) of the rows an equality on every column of a secondary index selects, or
+    None if no index fits WHERE."""
+    eq = {}
+    ctx = Context(params)
+    for c in _conjuncts(where):
+        if isinstance(c, ast.A_Expr) and c.kind == enums.A_Expr_Kind.AEXPR_OP and c.name[-1].sval == "=":
+            lhs, rhs = c.lexpr, c.rexpr
+            if _col(rhs) and _is_const(lhs):
+                lhs, rhs = rhs, lhs
+            name = _col(lhs)
+            if name is not None and _is_const(rhs):
+                eq[name] = rhs
+    for index in schema.indexes:
+        if all(n in eq for n in index["columns"]):
+            values = []
+            for n in index["columns"]:
+                col = schema.columns[schema.index(n)]
+                values.append(coerce(evaluate(eq[n], ctx), col.type, col.typmod))
+            if any(v is None for v in values):
+                return []
+            prefix = schema.index_prefix(index, values)
+            session.backend.counters["index_lookups"] += 1
+            txn = session.transaction()
+            entries = await txn.scan(ENGINE_TABLE, prefix, prefix_end_bytes(prefix), 100_000)
+            out = []
+            for entry, _ in entries:
+                key = schema.prefix() + entry[len(prefix):]
+                raw = await txn.get(ENGINE_TABLE, key)
+                if raw is not None:
+                    out.append((key, decode_row(schema, raw)))
+            return out
+    return None
+
+
+def prefix_end_bytes(prefix: bytes) -> bytes:
+    """The smallest key above every key that starts with ``prefix``."""
+    b = bytearray(prefix)
+    while b and b[-1] == 0xFF:
+        b.pop()
+    b[-1] += 1
+    return bytes(b)
 
 
 def _row_ctx(schema: TableSchema, row: list, params) -> Context:
@@ -310,6 +386,22 @@ async def create_table(session: Session, stmt: ast.CreateStmt, params) -> Result
     return Result("CREATE TABLE")
 
 
+async def _drop_index(session: Session, stmt: ast.DropStmt) -> Result:
+    for obj in stmt.objects:
+        index_name = obj[-1].sval
+        for schema in await list_schemas(session):
+            if any(ix["name"] == index_name for ix in schema.indexes):
+                await session.lock(table_key_name(schema.name))
+                schema = await get_schema(session, schema.name)
+                schema.indexes = [ix for ix in schema.indexes if ix["name"] != index_name]
+                await _put_schema(session, schema)   # its entries become unreachable
+                break
+        else:
+            if not stmt.missing_ok:
+                raise PgError("42704", f'index "{index_name}" does not exist')
+    return Result("DROP INDEX")
+
+
 def _table_constraint(con: ast.Constraint, pk: list) -> list:
     if con.contype != enums.ConstrType.CONSTR_PRIMARY:
         raise not_supported(f"table constraint {con.contype.name}")
@@ -317,6 +409,8 @@ def _table_constraint(con: ast.Constraint, pk: list) -> list:
 
 
 async def drop(session: Session, stmt: ast.DropStmt, params) -> Result:
+    if stmt.removeType == enums.ObjectType.OBJECT_INDEX:
+        return await _drop_index(session, stmt)
     if stmt.removeType != enums.ObjectType.OBJECT_TABLE:
         raise not_supported(f"DROP {stmt.removeType.name[7:]}")
     for obj in stmt.objects:
@@ -340,6 +434,8 @@ async def truncate(session: Session, stmt: ast.TruncateStmt, params) -> Result:
         await session.lock(table_key_name(name))
         schema = await get_schema(session, name)
         schema.table_id = await _new_table_id(session)   # old rows become unreachable
+        for index in schema.indexes:
+            index["id"] = await _new_table_id(session)
         await _put_schema(session, schema)
     return Result("TRUNCATE TABLE")
 
@@ -356,7 +452,8 @@ async def alter_table(session: Session, stmt: ast.AlterTableStmt, params) -> Res
         if schema.pk:
             raise PgError("42P16", f'multiple primary keys for table "{name}" are not allowed')
         pk = [k.sval for k in con.keys]
-        new = TableSchema(name, await _new_table_id(session), schema.columns, pk)
+        indexes = [{**ix, "id": await _new_table_id(session)} for ix in schema.indexes]
+        new = TableSchema(name, await _new_table_id(session), schema.columns, pk, indexes)
         for n in pk:
             new.columns[new.index(n)].not_null = True
         seen = set()
@@ -366,12 +463,40 @@ async def alter_table(session: Session, stmt: ast.AlterTableStmt, params) -> Res
             if key in seen:
                 raise PgError("23505", f'could not create unique index "{name}_pkey": key is duplicated')
             seen.add(key)
-            txn = session.transaction()
-            txn.put(ENGINE_TABLE, key, encode_row(new, row))
-            await session.wrote()
+            await session.wrote(put_row(session, new, key, row))
         schema = new
         await _put_schema(session, schema)
     return Result("ALTER TABLE")
+
+
+async def create_index(session: Session, stmt: ast.IndexStmt, params) -> Result:
+    """CREATE INDEX name ON table (col, ...): a secondary index, built and kept in the
+    same transactions as the table's rows."""
+    if stmt.unique or stmt.whereClause or stmt.indexIncludingParams or stmt.concurrent:
+        raise not_supported("UNIQUE, partial, INCLUDE and CONCURRENTLY indexes")
+    if stmt.accessMethod not in (None, "btree"):
+        raise not_supported(f"index method {stmt.accessMethod}")
+    name = _relname(stmt.relation)
+    await session.lock(table_key_name(name))
+    schema = await get_schema(session, name)
+    columns = []
+    for elem in stmt.indexParams:
+        if elem.name is None:
+            raise not_supported("indexes on expressions")
+        schema.index(elem.name)
+        columns.append(elem.name)
+    index_name = stmt.idxname or f"{name}_{'_'.join(columns)}_idx"
+    if any(ix["name"] == index_name for ix in schema.indexes):
+        if stmt.if_not_exists:
+            return Result("CREATE INDEX")
+        raise PgError("42P07", f'relation "{index_name}" already exists')
+    index = {"name": index_name, "id": await _new_table_id(session), "columns": columns}
+    for key, row in await scan_rows(session, schema, None, []):
+        session.transaction().put(ENGINE_TABLE, schema.index_key(index, row, key), b"")
+        await session.wrote()
+    schema.indexes.append(index)
+    await _put_schema(session, schema)
+    return Result("CREATE INDEX")
 
 
 async def _default(session: Session, schema: TableSchema, col: Column):
@@ -396,20 +521,17 @@ async def insert_row(session: Session, schema: TableSchema, given: dict) -> None
             raise PgError("23502", f'null value in column "{col.name}" of relation "{schema.name}" '
                                    f'violates not-null constraint')
         row.append(value)
-    value = encode_row(schema, row)
-    txn = session.transaction()
+    encode_row(schema, row)   # too large: 54000 before anything is locked
     if schema.pk:
         key = schema.key_of(row)
         await session.lock(key)
         if await session.transaction().get(ENGINE_TABLE, key) is not None:
             raise PgError("23505", f'duplicate key value violates unique constraint "{schema.name}_pkey"')
-        txn = session.transaction()
     else:
         if session.read_only:
             raise PgError("25006", "cannot execute INSERT in a read-only transaction")
         key = schema.prefix() + struct.pack(">Q", session.backend.rowid())
-    txn.put(ENGINE_TABLE, key, value)
-    await session.wrote()
+    await session.wrote(put_row(session, schema, key, row))
 
 
 _DEFAULT = object()
@@ -472,14 +594,17 @@ async def update(session: Session, stmt: ast.UpdateStmt, params) -> Result:
             if new[i] is None and col.not_null:
                 raise PgError("23502", f'null value in column "{col.name}" violates not-null constraint')
         new_key = schema.key_of(new) if schema.pk else key
-        txn = session.transaction()
+        encode_row(schema, new)   # too large: 54000 before anything changes
+        written = 0
         if new_key != key:
             await session.lock(new_key)
-            if await txn.get(ENGINE_TABLE, new_key) is not None:
+            if await session.transaction().get(ENGINE_TABLE, new_key) is not None:
                 raise PgError("23505", f'duplicate key value violates unique constraint "{schema.name}_pkey"')
-            txn.delete(ENGINE_TABLE, key)
-        txn.put(ENGINE_TABLE, new_key, encode_row(schema, new))
-        await session.wrote()
+            written += remove_row(session, schema, key, row)
+            written += put_row(session, schema, new_key, new)
+        else:
+            written += put_row(session, schema, key, new, old=row)
+        await session.wrote(written)
         n += 1
     return Result(f"UPDATE {n}")
 
@@ -492,10 +617,12 @@ async def delete(session: Session, stmt: ast.DeleteStmt, params) -> Result:
     for key, _ in await scan_rows(session, schema, stmt.whereClause, params):
         await session.lock(key)
         raw = await session.transaction().get(ENGINE_TABLE, key)
-        if raw is None or not _matches(stmt.whereClause, _row_ctx(schema, decode_row(schema, raw), params)):
+        if raw is None:
             continue
-        session.transaction().delete(ENGINE_TABLE, key)
-        await session.wrote()
+        row = decode_row(schema, raw)
+        if not _matches(stmt.whereClause, _row_ctx(schema, row, params)):
+            continue
+        await session.wrote(remove_row(session, schema, key, row))
         n += 1
     return Result(f"DELETE {n}")
 
@@ -712,7 +839,8 @@ HANDLERS = {
     ast.AlterTableStmt: alter_table, ast.InsertStmt: insert, ast.UpdateStmt: update,
     ast.DeleteStmt: delete, ast.SelectStmt: select_stmt, ast.VacuumStmt: accept,
     ast.VariableSetStmt: set_stmt, ast.VariableShowStmt: show, ast.DiscardStmt: discard,
+    ast.IndexStmt: create_index,
 }
-WRITES = (ast.CreateStmt, ast.DropStmt, ast.TruncateStmt, ast.AlterTableStmt, ast.InsertStmt,
+WRITES = (ast.CreateStmt, ast.IndexStmt, ast.DropStmt, ast.TruncateStmt, ast.AlterTableStmt, ast.InsertStmt,
           ast.UpdateStmt, ast.DeleteStmt, ast.CopyStmt)
 AGGREGATE_NAMES = AGGREGATES
