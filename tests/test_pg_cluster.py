@@ -117,3 +117,32 @@ def test_psql_pgbench_reader_and_failover(cluster):
         assert time.monotonic() < deadline, result.stderr
         time.sleep(0.5)
     assert psql(pg["cluster"], "-c", "SELECT count(*) FROM notes").stdout.strip() == "4"
+
+
+@pytest.mark.skipif(not shutil.which("sysbench"), reason="needs sysbench (apt-get install sysbench; .ci/run installs it)")
+def test_sysbench_write_only_and_read_write(cluster):
+    """sysbench's PostgreSQL driver: prepare (tables, multi-row INSERTs, a secondary index),
+    oltp_write_only and oltp_read_write at 8 threads, cleanup. The only errors allowed are
+    the ones sysbench retries (deadlocks and duplicate keys of its delete+insert): any other
+    makes it print FATAL and exit non-zero."""
+    up(cluster)
+    pg = cluster.status()["postgres"]
+    host, port = pg["cluster"].rsplit(":", 1)
+    common = ["--db-driver=pgsql", f"--pgsql-host={host}", f"--pgsql-port={port}", "--pgsql-user=sb",
+              "--pgsql-db=aurora", "--tables=2", "--table-size=500"]
+
+    def sysbench(*args):
+        result = subprocess.run(["sysbench", *args, *common], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "FATAL" not in result.stdout + result.stderr, result.stdout + result.stderr
+        return result.stdout
+
+    out = sysbench("oltp_write_only", "prepare")
+    assert "Creating a secondary index on 'sbtest2'" in out, out
+    for workload in ("oltp_write_only", "oltp_read_write"):
+        out = sysbench(workload, "--threads=8", "--time=5", "run")
+        transactions = int(re.search(r"transactions:\s+(\d+)", out).group(1))
+        assert transactions > 0, out
+    sums = psql(pg["cluster"], "-c", "SELECT count(*) FROM sbtest1", "-c", "SELECT count(*) FROM sbtest2").stdout.split()
+    assert sums == ["500", "500"], sums   # delete+insert of the same id keeps the row count
+    sysbench("oltp_read_write", "cleanup")
+    assert psql(pg["cluster"], "-c", "SELECT count(*) FROM pg_tables").stdout.strip() == "0"

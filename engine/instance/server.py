@@ -517,7 +517,8 @@ class Instance:
         state = {"role": self.role, "volume": self.config.volume}
         if self.pg_port:
             state["postgres"] = {"port": self.pg_port, **self.pg_backend.counters,
-                                 **self.pg_backend.locks.counters}
+                                 **self.pg_backend.locks.counters,
+                                 "errors_by_sqlstate": dict(self.pg_backend.errors_by_sqlstate)}
         if self.replica is not None:
             state["replica"] = self.replica.status()
             if self.replica.db is not None:

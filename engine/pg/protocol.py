@@ -241,6 +241,8 @@ class Connection:
         if err.code == "XX000":
             log.exception("internal error in a SQL statement")
         self.server.backend.counters["errors"] += 1
+        by_code = self.server.backend.errors_by_sqlstate
+        by_code[err.code] = by_code.get(err.code, 0) + 1
         self.writer.write(_error(err))
         if self.session.in_block:
             self.session.failed = True

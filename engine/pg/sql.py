@@ -63,6 +63,7 @@ class Backend:
         self._seq: dict[bytes, tuple[int, int]] = {}   # sequence key -> (next, limit)
         self._last_rowid = 0
         self.counters = {"statements": 0, "errors": 0, "index_lookups": 0}
+        self.errors_by_sqlstate: dict[str, int] = {}
 
     async def ensure_table(self) -> None:
         db = self.db()
