@@ -240,6 +240,9 @@ class Connection:
         err = from_engine(exc)
         if err.code == "XX000":
             log.exception("internal error in a SQL statement")
+        if err.severity == "FATAL":
+            self.writer.write(_error(err))
+            raise ConnectionAbortedError(err.message)
         self.server.backend.counters["errors"] += 1
         by_code = self.server.backend.errors_by_sqlstate
         by_code[err.code] = by_code.get(err.code, 0) + 1

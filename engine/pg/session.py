@@ -12,9 +12,14 @@ Transactions
     Locks live in the writer process only: the SQL front end is the only writer of table
     ``pg`` (the key-value API could bypass them; it has no reason to).
 
-    A transaction that writes more than CHUNK_WRITES rows (COPY, bulk INSERT, pgbench -i's
-    load) is committed in pieces of CHUNK_WRITES rows, since one engine transaction holds
-    at most TXN_WRITES_MAX = 4096 keys: such a transaction is NOT atomic (docs/postgres.md).
+    A transaction that writes more than CHUNK_WRITES keys (COPY, bulk INSERT, pgbench -i's
+    load) is committed in pieces of CHUNK_WRITES keys, since one engine transaction holds
+    at most TXN_WRITES_MAX = 4096 keys (and a big MTR holds the event loop for its whole
+    planning): such a transaction is NOT atomic (docs/postgres.md).
+
+    A session is bound to the Database it started with: if the instance changes role
+    (promoted, stepped down: a new Database object), its next statement gets 57P01 and
+    the connection ends, as PostgreSQL's connections end when their server restarts.
 
 Status for ReadyForQuery: "I" idle, "T" in a transaction block, "E" failed block.
 """
@@ -28,7 +33,8 @@ from engine.pg.sqlstate import PgError
 
 log = logging.getLogger("aurora.pg")
 
-CHUNK_WRITES = 4000
+CHUNK_WRITES = 1000     # keys per piece of a big transaction: one MTR of 1,000 B+tree puts
+                        # keeps the event loop (and the instance's health checks) moving
 
 
 class LockManager:
@@ -91,6 +97,7 @@ class Session:
         self.locks: set[bytes] = set()
         self.settings: dict[str, str] = {}
         self.read_only = False          # connected to a replica
+        self.database = None            # the engine Database of the first statement
 
     @property
     def status(self) -> bytes:
@@ -101,7 +108,13 @@ class Session:
     def transaction(self):
         """The engine transaction for the current statement (begun on first use)."""
         if self.txn is None:
-            self.txn = self.backend.db().begin(conflicts_from_commit=True)
+            db = self.backend.db()
+            if self.database is None:
+                self.database = db
+            elif db is not self.database:
+                raise PgError("57P01", "terminating connection: this instance changed role "
+                                       "(failover); reconnect", "FATAL")
+            self.txn = db.begin(conflicts_from_commit=True)
             self.writes = 0
         return self.txn
 

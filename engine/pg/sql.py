@@ -16,6 +16,7 @@ Table rows and keys: engine/pg/rows.py. SQL tables live in engine table ``pg``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import time
@@ -34,7 +35,7 @@ from engine.pg.sqlstate import PgError, not_supported
 
 log = logging.getLogger("aurora.pg")
 
-SCAN_PAGE_ROWS = 5000
+SCAN_PAGE_ROWS = 2000
 SEQUENCE_CACHE = 100          # serial values reserved per catalog write (like a sequence's CACHE)
 DEFAULT_SETTINGS = {"server_version": "15.0 (aurora-lite)", "server_encoding": "UTF8",
                     "client_encoding": "UTF8", "datestyle": "ISO, MDY", "timezone": "UTC",
@@ -243,6 +244,7 @@ async def scan_rows(session: Session, schema: TableSchema, where, params):
         out.extend((k, decode_row(schema, v)) for k, v in page)
         if len(page) < SCAN_PAGE_ROWS:
             break
+        await asyncio.sleep(0)
         start = page[-1][0] + b"\x00"
     return out
 
@@ -630,7 +632,9 @@ async def delete(session: Session, stmt: ast.DeleteStmt, params) -> Result:
 
 async def copy_rows(session: Session, schema: TableSchema, names: list[str], lines: list[str]) -> int:
     """Insert COPY text-format lines (tab-separated, \\N = NULL, backslash escapes)."""
-    for line in lines:
+    for n, line in enumerate(lines):
+        if n % 100 == 99:
+            await asyncio.sleep(0)   # let the instance's other work run during a big COPY
         fields = [None if f == "\\N" else _unescape(f) for f in line.split("\t")]
         if len(fields) != len(names):
             raise PgError("22P04", f"COPY row has {len(fields)} columns, expected {len(names)}")
