@@ -33,7 +33,7 @@ from engine.pg.sqlstate import PgError
 
 log = logging.getLogger("aurora.pg")
 
-CHUNK_WRITES = 1000     # keys per piece of a big transaction: one MTR of 1,000 B+tree puts
+CHUNK_WRITES = 500      # keys per piece of a big transaction: one MTR of 500 B+tree puts
                         # keeps the event loop (and the instance's health checks) moving
 
 

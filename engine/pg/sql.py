@@ -461,7 +461,9 @@ async def alter_table(session: Session, stmt: ast.AlterTableStmt, params) -> Res
             new.columns[new.index(n)].not_null = True
         seen = set()
         txn = session.transaction()
-        for _, row in await scan_rows(session, schema, None, []):
+        for n, (_, row) in enumerate(await scan_rows(session, schema, None, [])):
+            if n % 100 == 99:
+                await asyncio.sleep(0)   # a big rewrite lets the instance's other work run
             key = new.key_of(row)
             if key in seen:
                 raise PgError("23505", f'could not create unique index "{name}_pkey": key is duplicated')
@@ -699,8 +701,13 @@ async def select_stmt(session: Session, stmt: ast.SelectStmt, params) -> Result:
         else:
             schema = await get_schema(session, _relname(rv))
             source = [r for _, r in await scan_rows(session, schema, stmt.whereClause, params)]
-        contexts = [_row_ctx(schema, r, params) for r in source]
-        contexts = [c for c in contexts if _matches(stmt.whereClause, c)]
+        contexts = []
+        for n, r in enumerate(source):
+            if n % 500 == 499:
+                await asyncio.sleep(0)   # a big scan lets the instance's other work run
+            c = _row_ctx(schema, r, params)
+            if _matches(stmt.whereClause, c):
+                contexts.append(c)
     else:
         contexts = [Context(params)]
         if stmt.whereClause is not None and not _matches(stmt.whereClause, contexts[0]):
