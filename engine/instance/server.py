@@ -36,7 +36,6 @@ from engine.format.cluster_config import ClusterConfig
 from engine.db.database import Database
 from engine.writer.recovery import RecoveryError, recover
 from engine.instance.replica import Replica
-from engine.pg.rows import ENGINE_TABLE
 from engine.pg.sql import Backend
 from engine.instance.replication import ReplicationHub, ReplicationService
 from engine.writer.storage_driver import StorageDriver
@@ -397,8 +396,6 @@ class Instance:
             # The table clients use when they name none always exists, so a read of it
             # says "key not found", never "table not found".
             await db.create_table(DEFAULT_TABLE)
-        if ENGINE_TABLE not in db.tables():
-            await db.create_table(ENGINE_TABLE)   # every SQL table's rows (engine/pg/rows.py)
         timetravel = TimeTravel(driver, getattr(self.args, "backtrack_window", None))
         await timetravel.on_open()
         db.on_commit = timetravel.clock.add

@@ -179,7 +179,6 @@ class Connection:
         try:
             if not await self.startup():
                 return
-            await self.server.backend.ensure_table()
             while True:
                 kind = await self._read_exact(1)
                 (length,) = struct.unpack(">I", await self._read_exact(4))

@@ -67,6 +67,7 @@ class Backend:
         self.errors_by_sqlstate: dict[str, int] = {}
 
     async def ensure_table(self) -> None:
+        """Create engine table ``pg`` (its own committed MTR) if it does not exist yet."""
         db = self.db()
         if not self.read_only() and not db.has_table(ENGINE_TABLE):
             try:
@@ -120,6 +121,12 @@ async def list_schemas(session: Session) -> list[TableSchema]:
 
 
 async def _new_table_id(session: Session) -> int:
+    # The engine table is created by the first DDL, not at start: a writer that never
+    # serves SQL keeps the volume exactly as before (an extra table's root page would sit
+    # in a PG that then stays idle).
+    if session.read_only:
+        raise PgError("25006", "cannot execute DDL in a read-only transaction (this is a read replica)")
+    await session.backend.ensure_table()
     key = catalog_key(b"N")
     await session.lock(key)
     txn = session.transaction()
