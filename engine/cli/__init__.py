@@ -63,7 +63,8 @@ METRICS_PORT_HELP = "serve Prometheus metrics at http://HOST:PORT/metrics (defau
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import bench, chaos, clones, data, faults, lab, lifecycle, replicas, sim
+    from engine.cli import (bench, chaos, clones, data, faults, lab, lifecycle, pgcli,
+                            replicas, sim)
     from engine.cluster.listen import add_listen_args
 
     parser = argparse.ArgumentParser(
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_listen_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--pg-port", type=int, default=0,
+                   help="PostgreSQL protocol port (docs/postgres.md); 0 picks a free one, -1: none")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.add_argument("--metrics-port", type=int, default=0, help=METRICS_PORT_HELP)
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_listen_args(p)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port and reports it")
     p.add_argument("--port-file", default=None, help="write the bound port here once serving")
+    p.add_argument("--pg-port", type=int, default=0,
+                   help="PostgreSQL protocol port (docs/postgres.md); 0 picks a free one, -1: none")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
     p.add_argument("--metrics-port", type=int, default=0, help=METRICS_PORT_HELP)
@@ -126,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.register(sub)  # node, az, net
     replicas.register(sub)  # failover, replica add|remove, endpoint
     clones.register(sub)  # clone, backtrack
+    pgcli.register(sub)  # psql
     lifecycle.register_logs(sub)  # logs
     bench.register(sub)  # bench write-amplification, block-server
     chaos.register(sub)  # chaos (docs/reliability.md)

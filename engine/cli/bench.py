@@ -245,3 +245,43 @@ def register(sub) -> None:
                    help="row counts of --sensitivity (at the scaled or given redo log)")
     w.set_defaults(func=cmd_write_amplification)
     load.register(verbs)   # bench load (engine/cli/load.py)
+    g = verbs.add_parser(
+        "pgbench", help="pgbench and sysbench: aurora-lite vs PostgreSQL with a synchronous standby",
+        description="Run pgbench (TPC-B-like, simple and prepared) and sysbench oltp_write_only "
+                    "against a throwaway aurora-lite cluster and, when the PostgreSQL server "
+                    "binaries are installed, a local PostgreSQL primary with a synchronous "
+                    "standby; print tps, latency and log bytes per transaction side by side. "
+                    "See docs/postgres.md.")
+    g.add_argument("--scale", type=int, default=1, help="pgbench -s (default 1)")
+    g.add_argument("--clients", type=int, default=8, help="pgbench -c / sysbench --threads (default 8)")
+    g.add_argument("--duration", type=int, default=30, help="seconds per measured run (default 30)")
+    g.add_argument("--table-size", type=int, default=10_000, help="sysbench rows per table (4 tables)")
+    g.add_argument("--workloads", default="pgbench,pgbench-prepared,oltp_write_only",
+                   help="comma-separated: pgbench, pgbench-prepared, oltp_write_only, oltp_read_write")
+    g.add_argument("--pg-port", type=int, default=55432, help="the PostgreSQL primary's port (standby: +1)")
+    g.add_argument("--no-postgres", action="store_true", help="aurora-lite only")
+    g.add_argument("--json", action="store_true", help="print the full result as JSON")
+    g.set_defaults(func=cmd_pgbench)
+
+
+def cmd_pgbench(args) -> int:
+    import json
+
+    from engine.baseline import pg_compare
+
+    missing = [tool for tool in ("pgbench", "psql", "sysbench") if not shutil_which(tool)]
+    if missing:
+        print(f"aurora-lite: {', '.join(missing)} not installed (apt-get install postgresql-client "
+              f"sysbench)", file=sys.stderr)
+        return 4
+    report = pg_compare.compare(scale=args.scale, clients=args.clients, duration_s=args.duration,
+                                sysbench_table_size=args.table_size,
+                                workloads=[w.strip() for w in args.workloads.split(",") if w.strip()],
+                                pg_port=args.pg_port, with_postgres=not args.no_postgres)
+    print(json.dumps(report, indent=2) if args.json else pg_compare.format_report(report))
+    return 0
+
+
+def shutil_which(tool: str) -> str | None:
+    import shutil
+    return shutil.which(tool)

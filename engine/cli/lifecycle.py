@@ -30,7 +30,7 @@ from engine.cli.common import (
     require_cluster, shown_data_dir_flag, table)
 from engine.cluster.launcher import (
     MAX_REPLICAS, DataDir, base_command, cluster_pids, describe_exit, load_topology,
-    pid_belongs, pid_running, read_control, running_control, spawn, stop_pids)
+    pid_belongs, pid_running, read_control, read_json, running_control, spawn, stop_pids)
 
 UP_TIMEOUT_S = 120.0
 CONTROL_START_TIMEOUT_S = 20.0
@@ -86,7 +86,15 @@ def state_dict(state) -> dict:
                     "extra_az_ms": dict(state.latency.extra_az_ms),
                     "extra_node_ms": dict(state.latency.extra_node_ms)},
         "processes": [process_dict(p) for p in state.processes],
+        "postgres": postgres_addresses(state.data_dir),
     }
+
+
+def postgres_addresses(data_dir: str) -> dict | None:
+    """The PostgreSQL addresses the control plane published in control.json
+    (docs/postgres.md): {"cluster": ..., "reader": ..., "instances": {NAME: ...}}."""
+    info = read_json(os.path.join(data_dir, "control.json")) or {}
+    return info.get("postgres")
 
 
 def reader_addresses(state) -> list[str]:
@@ -164,6 +172,15 @@ def endpoint_lines(state) -> list[str]:
             + ("" if any(names.get(a) != state.writer for a in readers) else " (no replica is up: the writer)")]
 
 
+def postgres_lines(state) -> list[str]:
+    pg = postgres_addresses(state.data_dir)
+    if not pg:
+        return []
+    instances = ", ".join(f"{n} {a}" for n, a in sorted(pg.get("instances", {}).items()))
+    return [f"postgres: cluster {pg['cluster']}, reader {pg['reader']} (instances: {instances}); "
+            f"try: aurora-lite psql"]
+
+
 def format_segments(state) -> str:
     nodes = sorted((p for p in state.processes if p.role == "storage"), key=lambda p: p.name)
     pgs = sorted({s.pg for p in nodes for s in p.segments})
@@ -196,6 +213,7 @@ def format_up_block(state, args, detached: bool) -> str:
              *endpoint_lines(state),
              *([f"dashboard: {state.dashboard}   (metrics: `aurora-lite status --json`)"]
                if state.dashboard else []),
+             *postgres_lines(state),
              f"network: {latency_line(state.latency)}",
              f"logs: aurora-lite logs NAME [-f]{flag}   (files in {os.path.join(state.data_dir, 'logs')})",
              f"try: aurora-lite put hello world{flag}; aurora-lite get hello{flag}; aurora-lite status{flag}"]

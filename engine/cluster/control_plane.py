@@ -75,6 +75,7 @@ from engine.cluster.failover import Failover
 from engine.cluster.launcher import (
     CONTROL_NAME, DataDir, cluster_pids, load_topology, pid_belongs, plan_cluster, read_control,
     resolve_data_dir, stop_pids)
+from engine.cluster.pg_proxy import PgForwarder
 from engine.cluster.service import start_server
 from engine.cluster.state import FAILOVER_AFTER_S, ActionError, NotFoundError, PreconditionError
 from engine.cluster.supervision import Supervision
@@ -156,6 +157,15 @@ async def serve(args) -> int:
     except OSError as exc:
         log.warning("no dashboard: cannot listen on %s:%d: %s", args.host,
                     plan.metrics_ports.get(CONTROL_NAME, 0), exc)
+    forwarders = []
+    for endpoint in ("cluster", "reader"):   # PostgreSQL endpoints (engine/cluster/pg_proxy.py)
+        forwarder = PgForwarder(endpoint, lambda e=endpoint: cp.pg_targets(e))
+        try:
+            cp.pg_ports[endpoint] = await forwarder.start(args.host, cp.pg_ports.get(endpoint, 0))
+        except OSError as exc:
+            log.warning("PostgreSQL %s endpoint: cannot listen (%s); picking a free port", endpoint, exc)
+            cp.pg_ports[endpoint] = await forwarder.start(args.host, 0)
+        forwarders.append(forwarder)
     cp.write_control()
     log.info("control plane for %s serving on %s (pid %d)", dd.root, cp.address, os.getpid())
 
@@ -181,6 +191,8 @@ async def serve(args) -> int:
     await cp.stopped.wait()
     for task in (boot, supervisor, watchdog, reconciler):
         task.cancel()
+    for forwarder in forwarders:
+        forwarder.close()
     await cp.stop_tasks()
     # Nothing may outlive the control plane (a crash in shutdown included).
     leftovers = {p.name: p.pid for p in cp.procs.values() if p.alive}

@@ -28,9 +28,11 @@ unrelated process that reused the pid.
 
 Port plan with ``--base-port N``: control plane N, db1 N+1 (db2.. N+2..), sn1..sn6
 N+11..N+16; their HTTP ports (Prometheus ``/metrics``, engine/metrics.py) 20 higher: the
-control plane's dashboard and metrics N+20, db1 N+21.., sn1..sn6 N+31..N+36. Without it:
-each process keeps the previous run's ports if they are still free, else gets free ports
-(engine/cluster/ports.py). A replica added later (`replica add`) gets free ports.
+control plane's dashboard and metrics N+20, db1 N+21.., sn1..sn6 N+31..N+36; PostgreSQL
+(docs/postgres.md): the cluster endpoint N+40, the reader endpoint N+41, db1 N+42 (db2..
+N+43..). Without it: each process keeps the previous run's ports if they are still free,
+else gets free ports (engine/cluster/ports.py). A replica added later (`replica add`) gets
+free ports.
 
 Instances: db1 starts as the writer, db2..db(N+1) as its read replicas, spread over the AZs
 (db1 az-a, db2 az-b, db3 az-c, db4 az-a, ...), each with a promotion tier (db1 0, db2 1,
@@ -66,6 +68,9 @@ INSTANCE_PORT_OFFSET = 1      # db1 -> base+1, db2 -> base+2, ...
 STORAGE_PORT_OFFSET = 11      # sn1 -> base+11, ..., sn6 -> base+16
 METRICS_PORT_OFFSET = 20      # each process's HTTP port: its port + 20 (control: dashboard)
 CONTROL_NAME = "control-plane"  # the control plane's key in Plan.metrics_ports
+PG_CLUSTER_PORT_OFFSET = 40   # PostgreSQL: the cluster endpoint's listener (control plane)
+PG_READER_PORT_OFFSET = 41    # PostgreSQL: the reader endpoint's listener (control plane)
+PG_INSTANCE_PORT_OFFSET = 42  # PostgreSQL: db1 -> base+42, ..., db10 -> base+51
 
 DEFAULT_REPLICAS = 1          # `up` without --replicas on a new data dir
 MAX_INSTANCES = STORAGE_PORT_OFFSET - INSTANCE_PORT_OFFSET   # db1..db10 fit the port plan
@@ -255,6 +260,7 @@ class Plan:
     #: HTTP port of every process (/metrics) and of the control plane (CONTROL_NAME: the
     #: dashboard and its /metrics)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    pg_ports: dict[str, int] = field(default_factory=dict)  # PostgreSQL: dbN, "cluster", "reader"
 
 
 def plan_cluster(dd: DataDir, *, base_port: int | None = None,
@@ -282,15 +288,18 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
     names = [n for n, _ in STORAGE_NODES]
     inst_names = instances if instances is not None else (Topology.load(dd) or Topology.initial()).names
     if base_port is not None:
-        if not 1024 <= base_port <= 65535 - METRICS_PORT_OFFSET - STORAGE_PORT_OFFSET - len(names):
+        if not 1024 <= base_port <= 65535 - PG_INSTANCE_PORT_OFFSET - MAX_INSTANCES:
             raise ValueError(f"--base-port {base_port} is out of range")
         sn_ports = {n: base_port + STORAGE_PORT_OFFSET + i for i, n in enumerate(names)}
         inst_ports = {n: base_port + INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}
         control_port = base_port + CONTROL_PORT_OFFSET
         metrics_ports = {name: port + METRICS_PORT_OFFSET for name, port in
                          [(CONTROL_NAME, control_port), *sn_ports.items(), *inst_ports.items()]}
+        pg_ports = {"cluster": base_port + PG_CLUSTER_PORT_OFFSET,
+                    "reader": base_port + PG_READER_PORT_OFFSET,
+                    **{n: base_port + PG_INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}}
         busy = [p for p in [control_port, *sn_ports.values(), *inst_ports.values(),
-                            *metrics_ports.values()]
+                            *metrics_ports.values(), *pg_ports.values()]
                 if not port_free(p, host)]
         if busy:
             raise ValueError(f"ports in use: {', '.join(map(str, busy))} (choose another --base-port)")
@@ -320,6 +329,8 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
                 while port in taken:
                     port = free_ports(1, host)[0]
             metrics_ports[name] = port
+        pg_ports = _plan_pg_ports(dd, ["cluster", "reader", *inst_names],
+                                  set(chosen.values()) | set(metrics_ports.values()), host)
     nodes = [NodeInfo(n, az, f"{host}:{sn_ports[n]}") for n, az in STORAGE_NODES]
     if previous:
         config = ClusterConfig(storage_nodes=nodes, volume=previous.volume,
@@ -327,7 +338,7 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
                                lal=previous.lal, latency=latency)
     else:
         config = ClusterConfig(storage_nodes=nodes, latency=latency)
-    return Plan(config, inst_ports, control_port, metrics_ports)
+    return Plan(config, inst_ports, control_port, metrics_ports, pg_ports)
 
 
 def _previous_metrics_ports(dd: DataDir) -> dict[str, int]:
@@ -345,6 +356,20 @@ def _previous_metrics_ports(dd: DataDir) -> dict[str, int]:
 def http_url(host: str, port: int, path: str = "/") -> str:
     """http://host:port/path (an empty string for port 0: no such server)."""
     return f"http://{host}:{port}{path}" if port else ""
+
+
+def _plan_pg_ports(dd: DataDir, names: list[str], taken: set[int], host: str) -> dict[str, int]:
+    """PostgreSQL ports: each keeps the last run's (control.json "postgres") if free."""
+    old = (read_json(dd.control_json) or {}).get("postgres", {})
+    previous = {"cluster": old.get("cluster"), "reader": old.get("reader"), **old.get("instances", {})}
+    ports: dict[str, int] = {}
+    for name in names:
+        port = _port_of(previous[name]) if previous.get(name) else 0
+        while not port or port in taken or not port_free(port, host):
+            port = free_ports(1, host)[0]
+        taken.add(port)
+        ports[name] = port
+    return ports
 
 
 def _previous_instance_ports(dd: DataDir) -> dict[str, int]:

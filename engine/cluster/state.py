@@ -71,6 +71,7 @@ class Managed:
     log_path: str
     tier: int = 0                  # instances: promotion tier, lower promoted first
     metrics_port: int = 0          # its /metrics HTTP port (0: none)
+    pg_port: int = 0               # instances: PostgreSQL port (docs/postgres.md)
     popen: subprocess.Popen | None = None
     state: str = "down"
     exit_reason: str = "not started"
@@ -114,6 +115,7 @@ class ClusterState:
         self.base_argv = base_command() + ["--log-level", log_level]
         self.failover_after_s = failover_after_s
         self.metrics_ports = dict(plan.metrics_ports)
+        self.pg_ports = dict(plan.pg_ports)     # "cluster", "reader", dbN -> port
         for spec in topology.instances:
             self._add_instance(spec, plan.instance_ports[spec.name],
                                self.metrics_ports.get(spec.name, 0))
@@ -139,8 +141,27 @@ class ClusterState:
         p = Managed(spec.name, "writer" if spec.name == self.topology.writer else "replica",
                     spec.az, f"{self.host}:{port}", self.dd.log(spec.name), tier=spec.tier,
                     metrics_port=metrics_port)
+        p.pg_port = self.pg_ports.get(spec.name, 0)
+        if not p.pg_port:
+            from engine.cluster.ports import free_ports
+            p.pg_port = self.pg_ports[spec.name] = free_ports(1, self.host)[0]
         self.procs[spec.name] = p
         return p
+
+    def postgres(self) -> dict:
+        """The PostgreSQL addresses (`status --json`'s "postgres", control.json)."""
+        return {"cluster": f"{self.host}:{self.pg_ports.get('cluster', 0)}",
+                "reader": f"{self.host}:{self.pg_ports.get('reader', 0)}",
+                "instances": {p.name: f"{self.host}:{p.pg_port}" for p in self.instances}}
+
+    def pg_targets(self, endpoint: str) -> list[tuple[str, int]]:
+        """Where a new PostgreSQL connection to ``endpoint`` goes now (engine/cluster/pg_proxy.py)."""
+        writer = self.procs[self.writer]
+        if endpoint == "cluster":
+            chosen = [writer]
+        else:
+            chosen = [p for p in self.replicas if p.state == "up" and p.alive] or [writer]
+        return [(self.host, p.pg_port) for p in chosen if p.pg_port]
 
     def _spawn_task(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -222,6 +243,7 @@ class ClusterState:
             "failovers": self.failovers,
             "volume": self.config.volume,
             "dashboard": self.dashboard_url,
+            "postgres": self.postgres(),
             "processes": {p.name: {"role": p.role, "az": p.az, "address": p.address,
                                    "pid": p.pid, "state": p.state, "log": p.log_path,
                                    "metrics": self.metrics_url(p),

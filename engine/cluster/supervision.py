@@ -61,7 +61,7 @@ class Supervision(ClusterState):
                 "--port", p.port, "--data-dir", self.dd.node_dir(p.name),
                 "--peers", ",".join(peers), "--cluster-config", self.dd.cluster_json]
         common = ["--cluster", self.dd.cluster_json, "--instance", p.name, "--az", p.az,
-                  *listen_argv(self.host), "--port", p.port]
+                  *listen_argv(self.host), "--port", p.port, "--pg-port", str(p.pg_port)]
         if p.role == "writer":
             return self.base_argv + ["writer", *common]
         return self.base_argv + ["replica", "--writer", self.procs[self.writer].address, *common]

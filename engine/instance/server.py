@@ -36,6 +36,7 @@ from engine.format.cluster_config import ClusterConfig
 from engine.db.database import Database
 from engine.writer.recovery import RecoveryError, recover
 from engine.instance.replica import Replica
+from engine.pg.sql import Backend
 from engine.instance.replication import ReplicationHub, ReplicationService
 from engine.writer.storage_driver import StorageDriver
 
@@ -347,6 +348,8 @@ class Instance:
         self.backtracking = False
         self._background: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
+        self.pg_backend = Backend(self.database, lambda: self.role != "writer")
+        self.pg_port = 0
 
     @property
     def role(self) -> str:
@@ -509,6 +512,10 @@ class Instance:
 
     def status(self) -> dict:
         state = {"role": self.role, "volume": self.config.volume}
+        if self.pg_port:
+            state["postgres"] = {"port": self.pg_port, **self.pg_backend.counters,
+                                 **self.pg_backend.locks.counters,
+                                 "errors_by_sqlstate": dict(self.pg_backend.errors_by_sqlstate)}
         if self.replica is not None:
             state["replica"] = self.replica.status()
             if self.replica.db is not None:
@@ -662,6 +669,13 @@ async def serve(args) -> int:
         from engine.instance.metrics import collector
         from engine.metrics import registry_of, serve_metrics
         metrics_server = await serve_metrics(args.host, args.metrics_port, registry_of(collector(inst)))
+    pg_server = None
+    if getattr(args, "pg_port", -1) >= 0:
+        # The PostgreSQL front end (docs/postgres.md): same process, same Database.
+        from engine.pg.protocol import PgServer
+        pg_server = PgServer(inst.pg_backend)
+        inst.pg_port = await pg_server.start(args.host, args.pg_port)
+        log.info("%s %s serves PostgreSQL on %s:%d", role, args.instance, args.host, inst.pg_port)
     await server.set_serving(True)
     log.info("%s %s serving on %s:%d (volume %s, epoch %d, VDL %d)", role, args.instance,
              args.host, port, config.volume, inst.epoch, inst.vdl)
@@ -681,6 +695,8 @@ async def serve(args) -> int:
     reaper.cancel()
     if metrics_server is not None:
         await metrics_server.close()
+    if pg_server is not None:
+        await pg_server.stop()
     await server.stop(3.0)
     await inst.close()
     return 0

@@ -1,0 +1,148 @@
+"""The PostgreSQL front end in a real cluster (`aurora-lite up`: six storage nodes, a writer
+and a replica), driven by the real clients: psql (through `aurora-lite psql`), pgbench
+(`-i -s 1`, then the TPC-B-like script in simple and prepared mode, checked with TPC-B's
+balance invariant), the reader endpoint's read-only refusal, and a failover behind the
+cluster endpoint's unchanged port. docs/postgres.md."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+try:
+    from tests.test_cli_tour import Cli, up
+except ImportError:  # tests/ is not a package here
+    from test_cli_tour import Cli, up
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("psql") and shutil.which("pgbench")),
+    reason="needs psql and pgbench (apt-get install postgresql-client; .ci/run installs it)")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cli = Cli(tmp_path / "aurora")
+    pids: list[int] = []
+    try:
+        yield cli
+        pids = cli.pids()
+    finally:
+        pids = pids or cli.pids()
+        cli("down", check=None, record=False)
+        cli.kill_leftovers(pids)
+
+
+def psql(address: str, *args, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    host, port = address.rsplit(":", 1)
+    result = subprocess.run(["psql", "-X", "-h", host, "-p", port, "-U", "tester", "-d", "aurora",
+                             "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose", "-At", *args],
+                            capture_output=True, text=True, input=stdin, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def pgbench(address: str, *args, timeout: float = 180) -> str:
+    host, port = address.rsplit(":", 1)
+    result = subprocess.run(["pgbench", "-h", host, "-p", port, "-U", "tester", *args, "aurora"],
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_psql_pgbench_reader_and_failover(cluster):
+    up(cluster)
+    pg = cluster.status()["postgres"]
+    assert set(pg) == {"cluster", "reader", "instances"} and sorted(pg["instances"]) == ["db1", "db2"]
+    for address in [pg["cluster"], pg["reader"], *pg["instances"].values()]:
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", address)
+
+    # psql -c through `aurora-lite psql`, then a scripted session.
+    out = cluster("psql", "-c", "CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL)",
+                  "-c", "INSERT INTO notes (body) VALUES ('one'), ('two')",
+                  "-c", "SELECT id, body FROM notes ORDER BY id").stdout
+    lines = [line.strip() for line in out.splitlines()]
+    assert lines[:2] == ["CREATE TABLE", "INSERT 0 2"], out
+    assert lines[2:] == ["id | body", "----+------", "1 | one", "2 | two", "(2 rows)", ""], out
+    script = """
+        BEGIN;
+        INSERT INTO notes (body) VALUES ('three');
+        UPDATE notes SET body = body || '!' WHERE id = 1;
+        COMMIT;
+        BEGIN;
+        DELETE FROM notes WHERE id = 2;
+        ROLLBACK;
+        SELECT count(*), max(id) FROM notes;
+        SELECT body FROM notes WHERE id = 1;
+    """
+    assert psql(pg["cluster"], "-f", "-", stdin=script).stdout.split() == \
+        ["BEGIN", "INSERT", "0", "1", "UPDATE", "1", "COMMIT", "BEGIN", "DELETE", "1", "ROLLBACK", "3|3", "one!"]
+
+    # The reader endpoint: reads (once the replica has applied the commit), writes refused.
+    deadline = time.monotonic() + 10
+    while psql(pg["reader"], "-c", "SELECT count(*) FROM notes", check=False).stdout.strip() != "3":
+        assert time.monotonic() < deadline, "the replica never showed the committed rows"
+        time.sleep(0.2)
+    refused = psql(pg["reader"], "-c", "INSERT INTO notes (body) VALUES ('no')", check=False)
+    assert refused.returncode != 0 and "25006" in refused.stderr, refused.stderr
+
+    # pgbench: the standard initialisation, then the TPC-B-like script, simple and prepared.
+    init = pgbench(pg["cluster"], "-i", "-s", "1")
+    assert "done in" in init, init
+    for mode in ("simple", "prepared"):
+        run = pgbench(pg["cluster"], "-n", "-c", "4", "-T", "5", "-M", mode)   # -n: keep history
+        assert "number of failed transactions: 0 " in run, run
+        processed = int(re.search(r"number of transactions actually processed: (\d+)", run).group(1))
+        assert processed > 0, run
+    # TPC-B's invariant: every delta went to one account, one teller, one branch and history.
+    sums = psql(pg["cluster"], "-c", "SELECT sum(abalance) FROM pgbench_accounts",
+                "-c", "SELECT sum(tbalance) FROM pgbench_tellers",
+                "-c", "SELECT sum(bbalance) FROM pgbench_branches",
+                "-c", "SELECT sum(delta), count(*) FROM pgbench_history").stdout.split()
+    assert sums[0] == sums[1] == sums[2] == sums[3].split("|")[0], sums
+    assert int(sums[3].split("|")[1]) > 0
+
+    # A failover: the cluster endpoint's port stays, and leads to the new writer.
+    cluster("failover", timeout=90)
+    assert cluster.status()["postgres"]["cluster"] == pg["cluster"]
+    deadline = time.monotonic() + 30
+    while True:
+        result = psql(pg["cluster"], "-c", "INSERT INTO notes (body) VALUES ('after failover')", check=False)
+        if result.returncode == 0:
+            break
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(0.5)
+    assert psql(pg["cluster"], "-c", "SELECT count(*) FROM notes").stdout.strip() == "4"
+
+
+@pytest.mark.skipif(not shutil.which("sysbench"), reason="needs sysbench (apt-get install sysbench; .ci/run installs it)")
+def test_sysbench_write_only_and_read_write(cluster):
+    """sysbench's PostgreSQL driver: prepare (tables, multi-row INSERTs, a secondary index),
+    oltp_write_only and oltp_read_write at 8 threads, cleanup. The only errors allowed are
+    the ones sysbench retries (deadlocks and duplicate keys of its delete+insert): any other
+    makes it print FATAL and exit non-zero."""
+    up(cluster)
+    pg = cluster.status()["postgres"]
+    host, port = pg["cluster"].rsplit(":", 1)
+    common = ["--db-driver=pgsql", f"--pgsql-host={host}", f"--pgsql-port={port}", "--pgsql-user=sb",
+              "--pgsql-db=aurora", "--tables=2", "--table-size=500"]
+
+    def sysbench(*args):
+        result = subprocess.run(["sysbench", *args, *common], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "FATAL" not in result.stdout + result.stderr, result.stdout + result.stderr
+        return result.stdout
+
+    out = sysbench("oltp_write_only", "prepare")
+    assert "Creating a secondary index on 'sbtest2'" in out, out
+    for workload in ("oltp_write_only", "oltp_read_write"):
+        out = sysbench(workload, "--threads=8", "--time=5", "run")
+        transactions = int(re.search(r"transactions:\s+(\d+)", out).group(1))
+        assert transactions > 0, out
+    sums = psql(pg["cluster"], "-c", "SELECT count(*) FROM sbtest1", "-c", "SELECT count(*) FROM sbtest2").stdout.split()
+    assert sums == ["500", "500"], sums   # delete+insert of the same id keeps the row count
+    sysbench("oltp_read_write", "cleanup")
+    assert psql(pg["cluster"], "-c", "SELECT count(*) FROM pg_tables").stdout.strip() == "0"
