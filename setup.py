@@ -124,7 +124,10 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "storage_node", "storage_node.*",
                                     "labs", "labs.*"]) + [PB_PACKAGE],
     # The labs' handouts, tests and pytest.ini ship with the package (`aurora-lite lab`).
-    package_data={"labs": ["pytest.ini", "*/README.md", "*/test_*.py"]},
+    # The Cython source ships too, so that a lab tree made from an installed aurora-lite
+    # builds its materialiser like the project (labs/tree.py).
+    package_data={"labs": ["pytest.ini", "*/README.md", "*/test_*.py"],
+                  "engine.format": ["_materialise_cy.pyx"]},
     ext_modules=extensions(),
     cmdclass={"build_py": BuildPy, "build_ext": OptionalBuildExt, "egg_info": EggInfo},
     zip_safe=False,

@@ -68,6 +68,7 @@ def test_every_lab_has_a_handout_and_tests_that_ship():
     with open(os.path.join(ROOT, "setup.py")) as f:
         setup_text = f.read()
     assert '"*/README.md"' in setup_text and '"*/test_*.py"' in setup_text
+    assert '"_materialise_cy.pyx"' in setup_text, "a tree from an installed package must build Cython"
     for lab in registry.LABS:
         assert os.path.isfile(lab.handout) and os.path.isfile(lab.test_file), lab.name
         with open(lab.handout) as f:
