@@ -226,6 +226,27 @@ def test_copy_from_stdin(pg):
             [("row\t7", 7), ("r9", None)]
 
 
+def test_a_transaction_past_one_piece_warns_that_it_is_not_atomic(pg):
+    """A transaction over CHUNK_WRITES rows is committed in pieces (docs/postgres.md): the
+    client is told so with a WARNING, and a ROLLBACK says which rows stay committed."""
+    from engine.pg.session import CHUNK_WRITES
+    notices = []
+    with connect(pg, autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append((d.severity, d.sqlstate, d.message_primary)))
+        conn.execute("CREATE TABLE big (k int PRIMARY KEY)")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO big (k) VALUES " + ", ".join(f"({i})" for i in range(10)))
+        assert notices == []            # a small transaction stays one piece, no warning
+        conn.execute("INSERT INTO big (k) VALUES " + ", ".join(f"({i})" for i in range(10, CHUNK_WRITES + 10)))
+        assert len(notices) == 1 and notices[0][:2] == ("WARNING", "01000")
+        assert "not atomic" in notices[0][2]
+        conn.execute("ROLLBACK")
+        assert len(notices) == 2 and "already committed in pieces" in notices[1][2]
+        kept = conn.execute("SELECT count(*) FROM big").fetchone()[0]
+        assert kept == int(notices[1][2].split()[0]) and kept >= CHUNK_WRITES
+        conn.execute("DROP TABLE big")
+
+
 def test_replica_refuses_writes_with_25006():
     with InProcessPg(read_only=True) as replica:
         with connect(replica, autocommit=True) as conn:

@@ -277,6 +277,7 @@ class Connection:
                         cols = [(n, oid, 0) for n, oid in result.columns]
                         self.writer.write(_row_description(cols))
                         self._data_rows(result.rows, cols)
+                    self._send_notices()
                     self.writer.write(_msg(b"C", _cstr(result.tag)))
                 if not self.session.in_block:
                     await self._end_implicit(commit=True)
@@ -294,6 +295,12 @@ class Connection:
                 parts.append(struct.pack(">i", -1) if raw is None else struct.pack(">i", len(raw)) + raw)
             out.append(_msg(b"D", b"".join(parts)))
         self.writer.write(b"".join(out))
+
+    def _send_notices(self) -> None:
+        """The session's pending WARNINGs as NoticeResponses (SQLSTATE 01000)."""
+        for text in self.session.notices:
+            self.writer.write(_msg(b"N", b"SWARNING\x00VWARNING\x00C01000\x00M" + _cstr(text) + b"\x00"))
+        self.session.notices.clear()
 
     async def run_statement(self, stmt, params: list) -> sql.Result:
         """Run one statement with PostgreSQL's transaction-block rules."""
@@ -365,6 +372,7 @@ class Connection:
                 raise PgError("08P01", f"unexpected message {kind!r} during COPY")
         if error is not None:
             raise error
+        self._send_notices()
         self.writer.write(_msg(b"C", _cstr(f"COPY {count}")))
 
     # --- Extended query ----------------------------------------------------------------------------
@@ -470,6 +478,7 @@ class Connection:
                 self.writer.write(_msg(b"s"))
                 return
             self._data_rows(rows, cols)
+        self._send_notices()
         self.writer.write(_msg(b"C", _cstr(result.tag)))
         if not self.session.in_block and not isinstance(stmt, ast.TransactionStmt):
             await self._end_implicit(commit=True)

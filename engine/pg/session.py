@@ -98,6 +98,8 @@ class Session:
         self.settings: dict[str, str] = {}
         self.read_only = False          # connected to a replica
         self.database = None            # the engine Database of the first statement
+        self.rows_in_pieces = 0         # rows of the open transaction already committed in pieces
+        self.notices: list[str] = []    # WARNINGs for the client, sent before CommandComplete
 
     @property
     def status(self) -> bytes:
@@ -131,6 +133,12 @@ class Session:
                      self.writes, CHUNK_WRITES)
             txn, self.txn = self.txn, None
             await txn.commit()
+            if not self.rows_in_pieces:
+                self.notices.append(
+                    f"this transaction wrote more than {CHUNK_WRITES} rows: it is committed in "
+                    f"pieces of {CHUNK_WRITES} and is not atomic; a ROLLBACK or an error will "
+                    "not undo the pieces already committed (docs/postgres.md)")
+            self.rows_in_pieces += self.writes
 
     async def finish(self, commit: bool) -> None:
         """End the engine transaction (commit or abort) and release the locks."""
@@ -141,8 +149,11 @@ class Session:
                     await txn.commit()
                 else:
                     txn.abort()
+            if self.rows_in_pieces and not commit:
+                self.notices.append(f"{self.rows_in_pieces} rows of this transaction were "
+                                    "already committed in pieces and stay committed")
         finally:
-            self.writes = 0
+            self.writes = self.rows_in_pieces = 0
             self.backend.locks.release_all(self)
 
     async def close(self) -> None:
