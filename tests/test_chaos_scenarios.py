@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from engine.chaos import checkers as cc
 from engine.chaos.nemesis import seed_from_env
 from tests.chaos_harness import ChaosRun
 
@@ -319,38 +320,42 @@ def test_wiped_node_cannot_rebuild_once_peers_collected_the_log(chaos):
     run.assert_green()
 
 
-def _put_latencies_ms(run: ChaosRun, n: int, tag: str) -> list[float]:
+def _acked_puts(run: ChaosRun, n: int, tag: str) -> list[tuple[int, float]]:
+    """n puts in a row: (commit LSN, monotonic time the ack arrived) of each."""
     db = run.writer_client()
     out = []
     for i in range(n):
-        t0 = time.perf_counter()
-        db.put(b"lat-%s-%04d" % (tag.encode(), i), b"x" * 64)
-        out.append((time.perf_counter() - t0) * 1000)
-    return sorted(out)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+        lsn = db.put(b"ack-%s-%04d" % (tag.encode(), i), b"x" * 64)
+        out.append((lsn, time.monotonic()))
+    return out
 
 
 def test_outlier_tolerance_two_slow_disks(chaos):
     """Scenario: sn5 and sn6 get a 50 ms delay before every LMDB commit. A commit needs 4
-    of 6 acks, so it must not wait for the slowest two: the median (and p90) commit
-    latency stays within half of the 50 ms that a quorum waiting for them would add.
-    Compared with a healthy phase of the same run, because the machine is shared.""" 
+    of 6 acks, so it must not wait for the slowest two: judged from what the storage nodes
+    themselves recorded (their SCL logs, written after each durable write and before its
+    acks), most commits are acknowledged while NEITHER slow node holds them yet, and every
+    one while at least 4 segments do. A writer that waited for all six would have both slow
+    nodes holding every commit at its ack. No latency threshold: the machine is shared.
+    (bench/bench_outlier.py measures the latency.)"""
     run = chaos().start(workload=False)
-    healthy = _put_latencies_ms(run, 120, "healthy")
     run.nemesis.slow_disk("sn5", 50)
     run.nemesis.slow_disk("sn6", 50)
     time.sleep(1.0)   # the nodes re-read the fault file
-    slow = _put_latencies_ms(run, 120, "slow")
-    summary = (f"healthy p50 {_pct(healthy, .5):.1f} ms p99 {_pct(healthy, .99):.1f} ms; "
-               f"two slow disks p50 {_pct(slow, .5):.1f} ms p99 {_pct(slow, .99):.1f} ms")
-    run.nemesis.note(summary)
-    assert _pct(slow, 0.5) < _pct(healthy, 0.5) + 25.0, summary + "\n" + run.header()
-    assert _pct(slow, 0.9) < _pct(healthy, 0.9) + 40.0, summary + "\n" + run.header()
+    acked = _acked_puts(run, 120, "slow")
     run.nemesis.clear_disk()
-    run.assert_green(min_ok=0, min_reads=0)   # no workload ran: latencies are the test
+    time.sleep(0.5)   # the slow nodes' last records reach their logs
+    logs = cc.read_scl_logs(run.fault_file.parent)
+    key = (run.volume, cc.COMMIT_PG)
+    ahead_of_both = 0
+    for lsn, t_ack in acked:
+        held = {n for n, segs in logs.items() if cc._scl_at(segs.get(key), t_ack) >= lsn}
+        assert len(held) >= 4, f"commit LSN {lsn} acked while only {sorted(held)} held it\n{run.header()}"
+        ahead_of_both += not ({"sn5", "sn6"} & held)
+    summary = f"{ahead_of_both} of {len(acked)} commits acknowledged before sn5 or sn6 held them"
+    run.nemesis.note(summary)
+    assert ahead_of_both >= len(acked) // 2, summary + "\n" + run.header()
+    run.assert_green(min_ok=0, min_reads=0)   # no workload ran: the acks are the test
 
 
 def test_strict_xfails_name_the_exception_they_expect():
