@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 
@@ -274,3 +275,52 @@ def test_old_writer_is_fenced(instances):
     with b.client() as db:
         assert db.get(b"k") == b"new-writer"
         assert not db.scan(start=b"zombie", end=b"zombie~")
+
+
+def test_commit_on_a_writer_that_stepped_down_fails_at_once(instances):
+    """Scenario (seen twice under a bulk load through the PostgreSQL front end): a session
+    begins a transaction on the writer db1; db2 is promoted and db1 steps down (Follow,
+    which closes its storage driver); the session then commits on db1's old engine
+    Database. Nothing ships from a closed driver, so the commit must fail at once and say
+    why. It used to wait the whole durable timeout (30 s) and then report "write quorum
+    unavailable ... not durable (VDL <the recovery VDL>; nodes up: all six)", which reads
+    as if the NEW writer's VDL were stuck while its storage nodes all answered."""
+    from tests.test_pg_cluster import require_tools
+    require_tools("psql")
+    from engine.cluster.ports import free_ports
+    pg_port = free_ports(1)[0]
+    writer, replica = instances
+    a = writer("stepdown", extra_args=["--pg-port", str(pg_port)])
+    b = replica(a, instance="db2")
+    psql = ["psql", "-X", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "tester", "-d", "aurora",
+            "-At", "-v", "VERBOSITY=verbose"]
+    made = subprocess.run([*psql, "-c", "CREATE TABLE t (id int PRIMARY KEY, body text)"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    session = subprocess.Popen([*psql, "-f", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        session.stdin.write("BEGIN;\nINSERT INTO t VALUES (1, 'from the old writer');\n")
+        session.stdin.flush()
+        assert session.stdout.readline().strip() == "BEGIN"
+        assert session.stdout.readline().strip() == "INSERT 0 1"
+        stub, channel = b.admin()
+        stub.Promote(pb.PromoteRequest(), timeout=60)
+        channel.close()
+        stub, channel = a.admin()
+        stub.Follow(pb.FollowRequest(writer_address=b.address), timeout=60)
+        channel.close()
+        started = time.monotonic()
+        out, _ = session.communicate("COMMIT;\n", timeout=120)
+        waited_s = time.monotonic() - started
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    print(f"COMMIT on the stepped-down writer answered after {waited_s:.1f}s: {out.strip()}")
+    assert "ERROR" in out, out
+    assert "not durable after" not in out and "write quorum unavailable" not in out, out
+    assert "stepped down" in out, out
+    with b.client() as db:   # the new writer: commits become durable, the old txn is not there
+        db.put(b"k", b"new-writer")
+        assert db.get(b"k") == b"new-writer"

@@ -191,6 +191,7 @@ class StorageDriver:
         for fut in self.commits.drain():
             if not fut.done():
                 fut.set_exception(UnavailableError("writer is shutting down"))
+        self._vdl_changed.set()   # an MTR stalled in wait_room learns it at once
         for node in self._nodes.values():
             await node.channel.close()
 
@@ -223,6 +224,7 @@ class StorageDriver:
         """Invariant 6: wait until n_records more LSNs stay within VDL + LAL."""
         if n_records > self.lal:
             raise ValueError(f"an MTR of {n_records} records can never fit under LAL {self.lal}")
+        self._check_fenced()
         if self.allocator.next_lsn + n_records - 1 > self.allocation_limit():
             self.stats["lal_stalls"] += 1
         while self.allocator.next_lsn + n_records - 1 > self.allocation_limit():
@@ -512,8 +514,18 @@ class StorageDriver:
         self._vdl_changed.set()
 
     def _check_fenced(self) -> None:
+        """Refuse work this driver can never make durable: fenced by a newer epoch, or
+        closed (the writer stepped down or is stopping: nothing ships any more). Without
+        the second check an MTR emitted on a closed driver (a session that began its
+        transaction before its instance stepped down) waited the whole durable timeout and
+        was reported as "write quorum unavailable" with every node up."""
         if self.fenced is not None:
             raise self.fenced
+        if self._closed:
+            raise UnavailableError(
+                f"writer {self.instance} stepped down or is stopping (epoch {self.epoch}): its "
+                f"storage driver is closed and ships nothing more; reconnect to the cluster "
+                f"endpoint (the writer now)")
 
     async def _send_truncations(self, node: _Node) -> None:
         """A node missed one or more Truncates: send it this epoch's whole truncation set
