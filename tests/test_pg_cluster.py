@@ -15,9 +15,9 @@ import time
 import pytest
 
 try:
-    from tests.test_cli_tour import Cli, up
+    from tests.test_cli_tour import cluster, up  # noqa: F401 (cluster: the fixture)
 except ImportError:  # tests/ is not a package here
-    from test_cli_tour import Cli, up
+    from test_cli_tour import cluster, up  # noqa: F401 (cluster: the fixture)
 
 def require_tools(*tools: str) -> None:
     """Skip when a client tool is missing, except in CI (CI=true, or
@@ -35,19 +35,6 @@ def require_tools(*tools: str) -> None:
 @pytest.fixture(autouse=True)
 def _client_tools():
     require_tools("psql", "pgbench")
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    cli = Cli(tmp_path / "aurora")
-    pids: list[int] = []
-    try:
-        yield cli
-        pids = cli.pids()
-    finally:
-        pids = pids or cli.pids()
-        cli("down", check=None, record=False)
-        cli.kill_leftovers(pids)
 
 
 def psql(address: str, *args, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
