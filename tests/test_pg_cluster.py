@@ -19,6 +19,7 @@ try:
 except ImportError:  # tests/ is not a package here
     from test_cli_tour import cluster, up  # noqa: F401 (cluster: the fixture)
 
+
 def require_tools(*tools: str) -> None:
     """Skip when a client tool is missing, except in CI (CI=true, or
     AURORA_REQUIRE_BROWSER=1 as .ci/run sets): there a missing tool is a failure."""
