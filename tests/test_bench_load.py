@@ -50,6 +50,10 @@ def test_bench_load_init_and_write_only_run(cluster):
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["max_ms"]
     assert 0 < result["commit_p50_ms"] <= result["commit_p99_ms"] <= result["p99_ms"]
     assert result["aborted"] >= 0 and result["retries"] >= 0
+    # The boxcars' fill, from the writer's own counters: every commit is one COMMIT record
+    # at least, in one batch, and a batch holds at least one record.
+    assert result["commits_per_batch"] is not None, result
+    assert 0 < result["commits_per_batch"] <= result["records_per_batch"], result
 
     per_txn = result["cpu_ms_per_txn"]
     assert sorted(set(per_txn) - {"load-generator", "total", "total_with_load_generator"}) == \

@@ -36,7 +36,9 @@ INSTANCE = {
     "aurora_buffer_pool_misses": "counter", "aurora_buffer_pool_pages": "gauge",
 }
 WRITER = {**INSTANCE, "aurora_vcl": "gauge", "aurora_pgcl": "gauge",
-          "aurora_lsn_allocation_headroom": "gauge", "aurora_waiting_commits": "gauge"}
+          "aurora_lsn_allocation_headroom": "gauge", "aurora_waiting_commits": "gauge",
+          "aurora_redo_batches": "counter", "aurora_redo_records": "counter",
+          "aurora_redo_record_bytes": "counter"}
 REPLICA = {**INSTANCE, "aurora_replica_lag_seconds": "gauge", "aurora_replica_lag_lsn": "gauge"}
 CONTROL = {"aurora_control_failovers": "counter", "aurora_control_repairs": "counter",
            "aurora_control_process_up": "gauge", "aurora_control_pg_write_quorum": "gauge",

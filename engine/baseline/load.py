@@ -47,6 +47,7 @@ import queue
 import random
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -92,6 +93,42 @@ def process_cpu_s(pid: int) -> float | None:
 
 def sample_cpu(pids: dict[str, int]) -> dict[str, float | None]:
     return {name: process_cpu_s(pid) for name, pid in pids.items()}
+
+
+#: The writer's counters whose change over the window gives the boxcars' fill
+#: (engine/instance/metrics.py).
+BOXCAR_COUNTERS = ("aurora_commits_total", "aurora_redo_batches_total", "aurora_redo_records_total")
+
+
+def sample_writer_counters(metrics_url: str | None) -> dict[str, float] | None:
+    """The writer's commit and redo-batch counters, scraped from its /metrics page; None if
+    there is no URL or the page does not answer (the run goes on without them)."""
+    if not metrics_url:
+        return None
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=2.0) as reply:
+            text = reply.read().decode()
+    except (OSError, ValueError):
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in BOXCAR_COUNTERS:
+            found[name] = float(rest.rsplit(" ", 1)[1])
+    return found if len(found) == len(BOXCAR_COUNTERS) else None
+
+
+def boxcars(before: dict[str, float] | None, after: dict[str, float] | None) -> dict:
+    """Commits and redo records per batch over the window (None when not sampled or when
+    the writer restarted in between)."""
+    if not before or not after:
+        return {"commits_per_batch": None, "records_per_batch": None}
+    batches = after["aurora_redo_batches_total"] - before["aurora_redo_batches_total"]
+    commits = after["aurora_commits_total"] - before["aurora_commits_total"]
+    records = after["aurora_redo_records_total"] - before["aurora_redo_records_total"]
+    if batches <= 0 or commits < 0 or records < 0:
+        return {"commits_per_batch": None, "records_per_batch": None}
+    return {"commits_per_batch": commits / batches, "records_per_batch": records / batches}
 
 
 # --- Loading ---------------------------------------------------------------------------------
@@ -328,10 +365,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def run_load(cfg: LoadConfig, make_transport: Callable[[], Transport], control_address: str,
              cluster_pids: dict[str, int], rows: int,
-             progress: Callable[[float, int], None] | None = None) -> dict:
+             progress: Callable[[float, int], None] | None = None,
+             writer_metrics_url: str | None = None) -> dict:
     """Run the load; return the result (see summarise). ``cluster_pids``: name -> pid of
     every cluster process whose CPU to count. ``progress(elapsed_s, committed)`` is called
-    about once a second inside the window."""
+    about once a second inside the window. ``writer_metrics_url``: the writer's /metrics,
+    scraped at the window's edges for the boxcars' fill (commits per redo batch)."""
     cfg.check()
     ctx = multiprocessing.get_context("spawn")
     n_workers = cfg.worker_count()
@@ -362,6 +401,7 @@ def run_load(cfg: LoadConfig, make_transport: Callable[[], Transport], control_a
         go.set()
         time.sleep(max(0.0, start_s - time.monotonic()))
         cpu_before = sample_cpu(cluster_pids)
+        writer_before = sample_writer_counters(writer_metrics_url)
         me_before_s = time.process_time()
         wall_before_s = time.monotonic()
         while (now := time.monotonic()) < window[1]:
@@ -369,6 +409,7 @@ def run_load(cfg: LoadConfig, make_transport: Callable[[], Transport], control_a
             if progress is not None:
                 progress(min(cfg.duration_s, time.monotonic() - start_s), sum(committed))
         cpu_after = sample_cpu(cluster_pids)
+        writer_after = sample_writer_counters(writer_metrics_url)
         me_cpu_s = time.process_time() - me_before_s
         wall_s = time.monotonic() - wall_before_s
         worker_results = []
@@ -383,7 +424,9 @@ def run_load(cfg: LoadConfig, make_transport: Callable[[], Transport], control_a
     cluster_cpu_s = {name: (cpu_after[name] - cpu_before[name])
                      if cpu_before[name] is not None and cpu_after[name] is not None else None
                      for name in cluster_pids}
-    return summarise(cfg, rows, n_workers, wall_s, worker_results, cluster_cpu_s, me_cpu_s)
+    result = summarise(cfg, rows, n_workers, wall_s, worker_results, cluster_cpu_s, me_cpu_s)
+    result.update(boxcars(writer_before, writer_after))
+    return result
 
 
 def summarise(cfg: LoadConfig, rows: int, n_workers: int, wall_s: float,
@@ -443,6 +486,9 @@ def render(result: dict) -> str:
     if r["workload"] != "read-only":
         lines.append(f"commit call ms   p50 {r['commit_p50_ms']:.1f}  p95 {r['commit_p95_ms']:.1f}  "
                      f"p99 {r['commit_p99_ms']:.1f}")
+    if r.get("commits_per_batch") is not None:
+        lines.append(f"boxcars          {r['commits_per_batch']:.2f} commits and "
+                     f"{r['records_per_batch']:.1f} redo records per batch sent to storage")
     lines.append("")
     lines.append(f"{'process':<28}{'CPU s':>9}{'CPU ms/txn':>12}")
     for name, per_txn in r["cpu_ms_per_txn"].items():

@@ -102,7 +102,9 @@ def cmd_load(args: argparse.Namespace) -> int:
             _say(f"bench load: {elapsed_s:5.1f}/{cfg.duration_s:.0f} s  {committed} committed  "
                  f"{rate:.0f} tps")
 
-    result = load.run_load(cfg, grpc_transport, control_address, pids, rows, report)
+    writer = (info.get("processes") or {}).get(info.get("writer") or "", {})
+    result = load.run_load(cfg, grpc_transport, control_address, pids, rows, report,
+                           writer_metrics_url=writer.get("metrics"))
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:

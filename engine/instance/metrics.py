@@ -39,6 +39,12 @@ def collector(inst):
                         "LSNs that may still be allocated before the LAL stops the writer (invariant 6)",
                         max(0, driver.allocation_limit() - driver.allocator.next_lsn + 1), base)
             yield gauge("aurora_waiting_commits", "Commits waiting for VDL to pass them", len(driver.commits), base)
+            # The boxcars (docs/writer.md): commits per batch = aurora_commits / this.
+            yield counter("aurora_redo_batches", "Redo batches sealed and sent to storage (one per "
+                          "boxcar, each to every segment)", driver.stats["batches"], base)
+            yield counter("aurora_redo_records", "Redo records sent to storage", driver.stats["records"], base)
+            yield counter("aurora_redo_record_bytes", "Redo record bytes sent to storage (one copy)",
+                          driver.stats["record_bytes"], base)
         db = inst.replica.db if inst.replica is not None else inst.db
         if db is not None:
             yield counter("aurora_commits", "Committed transactions", db.counters["commits"], base)
