@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,7 +141,10 @@ def grade(lab_number: int, tree: str | None = None, *, keyword: str | None = Non
     tree = os.path.abspath(tree) if tree else None
     started = time.monotonic()
     xml, proc = run_pytest([lab.test_file], tree, keyword=keyword, markexpr=markexpr, env=lab.env)
-    verdicts = parse_junit(xml, lab.number, tree) if os.path.exists(xml) else []
+    try:
+        verdicts = parse_junit(xml, lab.number, tree) if os.path.exists(xml) else []
+    finally:
+        shutil.rmtree(os.path.dirname(xml), ignore_errors=True)   # run_pytest's temp dir
     return {
         "lab": lab.number, "title": lab.title,
         "tree": os.path.abspath(tree) if tree else None,

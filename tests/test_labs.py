@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,11 +41,14 @@ def lab_of(verdict) -> int:
 
 def run_all(tree_dir: str | None) -> dict[int, list]:
     xml, proc = grading.run_pytest(ALL_TEST_FILES, tree_dir, markexpr=DETERMINISTIC)
-    assert os.path.exists(xml), f"pytest wrote no report:\n{proc.stdout}\n{proc.stderr}"
-    out: dict[int, list] = {lab.number: [] for lab in registry.LABS}
-    for v in grading.parse_junit(xml, 0, tree_dir):
-        out[lab_of(v)].append(v)
-    return out
+    try:
+        assert os.path.exists(xml), f"pytest wrote no report:\n{proc.stdout}\n{proc.stderr}"
+        out: dict[int, list] = {lab.number: [] for lab in registry.LABS}
+        for v in grading.parse_junit(xml, 0, tree_dir):
+            out[lab_of(v)].append(v)
+        return out
+    finally:
+        shutil.rmtree(os.path.dirname(xml), ignore_errors=True)
 
 
 def test_markers_are_well_formed_and_each_lab_marks_its_files():
