@@ -1,0 +1,199 @@
+"""Serverless capacity (docs/serverless.md): the ACU mapping, the admission limit, the
+buffer pool's online resize, and the scaling policies on recorded load traces.
+
+Fast in-process tests, deterministic, no sleeping; the real-process tests (an instance's
+own buffer pool and limit following its ACU) are in tests/test_serverless_cluster.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.db.database import Database
+from engine.instance import capacity as cap
+
+try:
+    from tests.fake_sink import FakeSink
+    from tests.test_engine import LAYOUT, acked, check_cache_equals_storage, check_sink
+except ImportError:  # run from tests/
+    from fake_sink import FakeSink
+    from test_engine import LAYOUT, acked, check_cache_equals_storage, check_sink
+
+
+def run(coro, timeout_s: float = 60.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+# --- The ACU mapping -----------------------------------------------------------------------
+
+
+def test_one_acu_is_pages_slots_and_a_cpu_share():
+    assert cap.buffer_pool_pages(1) == cap.PAGES_PER_ACU == 1024
+    assert cap.buffer_pool_pages(0.5) == 512
+    assert cap.buffer_pool_pages(8) == 8192
+    assert cap.admission_slots(0.5) == 2 and cap.admission_slots(8) == 32
+    assert cap.cpu_share_cores(2) == 0.5
+    # A provisioned instance shows the ACU its fixed pool corresponds to.
+    assert cap.acu_of_pages(4096) == 4.0 and cap.acu_of_pages(100) == 0.5
+
+
+@pytest.mark.parametrize("bad", [0.25, 0.7, -1, 0, 128.5, 200])
+def test_bad_acu_is_refused_with_the_reason(bad):
+    with pytest.raises(ValueError) as info:
+        cap.check_acu(bad, "--max-acu")
+    assert "--max-acu" in str(info.value)
+
+
+def test_zero_acu_only_where_pausing_is_allowed():
+    assert cap.check_acu(0, allow_zero=True) == 0.0
+    assert cap.check_acu(127.5) == 127.5
+
+
+def test_cpu_enforcement_reports_which_mechanism(tmp_path):
+    # No cgroup v2 at all.
+    assert cap.cpu_enforcement(str(tmp_path / "none"))[0] == "admission"
+    # A hybrid layout whose unified hierarchy lacks the cpu controller (this container).
+    unified = tmp_path / "hybrid" / "unified"
+    unified.mkdir(parents=True)
+    (unified / "cgroup.controllers").write_text("hugetlb\n")
+    how, why = cap.cpu_enforcement(str(tmp_path / "hybrid"))
+    assert how == "admission" and "no cpu controller" in why
+    # A pure v2 hierarchy with cpu and a writable cpu.max for this process's cgroup.
+    root = tmp_path / "v2"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpu memory io\n")
+    with open("/proc/self/cgroup") as f:
+        rel = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
+    group = root / rel.lstrip("/")
+    group.mkdir(parents=True, exist_ok=True)
+    (group / "cpu.max").write_text("max 100000\n")
+    how, where = cap.cpu_enforcement(str(root))
+    assert how == "cgroup" and where.endswith("cpu.max")
+
+
+# --- The admission limit ---------------------------------------------------------------------
+
+
+def test_admission_limit_holds_and_follows_set_limit():
+    async def main():
+        adm = cap.Admission(2)
+        running_max = 0
+        gate = asyncio.Event()
+
+        async def request():
+            nonlocal running_max
+            async with adm.slot():
+                running_max = max(running_max, adm.running)
+                await gate.wait()
+
+        tasks = [asyncio.create_task(request()) for _ in range(6)]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert adm.running == 2 and adm.queued == 4
+        adm.set_limit(4)                     # scale up: two waiters admitted at once
+        assert adm.running == 4 and adm.queued == 2
+        adm.set_limit(1)                     # scale down: running requests are not cancelled
+        assert adm.running == 4 and adm.queued == 2
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert adm.running == 0 and adm.queued == 0 and adm.admitted == 6
+        assert running_max == 4 and adm.waited == 4
+    run(main())
+
+
+def test_admission_waiter_cancelled_gives_no_slot_away():
+    async def main():
+        adm = cap.Admission(1)
+        gate = asyncio.Event()
+
+        async def request():
+            async with adm.slot():
+                await gate.wait()
+
+        first = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        assert adm.queued == 1
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert adm.queued == 0 and adm.running == 1
+        gate.set()
+        await first
+        assert adm.running == 0
+        unlimited = cap.Admission(None)
+        async with unlimited.slot():
+            assert unlimited.running == 1
+    run(main())
+
+
+# --- The buffer pool's online resize ---------------------------------------------------------
+
+
+async def _filled_db(pages: int) -> tuple[FakeSink, Database]:
+    sink = FakeSink(layout=LAYOUT, ack_delay_s=None)
+    db = Database(sink, pages)
+    await acked(sink, db.bootstrap())
+    await acked(sink, db.create_table("t"))
+    for i in range(300):
+        await acked(sink, db.put("t", b"%05d" % i, b"v" * 200))
+    return sink, db
+
+
+def test_pool_grows_in_place_and_keeps_what_it_has():
+    async def main():
+        sink, db = await _filled_db(16)
+        resident = db.pool.resident_pages()
+        assert db.pool.resize(64) == 0
+        assert db.pool.capacity_pages == 64 and db.pool.resident_pages() == resident
+        for i in range(300):
+            assert await acked(sink, db.get("t", b"%05d" % i)) == b"v" * 200
+        assert len(db.pool) > 16      # it used the room
+        check_sink(sink)
+    run(main())
+
+
+def test_pool_shrink_evicts_only_clean_unpinned_pages():
+    """Invariant 7: a shrink while writes are not durable keeps every dirty page (page_lsn
+    above VDL) and every pinned page; they go once VDL passes them."""
+    async def main():
+        sink, db = await _filled_db(64)
+        await acked(sink, db.get("t", b"00000"))
+        # Dirty pages: writes submitted, acks held back (ack_delay_s=None).
+        pending = [asyncio.create_task(db.put("t", b"%05d" % i, b"w" * 200)) for i in range(0, 300, 40)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        vdl = sink.vdl
+        from engine.format import page as pagefmt
+        dirty = {pid for pid in db.pool.resident_pages() if pagefmt.page_lsn(db.pool.peek(pid)) > vdl}
+        pinned = {pid for pid in db.pool.resident_pages() if db.pool.is_pinned(pid)}
+        assert dirty, "the test needs dirty pages"
+        before = len(db.pool)
+        evicted = db.pool.resize(4)
+        assert evicted > 0 and len(db.pool) == before - evicted
+        left = set(db.pool.resident_pages())
+        assert dirty | pinned <= left, "a dirty or pinned page was evicted"
+        assert len(db.pool) > db.pool.capacity_pages   # overshoot while they are dirty
+        sink.ack_all()
+        await asyncio.gather(*pending)
+        await sink.settle()
+        db.pool.trim()
+        assert len(db.pool) <= max(4, len(pinned))
+        for i in range(300):
+            expect = b"w" * 200 if i % 40 == 0 else b"v" * 200
+            assert await acked(sink, db.get("t", b"%05d" % i)) == expect
+        await check_cache_equals_storage(db, sink)
+        check_sink(sink)
+    run(main())
+
+
+def test_pool_resize_refuses_a_pool_too_small():
+    async def main():
+        _sink, db = await _filled_db(16)
+        with pytest.raises(ValueError):
+            db.pool.resize(1)
+        assert db.pool.capacity_pages == 16
+    run(main())
