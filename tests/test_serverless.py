@@ -197,3 +197,137 @@ def test_pool_resize_refuses_a_pool_too_small():
             db.pool.resize(1)
         assert db.pool.capacity_pages == 16
     run(main())
+
+
+# --- The capacity policy on load traces (engine/cluster/scaling.py) ----------------------------
+
+from engine.cluster import scaling  # noqa: E402
+
+
+def _replay(policy, acu, trace, tick_s=1.0):
+    """Feed a trace of (cpu_demand_cores, queued_fraction) per tick; CPU is measured against
+    the share the instance has at that tick (capped at the 2-core machine). Returns the
+    capacity after every tick and the decisions' reasons."""
+    state = scaling.CapacityState(acu)
+    history, reasons = [], []
+    for i, (demand_cores, queued) in enumerate(trace):
+        share = cap.cpu_share_cores(state.acu)
+        sample = scaling.LoadSample(t_s=i * tick_s, cpu_pct=100.0 * min(demand_cores, 2.0) / share,
+                                    queued_fraction=queued)
+        d = scaling.decide_capacity(policy, state, sample)
+        state = d.state
+        assert d.acu == state.acu
+        history.append(d.acu)
+        reasons.append(d.reason)
+    return history, reasons
+
+
+def test_capacity_goes_up_fast_on_a_step_of_load_and_down_slowly_after():
+    policy = scaling.CapacityPolicy(min_acu=0.5, max_acu=8)
+    idle, busy = (0.01, 0.0), (1.2, 0.0)   # 1.2 cores wanted: 6.9 ACU at 70% of the share
+    trace = [idle] * 5 + [busy] * 20 + [idle] * 200
+    history, reasons = _replay(policy, 0.5, trace)
+    assert history[:5] == [0.5] * 5
+    # Up: within 3 ticks of the step, at the capacity that serves 1.2 cores at <= 70%.
+    reached = next(i for i, acu in enumerate(history) if acu >= 7.0) - 5
+    assert reached <= 2, (history[:12], reasons[:12])
+    assert max(history) <= 8 and all(a * 2 == int(a * 2) for a in history)
+    assert history[24] >= 7.0
+    # Down: nothing for scale_down_delay_s, then 0.5 ACU per interval, to the minimum.
+    after = history[25:]
+    first_down = next(i for i, acu in enumerate(after) if acu < history[24])
+    assert first_down >= policy.scale_down_delay_s - 1
+    steps = [after[i] - after[i + 1] for i in range(len(after) - 1) if after[i] != after[i + 1]]
+    assert all(s == 0.5 for s in steps)
+    back = next(i for i, acu in enumerate(after) if acu == 0.5)
+    expected = policy.scale_down_delay_s + (history[24] - 0.5) / 0.5 * policy.scale_down_interval_s
+    assert back <= expected + 1 and back <= 180, (back, expected)
+
+
+def test_capacity_holds_in_the_band_and_restarts_the_down_timer():
+    policy = scaling.CapacityPolicy(min_acu=1, max_acu=4, scale_down_delay_s=10, scale_down_interval_s=2)
+    state = scaling.CapacityState(4.0)
+    # 50% of the share: between down (30%) and target (70%): hold.
+    for t in range(30):
+        d = scaling.decide_capacity(policy, state, scaling.LoadSample(t, 50.0))
+        assert d.acu == 4.0 and d.reason == "hold"
+        state = d.state
+    # Low for 9 s, a busy blip, low again: the 10 s delay starts over.
+    for t in range(30, 39):
+        state = scaling.decide_capacity(policy, state, scaling.LoadSample(t, 5.0)).state
+    state = scaling.decide_capacity(policy, state, scaling.LoadSample(39, 50.0)).state
+    acus = []
+    for t in range(40, 62):
+        d = scaling.decide_capacity(policy, state, scaling.LoadSample(t, 5.0))
+        state = d.state
+        acus.append(d.acu)
+    assert acus[:10] == [4.0] * 10 and acus[10] == 3.5 and acus[12] == 3.0 and acus[-1] == 1.0
+
+
+def test_queueing_and_a_missing_pool_scale_up_too():
+    policy = scaling.CapacityPolicy(min_acu=0.5, max_acu=4)
+    d = scaling.decide_capacity(policy, scaling.CapacityState(1.0),
+                                scaling.LoadSample(0, 20.0, queued_fraction=0.5))
+    assert d.acu == 1.5 and "queued" in d.reason
+    d = scaling.decide_capacity(policy, scaling.CapacityState(1.0),
+                                scaling.LoadSample(0, 20.0, miss_per_s=1000, pool_full=True))
+    assert d.acu == 1.5 and "misses" in d.reason
+    # Misses with room left in the pool are a cold cache, not a small one.
+    d = scaling.decide_capacity(policy, scaling.CapacityState(1.0),
+                                scaling.LoadSample(0, 20.0, miss_per_s=1000, pool_full=False))
+    assert d.acu == 1.0
+    d = scaling.decide_capacity(policy, scaling.CapacityState(4.0), scaling.LoadSample(0, 500.0))
+    assert d.acu == 4.0 and d.reason.startswith("at max_acu")
+
+
+def test_a_changed_range_moves_capacity_into_it():
+    policy = scaling.CapacityPolicy(min_acu=2, max_acu=2)
+    d = scaling.decide_capacity(policy, scaling.CapacityState(0.5), scaling.LoadSample(0, 0.0))
+    assert d.acu == 2.0
+    d = scaling.decide_capacity(scaling.CapacityPolicy(0.5, 1), scaling.CapacityState(2.0),
+                                scaling.LoadSample(0, 0.0))
+    assert d.acu == 1.0
+    with pytest.raises(ValueError):
+        scaling.CapacityPolicy(4, 2).check()
+
+
+# --- The replica autoscaling policy on load traces ----------------------------------------------
+
+
+def test_replicas_scale_out_with_cooldown_and_in_one_at_a_time():
+    policy = scaling.AutoscalePolicy(min_replicas=1, max_replicas=15, target_cpu_pct=70,
+                                     scale_out_cooldown_s=60, scale_in_cooldown_s=300)
+    policy.check(15)
+    state, n = scaling.AutoscaleState(), 1
+    total_cores_wanted = 0.0
+    counts = []
+    # A read load that needs 2.4 "replica shares" of CPU for 10 minutes, then nothing.
+    for t in range(0, 1800, 5):
+        total_cores_wanted = 2.4 if t < 600 else 0.05
+        avg = 100.0 * total_cores_wanted / n
+        d = scaling.decide_replicas(policy, state, float(t), n, avg)
+        state = d.state
+        if d.replicas != n:
+            counts.append((t, d.replicas, d.reason))
+        n = d.replicas
+    outs = [c for c in counts if c[2].startswith("out")]
+    ins = [c for c in counts if c[2].startswith("in")]
+    assert outs[0][0] == 0 and outs[0][1] == 4          # ceil(1 * 240 / 70) = 4 at once
+    assert all(b[0] - a[0] >= 60 for a, b in zip(outs, outs[1:]))
+    assert max(c[1] for c in counts) == 4
+    assert ins and ins[0][0] >= 600 and all(b[0] - a[0] >= 300 for a, b in zip(ins, ins[1:]))
+    assert [c[1] for c in ins] == [3, 2, 1][:len(ins)] and n == 1
+
+
+def test_replica_policy_bounds_and_refusals():
+    policy = scaling.AutoscalePolicy(min_replicas=2, max_replicas=3, target_cpu_pct=50,
+                                     scale_out_cooldown_s=0, scale_in_cooldown_s=0)
+    assert scaling.decide_replicas(policy, scaling.AutoscaleState(), 0, 1, 0).replicas == 2
+    assert scaling.decide_replicas(policy, scaling.AutoscaleState(), 0, 2, 400).replicas == 3
+    assert scaling.decide_replicas(policy, scaling.AutoscaleState(), 0, 3, 0).replicas == 2
+    assert scaling.decide_replicas(policy, scaling.AutoscaleState(), 0, 2, 0).replicas == 2
+    for bad in (scaling.AutoscalePolicy(3, 2), scaling.AutoscalePolicy(1, 16),
+                scaling.AutoscalePolicy(1, 2, target_cpu_pct=0)):
+        with pytest.raises(ValueError):
+            bad.check(15)
+    assert scaling.AutoscalePolicy.from_dict(policy.to_dict()) == policy
