@@ -132,6 +132,8 @@ class InstanceSpec:
     name: str
     az: str
     tier: int
+    min_acu: float | None = None   # serverless (docs/serverless.md): its capacity range;
+    max_acu: float | None = None   # None: provisioned (a fixed buffer pool)
 
     def __post_init__(self) -> None:
         assert 0 <= self.tier <= TIER_MAX, f"tier {self.tier} outside 0..{TIER_MAX}"
@@ -156,6 +158,8 @@ class Topology:
     writer: str
     instances: list[InstanceSpec]
     endpoints: dict[str, list[str]] = field(default_factory=dict)   # custom endpoint -> members
+    autoscale: dict | None = None   # replica autoscaling policy (engine/cluster/scaling.py)
+    autoscaled: list[str] = field(default_factory=list)   # replicas the policy added
 
     @classmethod
     def initial(cls, replicas: int = DEFAULT_REPLICAS) -> "Topology":
@@ -168,9 +172,11 @@ class Topology:
         data = read_json(dd.topology_json)
         if not data:
             return None
-        topo = cls(data["writer"], [InstanceSpec(i["name"], i["az"], int(i["tier"]))
+        topo = cls(data["writer"], [InstanceSpec(i["name"], i["az"], int(i["tier"]),
+                                                 i.get("min_acu"), i.get("max_acu"))
                                     for i in data["instances"]],
-                   {k: list(v) for k, v in data.get("endpoints", {}).items()})
+                   {k: list(v) for k, v in data.get("endpoints", {}).items()},
+                   data.get("autoscale"), list(data.get("autoscaled", [])))
         topo.check()
         return topo
 
@@ -178,8 +184,12 @@ class Topology:
         self.check()
         write_json_atomic(dd.topology_json, {
             "writer": self.writer,
-            "instances": [{"name": i.name, "az": i.az, "tier": i.tier} for i in self.instances],
-            "endpoints": self.endpoints})
+            "instances": [{"name": i.name, "az": i.az, "tier": i.tier,
+                           **({"min_acu": i.min_acu, "max_acu": i.max_acu}
+                              if i.min_acu is not None else {})} for i in self.instances],
+            "endpoints": self.endpoints,
+            **({"autoscale": self.autoscale} if self.autoscale else {}),
+            **({"autoscaled": self.autoscaled} if self.autoscaled else {})})
 
     def check(self) -> None:
         names = self.names
