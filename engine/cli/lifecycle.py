@@ -114,7 +114,7 @@ def capacity_lines(state) -> list[str]:
     """The instances' capacity (docs/serverless.md) and the autoscaling policy's last
     decisions, for `status`."""
     rows = [["INSTANCE", "KIND", "ACU", "MIN..MAX", "CPU / SHARE", "BUFFER POOL", "ADMISSION"]]
-    for p in sorted(state.processes, key=lambda p: p.name):
+    for p in sorted(state.processes, key=lambda p: (len(p.name), p.name)):   # db2 before db10
         d = process_dict(p)
         if p.role == "storage" or d["acu"] is None:
             continue
