@@ -41,7 +41,8 @@ from engine.errors import RpcError
 from engine.instance.capacity import check_acu
 
 SCALE_TICK_S = 1.0           # one measurement and decision per instance per tick
-DRAIN_S = 2.0                # a replica chosen for scale-in leaves the endpoints this long first
+DRAIN_S = 3.0                # a replica chosen for scale-in leaves the endpoints this long first
+                             # (longer than the client's REFRESH_S, engine/client.py)
 DECISIONS_MAX = 50           # decisions kept for `status`
 SET_CAPACITY_TIMEOUT_S = 5.0
 CSV_FIELDS = ("unix_time", "instance", "acu", "min_acu", "max_acu", "cpu_pct", "queued_fraction",
