@@ -331,3 +331,19 @@ def test_replica_policy_bounds_and_refusals():
         with pytest.raises(ValueError):
             bad.check(15)
     assert scaling.AutoscalePolicy.from_dict(policy.to_dict()) == policy
+
+
+def test_capacity_timeline_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    from engine.cli.common import CliError
+    from engine.cli.replicas import write_capacity_chart
+    csv_path = tmp_path / "capacity.csv"
+    with pytest.raises(CliError, match="no capacity timeline"):
+        write_capacity_chart(str(csv_path), str(tmp_path / "x.png"))
+    csv_path.write_text("unix_time,instance,acu,min_acu,max_acu,cpu_pct,queued_fraction,miss_per_s,"
+                        "buffer_pool_pages,admission_limit,reason\n"
+                        "100.0,db1,2.0,0.5,8,244,0.9,0,2048,8,up\n"
+                        "120.0,db1,1.5,0.5,8,1,0,0,1536,6,down\n")
+    png = tmp_path / "c.png"
+    assert write_capacity_chart(str(csv_path), str(png)) == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

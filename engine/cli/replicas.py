@@ -8,6 +8,7 @@ custom endpoints.
     aurora-lite replica autoscale --min 1 --max 15 --target-cpu 70
                 [--scale-out-cooldown S] [--scale-in-cooldown S] | --off
     aurora-lite capacity NAME --min-acu A --max-acu B     a serverless instance's range
+    aurora-lite capacity --chart FILE.png                 the capacity timeline as a PNG
     aurora-lite endpoint create NAME --members a,b | list [--json] | delete NAME
 
 Each is one call of the control plane (engine/cluster/failover.py, supervision.py,
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 
 from engine.cli.common import (
-    EXIT_FAILED, EXIT_OK, control_call, data_dir_arg, data_dir_of, guarded, require_cluster,
+    EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, control_call, data_dir_arg, data_dir_of, guarded, require_cluster,
     shown_data_dir_flag, table)
 from engine.cluster.launcher import MAX_REPLICAS, TIER_MAX
 
@@ -75,11 +76,53 @@ def _autoscale(info, args) -> int:
     return EXIT_OK
 
 
+def write_capacity_chart(csv_path: str, png_path: str) -> int:
+    """The capacity timeline (DATA_DIR/capacity.csv, engine/cluster/serverless.py) as a PNG:
+    each instance's ACU over time, as steps. Returns the number of rows drawn; raises
+    CliError when there is no timeline or matplotlib (the ``plot`` extra) is missing."""
+    import csv
+
+    try:
+        with open(csv_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise CliError(f"no capacity timeline at {csv_path}: no serverless capacity change "
+                       f"happened in this data dir yet") from None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("drawing the chart needs matplotlib: pip install 'aurora-lite[plot]'") from None
+    t0 = min(float(r["unix_time"]) for r in rows) if rows else 0.0
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name in sorted({r["instance"] for r in rows}):
+        pts = [(float(r["unix_time"]) - t0, float(r["acu"])) for r in rows if r["instance"] == name]
+        ax.step([t for t, _ in pts], [a for _, a in pts], where="post", marker="o", label=name)
+    ax.set_xlabel("seconds since the first change")
+    ax.set_ylabel("capacity (ACU)")
+    ax.set_title("serverless capacity timeline (capacity.csv)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return len(rows)
+
+
 @guarded
 def cmd_capacity(args) -> int:
     from aurora_pb import control_pb2 as pb
 
-    info = require_cluster(data_dir_of(args))
+    dd = data_dir_of(args)
+    if args.chart:
+        import os
+        n = write_capacity_chart(os.path.join(dd.root, "capacity.csv"), args.chart)
+        print(f"capacity timeline: {n} changes drawn to {args.chart}")
+        return EXIT_OK
+    if not args.name or args.min_acu is None or args.max_acu is None:
+        raise CliError("capacity: NAME --min-acu A --max-acu B (or --chart FILE.png)", EXIT_USAGE)
+    info = require_cluster(dd)
     reply = control_call(info, "SetCapacityRange", pb.SetCapacityRangeRequest(
         name=args.name, min_acu=args.min_acu, max_acu=args.max_acu))
     print(reply.message)
@@ -167,9 +210,11 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("capacity", help="set a serverless instance's capacity range "
                                                "(NAME --min-acu A --max-acu B)")
-    p.add_argument("name")
-    p.add_argument("--min-acu", type=float, required=True, help="lowest capacity, ACUs (0.5..128)")
-    p.add_argument("--max-acu", type=float, required=True, help="highest capacity, ACUs")
+    p.add_argument("name", nargs="?", default=None)
+    p.add_argument("--min-acu", type=float, default=None, help="lowest capacity, ACUs (0.5..128)")
+    p.add_argument("--max-acu", type=float, default=None, help="highest capacity, ACUs")
+    p.add_argument("--chart", default=None, metavar="FILE.png",
+                   help="instead: draw the capacity timeline (DATA_DIR/capacity.csv) as a PNG")
     data_dir_arg(p)
     p.set_defaults(func=cmd_capacity)
 
