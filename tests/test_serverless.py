@@ -347,3 +347,15 @@ def test_capacity_timeline_chart(tmp_path):
     png = tmp_path / "c.png"
     assert write_capacity_chart(str(csv_path), str(png)) == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_up_refuses_a_bad_range_before_starting_anything(tmp_path):
+    import subprocess
+    import sys
+    data_dir = tmp_path / "aurora"
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "up", "--detach", "--serverless",
+                             "--min-acu", "4", "--max-acu", "2", "--data-dir", str(data_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "aurora-lite: --min-acu 4 is above --max-acu 2" in result.stderr, result.stderr
+    assert not (data_dir / "control.json").exists()

@@ -144,7 +144,7 @@ def test_the_instance_itself_follows_its_acu_without_a_failed_request(sl):
     db1 = state["by_name"]["db1"]
     control = control_address(sl)
     with Traffic(control, "cluster", threads=2, writes=True) as traffic:
-        for target in (2.0, 3.5, 1.0):
+        for target in (2.5, 1.0):   # up, then down below where it started
             sl("capacity", "db1", "--min-acu", str(target), "--max-acu", str(target))
             own = wait_for(f"db1 at {target} ACU", lambda: (lambda c: c if c["acu"] == target else None)(
                 own_capacity(db1["address"])), timeout_s=15)
@@ -217,8 +217,6 @@ def test_replica_autoscaling_adds_then_drains_and_removes_with_zero_failed_reads
 def test_bad_capacity_input_is_refused_clearly(sl):
     r = sl("capacity", "db1", "--min-acu", "4", "--max-acu", "2", check=None)
     assert r.returncode != 0 and "--min-acu 4 is above --max-acu 2" in r.stderr, r.stderr
-    r = sl("capacity", "db1", "--min-acu", "0.7", "--max-acu", "2", check=None)
-    assert r.returncode != 0 and "not a multiple of 0.5" in r.stderr, r.stderr
     r = sl("capacity", "sn1", "--min-acu", "1", "--max-acu", "2", check=None)
     assert r.returncode != 0 and "no instance named 'sn1'" in r.stderr, r.stderr
     r = sl("replica", "autoscale", "--min", "3", "--max", "2", check=None)
