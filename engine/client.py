@@ -369,7 +369,9 @@ ENDPOINT_KINDS = ("cluster", "reader", "instance", "custom")
 WATCH_INTERVAL_S = 0.5          # a waiting commit checks this often whether the writer moved
 FAILOVER_WAIT_S = 30.0          # how long a write waits for a new writer
 RETRY_DELAY_S = (0.05, 0.25)    # first and longest pause between resolutions
-RESOLVE_TIMEOUT_S = 5.0
+# A resolution may wait while the control plane resumes an auto-paused serverless
+# instance (docs/serverless.md: launch and recovery, seconds on a loaded machine).
+RESOLVE_TIMEOUT_S = 60.0
 # A reader or custom endpoint is resolved again this often, so that replicas added since
 # (replica auto scaling, `replica add`) get their share of the reads and a replica being
 # drained stops getting new ones (docs/serverless.md).

@@ -359,3 +359,24 @@ def test_up_refuses_a_bad_range_before_starting_anything(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "aurora-lite: --min-acu 4 is above --max-acu 2" in result.stderr, result.stderr
     assert not (data_dir / "control.json").exists()
+
+
+def test_auto_pause_only_with_min_zero_after_the_idle_time():
+    policy = scaling.CapacityPolicy(min_acu=0, max_acu=2, pause_after_s=10)
+    state = scaling.CapacityState(0.5)
+    acus = []
+    for t in range(30):
+        # Idle, except one request at t=5: the idle timer starts over.
+        d = scaling.decide_capacity(policy, state, scaling.LoadSample(t, 1.0, requests=int(t == 5)))
+        state = d.state
+        acus.append(d.acu)
+        if d.acu == 0:
+            assert d.reason.startswith("pause: no request for 10s")
+            break
+    assert acus[-1] == 0 and len(acus) == 17, acus
+    # A minimum of 0.5 never pauses, however idle.
+    state = scaling.CapacityState(0.5)
+    for t in range(1000):
+        state = scaling.decide_capacity(scaling.CapacityPolicy(0.5, 2, pause_after_s=10), state,
+                                        scaling.LoadSample(t, 0.0, requests=0)).state
+    assert state.acu == 0.5

@@ -32,6 +32,7 @@ except ImportError:  # run from tests/
 
 SCALE_DOWN_DELAY_S = 2.0
 SCALE_DOWN_INTERVAL_S = 0.5
+PAUSE_AFTER_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def sl(tmp_path_factory):
     try:
         out = cli("up", "--detach", "--serverless", "--min-acu", "0.5", "--max-acu", "4",
                   "--scale-down-delay", str(SCALE_DOWN_DELAY_S),
-                  "--scale-down-interval", str(SCALE_DOWN_INTERVAL_S), timeout=120).stdout
+                  "--scale-down-interval", str(SCALE_DOWN_INTERVAL_S),
+                  "--pause-after", str(PAUSE_AFTER_S), timeout=120).stdout
         assert "aurora-lite cluster is up" in out, out
         pids = cli.pids()
         yield cli
@@ -212,6 +214,32 @@ def test_replica_autoscaling_adds_then_drains_and_removes_with_zero_failed_reads
     kinds = [e["reason"].split(":")[0] for e in scaling["decisions"] if e["instance"] == "replicas"]
     assert "out" in kinds and "in" in kinds, scaling
     assert "replica auto scaling is off" in sl("replica", "autoscale", "--off").stdout
+
+
+def test_min_zero_pauses_when_idle_and_the_next_connection_resumes_it(sl):
+    with ClusterClient(control_address(sl), "cluster") as writer:
+        writer.put(b"sl-pause", b"kept")
+    out = sl("replica", "add", "--serverless", "--min-acu", "0", "--max-acu", "1").stdout
+    name = out.split()[0]
+    assert name.startswith("db") and "started" in out, out
+    state = wait_for(f"{name} auto-paused", lambda: (lambda s: s if s["by_name"][name]["autopaused"]
+                                                     else None)(sl.status()), timeout_s=PAUSE_AFTER_S + 20)
+    p = state["by_name"][name]
+    assert p["state"] == "down" and p["exit_reason"] == "auto-paused" and p["pid"] is None, p
+    assert (p["acu"], p["min_acu"], p["max_acu"]) == (0.0, 0.0, 1.0), p
+    assert "serverless (paused)" in sl("status").stdout
+    started = time.monotonic()
+    with ClusterClient(control_address(sl), f"instance:{name}") as client:
+        assert client.get(b"sl-pause") == b"kept"
+    resume_s = time.monotonic() - started
+    p = sl.status()["by_name"][name]
+    assert p["up"] and not p["autopaused"] and p["acu"] == 0.5, p
+    assert 0 < p["last_resume_s"] <= resume_s, (p["last_resume_s"], resume_s)
+    reasons = [e["reason"] for e in sl.status()["scaling"]["decisions"] if e["instance"] == name]
+    assert any(r.startswith("pause: no request") for r in reasons), reasons
+    assert any(r.startswith("resume: a connection to instance:") for r in reasons), reasons
+    print(f"{name} resumed in {p['last_resume_s']:.2f}s (client saw {resume_s:.2f}s)")
+    sl("replica", "remove", name)
 
 
 def test_bad_capacity_input_is_refused_clearly(sl):

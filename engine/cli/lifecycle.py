@@ -78,6 +78,8 @@ def process_dict(p) -> dict:
         "admission_limit": (p.admission_limit or None) if p.HasField("acu") else None,
         "admission_queued": p.admission_queued if p.HasField("acu") else None,
         "draining": p.draining if not storage else None,
+        "autopaused": p.autopaused if not storage else None,
+        "last_resume_s": (p.last_resume_s or None) if not storage else None,
     }
 
 
@@ -122,6 +124,10 @@ def capacity_lines(state) -> list[str]:
         limit = d["admission_limit"]
         admission = (f"{limit} slots, {d['admission_queued']} queued" if limit else "no limit")
         kind = ("serverless" if d["serverless"] else "provisioned") + (" (draining)" if d["draining"] else "")
+        if d["autopaused"]:
+            rows.append([p.name, "serverless (paused)", "0", f"{d['min_acu']:g}..{d['max_acu']:g}",
+                         "-", "-", "resumes on the next connection"])
+            continue
         rows.append([p.name, kind, f"{d['acu']:g}", f"{d['min_acu']:g}..{d['max_acu']:g}", cpu,
                      f"{d['buffer_pool_pages']} pages ({d['resident_pages']} used)", admission])
     if len(rows) == 1:
@@ -556,7 +562,8 @@ def cmd_logs(args) -> int:
 
 SERVERLESS_FLAGS = (("--min-acu", "min_acu"), ("--max-acu", "max_acu"),
                     ("--scale-down-delay", "scale_down_delay"),
-                    ("--scale-down-interval", "scale_down_interval"))
+                    ("--scale-down-interval", "scale_down_interval"),
+                    ("--pause-after", "pause_after"))
 
 
 def add_serverless_args(p) -> None:
@@ -572,6 +579,9 @@ def add_serverless_args(p) -> None:
                    help="serverless: load low this long before the first step down (default 15)")
     p.add_argument("--scale-down-interval", type=float, default=None, metavar="SECONDS",
                    help="serverless: then one 0.5 ACU step down per interval (default 5)")
+    p.add_argument("--pause-after", type=float, default=None, metavar="SECONDS",
+                   help="serverless with --min-acu 0: stop an instance after this long without "
+                        "a request; the next connection resumes it (default 300)")
 
 
 def check_serverless_args(args) -> None:
@@ -581,10 +591,12 @@ def check_serverless_args(args) -> None:
     from engine.cluster.scaling import CapacityPolicy
     from engine.instance.capacity import check_acu
     try:
-        policy = CapacityPolicy(check_acu(args.min_acu, "--min-acu"), check_acu(args.max_acu, "--max-acu"),
+        policy = CapacityPolicy(check_acu(args.min_acu, "--min-acu", allow_zero=True),
+                                check_acu(args.max_acu, "--max-acu"),
                                 scale_down_delay_s=15.0 if args.scale_down_delay is None else args.scale_down_delay,
                                 scale_down_interval_s=5.0 if args.scale_down_interval is None
-                                else args.scale_down_interval)
+                                else args.scale_down_interval,
+                                pause_after_s=300.0 if args.pause_after is None else args.pause_after)
         policy.check()
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None

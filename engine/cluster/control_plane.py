@@ -148,7 +148,8 @@ async def serve(args) -> int:
                       failover_after_s=getattr(args, "failover_after_s", None) or FAILOVER_AFTER_S,
                       transport=GrpcTransport("control"))
     cp.init_scaling(scale_down_delay_s=getattr(args, "scale_down_delay", None),
-                    scale_down_interval_s=getattr(args, "scale_down_interval", None))
+                    scale_down_interval_s=getattr(args, "scale_down_interval", None),
+                    pause_after_s=getattr(args, "pause_after", None))
     log.info("instances: %s; writer %s", ", ".join(
         f"{i.name} ({i.az}, tier {i.tier})" for i in topology.instances), topology.writer)
 
@@ -222,7 +223,7 @@ def _make_serverless(topology, min_acu: float, max_acu: float) -> None:
     (docs/serverless.md); raises ValueError on a bad range."""
     from engine.cluster.scaling import CapacityPolicy
     from engine.instance.capacity import check_acu
-    min_acu = check_acu(min_acu, "--min-acu")
+    min_acu = check_acu(min_acu, "--min-acu", allow_zero=True)
     max_acu = check_acu(max_acu, "--max-acu")
     CapacityPolicy(min_acu, max_acu).check()
     for spec in topology.instances:

@@ -20,7 +20,10 @@ Serverless capacity (``decide_capacity``), per instance, every tick:
   ``scale_down_interval_s`` while it stays low, never below ``min_acu`` (so from max to
   min takes delay + (max - min) / 0.5 * interval: 15 s + 15 steps * 5 s = 90 s for 8 -> 0.5
   with the defaults, inside Aurora's "within three minutes");
-- anything else holds the capacity (and restarts the down timer).
+- anything else holds the capacity (and restarts the down timer);
+- AUTO-PAUSE (``min_acu`` 0 only): at 0.5 ACU with no request admitted for
+  ``pause_after_s``, capacity 0: the control plane stops the instance until the next
+  connection resumes it (engine/cluster/serverless.py).
 
 Replica auto scaling (``decide_replicas``), target tracking on the replicas' average CPU
 against their share:
@@ -59,6 +62,7 @@ class CapacityPolicy:
     miss_up_per_s: float = 200.0        # misses/s of a full pool: one step up (memory)
     scale_down_delay_s: float = 15.0    # load low this long before the first step down
     scale_down_interval_s: float = 5.0  # then one step per interval
+    pause_after_s: float = 300.0        # min_acu 0: idle this long at 0.5 ACU, then pause
 
     def check(self) -> None:
         if self.min_acu > self.max_acu:
@@ -67,6 +71,8 @@ class CapacityPolicy:
             raise ValueError("scale-down delay must be >= 0 s and its interval > 0 s")
         if not 0 < self.down_cpu_pct < self.target_cpu_pct <= 1000:
             raise ValueError("need 0 < down CPU % < target CPU %")
+        if self.pause_after_s <= 0:
+            raise ValueError("the auto-pause idle time must be > 0 s")
 
     @property
     def running_min_acu(self) -> float:
@@ -83,6 +89,7 @@ class LoadSample:
     queued_fraction: float = 0.0   # of the requests admitted in the interval, those that queued
     miss_per_s: float = 0.0    # buffer pool misses per second
     pool_full: bool = False    # resident pages >= capacity (misses mean too small a pool)
+    requests: int = 1          # Database requests admitted in the interval (0: idle)
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class CapacityState:
     acu: float
     low_since_s: float | None = None     # load low since then (None: not low)
     last_down_s: float | None = None     # last step down
+    idle_since_s: float | None = None    # no request admitted since then (auto-pause)
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,13 @@ def decide_capacity(policy: CapacityPolicy, state: CapacityState, sample: LoadSa
         return CapacityDecision(acu, "hold", CapacityState(acu))
     low_since = state.low_since_s if state.low_since_s is not None else sample.t_s
     if acu <= lo:
+        if policy.min_acu == 0 and sample.requests == 0:
+            idle_since = state.idle_since_s if state.idle_since_s is not None else sample.t_s
+            if sample.t_s - idle_since >= policy.pause_after_s:
+                return CapacityDecision(0.0, f"pause: no request for {sample.t_s - idle_since:.0f}s",
+                                        CapacityState(0.0))
+            return CapacityDecision(acu, "at min_acu, idle",
+                                    CapacityState(acu, low_since, state.last_down_s, idle_since))
         return CapacityDecision(acu, "at min_acu", CapacityState(acu, low_since, state.last_down_s))
     waited = sample.t_s - low_since >= policy.scale_down_delay_s
     spaced = state.last_down_s is None or sample.t_s - state.last_down_s >= policy.scale_down_interval_s

@@ -12,6 +12,11 @@ Every SCALE_TICK_S, ``scale_tick``:
 2. for each serverless instance (an ``InstanceSpec`` with min_acu/max_acu,
    topology.json), calls ``decide_capacity`` and, when it changes, InstanceAdmin
    .SetCapacity (the instance resizes its buffer pool and admission limit in place);
+   A decision of 0 ACU (``min_acu`` 0, idle for ``pause_after_s``) AUTO-PAUSES the
+   instance: it is stopped (SIGTERM), marked ``autopaused`` (no failover for a paused
+   writer), and the next ResolveEndpoint that names it (the cluster endpoint for the
+   writer, ``instance:NAME``) launches it again and waits until it serves before
+   answering: the resume time is recorded (``last_resume_s``, a decision, an event);
 3. with a replica autoscaling policy (`aurora-lite replica autoscale`), calls
    ``decide_replicas`` on the replicas' average CPU and adds replicas (`replica add`'s
    path: they join the reader endpoint once they serve, i.e. once they applied the
@@ -45,6 +50,7 @@ DRAIN_S = 3.0                # a replica chosen for scale-in leaves the endpoint
                              # (longer than the client's REFRESH_S, engine/client.py)
 DECISIONS_MAX = 50           # decisions kept for `status`
 SET_CAPACITY_TIMEOUT_S = 5.0
+RESUME_WAIT_S = 50.0         # a resume waits this long for SERVING (clients wait 60 s)
 CSV_FIELDS = ("unix_time", "instance", "acu", "min_acu", "max_acu", "cpu_pct", "queued_fraction",
               "miss_per_s", "buffer_pool_pages", "admission_limit", "reason")
 
@@ -53,8 +59,10 @@ class Scaling(ClusterState):
     """The scaling loop and its verbs (see the module doc); part of ControlPlane."""
 
     def init_scaling(self, *, scale_down_delay_s: float | None = None,
-                     scale_down_interval_s: float | None = None) -> None:
+                     scale_down_interval_s: float | None = None,
+                     pause_after_s: float | None = None) -> None:
         defaults = CapacityPolicy(0.5, 0.5)
+        self.pause_after_s = defaults.pause_after_s if pause_after_s is None else pause_after_s
         self.scale_down_delay_s = (defaults.scale_down_delay_s if scale_down_delay_s is None
                                    else scale_down_delay_s)
         self.scale_down_interval_s = (defaults.scale_down_interval_s if scale_down_interval_s is None
@@ -76,7 +84,8 @@ class Scaling(ClusterState):
         if spec is None or spec.min_acu is None:
             return None
         return CapacityPolicy(spec.min_acu, spec.max_acu, scale_down_delay_s=self.scale_down_delay_s,
-                              scale_down_interval_s=self.scale_down_interval_s)
+                              scale_down_interval_s=self.scale_down_interval_s,
+                              pause_after_s=self.pause_after_s)
 
     def set_capacity_range(self, name: str, min_acu: float, max_acu: float) -> str:
         """`aurora-lite capacity NAME --min-acu A --max-acu B`: a serverless instance's range
@@ -88,7 +97,7 @@ class Scaling(ClusterState):
             raise PreconditionError(f"{name} is provisioned; a serverless instance starts with "
                                     f"`up --serverless` or `replica add --serverless`")
         try:
-            min_acu = check_acu(min_acu, "--min-acu")
+            min_acu = check_acu(min_acu, "--min-acu", allow_zero=True)
             max_acu = check_acu(max_acu, "--max-acu")
             CapacityPolicy(min_acu, max_acu).check()
         except ValueError as exc:
@@ -159,6 +168,9 @@ class Scaling(ClusterState):
         self.capacity_states[p.name] = decision.state
         if decision.acu == state.acu:
             return
+        if decision.acu == 0:
+            await self._autopause(p, policy, sample, decision.reason, state.acu)
+            return
         try:
             result = await self.rpc.set_capacity(p.name, p.address, decision.acu, SET_CAPACITY_TIMEOUT_S)
         except RpcError as exc:
@@ -185,10 +197,12 @@ class Scaling(ClusterState):
         waited = int(adm.get("waited", 0)) - int(adm0.get("waited", 0))
         queued_fraction = waited / admitted if admitted > 0 else (1.0 if adm.get("queued") else 0.0)
         misses = int(report.get("pool_misses", 0)) - int(previous.get("pool_misses", 0))
+        requests = max(0, admitted) + int(adm.get("running", 0))
         sample = LoadSample(t_s=time.monotonic(), cpu_pct=max(0.0, cpu_pct),
                             queued_fraction=max(0.0, queued_fraction),
                             miss_per_s=max(0, misses) / dt,
-                            pool_full=int(report.get("resident_pages", 0)) >= int(report.get("buffer_pool_pages", 1)))
+                            pool_full=int(report.get("resident_pages", 0)) >= int(report.get("buffer_pool_pages", 1)),
+                            requests=requests)
         self.load[name] = sample
         return sample
 
@@ -215,6 +229,49 @@ class Scaling(ClusterState):
                 writer.writerow(entry)
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
+
+    # --- Auto-pause and resume (min_acu 0) ------------------------------------------------------
+
+    async def _autopause(self, p: Managed, policy: CapacityPolicy, sample: LoadSample,
+                         reason: str, before: float) -> None:
+        from engine.cluster.launcher import STOP_GRACE_S
+        async with p.lock:
+            if not p.alive or self.stopping:
+                return
+            p.autopaused = True
+            how = await self._stop(p, STOP_GRACE_S)
+            p.exit_reason = "auto-paused"
+        self.last_report.pop(p.name, None)
+        self.capacity_states.pop(p.name, None)
+        self.load.pop(p.name, None)
+        self.write_control()
+        self._record(p.name, before, 0.0, policy, sample, f"{reason} ({how})")
+
+    async def resume_for(self, endpoint: str) -> None:
+        """Before resolving ``endpoint``: resume the auto-paused instance it names (the
+        writer for "cluster", NAME for "instance:NAME") and wait until it serves."""
+        kind, _, name = endpoint.partition(":")
+        if kind == "cluster" and not name:
+            p = self.procs.get(self.writer)
+        elif kind == "instance" and name:
+            p = self.procs.get(name)
+        else:
+            return
+        if p is None or not p.autopaused or self.stopping:
+            return
+        async with p.lock:
+            if not p.autopaused or p.alive:
+                return
+            started = time.monotonic()
+            message = await self._start(p, RESUME_WAIT_S)
+            p.last_resume_s = round(time.monotonic() - started, 3)
+        self.event("capacity", f"{p.name} resumed for a connection to {endpoint} in {p.last_resume_s:.2f}s")
+        log.info("%s resumed (auto-pause) for %s: %s", p.name, endpoint, message)
+        policy = self.capacity_policy(p.name)
+        if policy is not None:
+            self._record(p.name, 0.0, max(policy.min_acu, 0.5), policy,
+                         LoadSample(time.monotonic(), 0.0),
+                         f"resume: a connection to {endpoint}, serving after {p.last_resume_s:.2f}s")
 
     # --- Replica auto scaling ------------------------------------------------------------------
 
@@ -314,6 +371,9 @@ class Scaling(ClusterState):
         sample = self.load.get(name)
         if sample is not None:
             view["cpu_pct"] = round(sample.cpu_pct, 1)
+        p = self.procs.get(name)
+        if p is not None and p.autopaused and "acu" not in view:
+            view = {"acu": 0.0, "serverless": True, "min_acu": spec.min_acu, "max_acu": spec.max_acu}
         return view
 
     def scaling_report(self) -> dict:

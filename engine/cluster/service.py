@@ -83,6 +83,8 @@ class ControlService:
         return pb.ActionReply(message=message)
 
     async def ResolveEndpoint(self, request, context):
+        # A connection resumes an auto-paused instance first (docs/serverless.md).
+        await self.cp.resume_for(request.endpoint or "cluster")
         return await self._call(context, self.cp.resolve, request.endpoint or "cluster")
 
     async def CreateEndpoint(self, request, context):

@@ -80,6 +80,8 @@ class Managed:
     intentional: bool = False      # its next exit was asked for (kill/stop/shutdown)
     probing: bool = False
     draining: bool = False         # replicas: chosen for scale-in, out of the endpoints
+    autopaused: bool = False       # serverless, min 0 ACU: stopped while idle (serverless.py)
+    last_resume_s: float = 0.0     # how long its last resume took (launch to serving)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -269,7 +271,7 @@ class ClusterState:
             up=p.state == "up", exit_reason=p.exit_reason if p.state == "down" else "",
             uptime_s=round(time.monotonic() - p.started_at, 1) if p.alive else 0.0,
             starts=p.starts, log=p.log_path, tier=p.tier, metrics=self.metrics_url(p),
-            draining=p.draining)
+            draining=p.draining, autopaused=p.autopaused, last_resume_s=p.last_resume_s)
 
     def latency_message(self) -> pb.Latency:
         lat = self.config.latency
@@ -282,6 +284,11 @@ class ClusterState:
             live = [p for p in self.procs.values() if p.state == "up"]
             await asyncio.gather(*(self._probe(p, states[p.name], probe_timeout_s) for p in live))
             self._fill_lag(states)
+        for p in self.procs.values():
+            if p.autopaused:   # serverless at 0 ACU: stopped until a connection resumes it
+                for key, value in self.capacity_view(p.name, None).items():
+                    if key in ("acu", "min_acu", "max_acu", "serverless"):
+                        setattr(states[p.name], key, value)
         return pb.ClusterState(
             data_dir=self.dd.root, control_address=self.address, control_pid=os.getpid(),
             cluster_endpoint=self.procs[self.writer].address, writer=self.writer,

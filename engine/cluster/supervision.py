@@ -72,6 +72,7 @@ class Supervision(ClusterState):
 
     def launch(self, p: Managed) -> None:
         assert not p.alive, f"{p.name} is already running"
+        p.autopaused = False
         p.popen = spawn(self._argv(p), p.log_path)
         p.state = "starting"
         p.exit_reason = ""
@@ -150,8 +151,9 @@ class Supervision(ClusterState):
             log.info("%s (pid %d) %s", p.name, pid, p.exit_reason)
         else:
             log.warning("%s (pid %d) %s unexpectedly; see %s", p.name, pid, p.exit_reason, p.log_path)
-        # Killed on purpose or not, a writer that is gone is a writer to replace.
-        if p.name == self.writer and not self.stopping:
+        # Killed on purpose or not, a writer that is gone is a writer to replace; one
+        # auto-paused (serverless, min 0 ACU) comes back on the next connection instead.
+        if p.name == self.writer and not self.stopping and not p.autopaused:
             self.on_writer_down(p, f"{p.name} {p.exit_reason}")
 
     async def _probe_health(self, p: Managed) -> None:
@@ -329,7 +331,7 @@ class Supervision(ClusterState):
             if min_acu is not None:
                 from engine.cluster.scaling import CapacityPolicy
                 from engine.instance.capacity import check_acu
-                spec.min_acu = check_acu(min_acu, "--min-acu")
+                spec.min_acu = check_acu(min_acu, "--min-acu", allow_zero=True)
                 spec.max_acu = check_acu(max_acu, "--max-acu")
                 CapacityPolicy(spec.min_acu, spec.max_acu).check()
         except ValueError as exc:
