@@ -380,3 +380,23 @@ def test_auto_pause_only_with_min_zero_after_the_idle_time():
         state = scaling.decide_capacity(scaling.CapacityPolicy(0.5, 2, pause_after_s=10), state,
                                         scaling.LoadSample(t, 0.0, requests=0)).state
     assert state.acu == 0.5
+
+
+def test_fifteen_replicas_fit_the_port_plan():
+    """`up --replicas 15` (Aurora's promise): db1..db16 with distinct --base-port offsets
+    that collide with no other process's port, metrics port (+20) or PostgreSQL port."""
+    from engine.cluster import launcher as lc
+    topo = lc.Topology.initial(15)
+    assert [i.name for i in topo.instances] == [f"db{n}" for n in range(1, 17)]
+    with pytest.raises(ValueError):
+        lc.Topology.initial(16)
+    inst = [lc.instance_port_offset(n) for n in range(1, 17)]
+    storage = [lc.STORAGE_PORT_OFFSET + i for i in range(6)]
+    grpc_ports = [lc.CONTROL_PORT_OFFSET, *inst, *storage]
+    http = [p + lc.METRICS_PORT_OFFSET for p in grpc_ports]
+    pg = [lc.PG_CLUSTER_PORT_OFFSET, lc.PG_READER_PORT_OFFSET,
+          *(lc.PG_INSTANCE_PORT_OFFSET + n - 1 for n in range(1, 17))]
+    every = grpc_ports + http + pg
+    assert len(set(every)) == len(every) and max(every) <= lc.PLAN_SPAN
+    topo.instances = topo.instances[:15]
+    assert topo.next_instance().name == "db16"
