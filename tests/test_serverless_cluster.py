@@ -11,6 +11,8 @@ short scale-down timers), driven through the CLI and the client library:
 - a step of load scales the writer up, and capacity returns to the minimum after it;
 - replica auto scaling adds a replica under a read load (it joins the reader endpoint once
   it serves) and drains and removes it after, with zero failed reads;
+- an instance with a minimum of 0 ACU pauses when idle and the next connection resumes
+  it (the resume time is printed with -s);
 - bad input is refused with one clear line.
 """
 
@@ -26,9 +28,9 @@ import pytest
 from engine.client import Client, ClusterClient
 
 try:
-    from tests.test_cli_tour import Cli, cli_env  # noqa: F401
+    from tests.test_cli_tour import Cli
 except ImportError:  # run from tests/
-    from test_cli_tour import Cli, cli_env  # noqa: F401
+    from test_cli_tour import Cli
 
 SCALE_DOWN_DELAY_S = 2.0
 SCALE_DOWN_INTERVAL_S = 0.5

@@ -41,7 +41,7 @@ from engine.cluster.scaling import (
     AutoscalePolicy, AutoscaleState, CapacityPolicy, CapacityState, LoadSample,
     decide_capacity, decide_replicas)
 from engine.cluster.state import (
-    PROBE_TIMEOUT_S, ActionError, ClusterState, Managed, NotFoundError, PreconditionError, log)
+    PROBE_TIMEOUT_S, ActionError, ClusterState, Managed, PreconditionError, log)
 from engine.errors import RpcError
 from engine.instance.capacity import check_acu
 
@@ -385,6 +385,3 @@ class Scaling(ClusterState):
             "scale_down_interval_s": self.scale_down_interval_s,
             "decisions": list(self.decisions)[-10:],
         }
-
-
-__all__ = ["Scaling", "NotFoundError"]
