@@ -369,7 +369,13 @@ ENDPOINT_KINDS = ("cluster", "reader", "instance", "custom")
 WATCH_INTERVAL_S = 0.5          # a waiting commit checks this often whether the writer moved
 FAILOVER_WAIT_S = 30.0          # how long a write waits for a new writer
 RETRY_DELAY_S = (0.05, 0.25)    # first and longest pause between resolutions
-RESOLVE_TIMEOUT_S = 5.0
+# A resolution may wait while the control plane resumes an auto-paused serverless
+# instance (docs/serverless.md: launch and recovery, seconds on a loaded machine).
+RESOLVE_TIMEOUT_S = 60.0
+# A reader or custom endpoint is resolved again this often, so that replicas added since
+# (replica auto scaling, `replica add`) get their share of the reads and a replica being
+# drained stops getting new ones (docs/serverless.md).
+REFRESH_S = 2.0
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str]:
@@ -410,6 +416,7 @@ class ClusterClient:
         self._clients: dict[str, Client] = {}          # address -> Client (one channel each)
         self._targets: list[tuple[str, str]] = []      # (instance, address)
         self._turn = itertools.count()
+        self._resolved_at = 0.0                         # time.monotonic() of the last resolve
         self.resolution = None                          # the last ResolveReply
         self.resolutions = 0                            # how many times it asked
         self.retries = 0                                # requests sent again after a failure
@@ -431,6 +438,7 @@ class ClusterClient:
         with self._lock:
             self.resolution = reply
             self.resolutions += 1
+            self._resolved_at = time.monotonic()
             self._targets = [(t.instance, t.address) for t in reply.targets]
         return reply
 
@@ -444,6 +452,11 @@ class ClusterClient:
 
     def _target(self) -> tuple[str, Client]:
         """The next target: the writer, the named instance, or replicas in turn."""
+        if self.kind in ("reader", "custom") and time.monotonic() - self._resolved_at > REFRESH_S:
+            try:
+                self.resolve()
+            except errors.UnavailableError:
+                pass   # keep the targets we have; a failed call resolves again
         with self._lock:
             targets = list(self._targets)
         if not targets:

@@ -268,6 +268,25 @@ def test_reader_endpoint_spreads_reads_and_skips_a_dead_replica(fakes):
         assert [db.get(b"k") for _ in range(3)] == [b"db2"] * 3
 
 
+def test_reader_endpoint_refreshes_to_a_replica_added_or_drained(fakes, monkeypatch):
+    """Scenario (docs/serverless.md): a reader client that keeps running sees a replica
+    added by auto scaling without any failure (it resolves again every REFRESH_S; 0 here, so
+    no sleeping), and stops using a replica taken out of the endpoint (draining) while it
+    still answers."""
+    import engine.client as client_mod
+    control, a, b, dead = fakes
+    control.routes["reader"] = [("db1", a.address, True)]
+    with client(control, "reader") as db:
+        assert [db.get(b"k") for _ in range(2)] == [b"db1", b"db1"]
+        monkeypatch.setattr(client_mod, "REFRESH_S", 0.0)
+        control.routes["reader"] = [("db1", a.address, True), ("db2", b.address, True)]
+        assert sorted(db.get(b"k") for _ in range(4)) == [b"db1", b"db1", b"db2", b"db2"]
+        control.routes["reader"] = [("db2", b.address, True)]   # db1 draining, still up
+        before = a.calls["Get"]
+        assert [db.get(b"k") for _ in range(3)] == [b"db2"] * 3
+        assert a.calls["Get"] == before and db.retries == 0
+
+
 def test_writes_through_a_reader_endpoint_are_refused(fakes):
     """Scenario: a put through the reader endpoint reaches a replica (READ_ONLY): it is not
     sent elsewhere; the error says to use the cluster endpoint."""

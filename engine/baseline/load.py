@@ -249,7 +249,7 @@ def _read_txn(client: ClusterClient, rng: random.Random, rows: int) -> float:
 
 def run_worker(make_transport: Callable[[], Transport], control_address: str, workload: str,
                clients: int, rows: int, seed: int, ready, go, window, committed_counts,
-               worker_number: int, results) -> None:
+               worker_number: int, results, endpoint: str = "cluster") -> None:
     """The body of one worker process (multiprocessing target): ``clients`` threads, each
     with its own ClusterClient, run ``workload`` from ``go`` until the window's end.
 
@@ -263,7 +263,7 @@ def run_worker(make_transport: Callable[[], Transport], control_address: str, wo
     lock = threading.Lock()
     try:
         transport = make_transport()
-        conns = [ClusterClient(control_address, "cluster", timeout_s=CLIENT_TIMEOUT_S,
+        conns = [ClusterClient(control_address, endpoint, timeout_s=CLIENT_TIMEOUT_S,
                                transport=transport) for _ in range(clients)]
         for c in conns:
             c.status()   # connect now, not inside the window
@@ -336,6 +336,7 @@ class LoadConfig:
     workers: int = 0          # 0: min(clients, cores)
     warmup_s: float = 1.0
     seed: int = 1
+    endpoint: str = "cluster"   # "reader": a read-only load on the replicas (docs/serverless.md)
 
     def worker_count(self) -> int:
         if self.workers > 0:
@@ -351,6 +352,10 @@ class LoadConfig:
             raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}")
         if self.warmup_s < 0:
             raise ValueError(f"--warmup must be 0 or more, got {self.warmup_s}")
+        if self.endpoint not in ("cluster", "reader"):
+            raise ValueError(f"--endpoint must be cluster or reader, got {self.endpoint!r}")
+        if self.endpoint == "reader" and self.workload != "read-only":
+            raise ValueError("--endpoint reader needs --workload read-only (replicas take no writes)")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -382,7 +387,8 @@ def run_load(cfg: LoadConfig, make_transport: Callable[[], Transport], control_a
     committed = ctx.Array("q", n_workers, lock=False)
     procs = [ctx.Process(target=run_worker, name=f"bench-load-{i}", daemon=True,
                          args=(make_transport, control_address, cfg.workload, share, rows,
-                               cfg.seed * 100 + i, ready, go, window, committed, i, results))
+                               cfg.seed * 100 + i, ready, go, window, committed, i, results,
+                               cfg.endpoint))
              for i, share in enumerate(shares)]
     for p in procs:
         p.start()

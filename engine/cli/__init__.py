@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PostgreSQL protocol port (docs/postgres.md); 0 picks a free one, -1: none")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.add_argument("--acu", type=float, default=None,
+                   help="serverless: start at this capacity (ACUs, 0.5..128 in steps of 0.5; "
+                        "sizes the buffer pool and the admission limit, docs/serverless.md); "
+                        "default: provisioned, sized by --buffer-pool-pages")
     p.add_argument("--metrics-port", type=int, default=0, help=METRICS_PORT_HELP)
     p.add_argument("--volume", default=None,
                    help="the volume to open (default: the cluster config's); e.g. a clone")
@@ -123,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PostgreSQL protocol port (docs/postgres.md); 0 picks a free one, -1: none")
     p.add_argument("--buffer-pool-pages", type=int, default=4096,
                    help="buffer pool capacity in 8 KiB pages (default 4096 = 32 MiB)")
+    p.add_argument("--acu", type=float, default=None,
+                   help="serverless: start at this capacity (ACUs, 0.5..128 in steps of 0.5; "
+                        "sizes the buffer pool and the admission limit, docs/serverless.md); "
+                        "default: provisioned, sized by --buffer-pool-pages")
     p.add_argument("--metrics-port", type=int, default=0, help=METRICS_PORT_HELP)
     p.set_defaults(func=cmd_replica_process)
     # The cluster verbs (docs/cli.md), in the order `aurora-lite --help` lists them.

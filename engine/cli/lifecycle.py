@@ -66,6 +66,20 @@ def process_dict(p) -> dict:
         "lag_ms_p50": round(p.lag_ms_p50, 3) if replica else None,
         "lag_ms_p99": round(p.lag_ms_p99, 3) if replica else None,
         "probe_error": p.probe_error or None,
+        # Capacity (docs/serverless.md): null for storage nodes and instances not probed.
+        "acu": p.acu if p.HasField("acu") else None,
+        "min_acu": p.min_acu if p.HasField("min_acu") else None,
+        "max_acu": p.max_acu if p.HasField("max_acu") else None,
+        "serverless": p.serverless if p.HasField("acu") else None,
+        "cpu_pct": round(p.cpu_pct, 1) if p.HasField("cpu_pct") else None,
+        "cpu_share_cores": p.cpu_share_cores if p.HasField("acu") else None,
+        "buffer_pool_pages": p.buffer_pool_pages if p.HasField("acu") else None,
+        "resident_pages": p.resident_pages if p.HasField("acu") else None,
+        "admission_limit": (p.admission_limit or None) if p.HasField("acu") else None,
+        "admission_queued": p.admission_queued if p.HasField("acu") else None,
+        "draining": p.draining if not storage else None,
+        "autopaused": p.autopaused if not storage else None,
+        "last_resume_s": (p.last_resume_s or None) if not storage else None,
     }
 
 
@@ -87,7 +101,55 @@ def state_dict(state) -> dict:
                     "extra_node_ms": dict(state.latency.extra_node_ms)},
         "processes": [process_dict(p) for p in state.processes],
         "postgres": postgres_addresses(state.data_dir),
+        "scaling": _scaling(state),
     }
+
+
+def _scaling(state) -> dict | None:
+    try:
+        return json.loads(state.scaling_json) if state.scaling_json else None
+    except ValueError:
+        return None
+
+
+def capacity_lines(state) -> list[str]:
+    """The instances' capacity (docs/serverless.md) and the autoscaling policy's last
+    decisions, for `status`."""
+    rows = [["INSTANCE", "KIND", "ACU", "MIN..MAX", "CPU / SHARE", "BUFFER POOL", "ADMISSION"]]
+    for p in sorted(state.processes, key=lambda p: (len(p.name), p.name)):   # db2 before db10
+        d = process_dict(p)
+        if p.role == "storage" or d["acu"] is None:
+            continue
+        cpu = f"{d['cpu_pct']:.0f}% of {d['cpu_share_cores']:g} core" if d["cpu_pct"] is not None else "-"
+        limit = d["admission_limit"]
+        admission = (f"{limit} slots, {d['admission_queued']} queued" if limit else "no limit")
+        kind = ("serverless" if d["serverless"] else "provisioned") + (" (draining)" if d["draining"] else "")
+        if d["autopaused"]:
+            rows.append([p.name, "serverless (paused)", "0", f"{d['min_acu']:g}..{d['max_acu']:g}",
+                         "-", "-", "resumes on the next connection"])
+            continue
+        rows.append([p.name, kind, f"{d['acu']:g}", f"{d['min_acu']:g}..{d['max_acu']:g}", cpu,
+                     f"{d['buffer_pool_pages']} pages ({d['resident_pages']} used)", admission])
+    if len(rows) == 1:
+        return []
+    lines = ["", "capacity (1 ACU = 1024 buffer pool pages + 0.25 core, enforced by admission "
+                 "limit; docs/serverless.md):", table(rows)]
+    scaling = _scaling(state) or {}
+    policy = scaling.get("autoscale")
+    if policy:
+        lines.append(f"replica auto scaling: {policy['min']}..{policy['max']} replicas, target CPU "
+                     f"{policy['target_cpu_pct']:g}%, cooldowns {policy['scale_out_cooldown_s']:g}s out / "
+                     f"{policy['scale_in_cooldown_s']:g}s in; now: {scaling.get('autoscale_last') or '-'}")
+    decisions = scaling.get("decisions") or []
+    if decisions:
+        lines.append("last scaling decisions:")
+        for e in decisions[-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(e["unix_time"]))
+            if e.get("instance") == "replicas":
+                lines.append(f"  {when} replicas {e['from_replicas']} -> {e['replicas']}: {e['reason']}")
+            else:
+                lines.append(f"  {when} {e['instance']} {e['from_acu']:g} -> {e['acu']:g} ACU: {e['reason']}")
+    return lines
 
 
 def postgres_addresses(data_dir: str) -> dict | None:
@@ -156,6 +218,7 @@ def format_status(state) -> str:
         lines.append("failover: in progress")
     if state.failovers:
         lines.append(f"failovers: {state.failovers}; last: {state.last_failover}")
+    lines += capacity_lines(state)
     grid = format_segments(state)
     if grid:
         lines += ["", "SCL of each segment (PG x storage node):", grid]
@@ -256,9 +319,15 @@ def cmd_up(args) -> int:
         load_topology(dd, args.replicas)   # refuse a --replicas that contradicts the data dir
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    check_serverless_args(args)
     argv = base_command() + ["--log-level", args.log_level, "control-plane", "--data-dir", dd.root]
     if args.dashboard_read_only:
         argv.append("--dashboard-read-only")
+    if args.serverless:
+        argv.append("--serverless")
+    for flag, attr in SERVERLESS_FLAGS:
+        if getattr(args, attr) is not None:
+            argv += [flag, str(getattr(args, attr))]
     for flag, value in (("--base-port", args.base_port), ("--intra-az-ms", args.intra_az_ms),
                         ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas)):
         if value is not None:
@@ -491,6 +560,48 @@ def cmd_logs(args) -> int:
 # --- Registration -------------------------------------------------------------------------
 
 
+SERVERLESS_FLAGS = (("--min-acu", "min_acu"), ("--max-acu", "max_acu"),
+                    ("--scale-down-delay", "scale_down_delay"),
+                    ("--scale-down-interval", "scale_down_interval"),
+                    ("--pause-after", "pause_after"))
+
+
+def add_serverless_args(p) -> None:
+    """`up --serverless --min-acu A --max-acu B` (docs/serverless.md)."""
+    p.add_argument("--serverless", action="store_true",
+                   help="every instance serverless: capacity scales in place between --min-acu "
+                        "and --max-acu (docs/serverless.md)")
+    p.add_argument("--min-acu", type=float, default=0.5,
+                   help="serverless: lowest capacity, ACUs (0.5..128, steps of 0.5; default 0.5)")
+    p.add_argument("--max-acu", type=float, default=8.0,
+                   help="serverless: highest capacity, ACUs (default 8)")
+    p.add_argument("--scale-down-delay", type=float, default=None, metavar="SECONDS",
+                   help="serverless: load low this long before the first step down (default 15)")
+    p.add_argument("--scale-down-interval", type=float, default=None, metavar="SECONDS",
+                   help="serverless: then one 0.5 ACU step down per interval (default 5)")
+    p.add_argument("--pause-after", type=float, default=None, metavar="SECONDS",
+                   help="serverless with --min-acu 0: stop an instance after this long without "
+                        "a request; the next connection resumes it (default 300)")
+
+
+def check_serverless_args(args) -> None:
+    """Refuse a bad capacity range before anything starts."""
+    if not args.serverless:
+        return
+    from engine.cluster.scaling import CapacityPolicy
+    from engine.instance.capacity import check_acu
+    try:
+        policy = CapacityPolicy(check_acu(args.min_acu, "--min-acu", allow_zero=True),
+                                check_acu(args.max_acu, "--max-acu"),
+                                scale_down_delay_s=15.0 if args.scale_down_delay is None else args.scale_down_delay,
+                                scale_down_interval_s=5.0 if args.scale_down_interval is None
+                                else args.scale_down_interval,
+                                pause_after_s=300.0 if args.pause_after is None else args.pause_after)
+        policy.check()
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
 def register(subparsers) -> None:
     """Add up, down, control-plane and status to `aurora-lite`'s subcommands."""
     from engine.cluster.listen import add_listen_args
@@ -513,6 +624,7 @@ def register(subparsers) -> None:
                         "259200 = 72 h); storage keeps that much history")
     p.add_argument("--dashboard-read-only", action="store_true",
                    help="serve the dashboard without its fault buttons (POSTs refused with 403)")
+    add_serverless_args(p)
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser("down", help="stop the cluster of a data dir")
@@ -530,6 +642,7 @@ def register(subparsers) -> None:
                    help="fail over once the writer's health check has failed this long (default 1.5)")
     p.add_argument("--dashboard-read-only", action="store_true",
                    help="the dashboard's fault buttons are off (its POSTs are refused)")
+    add_serverless_args(p)
     p.set_defaults(func=cmd_control_plane, log_tag="control-plane")
 
     p = subparsers.add_parser("status", help="every process: role, AZ, pid, state, SCL or VDL, lag")

@@ -86,7 +86,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     if args.rows is not None:
         rows = max(1, min(rows, args.rows))   # a run may use fewer rows than were loaded
     cfg = load.LoadConfig(clients=args.clients, duration_s=args.duration, workload=args.workload,
-                          workers=args.workers, warmup_s=args.warmup, seed=args.seed)
+                          workers=args.workers, warmup_s=args.warmup, seed=args.seed,
+                          endpoint=args.endpoint)
     try:
         cfg.check()
     except ValueError as exc:
@@ -135,6 +136,9 @@ def register(verbs) -> None:
     p.add_argument("--warmup", type=float, default=1.0,
                    help="seconds of load before the measured window (default 1)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--endpoint", default="cluster", choices=["cluster", "reader"],
+                   help="where the clients connect (default cluster; reader: with --workload "
+                        "read-only, reads spread over the replicas)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_load)

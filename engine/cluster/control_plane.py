@@ -9,6 +9,8 @@ its own module in engine/cluster/:
 - failover.py: automatic and planned failover by promotion tier, and reconcile;
 - endpoints.py: cluster, reader, instance and custom endpoints;
 - service.py: the Control gRPC service, a thin layer over ``ControlPlane``;
+- serverless.py: the scaling loop: serverless capacity and replica auto scaling
+  (its decisions are scaling.py's pure functions);
 - dashboard.py (and dashboard_page.py): the live web page, its fault buttons and the
   control plane's Prometheus metrics, on its HTTP port;
 - rpc.py: the calls the control plane makes to its processes (health, status, Promote,
@@ -78,6 +80,7 @@ from engine.cluster.launcher import (
 from engine.cluster.pg_proxy import PgForwarder
 from engine.cluster.service import start_server
 from engine.cluster.state import FAILOVER_AFTER_S, ActionError, NotFoundError, PreconditionError
+from engine.cluster.serverless import Scaling
 from engine.cluster.supervision import Supervision
 
 __all__ = ["ControlPlane", "ActionError", "NotFoundError", "PreconditionError", "serve", "main"]
@@ -85,8 +88,9 @@ __all__ = ["ControlPlane", "ActionError", "NotFoundError", "PreconditionError", 
 log = logging.getLogger("aurora_lite.control_plane")
 
 
-class ControlPlane(Supervision, Failover, Endpoints):
-    """Supervisor state and actions (state.py, supervision.py, failover.py, endpoints.py);
+class ControlPlane(Supervision, Failover, Endpoints, Scaling):
+    """Supervisor state and actions (state.py, supervision.py, failover.py, endpoints.py,
+    serverless.py);
     engine/cluster/service.py's ControlService is its service face."""
 
     async def close_channels(self) -> None:
@@ -132,6 +136,8 @@ async def serve(args) -> int:
         topology = load_topology(dd, getattr(args, "replicas", None))
         plan = plan_cluster(dd, base_port=args.base_port, intra_az_ms=args.intra_az_ms,
                             cross_az_ms=args.cross_az_ms, host=args.host, instances=topology.names)
+        if getattr(args, "serverless", False):
+            _make_serverless(topology, args.min_acu, args.max_acu)
     except ValueError as exc:
         log.error("cannot plan the cluster: %s", exc)
         return 1
@@ -141,6 +147,9 @@ async def serve(args) -> int:
     cp = ControlPlane(dd, plan, topology, host=args.host, log_level=args.log_level,
                       failover_after_s=getattr(args, "failover_after_s", None) or FAILOVER_AFTER_S,
                       transport=GrpcTransport("control"))
+    cp.init_scaling(scale_down_delay_s=getattr(args, "scale_down_delay", None),
+                    scale_down_interval_s=getattr(args, "scale_down_interval", None),
+                    pause_after_s=getattr(args, "pause_after", None))
     log.info("instances: %s; writer %s", ", ".join(
         f"{i.name} ({i.az}, tier {i.tier})" for i in topology.instances), topology.writer)
 
@@ -188,8 +197,9 @@ async def serve(args) -> int:
     watchdog = loop.create_task(cp.watch_writer())
     reconciler = loop.create_task(cp.reconcile())
     boot = loop.create_task(cp.boot())
+    scaler = loop.create_task(cp.scale())
     await cp.stopped.wait()
-    for task in (boot, supervisor, watchdog, reconciler):
+    for task in (boot, supervisor, watchdog, reconciler, scaler):
         task.cancel()
     for forwarder in forwarders:
         forwarder.close()
@@ -206,6 +216,18 @@ async def serve(args) -> int:
     os.close(lock_fd)
     log.info("control plane stopped")
     return 0
+
+
+def _make_serverless(topology, min_acu: float, max_acu: float) -> None:
+    """`up --serverless --min-acu A --max-acu B`: every instance serverless in A..B
+    (docs/serverless.md); raises ValueError on a bad range."""
+    from engine.cluster.scaling import CapacityPolicy
+    from engine.instance.capacity import check_acu
+    min_acu = check_acu(min_acu, "--min-acu", allow_zero=True)
+    max_acu = check_acu(max_acu, "--max-acu")
+    CapacityPolicy(min_acu, max_acu).check()
+    for spec in topology.instances:
+        spec.min_acu, spec.max_acu = min_acu, max_acu
 
 
 def main(args) -> int:

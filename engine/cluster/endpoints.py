@@ -39,7 +39,8 @@ class Endpoints(ClusterState):
         if kind == "cluster" and not name:
             targets = [writer]
         elif kind == "reader" and not name:
-            targets = [p for p in self.replicas if p.state == "up" and p.alive] or [writer]
+            targets = [p for p in self.replicas if p.state == "up" and p.alive
+                       and not p.draining] or [writer]
             targets.sort(key=lambda p: p.name)
         elif kind == "instance" and name:
             targets = [self.get_instance(name)]

@@ -26,11 +26,11 @@ process that runs gRPC (docs/decisions.md, design choice D6). Every process of a
 in its command line, which is how a pid read from control.json is told apart from an
 unrelated process that reused the pid.
 
-Port plan with ``--base-port N``: control plane N, db1 N+1 (db2.. N+2..), sn1..sn6
-N+11..N+16; their HTTP ports (Prometheus ``/metrics``, engine/metrics.py) 20 higher: the
-control plane's dashboard and metrics N+20, db1 N+21.., sn1..sn6 N+31..N+36; PostgreSQL
-(docs/postgres.md): the cluster endpoint N+40, the reader endpoint N+41, db1 N+42 (db2..
-N+43..). Without it: each process keeps the previous run's ports if they are still free,
+Port plan with ``--base-port N``: control plane N, db1 N+1 (db2..db10 N+2..N+10,
+db11..db16 N+60..N+65), sn1..sn6 N+11..N+16; their HTTP ports (Prometheus ``/metrics``,
+engine/metrics.py) 20 higher: the control plane's dashboard and metrics N+20, db1 N+21..,
+sn1..sn6 N+31..N+36, db11.. N+80..; PostgreSQL (docs/postgres.md): the cluster endpoint
+N+40, the reader endpoint N+41, db1 N+42 (db2.. N+43.., db16 N+57). Without it: each process keeps the previous run's ports if they are still free,
 else gets free ports (engine/cluster/ports.py). A replica added later (`replica add`) gets
 free ports.
 
@@ -70,13 +70,26 @@ METRICS_PORT_OFFSET = 20      # each process's HTTP port: its port + 20 (control
 CONTROL_NAME = "control-plane"  # the control plane's key in Plan.metrics_ports
 PG_CLUSTER_PORT_OFFSET = 40   # PostgreSQL: the cluster endpoint's listener (control plane)
 PG_READER_PORT_OFFSET = 41    # PostgreSQL: the reader endpoint's listener (control plane)
-PG_INSTANCE_PORT_OFFSET = 42  # PostgreSQL: db1 -> base+42, ..., db10 -> base+51
+PG_INSTANCE_PORT_OFFSET = 42  # PostgreSQL: db1 -> base+42, ..., db16 -> base+57
+HIGH_INSTANCE_PORT_OFFSET = 60   # db11..db16 -> base+60..base+65 (db1..db10 sit below sn1)
+LOW_INSTANCES = STORAGE_PORT_OFFSET - INSTANCE_PORT_OFFSET   # db1..db10 at base+1..base+10
 
 DEFAULT_REPLICAS = 1          # `up` without --replicas on a new data dir
-MAX_INSTANCES = STORAGE_PORT_OFFSET - INSTANCE_PORT_OFFSET   # db1..db10 fit the port plan
-MAX_REPLICAS = MAX_INSTANCES - 1
+MAX_REPLICAS = 15             # Aurora's promise: up to 15 read replicas
+MAX_INSTANCES = MAX_REPLICAS + 1
 TIER_MAX = 15                 # promotion tiers 0..15 (Aurora's range); lower wins
-assert MAX_REPLICAS == 9 and INSTANCE_PORT_OFFSET + MAX_INSTANCES <= STORAGE_PORT_OFFSET
+assert INSTANCE_PORT_OFFSET + LOW_INSTANCES <= STORAGE_PORT_OFFSET
+assert PG_INSTANCE_PORT_OFFSET + MAX_INSTANCES <= HIGH_INSTANCE_PORT_OFFSET
+assert (HIGH_INSTANCE_PORT_OFFSET + MAX_INSTANCES - LOW_INSTANCES + METRICS_PORT_OFFSET
+        <= 100), "the --base-port plan fits in 100 ports"
+PLAN_SPAN = HIGH_INSTANCE_PORT_OFFSET + MAX_INSTANCES - LOW_INSTANCES + METRICS_PORT_OFFSET
+
+
+def instance_port_offset(number: int) -> int:
+    """dbN's port above --base-port: N for db1..db10, 60 + (N - 11) for db11..db16."""
+    if number <= LOW_INSTANCES:
+        return INSTANCE_PORT_OFFSET + number - 1
+    return HIGH_INSTANCE_PORT_OFFSET + number - LOW_INSTANCES - 1
 
 STOP_GRACE_S = 5.0
 
@@ -132,6 +145,8 @@ class InstanceSpec:
     name: str
     az: str
     tier: int
+    min_acu: float | None = None   # serverless (docs/serverless.md): its capacity range;
+    max_acu: float | None = None   # None: provisioned (a fixed buffer pool)
 
     def __post_init__(self) -> None:
         assert 0 <= self.tier <= TIER_MAX, f"tier {self.tier} outside 0..{TIER_MAX}"
@@ -156,6 +171,8 @@ class Topology:
     writer: str
     instances: list[InstanceSpec]
     endpoints: dict[str, list[str]] = field(default_factory=dict)   # custom endpoint -> members
+    autoscale: dict | None = None   # replica autoscaling policy (engine/cluster/scaling.py)
+    autoscaled: list[str] = field(default_factory=list)   # replicas the policy added
 
     @classmethod
     def initial(cls, replicas: int = DEFAULT_REPLICAS) -> "Topology":
@@ -168,9 +185,11 @@ class Topology:
         data = read_json(dd.topology_json)
         if not data:
             return None
-        topo = cls(data["writer"], [InstanceSpec(i["name"], i["az"], int(i["tier"]))
+        topo = cls(data["writer"], [InstanceSpec(i["name"], i["az"], int(i["tier"]),
+                                                 i.get("min_acu"), i.get("max_acu"))
                                     for i in data["instances"]],
-                   {k: list(v) for k, v in data.get("endpoints", {}).items()})
+                   {k: list(v) for k, v in data.get("endpoints", {}).items()},
+                   data.get("autoscale"), list(data.get("autoscaled", [])))
         topo.check()
         return topo
 
@@ -178,8 +197,12 @@ class Topology:
         self.check()
         write_json_atomic(dd.topology_json, {
             "writer": self.writer,
-            "instances": [{"name": i.name, "az": i.az, "tier": i.tier} for i in self.instances],
-            "endpoints": self.endpoints})
+            "instances": [{"name": i.name, "az": i.az, "tier": i.tier,
+                           **({"min_acu": i.min_acu, "max_acu": i.max_acu}
+                              if i.min_acu is not None else {})} for i in self.instances],
+            "endpoints": self.endpoints,
+            **({"autoscale": self.autoscale} if self.autoscale else {}),
+            **({"autoscaled": self.autoscaled} if self.autoscaled else {})})
 
     def check(self) -> None:
         names = self.names
@@ -288,10 +311,10 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
     names = [n for n, _ in STORAGE_NODES]
     inst_names = instances if instances is not None else (Topology.load(dd) or Topology.initial()).names
     if base_port is not None:
-        if not 1024 <= base_port <= 65535 - PG_INSTANCE_PORT_OFFSET - MAX_INSTANCES:
+        if not 1024 <= base_port <= 65535 - PLAN_SPAN:
             raise ValueError(f"--base-port {base_port} is out of range")
         sn_ports = {n: base_port + STORAGE_PORT_OFFSET + i for i, n in enumerate(names)}
-        inst_ports = {n: base_port + INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}
+        inst_ports = {n: base_port + instance_port_offset(instance_number(n)) for n in inst_names}
         control_port = base_port + CONTROL_PORT_OFFSET
         metrics_ports = {name: port + METRICS_PORT_OFFSET for name, port in
                          [(CONTROL_NAME, control_port), *sn_ports.items(), *inst_ports.items()]}

@@ -3,7 +3,8 @@ in the control plane that opens channels to storage nodes and instances.
 
 Every call the supervisor, the failover logic and `status` make to another process goes
 through ``ProcessRpc``, over the transport seam (engine/transport): health checks, a
-storage node's NodeStatus, an instance's Status, and InstanceAdmin's Promote and Follow.
+storage node's NodeStatus, an instance's Status, and InstanceAdmin's Promote, Follow
+and SetCapacity.
 A failed call raises ``engine.errors.RpcError`` (its status and detail), so the modules
 that decide what to do (engine/cluster/failover.py, state.py, supervision.py) never touch
 a transport library's object. One channel per process name, reused across calls and
@@ -57,6 +58,12 @@ class ProcessRpc:
         """InstanceAdmin.Follow: the instance becomes (or stays) a replica of writer_address."""
         await self._channel(name, address).stub(INSTANCE_ADMIN).Follow(
             database_pb2.FollowRequest(writer_address=writer_address), timeout_s=timeout_s)
+
+    async def set_capacity(self, name: str, address: str, acu: float, timeout_s: float):
+        """InstanceAdmin.SetCapacity: the instance resizes its buffer pool and admission
+        limit in place (docs/serverless.md). Returns the SetCapacityReply."""
+        return await self._channel(name, address).stub(INSTANCE_ADMIN).SetCapacity(
+            database_pb2.SetCapacityRequest(acu=acu), timeout_s=timeout_s)
 
     async def close(self, name: str) -> None:
         channel = self._channels.pop(name, None)

@@ -52,10 +52,10 @@ class ControlService:
             raise RpcError("INVALID_ARGUMENT", str(exc))
         return pb.NetworkReply(message=message, latency=self.cp.latency_message())
 
-    async def _call(self, context, fn, *args):
+    async def _call(self, context, fn, *args, **kwargs):
         """Run an action; its refusals become the documented gRPC codes."""
         try:
-            result = fn(*args)
+            result = fn(*args, **kwargs)
             if asyncio.iscoroutine(result):
                 result = await result
             return result
@@ -71,7 +71,10 @@ class ControlService:
 
     async def AddReplica(self, request, context):
         tier = request.tier if request.HasField("tier") else None
-        name, message = await self._call(context, self.cp.add_replica, tier, request.az, request.wait_s)
+        acus = ({"min_acu": request.min_acu, "max_acu": request.max_acu}
+                if request.serverless else {})
+        name, message = await self._call(context, self.cp.add_replica, tier, request.az,
+                                         request.wait_s, **acus)
         state = await self.cp.collect(probes=False)
         return pb.ActionReply(message=message, processes=[s for s in state.processes if s.name == name])
 
@@ -80,6 +83,8 @@ class ControlService:
         return pb.ActionReply(message=message)
 
     async def ResolveEndpoint(self, request, context):
+        # A connection resumes an auto-paused instance first (docs/serverless.md).
+        await self.cp.resume_for(request.endpoint or "cluster")
         return await self._call(context, self.cp.resolve, request.endpoint or "cluster")
 
     async def CreateEndpoint(self, request, context):
@@ -90,6 +95,20 @@ class ControlService:
 
     async def ListEndpoints(self, request, context):
         return await self._call(context, self.cp.list_endpoints)
+
+    async def SetCapacityRange(self, request, context):
+        message = await self._call(context, self.cp.set_capacity_range, request.name,
+                                   request.min_acu, request.max_acu)
+        return pb.ActionReply(message=message)
+
+    async def ReplicaAutoscale(self, request, context):
+        policy = None
+        if not request.off:
+            from engine.cluster.scaling import AutoscalePolicy
+            policy = AutoscalePolicy(request.min_replicas, request.max_replicas,
+                                     request.target_cpu_pct, request.scale_out_cooldown_s,
+                                     request.scale_in_cooldown_s)
+        return pb.ActionReply(message=await self._call(context, self.cp.set_autoscale, policy))
 
     async def Shutdown(self, request, context):
         if self.cp.stopping:

@@ -79,6 +79,9 @@ class Managed:
     starts: int = 0
     intentional: bool = False      # its next exit was asked for (kill/stop/shutdown)
     probing: bool = False
+    draining: bool = False         # replicas: chosen for scale-in, out of the endpoints
+    autopaused: bool = False       # serverless, min 0 ACU: stopped while idle (serverless.py)
+    last_resume_s: float = 0.0     # how long its last resume took (launch to serving)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -160,7 +163,8 @@ class ClusterState:
         if endpoint == "cluster":
             chosen = [writer]
         else:
-            chosen = [p for p in self.replicas if p.state == "up" and p.alive] or [writer]
+            chosen = [p for p in self.replicas if p.state == "up" and p.alive
+                      and not p.draining] or [writer]
         return [(self.host, p.pg_port) for p in chosen if p.pg_port]
 
     def _spawn_task(self, coro) -> asyncio.Task:
@@ -192,6 +196,14 @@ class ClusterState:
     def on_writer_down(self, p: Managed, reason: str) -> None:
         """The writer is gone or silent: engine/cluster/failover.py decides what follows."""
         raise NotImplementedError
+
+    def capacity_view(self, name: str, report: dict | None) -> dict:
+        """An instance's ACU, range and load for `status` (engine/cluster/serverless.py)."""
+        return {}
+
+    def scaling_report(self) -> dict:
+        """The autoscaling policy and the last decisions (engine/cluster/serverless.py)."""
+        return {}
 
     # --- Bookkeeping --------------------------------------------------------------------
 
@@ -258,7 +270,8 @@ class ClusterState:
             name=p.name, role=p.role, az=p.az, address=p.address, pid=p.pid, state=p.state,
             up=p.state == "up", exit_reason=p.exit_reason if p.state == "down" else "",
             uptime_s=round(time.monotonic() - p.started_at, 1) if p.alive else 0.0,
-            starts=p.starts, log=p.log_path, tier=p.tier, metrics=self.metrics_url(p))
+            starts=p.starts, log=p.log_path, tier=p.tier, metrics=self.metrics_url(p),
+            draining=p.draining, autopaused=p.autopaused, last_resume_s=p.last_resume_s)
 
     def latency_message(self) -> pb.Latency:
         lat = self.config.latency
@@ -271,6 +284,11 @@ class ClusterState:
             live = [p for p in self.procs.values() if p.state == "up"]
             await asyncio.gather(*(self._probe(p, states[p.name], probe_timeout_s) for p in live))
             self._fill_lag(states)
+        for p in self.procs.values():
+            if p.autopaused:   # serverless at 0 ACU: stopped until a connection resumes it
+                for key, value in self.capacity_view(p.name, None).items():
+                    if key in ("acu", "min_acu", "max_acu", "serverless"):
+                        setattr(states[p.name], key, value)
         return pb.ClusterState(
             data_dir=self.dd.root, control_address=self.address, control_pid=os.getpid(),
             cluster_endpoint=self.procs[self.writer].address, writer=self.writer,
@@ -280,7 +298,7 @@ class ClusterState:
             failovers=self.failovers, failing_over=self.failing_over,
             last_failover=self.last_failover, dashboard=self.dashboard_url,
             control_metrics=http_url(self.host, self.dashboard_port, "/metrics"),
-            restarts=self.restarts)
+            restarts=self.restarts, scaling_json=json.dumps(self.scaling_report()))
 
     async def _probe(self, p: Managed, state: pb.ProcessState, timeout_s: float) -> None:
         try:
@@ -302,6 +320,12 @@ class ClusterState:
                     status = json.loads(reply.json)
                     driver = status.get("driver", {})
                     state.waiting_commits = int(driver.get("waiting_commits", 0))
+                    view = self.capacity_view(p.name, status.get("capacity"))
+                    for key in ("acu", "min_acu", "max_acu", "cpu_pct", "cpu_share_cores",
+                                "buffer_pool_pages", "resident_pages", "admission_limit",
+                                "admission_queued", "serverless"):
+                        if key in view:
+                            setattr(state, key, view[key])
                     replica = status.get("replica")
                     if replica:   # lag as the replica measures it (engine/instance/replica.py)
                         state.following = str(replica.get("writer_address", ""))

@@ -62,12 +62,17 @@ class Supervision(ClusterState):
                 "--peers", ",".join(peers), "--cluster-config", self.dd.cluster_json]
         common = ["--cluster", self.dd.cluster_json, "--instance", p.name, "--az", p.az,
                   *listen_argv(self.host), "--port", p.port, "--pg-port", str(p.pg_port)]
+        spec = self.topology.get(p.name)
+        if spec is not None and spec.min_acu is not None:
+            # Serverless: it starts at its minimum (a paused minimum of 0 starts at 0.5).
+            common += ["--acu", f"{max(spec.min_acu, 0.5):g}"]
         if p.role == "writer":
             return self.base_argv + ["writer", *common]
         return self.base_argv + ["replica", "--writer", self.procs[self.writer].address, *common]
 
     def launch(self, p: Managed) -> None:
         assert not p.alive, f"{p.name} is already running"
+        p.autopaused = False
         p.popen = spawn(self._argv(p), p.log_path)
         p.state = "starting"
         p.exit_reason = ""
@@ -146,8 +151,9 @@ class Supervision(ClusterState):
             log.info("%s (pid %d) %s", p.name, pid, p.exit_reason)
         else:
             log.warning("%s (pid %d) %s unexpectedly; see %s", p.name, pid, p.exit_reason, p.log_path)
-        # Killed on purpose or not, a writer that is gone is a writer to replace.
-        if p.name == self.writer and not self.stopping:
+        # Killed on purpose or not, a writer that is gone is a writer to replace; one
+        # auto-paused (serverless, min 0 ACU) comes back on the next connection instead.
+        if p.name == self.writer and not self.stopping and not p.autopaused:
             self.on_writer_down(p, f"{p.name} {p.exit_reason}")
 
     async def _probe_health(self, p: Managed) -> None:
@@ -315,11 +321,19 @@ class Supervision(ClusterState):
 
     # --- Replicas added and removed at run time -----------------------------------------
 
-    async def add_replica(self, tier: int | None, az: str, wait_s: float) -> tuple[str, str]:
-        """`replica add`: a new instance following the writer; waits until it serves."""
+    async def add_replica(self, tier: int | None, az: str, wait_s: float,
+                          min_acu: float | None = None, max_acu: float | None = None) -> tuple[str, str]:
+        """`replica add`: a new instance following the writer; waits until it serves.
+        With min_acu/max_acu it is serverless (docs/serverless.md)."""
         self._check_running()
         try:
             spec = self.topology.next_instance(tier, az or None)
+            if min_acu is not None:
+                from engine.cluster.scaling import CapacityPolicy
+                from engine.instance.capacity import check_acu
+                spec.min_acu = check_acu(min_acu, "--min-acu", allow_zero=True)
+                spec.max_acu = check_acu(max_acu, "--max-acu")
+                CapacityPolicy(spec.min_acu, spec.max_acu).check()
         except ValueError as exc:
             raise ActionError(str(exc)) from None
         port, metrics_port = free_ports(2, self.host)

@@ -36,6 +36,13 @@ Capacity (``capacity_pages``) is a bound with two documented exceptions:
 
 ``overshoot_max`` records the worst overshoot seen.
 
+Online resize (``resize``, serverless capacity, docs/serverless.md): growing only raises
+the bound. Shrinking lowers it and evicts at once what the rules allow (``trim``: clean,
+unpinned pages, LRU first; invariant 7 is checked in ``_evict``); dirty or pinned pages
+stay resident above the new bound, as in the overshoot rules above, and go on later trims
+once VDL passes them and their pins are released. Nothing waits and nothing is dropped
+that storage could not serve back.
+
 Pins: a running commit pins every page it will change between planning and applying the
 MTR (engine/db/mtr.py), so those pages cannot be evicted and reloaded in between. The META
 page is pinned for the database's lifetime. Readers do not pin: they re-check after every
@@ -73,6 +80,7 @@ class BufferPool:
         self.evictions = 0                      # pages dropped to make room
         self.vdl_waits = 0                      # misses that waited for VDL to evict
         self.overshoot_max = 0                  # most pages ever resident above capacity
+        self.resizes = 0                        # resize() calls (serverless capacity changes)
         self.on_evict = None                    # optional callback(page_id) after an eviction
                                                 # (engine/baseline/mirrored.py: MySQL's LRU flush)
 
@@ -100,8 +108,20 @@ class BufferPool:
             "capacity_pages": self.capacity_pages, "resident_pages": len(self._frames),
             "pinned_pages": len(self._pins), "hits": self.hits, "misses": self.misses,
             "evictions": self.evictions, "vdl_waits": self.vdl_waits,
-            "overshoot_max": self.overshoot_max,
+            "overshoot_max": self.overshoot_max, "resizes": self.resizes,
         }
+
+    # --- Online resize ---------------------------------------------------------------------
+
+    def resize(self, capacity_pages: int) -> int:
+        """Change the capacity in place (see the module doc); returns the pages evicted now."""
+        if capacity_pages < CAPACITY_MIN_PAGES:
+            raise ValueError(f"capacity_pages must be >= {CAPACITY_MIN_PAGES}, got {capacity_pages}")
+        before = self.evictions
+        self.capacity_pages = capacity_pages
+        self.resizes += 1
+        self.trim()
+        return self.evictions - before
 
     # --- Pins ------------------------------------------------------------------------------
 

@@ -26,6 +26,16 @@ def collector(inst):
         yield gauge("aurora_instance_is_writer", "1 while this instance is the writer", int(role == "writer"), base)
         yield gauge("aurora_vdl", "Volume durable LSN as this instance knows it (LSN)", inst.vdl, base)
         yield gauge("aurora_volume_epoch", "Volume epoch of the instance's storage driver", inst.epoch, base)
+        # Capacity (engine/instance/capacity.py): the instance's own view of its ACU.
+        yield gauge("aurora_capacity_acu", "Capacity of the instance now (ACU; provisioned: fixed)",
+                    inst.acu, base)
+        yield gauge("aurora_buffer_pool_capacity_pages", "Buffer pool capacity (8 KiB pages)",
+                    inst.pool_pages, base)
+        admission = inst.admission
+        yield gauge("aurora_admission_limit", "Concurrent Database requests allowed (0: unlimited)",
+                    admission.limit or 0, base)
+        yield gauge("aurora_admission_queued", "Database requests waiting for an admission slot",
+                    admission.queued, base)
         driver = inst.driver
         if driver is not None and inst.replica is None:
             tracker = driver.tracker

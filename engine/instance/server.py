@@ -36,6 +36,7 @@ from engine.format.cluster_config import ClusterConfig
 from engine.db.database import Database
 from engine.writer.recovery import RecoveryError, recover
 from engine.instance.replica import Replica
+from engine.instance import capacity as cap
 from engine.pg.sql import Backend
 from engine.instance.replication import ReplicationHub, ReplicationService
 from engine.writer.storage_driver import StorageDriver
@@ -105,6 +106,9 @@ def _timeout(ms: int) -> float | None:
 
 
 RPC_NAMES = ("Get", "Put", "Delete", "Scan", "Begin", "Commit", "Abort", "Status")
+# The requests that take an admission slot (engine/instance/capacity.py): the work a
+# capacity unit's CPU share limits. Status and Abort never wait.
+ADMITTED_RPCS = ("Get", "Put", "Delete", "Scan", "Begin", "Commit")
 
 
 class DatabaseService:
@@ -118,6 +122,18 @@ class DatabaseService:
         self._ids = itertools.count(1)
         self.started_at = time.time()
         self.rpcs = dict.fromkeys(RPC_NAMES, 0)            # calls served, per method (Status)
+        for name in ADMITTED_RPCS:
+            setattr(self, name, self._admitted(getattr(self, name)))
+
+    def _admitted(self, handler):
+        """``handler`` run inside one of the instance's admission slots (its CPU share)."""
+        admission = self.inst.admission
+
+        async def run(request, context):
+            async with admission.slot():
+                return await handler(request, context)
+        run.__name__ = handler.__name__
+        return run
 
     def _txn(self, txn_id: int):
         entry = self.txns.get(txn_id)
@@ -350,6 +366,21 @@ class Instance:
         self._lock = asyncio.Lock()
         self.pg_backend = Backend(self.database, lambda: self.role != "writer")
         self.pg_port = 0
+        # Capacity (engine/instance/capacity.py, docs/serverless.md): a serverless instance
+        # (--acu) sizes its buffer pool and admission limit from its ACU and changes them in
+        # place on SetCapacity; a provisioned one has --buffer-pool-pages and no limit.
+        acu = getattr(args, "acu", None)
+        self.serverless = acu is not None
+        if self.serverless:
+            self.acu = cap.check_acu(acu, "--acu")
+            self.pool_pages = cap.buffer_pool_pages(self.acu)
+            self.admission = cap.Admission(cap.admission_slots(self.acu))
+        else:
+            self.pool_pages = args.buffer_pool_pages
+            self.acu = cap.acu_of_pages(self.pool_pages)
+            self.admission = cap.Admission(None)
+        self.cpu_enforcement, self.cpu_enforcement_why = cap.cpu_enforcement()
+        self.capacity_changes = 0
 
     @property
     def role(self) -> str:
@@ -387,7 +418,7 @@ class Instance:
         driver = self._new_driver()
         await driver.start()
         self.recovery = await recover_until_open(driver)
-        db = Database(driver, buffer_pool_pages=self.args.buffer_pool_pages)
+        db = Database(driver, buffer_pool_pages=self.pool_pages)
         if self.recovery.vdl == 0:
             await db.bootstrap()
         else:
@@ -408,7 +439,7 @@ class Instance:
         driver = self._new_driver()
         await driver.start()
         self.driver = driver
-        self.replica = Replica(driver, writer_address, self.name, self.args.buffer_pool_pages)
+        self.replica = Replica(driver, writer_address, self.name, self.pool_pages)
         self.replica.start()
 
     async def promote(self):
@@ -510,8 +541,61 @@ class Instance:
             self.replica = None
         await self._stop_writer()
 
+    # --- Capacity (serverless, docs/serverless.md) -------------------------------------------
+
+    def set_capacity(self, acu: float) -> dict:
+        """Change this instance's capacity in place: the buffer pool grows or shrinks
+        (shrinking evicts only clean, unpinned pages: invariant 7), the admission limit
+        follows; no restart, no connection dropped, no request refused."""
+        acu = cap.check_acu(acu, "ACU")
+        if not self.serverless:
+            raise errors.DatabaseError(f"{self.name} is provisioned (--buffer-pool-pages), not serverless")
+        before = self.acu
+        self.acu = acu
+        self.pool_pages = cap.buffer_pool_pages(acu)
+        evicted = 0
+        db = self._current_db()
+        if db is not None:
+            evicted = db.pool.resize(self.pool_pages)
+        if self.replica is not None:
+            self.replica.buffer_pool_pages = self.pool_pages   # a resync's new cache too
+        self.admission.set_limit(cap.admission_slots(acu))
+        if acu != before:
+            self.capacity_changes += 1
+            log.info("capacity of %s: %g -> %g ACU (buffer pool %d pages, %d evicted; "
+                     "admission limit %d)", self.name, before, acu, self.pool_pages, evicted,
+                     self.admission.limit)
+        return {"acu": acu, "previous_acu": before, "buffer_pool_pages": self.pool_pages,
+                "evicted_pages": evicted, "admission_limit": self.admission.limit,
+                "resident_pages": len(db.pool) if db is not None else 0}
+
+    def _current_db(self) -> Database | None:
+        if self.replica is not None:
+            return self.replica.db
+        return self.db
+
+    def capacity_status(self) -> dict:
+        """What the scaling loop reads (engine/cluster/scaling.py) and `status` shows."""
+        db = self._current_db()
+        pool = db.pool if db is not None else None
+        return {
+            "serverless": self.serverless, "acu": self.acu,
+            "buffer_pool_pages": self.pool_pages,
+            "resident_pages": len(pool) if pool is not None else 0,
+            "pool_hits": pool.hits if pool is not None else 0,
+            "pool_misses": pool.misses if pool is not None else 0,
+            "cpu_share_cores": cap.cpu_share_cores(self.acu),
+            "cpu_seconds": round(cap.cpu_seconds(), 6),
+            "monotonic_s": round(time.monotonic(), 6),
+            "cpu_enforcement": self.cpu_enforcement,
+            "cpu_enforcement_why": self.cpu_enforcement_why,
+            "admission": self.admission.stats(),
+            "changes": self.capacity_changes,
+        }
+
     def status(self) -> dict:
-        state = {"role": self.role, "volume": self.config.volume}
+        state = {"role": self.role, "volume": self.config.volume,
+                 "capacity": self.capacity_status()}
         if self.pg_port:
             state["postgres"] = {"port": self.pg_port, **self.pg_backend.counters,
                                  **self.pg_backend.locks.counters,
@@ -548,6 +632,14 @@ class InstanceAdminService:
         try:
             await self.inst.follow(request.writer_address)
             return pb.FollowReply()
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def SetCapacity(self, request, context):
+        try:
+            return pb.SetCapacityReply(**self.inst.set_capacity(request.acu))
+        except ValueError as exc:
+            await abort_with(context, errors.DatabaseError(str(exc)))
         except Exception as exc:
             await abort_with(context, exc)
 
