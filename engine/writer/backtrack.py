@@ -90,6 +90,24 @@ def hidden(lsn: int, truncs) -> bool:
     # END LAB 6
 
 
+def cut_timeline(truncs, target: int, *, epoch: int, every_set, vdl: int, lal: int,
+                 max_lsn: int, next_lsn: int) -> tuple[int, int, tuple]:
+    """A backtrack's new truncation set, no I/O (invariants 5, 10; docs/clones.md,
+    "Timelines"): the timeline ``truncs`` the target commit belongs to, cut at ``target``:
+    its ranges that end below the target, plus (target, end, new_epoch), where ``end`` is
+    past every LSN ever allocated (VDL + LAL, every range end of ``every_set`` (the history's
+    sets and the current one) + LAL, the highest LSN stored, the allocator's next LSN) and
+    new_epoch is ``epoch`` + 1. Returns (new_epoch, end, the set sorted by (epoch, start))."""
+    # BEGIN LAB 6: the new set: the target's timeline cut at target, plus (target, end, new_epoch) with end past every LSN ever allocated
+    ends = [e for ranges in every_set for _s, e, _ep in ranges]
+    end = max([vdl + lal, max_lsn, next_lsn] + [e + lal for e in ends])
+    new_epoch = epoch + 1
+    new_set = tuple(sorted({t for t in truncs if t[1] < target} | {(target, end, new_epoch)},
+                           key=lambda t: (t[2], t[0])))
+    return new_epoch, end, new_set
+    # END LAB 6
+
+
 class CommitClock:
     """(timestamp_us, commit LSN) of this writer's own commits, for the retention floor
     without a storage round trip; thinned to one sample per 10 ms."""
@@ -356,14 +374,10 @@ class TimeTravel:
                 if s.volume == volume:
                     epoch = max(epoch, s.volume_epoch)
                     max_lsn = max(max_lsn, s.max_lsn)
-        # BEGIN LAB 6: the new set: the target's timeline cut at target, plus (target, end, new_epoch) with end past every LSN ever allocated
-        ends = [e for h in self.history for _s, e, _ep in h[3]] + [e for _s, e, _ep in driver.truncations]
-        end = max([driver.vdl + driver.lal, max_lsn, driver.allocator.next_lsn]
-                  + [e + driver.lal for e in ends])
-        new_epoch = epoch + 1
-        new_set = tuple(sorted({t for t in truncs if t[1] < target} | {(target, end, new_epoch)},
-                               key=lambda t: (t[2], t[0])))
-        # END LAB 6
+        new_epoch, end, new_set = cut_timeline(
+            truncs, target, epoch=epoch,
+            every_set=[h[3] for h in self.history] + [tuple(driver.truncations)],
+            vdl=driver.vdl, lal=driver.lal, max_lsn=max_lsn, next_lsn=driver.allocator.next_lsn)
         now_us = time.time_ns() // 1000
         async def one_pg(pg):
             return pg, await self._each_node(lambda stub: stub.Truncate(
