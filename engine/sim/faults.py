@@ -35,7 +35,7 @@ import os
 
 from engine import hooks
 from engine.errors import RpcError
-from engine.sim.episodes import TIMELINE_KINDS, TIMELINE_P
+from engine.sim.episodes import TIMELINE_KINDS, TIMELINE_P  # noqa: F401 - TIMELINE_KINDS re-exported
 
 log = logging.getLogger(__name__)
 
