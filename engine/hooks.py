@@ -49,9 +49,9 @@ read from the environment of the process that has the code::
                                     replica            it arrives, also above the VDL it was
                                                        told (invariant 11)
     AURORA_BUG_BACKTRACK_CUT_SHORT=1 engine/writer/    a backtrack's new truncation range
-                                    backtrack          starts one LSN below its target, so
-                                                       the target commit itself, acknowledged
-                                                       before the point, is hidden (invariant 5)
+                                    backtrack          starts at the commit before its target,
+                                                       so the target's transaction,
+                                                       acknowledged at the point, is hidden
 
 **In-process state** (``install_state``): the deterministic simulator (engine/sim/) runs
 every process in one Python process, so it hands the slow-disk rules and the SCL log
@@ -207,7 +207,7 @@ def replica_above_vdl() -> bool:
 
 
 def backtrack_cut_short() -> bool:
-    """PLANTED BUG switch (test only): a backtrack hides its own target commit."""
+    """PLANTED BUG switch (test only): a backtrack hides its own target's transaction."""
     return os.environ.get(BACKTRACK_CUT_SHORT_ENV, "") not in ("", "0")
 
 

@@ -55,6 +55,7 @@ Checks (each returns violation strings; empty: green):
 from __future__ import annotations
 
 import types
+import bisect
 from dataclasses import dataclass, field
 
 from engine.chaos import checkers
@@ -63,7 +64,8 @@ from engine.chaos.checkers import INITIAL, _possible
 
 @dataclass
 class Timeline:
-    hidden: tuple = ()                 # ((start, end), ...): (start, end] hidden
+    hidden: tuple = ()                 # ((start, end, asked_s), ...): (start, end] hidden by
+                                       # the backtrack asked at virtual time asked_s
     bound: int | None = None           # highest LSN it may show; None: current, open
     began_s: float = 0.0               # virtual time the backtrack that made it was asked
     ended_s: float | None = None       # virtual time the next one was answered
@@ -71,7 +73,7 @@ class Timeline:
     def shows(self, lsn: int) -> bool:
         if self.bound is not None and lsn > self.bound:
             return False
-        return not any(s < lsn <= e for s, e in self.hidden)
+        return not any(s < lsn <= e for s, e, _t in self.hidden)
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Timelines:
         self.backtracks: list[Backtrack] = []
         self.clones: list[Clone] = []
         self.ambiguous: set[int] = set()      # id() of ops that may be on either side
+        self._acked_by_t1 = None              # (t1s, running max LSN): _lsn_floor, at judging
         self.violations: list[str] = []
 
     @property
@@ -170,25 +173,55 @@ class Timelines:
                                    f"point are gone")
         end_lo = max([bt.target] + [o.lsn for o in self._ops()
                                     if o.outcome == "ok" and o.t1 <= bt.t0]
-                     + [e for tl in self.lines for _s, e in tl.hidden]
+                     + [e for tl in self.lines for _s, e, _t in tl.hidden]
                      + [tl.bound for tl in self.lines if tl.bound is not None])
         cur = self.current
         cur.bound, cur.ended_s = end_lo, bt.t1
-        hidden = tuple(r for r in chosen.hidden if r[1] < bt.target) + ((bt.target, end_lo),)
+        hidden = tuple(r for r in chosen.hidden if r[1] < bt.target) + ((bt.target, end_lo, bt.t0),)
         self.lines.append(Timeline(hidden=hidden, began_s=bt.t0))
 
     # -- judging ------------------------------------------------------------------------
 
-    def bank_on(self, tl: Timeline, read_point: int, at_s: float, also=()) -> tuple[dict, list]:
+    def _lsn_floor(self, op) -> int:
+        """A lower bound on the LSN of an op of unknown outcome, had it committed: every op
+        acknowledged before it began was allocated before it (LSNs only grow within a
+        timeline, and a backtrack's new ones start above all earlier ones)."""
+        if op.outcome == "ok":
+            return op.lsn
+        if self._acked_by_t1 is None:
+            acked = sorted((o.t1, o.lsn) for o in self._ops() if o.outcome == "ok")
+            self._acked_by_t1 = ([t for t, _ in acked], [])
+            best = 0
+            for _t, lsn in acked:
+                best = max(best, lsn)
+                self._acked_by_t1[1].append(best)
+        times, best = self._acked_by_t1
+        i = bisect.bisect_left(times, op.t0)
+        return best[i - 1] if i else 0
+
+    def may_show(self, op, tl: Timeline) -> bool:
+        """May an op of unknown outcome (or an ambiguous acknowledged one) be on tl? Not if
+        it began after tl ended, nor if it ended before a backtrack that hid everything
+        above an LSN its own LSN is certainly above (it was allocated before that backtrack
+        and above the range's start)."""
+        if tl.ended_s is not None and op.t0 >= tl.ended_s:
+            return False
+        if op.outcome == "ok":
+            return tl.shows(op.lsn)
+        floor = self._lsn_floor(op)
+        return not any(op.t1 <= asked_s and floor >= s for s, _e, asked_s in tl.hidden)
+
+    def bank_on(self, tl: Timeline, read_point: int, at_s: float) -> tuple[dict, list]:
         """(balances after the acknowledged transfers shown on tl at or below read_point,
-        the transfers that may or may not be in it), ``also`` more transfers applied."""
+        the transfers that may or may not be in it)."""
         bal = dict.fromkeys(range(self.w.accounts), INITIAL)
         maybe = []
-        for t in list(self.w.transfers) + list(also):
+        for t in self.w.transfers:
             if self.acked(t) and t.lsn <= read_point and tl.shows(t.lsn):
                 bal[t.src] -= t.amount
                 bal[t.dst] += t.amount
-            elif self.maybe(t) and t.t0 <= at_s:
+            elif self.maybe(t) and t.t0 <= at_s and not (t.outcome == "ok" and t.lsn > read_point) \
+                    and self.may_show(t, tl):
                 maybe.append(t)
         return bal, maybe
 
@@ -226,7 +259,7 @@ class Timelines:
                 out.append(f"lost write: {p.key!r} = {p.value!r} acknowledged at commit LSN "
                            f"{p.lsn}, shown on the final timeline, reads {got.get(p.key)!r} "
                            f"after heal (read point {read_point})")
-            if self.acked(p) and not final_tl.shows(p.lsn) and p.key in got:
+            if p.outcome == "ok" and not final_tl.shows(p.lsn) and p.key in got:
                 out.append(f"resurrected write: {p.key!r} acknowledged at commit LSN {p.lsn} "
                            f"was hidden by a backtrack but reads {got[p.key]!r} after heal")
             if p.outcome == "fail" and p.key in got:

@@ -379,8 +379,10 @@ class TimeTravel:
             truncs, target, epoch=epoch,
             every_set=[h[3] for h in self.history] + [tuple(driver.truncations)],
             vdl=driver.vdl, lal=driver.lal, max_lsn=max_lsn, next_lsn=driver.allocator.next_lsn)
-        if hooks.backtrack_cut_short():   # PLANTED BUG (test only): hides the target too
-            new_set = tuple((s - 1 if s == target else s, e, ep) for s, e, ep in new_set)
+        if hooks.backtrack_cut_short():   # PLANTED BUG (test only): hides the target's
+            # whole transaction too, cutting at the commit before it.
+            before, _t = await self.find_commit(upto_lsn=target - 1, truncs=truncs)
+            new_set = tuple((before if s == target else s, e, ep) for s, e, ep in new_set)
         now_us = time.time_ns() // 1000
         async def one_pg(pg):
             return pg, await self._each_node(lambda stub: stub.Truncate(
