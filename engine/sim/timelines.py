@@ -279,6 +279,15 @@ class Timelines:
                        f"transfers of unknown outcome")
         return out
 
+    def finalize(self) -> None:
+        """Before judging: an op still running when a backtrack was recorded and
+        acknowledged after it was asked is ambiguous too."""
+        for bt in self.backtracks:
+            if bt.happened:
+                self.ambiguous.update(id(o) for o in self._ops()
+                                      if o.outcome == "ok" and o.t0 < bt.t1 and o.t1 > bt.t0)
+        self._acked_by_t1 = None
+
     def check_backtracks(self) -> list[str]:
         return list(self.violations)
 
@@ -353,6 +362,7 @@ def judge(tls: Timelines, final, sampler) -> list[str]:
     """Every timeline-aware check (the chaos checkers' counterparts, see the module doc),
     for a schedule with backtrack or clone episodes; durability at ack is judged apart
     (engine/chaos/checkers.judge_acks_held holds across timelines as it is)."""
+    tls.finalize()
     out = tls.check_backtracks()
     out += tls.check_reads()
     out += [final] if isinstance(final, str) else tls.judge_final(*final)
