@@ -112,6 +112,24 @@ def test_reads_are_judged_on_the_timelines_they_may_have_read():
     assert any("not the history" in v for v in tls.check_reads())
 
 
+def test_an_op_acknowledged_during_a_backtrack_may_be_on_either_side():
+    """Regression (seeds 7, 9, 12, 13 of `sim --seeds 50 --timelines`, first version): a
+    transfer acknowledged while the backtrack ran has an LSN above what the client had
+    seen when it asked (the old timeline's bound); a replica still on the old timeline
+    shows it. It may show there, and only there: the writer after the answer must not."""
+    w = _world()
+    tls = Timelines(w)
+    during = Transfer(1, 0, 4, outcome="ok", lsn=40, t0=5.1, t1=5.2)
+    w.transfers.append(during)
+    tls.record_backtrack(Backtrack(lsn=20, t0=5.0, t1=5.5, happened=True, target=20, vdl=20))
+    tls.finalize()
+    old_with_it = {0: 99, 1: 101}            # 25 (0->1, 5) and 40 (1->0, 4)
+    w.reads = [Read("db2", 40, old_with_it, 6.0)]
+    assert tls.check_reads() == []
+    w.reads = [Read("writer", 40, old_with_it, 6.0)]
+    assert any("not the history" in v for v in tls.check_reads())
+
+
 def test_monotonic_allows_the_drop_to_a_backtrack_target_only():
     tls = Timelines(_world())
 

@@ -206,8 +206,8 @@ class Timelines:
         and above the range's start)."""
         if tl.ended_s is not None and op.t0 >= tl.ended_s:
             return False
-        if op.outcome == "ok":
-            return tl.shows(op.lsn)
+        if op.outcome == "ok":   # ambiguous: its LSN may be above tl's bound (end_lo)
+            return not any(s < op.lsn <= e for s, e, _t in tl.hidden)
         floor = self._lsn_floor(op)
         return not any(op.t1 <= asked_s and floor >= s for s, _e, asked_s in tl.hidden)
 
