@@ -5,7 +5,8 @@
 tmpfs, starts the workload (engine/sim/workload.py) and the nemesis
 (engine/sim/faults.py), runs ``virtual_s`` seconds of virtual time with at least
 ``EPISODES_MIN`` fault episodes, heals, reads the final state and judges it with the
-chaos checkers. Everything random comes from ``random.Random`` instances derived from the
+chaos checkers (with backtrack or clone episodes in ``kinds``: with their timeline
+counterparts, engine/sim/timelines.py, and durability at ack). Everything random comes from ``random.Random`` instances derived from the
 seed; every event goes into the trace (engine/sim/trace.py), whose hash the result
 carries. A schedule is green when no checker reports a violation, at least
 ``ACKED_MIN`` transactions were acknowledged and no production code logged an ERROR.
