@@ -48,6 +48,10 @@ read from the environment of the process that has the code::
     AURORA_BUG_REPLICA_ABOVE_VDL=1  engine/instance/   a replica applies every whole MTR as
                                     replica            it arrives, also above the VDL it was
                                                        told (invariant 11)
+    AURORA_BUG_BACKTRACK_CUT_SHORT=1 engine/writer/    a backtrack's new truncation range
+                                    backtrack          starts at the commit before its target,
+                                                       so the target's transaction,
+                                                       acknowledged at the point, is hidden
 
 **In-process state** (``install_state``): the deterministic simulator (engine/sim/) runs
 every process in one Python process, so it hands the slow-disk rules and the SCL log
@@ -72,8 +76,9 @@ ACK_BEFORE_COMMIT_ENV = "AURORA_BUG_ACK_BEFORE_COMMIT"
 VDL_SHORT_QUORUM_ENV = "AURORA_BUG_VDL_SHORT_QUORUM"
 SCL_OVERCLAIM_ENV = "AURORA_BUG_SCL_OVERCLAIM"
 REPLICA_ABOVE_VDL_ENV = "AURORA_BUG_REPLICA_ABOVE_VDL"
+BACKTRACK_CUT_SHORT_ENV = "AURORA_BUG_BACKTRACK_CUT_SHORT"
 PLANTED_BUG_ENVS = (ACK_BEFORE_COMMIT_ENV, VDL_SHORT_QUORUM_ENV, SCL_OVERCLAIM_ENV,
-                    REPLICA_ABOVE_VDL_ENV)
+                    REPLICA_ABOVE_VDL_ENV, BACKTRACK_CUT_SHORT_ENV)
 
 #: Set by install_state (the simulator): {node: delay_s} and a factory of SCL logs.
 _installed_disk_delays: dict[str, float] | None = None
@@ -199,6 +204,11 @@ def scl_overclaim() -> bool:
 def replica_above_vdl() -> bool:
     """True when a replica applies whole MTRs above the VDL it was told."""
     return os.environ.get(REPLICA_ABOVE_VDL_ENV, "") not in ("", "0")
+
+
+def backtrack_cut_short() -> bool:
+    """PLANTED BUG switch (test only): a backtrack hides its own target's transaction."""
+    return os.environ.get(BACKTRACK_CUT_SHORT_ENV, "") not in ("", "0")
 
 
 def warn_if_planted(where: str) -> None:

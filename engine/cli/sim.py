@@ -1,8 +1,8 @@
 """`aurora-lite sim`: the deterministic simulation (engine/sim/, docs/reliability.md).
 
     aurora-lite sim --seeds N [--first-seed S] [--virtual-s V] [--workers W]
-                    [--faults KIND,...] [--bug NAME] [--json]
-    aurora-lite sim --seed S [--trace] [--virtual-s V] [--faults ...] [--bug NAME]
+                    [--faults KIND,...] [--timelines] [--bug NAME] [--json]
+    aurora-lite sim --seed S [--trace] [--virtual-s V] [--faults ...] [--timelines] [--bug NAME]
 
 Runs N seeded schedules (seeds S .. S+N-1), each the whole cluster in one process on a
 virtual clock, over W worker processes (default: one per core). Progress goes to stderr,
@@ -10,6 +10,8 @@ then one verdict line; with --json stdout holds only the JSON summary. A red see
 the one command that replays it. ``--seed S --trace`` replays one schedule and prints its
 events (who sent what to whom, acks, VDL moves, faults): nothing in that output varies
 between runs of the same seed. Exit code 0 when every schedule is green, 1 otherwise.
+``--timelines`` adds backtrack and clone episodes (engine/sim/episodes.py), judged on
+timelines (engine/sim/timelines.py); they can also be named in ``--faults``.
 
 Every schedule runs in a spawned worker with PYTHONHASHSEED=0 (no grpc is imported there).
 """
@@ -26,7 +28,7 @@ from engine.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def register(sub) -> None:
-    from engine.sim.faults import BUGS, FAULT_KINDS, VIRTUAL_S_DEFAULT
+    from engine.sim.faults import ALL_KINDS, BUGS, FAULT_KINDS, VIRTUAL_S_DEFAULT
     p = sub.add_parser("sim", help="run seeded fault schedules on the whole cluster simulated "
                        "in one process (deterministic, replayable)")
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="schedules to run")
@@ -39,7 +41,10 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="W",
                    help="worker processes (default: one per core)")
     p.add_argument("--faults", default=",".join(FAULT_KINDS),
-                   help=f"comma-separated fault kinds, of: {', '.join(FAULT_KINDS)}")
+                   help=f"comma-separated fault kinds, of: {', '.join(ALL_KINDS)} "
+                   f"(default: all but backtrack and clone)")
+    p.add_argument("--timelines", action="store_true",
+                   help="add backtrack and clone episodes (the checkers follow timelines)")
     p.add_argument("--bug", default=None, choices=sorted(BUGS),
                    help="plant one bug (engine/hooks.py), to see the checkers catch it")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -53,6 +58,8 @@ def _replay_command(seed: int, args) -> str:
     from engine.sim.faults import FAULT_KINDS
     if args.faults != ",".join(FAULT_KINDS):
         cmd += f" --faults {args.faults}"
+    if args.timelines:
+        cmd += " --timelines"
     if args.bug:
         cmd += f" --bug {args.bug}"
     return cmd
@@ -64,14 +71,16 @@ def _default_virtual_s() -> float:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from engine.sim.faults import FAULT_KINDS
+    from engine.sim.faults import ALL_KINDS, TIMELINE_KINDS
     from engine.sim.run import run_many
     kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in FAULT_KINDS]
+    bad = [k for k in kinds if k not in ALL_KINDS]
     if bad or not kinds:
         print(f"aurora-lite sim: unknown fault kind {bad[0] if bad else '(none)'}; "
-              f"kinds: {', '.join(FAULT_KINDS)}", file=sys.stderr)
+              f"kinds: {', '.join(ALL_KINDS)}", file=sys.stderr)
         return EXIT_USAGE
+    if args.timelines:
+        kinds += [k for k in TIMELINE_KINDS if k not in kinds]
     if (args.seed is None) == (args.seeds is None):
         print("aurora-lite sim: give --seeds N (many schedules) or --seed S (one)", file=sys.stderr)
         return EXIT_USAGE
@@ -105,6 +114,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
         "virtual_s": round(virtual_s, 1), "wall_s": round(wall_s, 1),
         "episodes": sum(r["episodes"] for r in results),
         "acked": sum(r["acked"] for r in results),
+        "backtracks": sum(r["backtracks"] for r in results),
+        "forward_backtracks": sum(r["forward"] for r in results),
+        "clones": sum(r["clones"] for r in results),
         "workers": workers,
         "compression": round(virtual_s / wall_s, 1) if wall_s else 0.0,
         "schedules_per_min": round(len(results) / wall_s * 60, 1) if wall_s else 0.0,
@@ -120,6 +132,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
           f"{summary['virtual_s']:g} virtual s in {summary['wall_s']:g} wall s "
           f"({summary['compression']:g}x, {summary['schedules_per_min']:g} schedules/min), "
           f"{summary['episodes']} fault episodes, {summary['acked']} acknowledged transactions"
+          + (f", {summary['backtracks']} backtracks ({summary['forward_backtracks']} forward "
+             f"again), {summary['clones']} clones" if set(kinds) & set(TIMELINE_KINDS) else "")
           + (f"; red seeds {sorted(red)}" if red else ""), file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -139,7 +153,9 @@ def _one(args, kinds) -> int:
         print(f"violation: {v}", file=sys.stderr)
     print(f"sim: seed {args.seed} {'GREEN' if r['green'] else 'RED'}: trace hash {r['trace_hash']}, "
           f"{r['events']} events, {r['virtual_s']:g} virtual s, {r['episodes']} fault episodes, "
-          f"{r['acked']} acknowledged transactions", file=sys.stderr)
+          f"{r['acked']} acknowledged transactions"
+          + (f", {r['backtracks']} backtracks ({r['forward']} forward again), {r['clones']} clones"
+             if r["backtracks"] or r["clones"] else ""), file=sys.stderr)
     if not r["green"]:
         print(f"  replay: {_replay_command(args.seed, args)}", file=sys.stderr)
     if args.json:

@@ -59,6 +59,19 @@ def _percentile(values, q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def split_visible(pending: list, vdl: int) -> tuple[list, list]:
+    """The replica's split of its buffered MTRs at a VDL it was told (invariant 11), no
+    I/O: (the whole MTRs at the front of ``pending`` whose last record, its CPL, is at or
+    below ``vdl``, in order; the rest, still waiting). Each MTR is a list of
+    (page_id, lsn, record bytes) in LSN order; MTRs arrive in LSN order."""
+    # BEGIN LAB 5: take the whole MTRs whose last record (its CPL) is <= vdl off the front of pending: (batch, rest)
+    visible = 0
+    while visible < len(pending) and pending[visible][-1][1] <= vdl:
+        visible += 1
+    return pending[:visible], pending[visible:]
+    # END LAB 5
+
+
 class ReplicaSink:
     """The RedoSink a read-only Database uses on a replica (see module doc)."""
 
@@ -243,13 +256,8 @@ class Replica:
             self.writer_vdl = max(self.writer_vdl, msg.vdl)
             above_vdl = hooks.replica_above_vdl()   # PLANTED BUG when True, test only
             if msg.vdl > sink.vdl or (above_vdl and pending):
-                # BEGIN LAB 5: take the whole MTRs whose last record (its CPL) is <= msg.vdl off the front of pending: batch, pending, pending_records
-                visible = 0
-                while visible < len(pending) and pending[visible][-1][1] <= msg.vdl:
-                    visible += 1
-                batch, pending = pending[:visible], pending[visible:]
+                batch, pending = split_visible(pending, msg.vdl)
                 pending_records -= sum(len(m) for m in batch)
-                # END LAB 5
                 if above_vdl and pending:   # PLANTED BUG: the MTRs above VDL are applied too
                     pending_records -= sum(len(m) for m in pending)
                     batch, pending = batch + pending, []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 
@@ -109,7 +110,7 @@ class SimNode:
 class SimInstance:
     """One compute instance (writer or replica; see the module doc)."""
 
-    def __init__(self, cluster: "SimCluster", name: str, az: str) -> None:
+    def __init__(self, cluster: "SimCluster", name: str, az: str, volume: str | None = None) -> None:
         self.cluster = cluster
         self.name = name
         self.az = az
@@ -117,6 +118,13 @@ class SimInstance:
         self.proc: SimProcess | None = None
         self.inst: Instance | None = None
         self.server = None
+        #: A clone's writer (`clone start`) serves its own volume; None: the cluster's.
+        self.volume = volume
+
+    @property
+    def config(self):
+        c = self.cluster.config
+        return c if self.volume is None else dataclasses.replace(c, volume=self.volume)
 
     @property
     def up(self) -> bool:
@@ -131,7 +139,7 @@ class SimInstance:
         transport = SimTransport(c.net, self.proc)
         args = argparse.Namespace(instance=self.name, buffer_pool_pages=BUFFER_POOL_PAGES,
                                   backtrack_window=None, writer=writer_address)
-        inst = Instance(args, c.config, transport)
+        inst = Instance(args, self.config, transport)
         self.inst = inst
         service = DatabaseService(inst)
         inst.service = service
@@ -171,6 +179,9 @@ class SimCluster:
             volume="main", latency=net.latency)
         self.writer_name = INSTANCES[0][0]
         self.failovers = 0
+        #: Writers of clones made by clone episodes (engine/sim/episodes.py): plain
+        #: writers of their own volumes, not supervised, as `clone start` runs them.
+        self.clones: list[SimInstance] = []
 
     @staticmethod
     def azs() -> dict[str, str]:
@@ -212,8 +223,16 @@ class SimCluster:
         await old.start(target.address)
         return True
 
+    async def start_clone_writer(self, volume: str, az: str) -> SimInstance:
+        """A writer for clone ``volume``, named after it, as `clone start` runs one."""
+        inst = SimInstance(self, volume, az, volume=volume)
+        self.net.azs[volume] = az
+        self.clones.append(inst)
+        await inst.start(None)
+        return inst
+
     def close(self) -> None:
-        for i in self.instances:
+        for i in self.clones + self.instances:
             i.crash()
         for n in self.nodes:
             n.crash()

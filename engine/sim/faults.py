@@ -21,8 +21,10 @@ held for a drawn duration, then healed. The kinds (``FAULT_KINDS``)::
                         recovery under a new epoch) and the old writer returns as its replica
     replica-crash       the replica crashes and restarts
 
-Every fault and heal is a trace event. Backtrack and clone episodes are not here: the
-checkers do not follow timelines yet (docs/reliability.md).
+Every fault and heal is a trace event. Backtrack and clone episodes
+(``TIMELINE_KINDS``, engine/sim/episodes.py) are drawn, with p TIMELINE_P, only when the
+kinds name them (`aurora-lite sim --timelines`); their schedules are judged on timelines
+(engine/sim/timelines.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 
 from engine import hooks
 from engine.errors import RpcError
+from engine.sim.episodes import TIMELINE_KINDS, TIMELINE_P  # noqa: F401 - TIMELINE_KINDS re-exported
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,11 @@ VIRTUAL_S_DEFAULT = 30.0
 BUGS = {"ack-before-commit": (hooks.ACK_BEFORE_COMMIT_ENV, "0.5"),
         "vdl-short-quorum": (hooks.VDL_SHORT_QUORUM_ENV, "1"),
         "scl-overclaim": (hooks.SCL_OVERCLAIM_ENV, "1"),
-        "replica-above-vdl": (hooks.REPLICA_ABOVE_VDL_ENV, "1")}
+        "replica-above-vdl": (hooks.REPLICA_ABOVE_VDL_ENV, "1"),
+        "backtrack-cut-short": (hooks.BACKTRACK_CUT_SHORT_ENV, "1")}
+#: Every kind a schedule may draw: the faults, then the timeline episodes
+#: (engine/sim/episodes.py), which run only when named (`--timelines`).
+ALL_KINDS = FAULT_KINDS + TIMELINE_KINDS
 GAP_S = (0.3, 1.0)
 HOLD_S = (0.8, 2.0)
 FAILOVER_AFTER_S = 1.0
@@ -64,6 +71,7 @@ class SimNemesis:
         self.disk_delays: dict[str, float] = {}
         self.episodes: list[tuple[float, str, str]] = []
         self._down: list = []                # crashed storage nodes to restart at heal
+        self.timelines = None                # TimelineEpisodes, when kinds has backtrack/clone
 
     @property
     def now(self) -> float:
@@ -75,16 +83,28 @@ class SimNemesis:
     async def run(self, until_s: float, episodes_min: int) -> None:
         while self.now < until_s or len(self.episodes) < episodes_min:
             await asyncio.sleep(self.rng.uniform(*GAP_S))
-            kind = self.rng.choice(self.kinds)
+            kind = self._draw_kind()
             hold = self.rng.uniform(*HOLD_S)
             what = await self.inject(kind)
             self.episodes.append((self.now, kind, what))
             await asyncio.sleep(hold)
             await self.heal()
 
+    def _draw_kind(self) -> str:
+        """A fault kind; with timeline episodes (engine/sim/episodes.py) one of those with
+        p TIMELINE_P (no extra draw without them: schedules without stay as they were)."""
+        if self.timelines is None:
+            return self.rng.choice(self.kinds)
+        faults = [k for k in self.kinds if k not in TIMELINE_KINDS]
+        ours = [k for k in self.kinds if k in TIMELINE_KINDS]
+        if not faults or self.rng.random() < TIMELINE_P:
+            return self.rng.choice(ours)
+        return self.rng.choice(faults)
+
     def _all_names(self) -> list[str]:
         c = self.cluster
-        return [n.name for n in c.nodes] + [i.name for i in c.instances] + ["client", "ctl"]
+        return [n.name for n in c.nodes] + [i.name for i in c.instances + c.clones] + \
+            ["client", "ctl"]
 
     def _block(self, group: set[str]) -> None:
         for a in group:
@@ -94,6 +114,8 @@ class SimNemesis:
                     self.net.rules.blocked.add((b, a))
 
     async def inject(self, kind: str) -> str:
+        if kind in TIMELINE_KINDS:
+            return await self.timelines.run(kind)
         c, rules, rng = self.cluster, self.net.rules, self.rng
         node = rng.choice(c.nodes)
         az = rng.choice(["az-a", "az-b", "az-c"])
@@ -115,7 +137,7 @@ class SimNemesis:
         elif kind == "node-partition":
             self._block({node.name})
         elif kind == "az-partition":
-            group = {n for n, a in c.azs().items() if a == az}
+            group = {n for n, a in self.net.azs.items() if a == az}
             self._block(group)
             what = az
         elif kind == "one-way-partition":

@@ -5,7 +5,8 @@
 tmpfs, starts the workload (engine/sim/workload.py) and the nemesis
 (engine/sim/faults.py), runs ``virtual_s`` seconds of virtual time with at least
 ``EPISODES_MIN`` fault episodes, heals, reads the final state and judges it with the
-chaos checkers. Everything random comes from ``random.Random`` instances derived from the
+chaos checkers (with backtrack or clone episodes in ``kinds``: with their timeline
+counterparts, engine/sim/timelines.py, and durability at ack). Everything random comes from ``random.Random`` instances derived from the
 seed; every event goes into the trace (engine/sim/trace.py), whose hash the result
 carries. A schedule is green when no checker reports a violation, at least
 ``ACKED_MIN`` transactions were acknowledged and no production code logged an ERROR.
@@ -33,7 +34,10 @@ from dataclasses import asdict, dataclass, field
 
 from engine import hooks
 from engine.format.cluster_config import Latency
+from engine.chaos.checkers import judge_acks_held
+from engine.sim import timelines
 from engine.sim.cluster import SimCluster
+from engine.sim.episodes import TIMELINE_KINDS, TimelineEpisodes
 from engine.sim.faults import BUGS, FAULT_KINDS, VIRTUAL_S_DEFAULT, SimNemesis
 from engine.sim.loop import SimLoop, SimProcess, virtual_time
 from engine.sim.network import SimNetwork, SimTransport
@@ -63,6 +67,9 @@ class Result:
     wall_s: float
     cpu_s: float = 0.0
     faults: list[str] = field(default_factory=list)
+    backtracks: int = 0          # backtracks that happened (timeline episodes)
+    forward: int = 0             # of which forward again
+    clones: int = 0
     errors_logged: list[str] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
 
@@ -141,6 +148,8 @@ def run_schedule(seed: int, virtual_s: float = VIRTUAL_S_DEFAULT, kinds=FAULT_KI
                   episodes=out["episodes"], acked=out["acked"], events=trace.events,
                   wall_s=round(time.perf_counter() - started, 3),
                   cpu_s=round(time.process_time() - cpu_started, 3), faults=out["faults"],
+                  backtracks=out.get("backtracks", 0), forward=out.get("forward", 0),
+                  clones=out.get("clones", 0),
                   errors_logged=errors.lines, trace=trace.lines)
 
 
@@ -156,6 +165,8 @@ async def _schedule(seed, virtual_s, kinds, loop, net, trace, base_dir, scl, out
     tasks = workload.start(client)
     nemesis = SimNemesis(cluster, net, random.Random(seed * 3 + 3), trace, kinds, ctl,
                          corrupt_pattern=b"v-%d-0-" % seed)
+    if any(k in TIMELINE_KINDS for k in kinds):
+        nemesis.timelines = TimelineEpisodes(cluster, nemesis, workload, client)
     await nemesis.run(virtual_s, EPISODES_MIN)
     await nemesis.heal()
     await asyncio.sleep(SETTLE_S)
@@ -165,7 +176,16 @@ async def _schedule(seed, virtual_s, kinds, loop, net, trace, base_dir, scl, out
     trace.note(loop.time(), "workload stopped")
     final = await client.spawn(workload.final_state(loop.time() + FINAL_READ_S))
     workload.sample()
-    out["violations"] = judge(workload, final, scl, cluster.config.volume)
+    if nemesis.timelines is None:
+        out["violations"] = judge(workload, final, scl, cluster.config.volume)
+    else:
+        episodes = nemesis.timelines
+        leaks = await client.spawn(episodes.final_reads(loop.time() + FINAL_READ_S))
+        out["violations"] = timelines.judge(episodes.tls, final, workload.sampler) + leaks + \
+            judge_acks_held(workload.w, scl.logs, cluster.config.volume)
+        out["backtracks"] = sum(b.happened for b in episodes.tls.backtracks)
+        out["forward"] = sum(b.happened and b.forward for b in episodes.tls.backtracks)
+        out["clones"] = len(episodes.tls.clones)
     out["acked"] = acked(workload)
     out["episodes"] = len(nemesis.episodes)
     out["faults"] = [f"{t:.3f} {k} {w}" for t, k, w in nemesis.episodes]

@@ -20,6 +20,7 @@ marked nothing-done, an error before the commit was sent) or ``unknown``.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from aurora_pb import database_pb2 as dpb
 from engine.chaos import checkers
@@ -33,6 +34,13 @@ PAUSE_OK_S = 0.15
 PAUSE_FAIL_S = 0.1
 READ_EVERY_S = 0.25
 SAMPLE_EVERY_S = 0.5
+
+
+@dataclass
+class TimedRead(Read):
+    """A chaos Read that also knows when it was asked (engine/sim/timelines.py judges a
+    writer read on the timelines current at some moment of it)."""
+    t0: float = 0.0
 
 
 class SclRecords:
@@ -162,6 +170,7 @@ class SimWorkload:
     async def _read_loop(self) -> None:
         while not self.stopping:
             for inst in self.cluster.instances:
+                t0 = self.now
                 try:
                     read_point, items = await self.scan(inst.address, b"acct-", b"acct.")
                 except RpcError:
@@ -170,8 +179,8 @@ class SimWorkload:
                 if read_point == 0 and not items:
                     continue
                 where = "writer" if inst.name == self.cluster.writer_name else inst.name
-                self.w.reads.append(Read(where, read_point,
-                                         {int(k[5:]): int(v) for k, v in items}, self.now))
+                self.w.reads.append(TimedRead(where, read_point,
+                                              {int(k[5:]): int(v) for k, v in items}, self.now, t0))
             await asyncio.sleep(READ_EVERY_S)
 
     async def _sample_loop(self) -> None:

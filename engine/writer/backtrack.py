@@ -47,6 +47,7 @@ import os
 import time
 
 from aurora_pb import storage_pb2 as pb
+from engine import hooks
 from engine.errors import DatabaseError, OutOfWindowError, RpcError, UnavailableError
 from engine.writer.recovery import gather_per_node, truncate_request
 from engine.format.volume import VR, VW
@@ -87,6 +88,24 @@ def _pb_ranges(truncs) -> list:
 def hidden(lsn: int, truncs) -> bool:
     # BEGIN LAB 6: is lsn inside a range (start, end] of the truncation set truncs?
     return any(start < lsn <= end for start, end, _ in truncs)
+    # END LAB 6
+
+
+def cut_timeline(truncs, target: int, *, epoch: int, every_set, vdl: int, lal: int,
+                 max_lsn: int, next_lsn: int) -> tuple[int, int, tuple]:
+    """A backtrack's new truncation set, no I/O (invariants 5, 10; docs/clones.md,
+    "Timelines"): the timeline ``truncs`` the target commit belongs to, cut at ``target``:
+    its ranges that end below the target, plus (target, end, new_epoch), where ``end`` is
+    past every LSN ever allocated (VDL + LAL, every range end of ``every_set`` (the history's
+    sets and the current one) + LAL, the highest LSN stored, the allocator's next LSN) and
+    new_epoch is ``epoch`` + 1. Returns (new_epoch, end, the set sorted by (epoch, start))."""
+    # BEGIN LAB 6: the new set: the target's timeline cut at target, plus (target, end, new_epoch) with end past every LSN ever allocated
+    ends = [e for ranges in every_set for _s, e, _ep in ranges]
+    end = max([vdl + lal, max_lsn, next_lsn] + [e + lal for e in ends])
+    new_epoch = epoch + 1
+    new_set = tuple(sorted({t for t in truncs if t[1] < target} | {(target, end, new_epoch)},
+                           key=lambda t: (t[2], t[0])))
+    return new_epoch, end, new_set
     # END LAB 6
 
 
@@ -356,14 +375,14 @@ class TimeTravel:
                 if s.volume == volume:
                     epoch = max(epoch, s.volume_epoch)
                     max_lsn = max(max_lsn, s.max_lsn)
-        # BEGIN LAB 6: the new set: the target's timeline cut at target, plus (target, end, new_epoch) with end past every LSN ever allocated
-        ends = [e for h in self.history for _s, e, _ep in h[3]] + [e for _s, e, _ep in driver.truncations]
-        end = max([driver.vdl + driver.lal, max_lsn, driver.allocator.next_lsn]
-                  + [e + driver.lal for e in ends])
-        new_epoch = epoch + 1
-        new_set = tuple(sorted({t for t in truncs if t[1] < target} | {(target, end, new_epoch)},
-                               key=lambda t: (t[2], t[0])))
-        # END LAB 6
+        new_epoch, end, new_set = cut_timeline(
+            truncs, target, epoch=epoch,
+            every_set=[h[3] for h in self.history] + [tuple(driver.truncations)],
+            vdl=driver.vdl, lal=driver.lal, max_lsn=max_lsn, next_lsn=driver.allocator.next_lsn)
+        if hooks.backtrack_cut_short():   # PLANTED BUG (test only): hides the target's
+            # whole transaction too, cutting at the commit before it.
+            before, _t = await self.find_commit(upto_lsn=target - 1, truncs=truncs)
+            new_set = tuple((before if s == target else s, e, ep) for s, e, ep in new_set)
         now_us = time.time_ns() // 1000
         async def one_pg(pg):
             return pg, await self._each_node(lambda stub: stub.Truncate(

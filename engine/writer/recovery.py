@@ -110,6 +110,35 @@ def lower_out_of(lsn: int, truncs) -> int:
     # END LAB 4
 
 
+def walk_volume_chain(by_prev: dict[int, tuple[int, int, bool]], since: int,
+                      tails_at_since: dict[int, int], *, lal: int, last_truncate_end: int,
+                      max_lsn_seen: int) -> tuple[int, int, dict[int, int], int]:
+    """Recovery's computation, no I/O (invariants 6, 10): walk the volume backlink chain
+    ``by_prev`` (prev volume LSN -> (lsn, pg, is_cpl), from a read quorum, annulled records
+    left out) up from ``since``. Returns (VCL: the end of the walk, VDL: the last CPL on it,
+    the PG tails at or below VDL, starting from ``tails_at_since``, and the end of the
+    truncation range that annuls everything the previous writer may have allocated)."""
+    # BEGIN LAB 4: walk the volume backlink chain (by_prev) up from since: VCL, VDL (last CPL), the PG tails at or below VDL, and truncate_end (invariants 6, 10)
+    vcl = vdl = since
+    tails = dict(tails_at_since)
+    walked: list[tuple[int, int]] = []
+    while vcl in by_prev:
+        lsn, pg, cpl = by_prev[vcl]
+        assert lsn > vcl, f"volume backlink chain goes backwards at {lsn}"
+        walked.append((lsn, pg))
+        vcl = lsn
+        if cpl:
+            vdl = lsn
+    for lsn, pg in walked:
+        if lsn <= vdl:
+            tails[pg] = max(tails.get(pg, 0), lsn)
+    # The previous writer allocated at most max(its VDL, its truncation end) + LAL
+    # (invariant 6, StorageDriver.allocation_limit); annul all of that.
+    truncate_end = max(vdl + lal, last_truncate_end + lal, max_lsn_seen)
+    return vcl, vdl, tails, truncate_end
+    # END LAB 4
+
+
 async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
     """Run make_call(name, stub) on every node; return {name: reply or RpcError}."""
     names = driver.node_names
@@ -255,24 +284,9 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
                 if not annulled(meta.lsn):
                     by_prev[meta.prev_volume_lsn] = (meta.lsn, pg, bool(meta.flags & FLAG_CPL))
 
-    # BEGIN LAB 4: walk the volume backlink chain (by_prev) up from since: VCL, VDL (last CPL), the PG tails at or below VDL, and truncate_end (invariants 6, 10)
-    vcl = vdl = since
-    tails = dict(tails_at_since)
-    walked: list[tuple[int, int]] = []
-    while vcl in by_prev:
-        lsn, pg, cpl = by_prev[vcl]
-        assert lsn > vcl, f"volume backlink chain goes backwards at {lsn}"
-        walked.append((lsn, pg))
-        vcl = lsn
-        if cpl:
-            vdl = lsn
-    for lsn, pg in walked:
-        if lsn <= vdl:
-            tails[pg] = max(tails.get(pg, 0), lsn)
-    # The previous writer allocated at most max(its VDL, its truncation end) + LAL
-    # (invariant 6, StorageDriver.allocation_limit); annul all of that.
-    truncate_end = max(vdl + driver.lal, last_truncate_end + driver.lal, max_lsn_seen)
-    # END LAB 4
+    vcl, vdl, tails, truncate_end = walk_volume_chain(
+        by_prev, since, tails_at_since, lal=driver.lal, last_truncate_end=last_truncate_end,
+        max_lsn_seen=max_lsn_seen)
 
     # 4. Truncate at a write quorum of every PG. -------------------------------------
     new_set = tuple(sorted(set(current_set) | {(vdl, truncate_end, new_epoch)},

@@ -1,9 +1,12 @@
 """Lab 5 grading tests: a read replica applies whole MTRs at VDL (engine/instance/replica.py,
 invariant 11). ReplicaSink runs in-process over a real (unstarted) StorageDriver and a real
 BufferPool; the last test runs a real cluster: reads on the replica, then a planned
-failover that must lose no commit."""
+failover that must lose no commit. The split of the buffered MTRs at a VDL (``split_visible``,
+what the redo stream's consumer applies) is tested without I/O on seeded MTR streams."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 
@@ -12,7 +15,7 @@ from engine.db.buffer_pool import BufferPool
 from engine.errors import InvariantViolation
 from engine.format.cluster_config import NodeInfo
 from engine.format.redo import FLAG_CPL
-from engine.instance.replica import ReplicaSink
+from engine.instance.replica import ReplicaSink, split_visible
 from engine.transport.grpc_transport import GrpcTransport
 from engine.writer.storage_driver import StorageDriver
 from labs.support import Chain, cells
@@ -115,6 +118,48 @@ def test_a_record_above_vdl_is_never_applied(seed):
     mtrs, _ = mtrs_of(later)
     with pytest.raises((AssertionError, InvariantViolation)):
         sink.apply_visible(mtrs, first[-1].lsn, pool)     # told an older VDL (invariant 11)
+
+
+def mtr_stream(seed, n=30, start=100):
+    """Seeded whole MTRs in LSN order: each a list of (page_id, lsn, bytes), 1-5 records,
+    its last record the CPL."""
+    rng = random.Random(seed)
+    out, lsn = [], start
+    for _ in range(n):
+        mtr = []
+        for _ in range(rng.randint(1, 5)):
+            lsn += rng.randint(1, 3)
+            mtr.append((rng.randrange(1, 9), lsn, b"r%d" % lsn))
+        out.append(mtr)
+    return out
+
+
+def test_split_takes_exactly_the_whole_mtrs_at_or_below_vdl(seed):
+    """Every VDL from below the first record to above the last, including each CPL itself
+    and LSNs inside an MTR: the batch is the MTRs whose CPL is <= VDL, in order; the rest
+    waits untouched (invariant 11: never part of an MTR, never above VDL)."""
+    pending = mtr_stream(seed)
+    first, last = pending[0][0][1], pending[-1][-1][1]
+    for vdl in range(first - 2, last + 3):
+        batch, rest = split_visible(list(pending), vdl)
+        want = [m for m in pending if m[-1][1] <= vdl]
+        assert batch == want, f"seed {seed}, VDL {vdl}"
+        assert rest == pending[len(want):], f"seed {seed}, VDL {vdl}"
+        assert all(lsn <= vdl for m in batch for _p, lsn, _d in m)
+
+
+def test_an_mtr_is_never_split_even_when_vdl_falls_inside_it():
+    pending = [[(1, 10, b"a"), (2, 11, b"b")], [(1, 12, b"c"), (3, 14, b"d"), (1, 15, b"e")]]
+    batch, rest = split_visible(pending, 14)          # 14 is inside the second MTR
+    assert batch == pending[:1] and rest == pending[1:]
+    batch, rest = split_visible(pending, 15)
+    assert batch == pending and rest == []
+
+
+def test_nothing_pending_or_nothing_visible():
+    assert split_visible([], 100) == ([], [])
+    pending = [[(1, 50, b"a")]]
+    assert split_visible(pending, 49) == ([], pending)
 
 
 @pytest.mark.processes

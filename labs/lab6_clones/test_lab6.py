@@ -1,12 +1,17 @@
 """Lab 6 grading tests: clones and backtrack (storage_node/reads.py's clone reads,
 engine/writer/backtrack.py's time -> LSN and new truncation sets; docs/clones.md). A clone
-is read in-process on one node's Store; backtrack runs on a real cluster, back and forth."""
+is read in-process on one node's Store; a backtrack's new truncation set (``cut_timeline``,
+what ``write_backtrack`` writes) is tested without I/O on docs/clones.md's worked example
+and on seeded histories of backtracks back and forth; backtrack also runs on a real
+cluster."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from engine.writer.backtrack import CommitClock, hidden
+from engine.writer.backtrack import CommitClock, cut_timeline, hidden
 from labs.support import Chain, cells
 from storage_node import errors as E
 from storage_node import store as S
@@ -110,6 +115,67 @@ def test_a_clone_of_a_clone(store, seed):
     create(store, grand, clone, clone.lsn)
     append(store, grand, grand.next_records(30))
     assert check_pages(store, grand, grand.lsn) > 0
+
+
+def visible(commits, truncs):
+    return [c for c in commits if not hidden(c, truncs)]
+
+
+def test_cut_timeline_replays_the_worked_example_of_docs_clones():
+    """docs/clones.md, "Timelines": LAL 100; commits 110 120 130; back to 120; commit 340;
+    back to 130 (visible only on the timeline of epoch 2); back to 340 (timeline of e4)."""
+    lal = 100
+    e2 = ((0, 100, 2),)
+    history = [e2]
+    new_epoch, end, e3 = cut_timeline(e2, 120, epoch=2, every_set=history + [e2], vdl=130,
+                                      lal=lal, max_lsn=130, next_lsn=131)
+    assert (new_epoch, end, e3) == (3, 230, ((0, 100, 2), (120, 230, 3)))
+    assert visible([110, 120, 130], e3) == [110, 120]
+    e4 = e3 + ((120, 330, 4),)              # the reopening recovery adds (VDL, end] e4
+    history += [e3, e4]
+    new_epoch, end, e5 = cut_timeline(e2, 130, epoch=4, every_set=history, vdl=340, lal=lal,
+                                      max_lsn=340, next_lsn=341)
+    assert (new_epoch, end, e5) == (5, 440, ((0, 100, 2), (130, 440, 5)))
+    assert visible([110, 120, 130, 340], e5) == [110, 120, 130]
+    e6 = e5 + ((130, 540, 6),)
+    history += [e5, e6]
+    new_epoch, end, e7 = cut_timeline(e4, 340, epoch=6, every_set=history, vdl=130, lal=lal,
+                                      max_lsn=340, next_lsn=541)
+    assert (new_epoch, end) == (7, 640)
+    assert e7 == ((0, 100, 2), (120, 230, 3), (120, 330, 4), (340, 640, 7))
+    assert visible([110, 120, 130, 340], e7) == [110, 120, 340]
+
+
+def test_backtracks_back_and_forth_keep_exactly_the_timeline_up_to_the_target(seed):
+    """A seeded history: commits, then backtracks to a commit of the current timeline or
+    of an older one (forward again). After each: every commit visible on the target's
+    timeline at or below the target stays visible, every LSN ever allocated above it is
+    hidden, and the next LSN allocated (above end) is visible; the epoch grows by one."""
+    rng = random.Random(seed)
+    lal, epoch, lsn = 100, 2, 100
+    current = ((0, 100, 2),)
+    timelines = []                          # (set, its commits) of every ended timeline
+    commits = []                            # commits on the current timeline
+    history = [current]
+    for step in range(12):
+        for _ in range(rng.randint(1, 6)):
+            lsn += rng.randint(1, 5)
+            commits.append(lsn)
+        timelines.append((current, list(commits)))
+        truncs, on_it = rng.choice(timelines)
+        target = rng.choice(on_it)
+        new_epoch, end, new_set = cut_timeline(truncs, target, epoch=epoch, every_set=history,
+                                               vdl=commits[-1], lal=lal, max_lsn=lsn,
+                                               next_lsn=lsn + 1)
+        where = f"seed {seed}, step {step}, back to {target}"
+        assert new_epoch == epoch + 1 and end >= lsn, where
+        kept = [c for c in on_it if c <= target]
+        assert visible(on_it, new_set) == kept, where
+        allocated = [c for _s, cs in timelines for c in cs]
+        assert not [c for c in allocated if c > target and not hidden(c, new_set)], where
+        assert not hidden(end + 1, new_set), where
+        epoch, lsn, current, commits = new_epoch, end, new_set, kept
+        history.append(new_set)
 
 
 @pytest.mark.processes
