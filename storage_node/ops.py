@@ -71,6 +71,7 @@ class CreateVolumeOp:
     parent: str = ""     # a clone of this volume ...
     fork_lsn: int = 0    # ... as of this LSN (a CPL <= the parent's VDL)
     fork_tails: tuple = ()  # per PG: the parent's last record <= fork_lsn (the creator
+    pgs: tuple = ()      # the PGs placed on this node; () = every PG (docs/fleet.md)
 
 
 @dataclass

@@ -240,7 +240,8 @@ class StorageService:
                                      len(request.fork_tails))
         created = await self.node.commit(CreateVolumeOp(
             request.volume, request.pg_count, request.stripe_pages or DEFAULT_STRIPE_PAGES,
-            request.volume_epoch, request.parent, request.fork_lsn, tuple(request.fork_tails)))
+            request.volume_epoch, request.parent, request.fork_lsn, tuple(request.fork_tails),
+            tuple(sorted(set(request.pgs)))))
         return pb.CreateVolumeReply(created=created)
 
     @refusals

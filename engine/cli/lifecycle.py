@@ -260,7 +260,8 @@ def cmd_up(args) -> int:
     if args.dashboard_read_only:
         argv.append("--dashboard-read-only")
     for flag, value in (("--base-port", args.base_port), ("--intra-az-ms", args.intra_az_ms),
-                        ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas)):
+                        ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas),
+                        ("--storage-nodes", args.storage_nodes)):
         if value is not None:
             argv += [flag, str(value)]
     # A fresh process in its own session: Ctrl-C in this terminal reaches only `up`,
@@ -503,6 +504,9 @@ def register(subparsers) -> None:
                    help="one-way delay within an AZ (default 0.25, or the data dir's cluster.json)")
     p.add_argument("--cross-az-ms", type=float, default=None,
                    help="one-way delay across AZs (default 1.0, or the data dir's cluster.json)")
+    p.add_argument("--storage-nodes", type=int, default=None, metavar="N",
+                   help="storage nodes sn1..snN, N/3 per AZ (N >= 6, a multiple of 3; default 6 "
+                        "on a new data dir); each PG is placed on six of them (docs/fleet.md)")
     p.add_argument("--replicas", type=int, default=None,
                    help=f"read replicas db2.. (0..{MAX_REPLICAS}; default 1 on a new data dir; "
                         f"an existing data dir brings back the instances it had)")
@@ -526,6 +530,7 @@ def register(subparsers) -> None:
     p.add_argument("--intra-az-ms", type=float, default=None)
     p.add_argument("--cross-az-ms", type=float, default=None)
     p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--storage-nodes", type=int, default=None)
     p.add_argument("--failover-after-s", type=float, default=None,
                    help="fail over once the writer's health check has failed this long (default 1.5)")
     p.add_argument("--dashboard-read-only", action="store_true",

@@ -110,9 +110,11 @@ def lower_out_of(lsn: int, truncs) -> int:
     # END LAB 4
 
 
-async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
-    """Run make_call(name, stub) on every node; return {name: reply or RpcError}."""
-    names = driver.node_names
+async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float,
+                          names=None) -> dict:
+    """Run make_call(name, stub) on every node (or on ``names``, e.g. one PG's members:
+    ``driver.members(pg)``, invariant 15); return {name: reply or RpcError}."""
+    names = list(driver.node_names if names is None else names)
 
     async def one(name):
         try:
@@ -148,7 +150,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
         return pg, await gather_per_node(
             driver, lambda name, stub: stub.SegmentState(
                 pb.SegmentStateRequest(volume=volume, pg=pg), timeout_s=rpc_timeout_s),
-            rpc_timeout_s)
+            rpc_timeout_s, driver.members(pg))   # the PG's own six (invariant 15)
 
     learned = dict(await asyncio.gather(*(learn(pg) for pg in pgs)))
     created = False
@@ -208,7 +210,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 
     async def fence(pg):
         return pg, await gather_per_node(
-            driver, lambda name, stub: fence_one(pg, stub), rpc_timeout_s)
+            driver, lambda name, stub: fence_one(pg, stub), rpc_timeout_s, driver.members(pg))
 
     fenced = dict(await asyncio.gather(*(fence(pg) for pg in pgs)))
 
@@ -284,7 +286,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
             driver, lambda name, stub: stub.Truncate(
                 truncate_request(volume, pg, new_epoch, new_set, time_us, vdl),
                 timeout_s=rpc_timeout_s),
-            rpc_timeout_s)
+            rpc_timeout_s, driver.members(pg))
 
     truncated = dict(await asyncio.gather(*(truncate(pg) for pg in pgs)))
     for pg, results in truncated.items():
@@ -315,15 +317,22 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 
 
 async def _create_volume(driver: StorageDriver, rpc_timeout_s: float) -> None:
-    request = pb.CreateVolumeRequest(volume=driver.volume, pg_count=driver.layout.pg_count,
-                                     stripe_pages=driver.layout.stripe_pages, volume_epoch=1)
+    """Create the volume's segments where they are placed: each node is asked for exactly
+    the PGs placed on it (invariant 15); every PG needs Vw of its members."""
+    def request(name: str) -> pb.CreateVolumeRequest:
+        return pb.CreateVolumeRequest(volume=driver.volume, pg_count=driver.layout.pg_count,
+                                      stripe_pages=driver.layout.stripe_pages, volume_epoch=1,
+                                      pgs=driver.pgs_on(name) if driver.memberships else ())
+    hosts = [n for n in driver.node_names if driver.pgs_on(n)]
     results = await gather_per_node(
-        driver, lambda name, stub: stub.CreateVolume(request, timeout_s=rpc_timeout_s),
-        rpc_timeout_s)
+        driver, lambda name, stub: stub.CreateVolume(request(name), timeout_s=rpc_timeout_s),
+        rpc_timeout_s, hosts)
     ok = [n for n, r in results.items() if not isinstance(r, RpcError)]
-    if len(ok) < VW:
-        raise RecoveryError(f"could create volume {driver.volume!r} on only {len(ok)} nodes "
-                            f"({_describe_errors(results)})")
+    for pg in range(driver.layout.pg_count):
+        placed = [n for n in driver.members(pg) if n in ok]
+        if len(placed) < VW:
+            raise RecoveryError(f"could create PG {pg} of volume {driver.volume!r} on only "
+                                f"{len(placed)} of its nodes ({_describe_errors(results)})")
     log.info("created volume %s on %s", driver.volume, ", ".join(ok))
 
 
@@ -357,18 +366,24 @@ async def _repair(driver: StorageDriver, since: int, vdl: int, tails: dict[int, 
     best_scl: dict[tuple[str, int], int] = {}      # (node, pg) -> highest SCL acked
     results: dict = {}
     for i in range(max(len(c) for c in chunks.values())):  # the i-th answer of every PG
-        request = pb.AppendRequest(
-            volume=driver.volume, volume_epoch=driver.epoch, writer_vdl=since,
-            batches=[pb.PgBatch(pg=pg, records=c[i]) for pg, c in chunks.items() if i < len(c)],
-            sender=driver.instance)
+        def request(name: str) -> pb.AppendRequest:   # the PGs placed on ``name`` only
+            return pb.AppendRequest(
+                volume=driver.volume, volume_epoch=driver.epoch, writer_vdl=since,
+                batches=[pb.PgBatch(pg=pg, membership_epoch=driver.membership_epoch(pg),
+                                    records=c[i])
+                         for pg, c in chunks.items() if i < len(c) and name in driver.members(pg)],
+                sender=driver.instance)
+        hosts = [n for n in driver.node_names
+                 if any(i < len(c) and n in driver.members(pg) for pg, c in chunks.items())]
         results = await gather_per_node(
-            driver, lambda name, stub: stub.Append(request, timeout_s=rpc_timeout_s), rpc_timeout_s)
+            driver, lambda name, stub: stub.Append(request(name), timeout_s=rpc_timeout_s),
+            rpc_timeout_s, hosts)
         for name, reply in results.items():
             if not isinstance(reply, RpcError):
                 for ack in reply.acks:
                     best_scl[(name, ack.pg)] = max(best_scl.get((name, ack.pg), 0), ack.scl)
     for pg in chunks:
-        complete = sum(1 for name in driver.node_names
+        complete = sum(1 for name in driver.members(pg)
                        if best_scl.get((name, pg), 0) >= tails.get(pg, 0))
         if complete < VW:
             raise RecoveryError(
