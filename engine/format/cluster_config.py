@@ -119,6 +119,7 @@ class ClusterConfig:
                         "cross_az_ms": self.latency.cross_az_ms,
                         "extra_az_ms": dict(self.latency.extra_az_ms),
                         "extra_node_ms": dict(self.latency.extra_node_ms)},
+            "placement": self.placement.to_json(),
         }
 
     @classmethod
