@@ -69,9 +69,19 @@ def process_dict(p) -> dict:
     }
 
 
+def pgs_list(state) -> list[dict]:
+    """The placement as `status --json` shows it: one object per PG (docs/fleet.md)."""
+    return [{"pg": p.pg, "membership_epoch": p.membership_epoch,
+             "members": [{"node": m.node, "az": m.az, "state": m.state, "scl": m.scl}
+                         for m in p.members]} for p in state.pgs]
+
+
 def state_dict(state) -> dict:
     return {
-        "data_dir": state.data_dir, "volume": state.volume,
+        "data_dir": state.data_dir,
+        "volume": {"name": state.volume, "bytes": state.volume_bytes,
+                   "pg_count": state.volume_pg_count},
+        "pgs": pgs_list(state),
         "control": {"address": state.control_address, "pid": state.control_pid,
                     "metrics": state.control_metrics or None},
         "dashboard": state.dashboard or None,
@@ -123,6 +133,15 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def format_placement(state) -> str:
+    """One row per PG: its membership epoch and six members (node, state, SCL)."""
+    rows = [["PG", "EPOCH", *[f"MEMBER {i + 1}" for i in range(6)]]]
+    for p in state.pgs:
+        rows.append([str(p.pg), str(p.membership_epoch),
+                     *[f"{m.node} {m.state} {m.scl}" for m in p.members]])
+    return table(rows)
+
+
 def format_status(state) -> str:
     rows = [["NAME", "ROLE", "AZ", "TIER", "PID", "STATE", "ADDRESS", "SCL / VDL", "RECEIVED", "LAG"]]
     notes = []
@@ -159,6 +178,10 @@ def format_status(state) -> str:
     grid = format_segments(state)
     if grid:
         lines += ["", "SCL of each segment (PG x storage node):", grid]
+    if state.pgs:
+        lines += ["", f"volume {state.volume}: {_bytes(state.volume_bytes)} in "
+                      f"{state.volume_pg_count} PGs; placement (members: state SCL):",
+                  format_placement(state)]
     if notes:
         lines += [""] + notes
     return "\n".join(lines)
