@@ -142,8 +142,9 @@ class Gossip:
             try:
                 self.store.volume(v.volume)
             except StorageError:
-                created = await self.node.commit(CreateVolumeOp(v.volume, v.pg_count, v.stripe_pages,
-                                                                v.volume_epoch))
+                created = await self.node.commit(CreateVolumeOp(
+                    v.volume, v.pg_count, v.stripe_pages, v.volume_epoch,
+                    pg_pages=v.pg_pages, stripe_width=v.stripe_width))
                 if created:
                     self.log.info("gossip: learned volume %r from %s (missed its CreateVolume)",
                                   v.volume, status.node_id)

@@ -183,6 +183,10 @@ class Writes:
             raise MalformedError(f"CreateVolume {op.volume!r}: pg_count and stripe_pages must be >= 1")
         if not op.volume:
             raise MalformedError("CreateVolume: empty volume name")
+        try:
+            layout = VolumeLayout(op.pg_count, op.stripe_pages, op.pg_pages, op.stripe_width)
+        except ValueError as exc:
+            raise MalformedError(f"CreateVolume {op.volume!r}: {exc}") from None
         # The segments placed on this node (a fleet, docs/fleet.md; invariant 15): only
         # these get a row, so only these take appends, gossip and GC. () = every PG.
         hosted = tuple(op.pgs) or tuple(range(op.pg_count))
@@ -192,12 +196,12 @@ class Writes:
         parent = None
         if op.parent:
             parent = self._vol_of(ctx, op.parent)
-            if parent.layout != VolumeLayout(op.pg_count, op.stripe_pages):
+            if parent.layout != layout:
                 raise MalformedError(
                     f"CreateVolume {op.volume!r}: a clone has its parent's layout {parent.layout}")
         existing = ctx.new_volumes.get(op.volume) or self._volumes.get(op.volume)
         if existing is not None:
-            if existing.layout != VolumeLayout(op.pg_count, op.stripe_pages):
+            if existing.layout != layout:
                 raise MalformedError(
                     f"CreateVolume {op.volume!r}: exists with layout {existing.layout}, "
                     f"asked for pg_count={op.pg_count} stripe_pages={op.stripe_pages}")
@@ -207,10 +211,20 @@ class Writes:
                     f"CreateVolume {op.volume!r}: a volume of that name already exists "
                     f"(not a clone of {op.parent!r} at LSN {op.fork_lsn})")
             missing = [pg for pg in hosted if not self._hosts(ctx, op.volume, pg)]
-            if not missing or parent is not None or existing.parent_id:
-                return False   # a clone's segments come only with its creation
-            for pg in missing:   # a PG newly placed on this node: an empty segment
-                ctx.metas[(op.volume, pg)] = SegMeta(volume_epoch=self._volume_epoch(ctx, op.volume))
+            if not missing or parent is not None:
+                return False
+            fork = existing.fork_lsn
+            if existing.parent_id:
+                # A clone grows too, by PGs its parent had no record of at the fork: they
+                # start complete up to the fork, like its first segments.
+                inherited = [pg for pg in missing if existing.fork_tails[pg]]
+                if inherited:
+                    raise MalformedError(f"CreateVolume {op.volume!r}: PGs {inherited} of a clone "
+                                         f"come with the clone's creation (its parent has records)")
+            epoch = self._volume_epoch(ctx, op.volume) or op.epoch
+            for pg in missing:   # a PG newly placed on this node: an empty segment (growth)
+                ctx.metas[(op.volume, pg)] = SegMeta(scl=fork, volume_epoch=epoch, writer_vdl=fork,
+                                                     max_lsn=fork, log_floor=fork)
             self.log.info("volume %r: segments of PGs %s added", op.volume, missing)
             return True
         inherited: tuple = ()
@@ -237,7 +251,7 @@ class Writes:
         txn = ctx.txn
         vol_id = U32.unpack(txn.get(b"next_vol_id", db=self.db_node))[0]
         txn.put(b"next_vol_id", U32.pack(vol_id + 1), db=self.db_node)
-        info = VolumeInfo(op.volume, vol_id, VolumeLayout(op.pg_count, op.stripe_pages), op.epoch,
+        info = VolumeInfo(op.volume, vol_id, layout, op.epoch,
                           parent.vol_id if parent else 0, op.fork_lsn if parent else 0, False,
                           tuple(sorted(set(inherited))),
                           tuple(op.fork_tails) if parent else ())

@@ -284,7 +284,8 @@ def cmd_up(args) -> int:
         argv.append("--dashboard-read-only")
     for flag, value in (("--base-port", args.base_port), ("--intra-az-ms", args.intra_az_ms),
                         ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas),
-                        ("--storage-nodes", args.storage_nodes)):
+                        ("--storage-nodes", args.storage_nodes), ("--pg-size-mb", args.pg_size_mb),
+                        ("--max-pgs", args.max_pgs), ("--stripe-width", args.stripe_width)):
         if value is not None:
             argv += [flag, str(value)]
     # A fresh process in its own session: Ctrl-C in this terminal reaches only `up`,
@@ -530,6 +531,15 @@ def register(subparsers) -> None:
     p.add_argument("--storage-nodes", type=int, default=None, metavar="N",
                    help="storage nodes sn1..snN, N/3 per AZ (N >= 6, a multiple of 3; default 6 "
                         "on a new data dir); each PG is placed on six of them (docs/fleet.md)")
+    p.add_argument("--pg-size-mb", type=float, default=None, metavar="MIB",
+                   help="a PG's capacity; the volume grows by PGs as it fills (new data dir "
+                        "only; default 16, a multiple of 8 KiB)")
+    p.add_argument("--max-pgs", type=int, default=None, metavar="N",
+                   help="the volume's maximum PG count: past it writes get 'volume full' "
+                        "(new data dir only; default 64)")
+    p.add_argument("--stripe-width", type=int, default=None, metavar="N",
+                   help="PGs each extent of the volume is striped over (new data dir only; "
+                        "default 8; --max-pgs must be a multiple)")
     p.add_argument("--replicas", type=int, default=None,
                    help=f"read replicas db2.. (0..{MAX_REPLICAS}; default 1 on a new data dir; "
                         f"an existing data dir brings back the instances it had)")
@@ -554,6 +564,9 @@ def register(subparsers) -> None:
     p.add_argument("--cross-az-ms", type=float, default=None)
     p.add_argument("--replicas", type=int, default=None)
     p.add_argument("--storage-nodes", type=int, default=None)
+    p.add_argument("--pg-size-mb", type=float, default=None)
+    p.add_argument("--max-pgs", type=int, default=None)
+    p.add_argument("--stripe-width", type=int, default=None)
     p.add_argument("--failover-after-s", type=float, default=None,
                    help="fail over once the writer's health check has failed this long (default 1.5)")
     p.add_argument("--dashboard-read-only", action="store_true",

@@ -279,14 +279,17 @@ def storage_port_offset(index: int) -> int:
 def plan_cluster(dd: DataDir, *, base_port: int | None = None,
                  intra_az_ms: float | None = None, cross_az_ms: float | None = None,
                  host: str = HOST, instances: list[str] | None = None,
-                 storage_nodes: int | None = None) -> Plan:
+                 storage_nodes: int | None = None, pg_size_mb: float | None = None,
+                 max_pgs: int | None = None, stripe_width: int | None = None) -> Plan:
     """The cluster config and ports for a start of the cluster in ``dd``.
 
     An existing cluster.json keeps its volume, layout, LAL, latency and placement (flags
     given here override the latency); only addresses may change, and the fleet may grow
     (``storage_nodes`` above the old count: new nodes take new PGs), never shrink (the
     segments placed on a node would be lost). ``storage_nodes``: the fleet's size
-    (default 6, or the existing cluster's). Every PG of the volume is placed here, so the
+    (default 6, or the existing cluster's). ``pg_size_mb``, ``max_pgs``, ``stripe_width``:
+    growth (engine/format/volume.py), for a new data dir only (a volume's layout never
+    changes). Every PG of the volume is placed here, so the
     file every process reads always has the whole placement. ``instances``: the compute
     instances to plan ports for (default: those of dd's saved topology, or db1 and db2).
     With --base-port, dbN listens on base + N.
@@ -358,14 +361,42 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
         pg_ports = _plan_pg_ports(dd, ["cluster", "reader", *inst_names],
                                   set(chosen.values()) | set(metrics_ports.values()), host)
     nodes = [NodeInfo(n, az, f"{host}:{sn_ports[n]}") for n, az in fleet]
+    growth = (pg_size_mb, max_pgs, stripe_width)
+    if previous and any(v is not None for v in growth) and _growth_of(
+            pg_size_mb, max_pgs, stripe_width) != (previous.pg_pages, previous.pg_count,
+                                                   previous.stripe_width):
+        raise ValueError("--pg-size-mb, --max-pgs and --stripe-width are chosen when a cluster is "
+                         "created; this data dir's volume keeps its layout")
     if previous:
         config = ClusterConfig(storage_nodes=nodes, volume=previous.volume,
                                pg_count=previous.pg_count, stripe_pages=previous.stripe_pages,
+                               pg_pages=previous.pg_pages, stripe_width=previous.stripe_width,
                                lal=previous.lal, latency=latency, placement=previous.placement)
     else:
-        config = ClusterConfig(storage_nodes=nodes, latency=latency)
+        pg_pages, pg_count, width = _growth_of(pg_size_mb, max_pgs, stripe_width)
+        config = ClusterConfig(storage_nodes=nodes, latency=latency, pg_count=pg_count,
+                               pg_pages=pg_pages, stripe_width=width)
+        config.layout   # a ValueError names what does not fit
     config.memberships()   # place every PG not placed yet (the control plane keeps it)
     return Plan(config, inst_ports, control_port, metrics_ports, pg_ports)
+
+
+def _growth_of(pg_size_mb: float | None, max_pgs: int | None,
+               stripe_width: int | None) -> tuple[int, int, int]:
+    """(pg_pages, pg_count, stripe_width) of a new volume from `up`'s growth flags."""
+    from engine.format.page import PAGE_SIZE
+    from engine.format.volume import (
+        DEFAULT_MAX_PGS, DEFAULT_PG_SIZE_MB, DEFAULT_STRIPE_WIDTH, PG_COUNT_MAX)
+    size_mb = DEFAULT_PG_SIZE_MB if pg_size_mb is None else pg_size_mb
+    pages = size_mb * 1024 * 1024 / PAGE_SIZE
+    if size_mb <= 0 or pages != int(pages):
+        raise ValueError(f"--pg-size-mb {size_mb:g} is not a positive whole number of "
+                         f"{PAGE_SIZE // 1024} KiB pages")
+    pg_count = DEFAULT_MAX_PGS if max_pgs is None else max_pgs
+    if not 1 <= pg_count <= PG_COUNT_MAX:
+        raise ValueError(f"--max-pgs {pg_count} is outside 1..{PG_COUNT_MAX}")
+    width = min(DEFAULT_STRIPE_WIDTH, pg_count) if stripe_width is None else stripe_width
+    return int(pages), pg_count, width
 
 
 def _previous_metrics_ports(dd: DataDir) -> dict[str, int]:

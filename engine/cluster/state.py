@@ -274,7 +274,7 @@ class ClusterState:
             self._fill_lag(states)
         pgs, volume_bytes = self.placement_state(states) if probes else ([], 0)
         return pb.ClusterState(
-            pgs=pgs, volume_bytes=volume_bytes, volume_pg_count=self.config.pg_count,
+            pgs=pgs, volume_bytes=volume_bytes, volume_pg_count=len(pgs),
             data_dir=self.dd.root, control_address=self.address, control_pid=os.getpid(),
             cluster_endpoint=self.procs[self.writer].address, writer=self.writer,
             volume=self.config.volume, processes=list(states.values()),
@@ -328,7 +328,10 @@ class ClusterState:
         """
         azs = self.config.node_azs()
         pgs = []
+        reported = {g.pg for s in states.values() for g in s.segments}
         for pg, membership in sorted(self.config.memberships().items()):
+            if self.config.layout.grows and pg not in reported:
+                continue   # growth: a PG not created yet (docs/fleet.md)
             members = []
             for node in membership.members:
                 s = states.get(node)

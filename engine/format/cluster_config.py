@@ -5,7 +5,7 @@ serving; `aurora-lite writer --cluster FILE` and the tests read it. Example::
 
     {
       "volume": "main",
-      "pg_count": 8, "stripe_pages": 64,
+      "pg_count": 64, "stripe_pages": 64, "pg_pages": 2048, "stripe_width": 8,
       "lal": 100000,
       "storage_nodes": [{"name": "sn1", "az": "az-a", "address": "127.0.0.1:40001"}, ...],
       "placement": {"volumes": {"main": [{"pg": 0, "membership_epoch": 1,
@@ -13,6 +13,9 @@ serving; `aurora-lite writer --cluster FILE` and the tests read it. Example::
       "latency": {"intra_az_ms": 0.25, "cross_az_ms": 1.0, "extra_az_ms": {"az-b": 50},
                   "extra_node_ms": {"sn3": 50}}
     }
+
+``pg_pages`` and ``stripe_width`` (optional, 0 when absent) turn on growth: PGs of
+``pg_pages`` pages, ``pg_count`` of them at most (engine/format/volume.py).
 
 ``storage_nodes`` lists the fleet: six nodes or more, a multiple of three, the same number
 in each AZ (engine/format/placement.py). ``placement`` says which six nodes hold each PG of
@@ -79,13 +82,15 @@ class ClusterConfig:
     volume: str = "main"
     pg_count: int = DEFAULT_PG_COUNT
     stripe_pages: int = DEFAULT_STRIPE_PAGES
+    pg_pages: int = 0          # growth: pages per PG (0: a fixed set of pg_count PGs)
+    stripe_width: int = 0      # growth: PGs per extent
     lal: int = DEFAULT_LAL
     latency: Latency = field(default_factory=Latency)
     placement: Placement = field(default_factory=Placement)
 
     @property
     def layout(self) -> VolumeLayout:
-        return VolumeLayout(self.pg_count, self.stripe_pages)
+        return VolumeLayout(self.pg_count, self.stripe_pages, self.pg_pages, self.stripe_width)
 
     def node_azs(self) -> dict[str, str]:
         """{node name: AZ} of the fleet."""
@@ -112,6 +117,7 @@ class ClusterConfig:
     def to_json(self) -> dict:
         return {
             "volume": self.volume, "pg_count": self.pg_count, "stripe_pages": self.stripe_pages,
+            "pg_pages": self.pg_pages, "stripe_width": self.stripe_width,
             "lal": self.lal,
             "storage_nodes": [{"name": n.name, "az": n.az, "address": n.address}
                               for n in self.storage_nodes],
@@ -131,6 +137,7 @@ class ClusterConfig:
             storage_nodes=nodes, volume=data.get("volume", "main"),
             pg_count=int(data.get("pg_count", DEFAULT_PG_COUNT)),
             stripe_pages=int(data.get("stripe_pages", DEFAULT_STRIPE_PAGES)),
+            pg_pages=int(data.get("pg_pages", 0)), stripe_width=int(data.get("stripe_width", 0)),
             lal=int(data.get("lal", DEFAULT_LAL)),
             latency=Latency(float(lat.get("intra_az_ms", DEFAULT_INTRA_AZ_MS)),
                             float(lat.get("cross_az_ms", DEFAULT_CROSS_AZ_MS)),

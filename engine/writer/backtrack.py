@@ -380,7 +380,7 @@ class TimeTravel:
                 truncate_request(volume, pg, new_epoch, new_set, now_us, driver.vdl, target),
                 timeout_s=RPC_TIMEOUT_S), driver.members(pg))
 
-        done = dict(await asyncio.gather(*(one_pg(pg) for pg in range(layout.pg_count))))
+        done = dict(await asyncio.gather(*(one_pg(pg) for pg in sorted(driver.created_pgs))))
         for pg, answers in done.items():
             ok = [n for n, a in answers.items() if not isinstance(a, RpcError)]
             if len(ok) < VW:
@@ -397,6 +397,8 @@ class TimeTravel:
         driver = self.driver
 
         async def one_pg(pg):
+            if pg not in driver.created_pgs:
+                return 0   # growth: a PG never created has no record (docs/fleet.md)
             request = pb.SegmentStateRequest(volume=driver.volume, pg=pg, tail_bound=fork_lsn)
             answers = await self._each_node(lambda stub: stub.SegmentState(request, timeout_s=RPC_TIMEOUT_S),
                                             driver.members(pg))
@@ -422,16 +424,19 @@ class TimeTravel:
             # node gets the PGs placed on it (invariant 15).
             return pb.CreateVolumeRequest(volume=name, pg_count=driver.layout.pg_count,
                                           stripe_pages=driver.layout.stripe_pages,
+                                          pg_pages=driver.layout.pg_pages,
+                                          stripe_width=driver.layout.stripe_width,
                                           volume_epoch=1, parent=driver.volume, fork_lsn=fork_lsn,
                                           fork_tails=tails,
-                                          pgs=driver.pgs_on(node) if driver.memberships else ())
+                                          pgs=driver.pgs_on(node)
+                                          if driver.memberships or driver.layout.grows else ())
         hosts = [n for n in driver.node_names if driver.pgs_on(n)]
         answers = await gather_per_node(
             driver, lambda node, stub: stub.CreateVolume(request(node), timeout_s=RPC_TIMEOUT_S),
             RPC_TIMEOUT_S, hosts)
         ok = [n for n, a in answers.items() if not isinstance(a, RpcError)]
         errors = [a for a in answers.values() if isinstance(a, RpcError)]
-        short = [pg for pg in range(driver.layout.pg_count)
+        short = [pg for pg in sorted(driver.created_pgs)
                  if sum(n in ok for n in driver.members(pg)) < VW]
         if short:
             detail = errors[0].detail if errors else ""

@@ -59,6 +59,7 @@ from aurora_pb import storage_pb2 as pb
 from engine.errors import ErrorCode, RpcError, UnavailableError
 from engine.materialiser import scan_batch
 from engine.format.redo import FLAG_CPL
+from engine.format.page import META_PAGE_ID
 from engine.writer.storage_driver import StorageDriver, truncate_request  # noqa: F401 (re-exported)
 from engine.format.volume import VR, VW
 
@@ -144,6 +145,16 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     volume = driver.volume
     layout = driver.layout
     pgs = range(layout.pg_count)
+    created = False
+    if layout.grows:
+        # Growth: only PGs whose segments exist take part (docs/fleet.md).
+        pgs, known = await _existing_pgs(driver, rpc_timeout_s)
+        if not known:
+            if not create_if_missing:
+                raise RecoveryError(f"volume {volume!r} does not exist")
+            await _create_volume(driver, rpc_timeout_s)
+            created = True
+            pgs = [layout.pg_of(META_PAGE_ID)]
 
     # 1. Learn. ----------------------------------------------------------------------
     async def learn(pg):
@@ -153,11 +164,10 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
             rpc_timeout_s, driver.members(pg))   # the PG's own six (invariant 15)
 
     learned = dict(await asyncio.gather(*(learn(pg) for pg in pgs)))
-    created = False
-    unknown = [n for n, r in learned[0].items()
+    unknown = [] if layout.grows else [n for n, r in learned[0].items()
                if isinstance(r, RpcError) and r.code == ErrorCode.UNKNOWN_VOLUME]
-    known = [n for n, r in learned[0].items() if not isinstance(r, RpcError)]
-    if not known and len(unknown) >= VW:
+    known = [] if layout.grows else [n for n, r in learned[0].items() if not isinstance(r, RpcError)]
+    if not layout.grows and not known and len(unknown) >= VW:
         if not create_if_missing:
             raise RecoveryError(f"volume {volume!r} does not exist")
         await _create_volume(driver, rpc_timeout_s)
@@ -305,6 +315,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     repaired = await _repair(driver, since, vdl, tails, best_node, rpc_timeout_s)
 
     # 6. Open. -----------------------------------------------------------------------
+    driver.created_pgs = set(pgs)
     driver.reset_for_epoch(start_lsn=vdl, next_lsn=truncate_end + 1, pg_tails=tails)
     result = RecoveryResult(
         epoch=new_epoch, vdl=vdl, vcl=vcl, since=since, truncate_end=truncate_end,
@@ -316,19 +327,54 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     return result
 
 
+async def _existing_pgs(driver: StorageDriver, rpc_timeout_s: float) -> tuple[list[int], bool]:
+    """(PGs whose segments exist, whether any node knows the volume), growth only.
+
+    A PG counts as never created when Vr of its members answer NodeStatus without it: then
+    at most V - Vr = 3 segments hold anything of it, so no record of it ever reached a
+    write quorum (Vr + Vw > V). Every other PG is learned as usual, and recovery fails
+    (and is retried) if fewer than Vr of its members answer.
+    """
+    states = await gather_per_node(
+        driver, lambda name, stub: stub.NodeStatus(pb.NodeStatusRequest(), timeout_s=rpc_timeout_s),
+        rpc_timeout_s)
+    held: dict[str, set[int]] = {}
+    known = False
+    for name, reply in states.items():
+        if isinstance(reply, RpcError):
+            continue
+        held[name] = {s.pg for s in reply.segments if s.volume == driver.volume}
+        known |= any(v.volume == driver.volume for v in reply.volumes)
+    pgs = []
+    for pg in range(driver.layout.pg_count):
+        without = sum(1 for n in driver.members(pg) if n in held and pg not in held[n])
+        if without < VR:
+            pgs.append(pg)
+    return pgs, known
+
+
 async def _create_volume(driver: StorageDriver, rpc_timeout_s: float) -> None:
     """Create the volume's segments where they are placed: each node is asked for exactly
-    the PGs placed on it (invariant 15); every PG needs Vw of its members."""
+    the PGs placed on it (invariant 15); every PG needs Vw of its members. A growing
+    volume starts with the META page's PG only; the driver creates the others as pages
+    need them."""
+    layout = driver.layout
+    first = [layout.pg_of(META_PAGE_ID)] if layout.grows else list(range(layout.pg_count))
+
+    def placed_on(name: str) -> list[int]:
+        return [pg for pg in first if name in driver.members(pg)]
+
     def request(name: str) -> pb.CreateVolumeRequest:
-        return pb.CreateVolumeRequest(volume=driver.volume, pg_count=driver.layout.pg_count,
-                                      stripe_pages=driver.layout.stripe_pages, volume_epoch=1,
-                                      pgs=driver.pgs_on(name) if driver.memberships else ())
-    hosts = [n for n in driver.node_names if driver.pgs_on(n)]
+        return pb.CreateVolumeRequest(volume=driver.volume, pg_count=layout.pg_count,
+                                      stripe_pages=layout.stripe_pages, volume_epoch=1,
+                                      pg_pages=layout.pg_pages, stripe_width=layout.stripe_width,
+                                      pgs=placed_on(name) if driver.memberships or layout.grows else ())
+    hosts = [n for n in driver.node_names if placed_on(n)]
     results = await gather_per_node(
         driver, lambda name, stub: stub.CreateVolume(request(name), timeout_s=rpc_timeout_s),
         rpc_timeout_s, hosts)
     ok = [n for n, r in results.items() if not isinstance(r, RpcError)]
-    for pg in range(driver.layout.pg_count):
+    for pg in first:
         placed = [n for n in driver.members(pg) if n in ok]
         if len(placed) < VW:
             raise RecoveryError(f"could create PG {pg} of volume {driver.volume!r} on only "

@@ -20,6 +20,13 @@ repeated fields), so different PGs' batches travel to different node sets, and a
 hosting none of a batch's PGs is not sent it. A batch has reached write quorum when each
 of its PGs has Vw acks from that PG's members.
 
+Growth (docs/fleet.md): with a growing layout a PG's segments are created when its first
+record is submitted: the driver asks the PG's six members to CreateVolume with just that
+PG (and sends them this epoch's truncation set), and holds the open batch until Vw of
+them have it (one round trip, once per PG; nothing else stops). ``created_pgs`` is what
+recovery found plus what this driver created. A node that missed the creation answers
+UNKNOWN_SEGMENT and is asked again.
+
 Batching without a timer: a sealed batch is "in flight" until Vw = 4 nodes acked it.
 While fewer than ``max_inflight_batches`` (1) are in flight the open batch is sealed and
 sent at once (a lone commit goes out immediately); otherwise records pile up in the open
@@ -172,6 +179,9 @@ class StorageDriver:
         self.transport = transport
         self.node_infos = list(nodes)
         self.tracker = QuorumTracker(names, start_lsn, pg_tails, self._pg_members())
+        # PGs whose segments exist; a growing volume starts with none (recovery fills it in).
+        self.created_pgs: set[int] = set() if layout.grows else set(range(layout.pg_count))
+        self._creating: dict[int, None] = {}   # PGs being created (their records wait)
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
         self.commits = CommitQueue()
         self.truncations: list[tuple[int, int, int]] = []  # this epoch's truncation set
@@ -251,8 +261,8 @@ class StorageDriver:
         return m.epoch if m is not None else 0
 
     def pgs_on(self, name: str) -> list[int]:
-        """The PGs of this volume with a segment on node ``name``."""
-        return [pg for pg in range(self.layout.pg_count) if name in self.members(pg)]
+        """The created PGs of this volume with a segment on node ``name``."""
+        return [pg for pg in sorted(self.created_pgs) if name in self.members(pg)]
 
     def _pg_members(self) -> dict[int, tuple[str, ...]]:
         return {pg: m.members for pg, m in self.memberships.items()}
@@ -289,6 +299,9 @@ class StorageDriver:
     def submit(self, records: list[tuple[int, int, bytes]]) -> None:
         self._check_fenced()
         for pg, lsn, record in records:
+            if pg not in self.created_pgs and pg not in self._creating:
+                self._creating[pg] = None
+                self._spawn(self._create_pg(pg))
             self.tracker.record_sent(lsn, pg, bool(record[37] & FLAG_CPL))
             self._open.setdefault(pg, []).append(record)
             self._open_bytes += len(record)
@@ -324,7 +337,50 @@ class StorageDriver:
 
     # --- Sending -----------------------------------------------------------------------
 
+    async def _create_pg(self, pg: int) -> None:
+        """Create ``pg``'s segments on its members (growth); retried until Vw have it."""
+        backoff_s = 0.05
+        while not self._closed and self.fenced is None:
+            ok = await self._create_segments(self.members(pg), [pg])
+            if len(ok) >= VW:
+                log.info("PG %d of %s created on %s", pg, self.volume, ", ".join(ok))
+                self.created_pgs.add(pg)
+                self._creating.pop(pg, None)
+                self._maybe_seal()
+                return
+            log.warning("PG %d of %s: segments created on only %d of %d nodes; retrying",
+                        pg, self.volume, len(ok), VW)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 1.0)
+
+    async def _create_segments(self, names, pgs: list[int]) -> list[str]:
+        """CreateVolume of ``pgs`` (plus this epoch's truncation set) on ``names``; the
+        nodes that have them now."""
+        layout = self.layout
+        time_us, prev_vdl = self.truncation_history
+
+        async def one(name: str) -> str | None:
+            stub = self._nodes[name].stub
+            try:
+                await stub.CreateVolume(pb.CreateVolumeRequest(
+                    volume=self.volume, pg_count=layout.pg_count, stripe_pages=layout.stripe_pages,
+                    pg_pages=layout.pg_pages, stripe_width=layout.stripe_width,
+                    volume_epoch=max(self.epoch, 1), pgs=pgs))
+                for pg in pgs if self.truncations else ():
+                    await stub.Truncate(truncate_request(self.volume, pg, self.epoch,
+                                                         self.truncations, time_us, prev_vdl))
+                return name
+            except RpcError as exc:
+                if exc.code == ErrorCode.STALE_EPOCH:
+                    self._fence(self._nodes[name], exc)
+                log.debug("creating PGs %s on %s failed: %s", pgs, name, exc)
+                return None
+
+        return [n for n in await asyncio.gather(*(one(n) for n in names)) if n]
+
     def _maybe_seal(self) -> None:
+        if self._creating and any(pg in self._creating for pg in self._open):
+            return   # a new PG's segments are being created: one round trip (growth)
         while self._open and (len(self._inflight) < self.max_inflight_batches
                               or self._open_bytes >= BATCH_BYTES_MAX):
             self._seal_and_send()
@@ -496,6 +552,9 @@ class StorageDriver:
             node.send_truncations = True
             node.wake.set()
             return
+        if exc.code == ErrorCode.UNKNOWN_SEGMENT:   # it missed a PG's creation: again
+            self._spawn(self._create_segments(
+                [node.info.name], [pg for pg in self._hosted(node, batch) if pg in self.created_pgs]))
         node.failures += 1
         if node.up:
             log.warning("append to %s refused: %s", node.info.name, exc)
@@ -689,6 +748,7 @@ class StorageDriver:
             "epoch": self.epoch, "lal": self.lal, "next_lsn": self.allocator.next_lsn,
             "allocation_limit": self.allocation_limit(),
             "inflight_batches": len(self._inflight), "open_records": self._open_records,
+            "created_pgs": sorted(self.created_pgs),
             "waiting_commits": len(self.commits), "fenced": self.fenced is not None,
             "stats": dict(self.stats),
             "nodes": {n.info.name: {"az": n.info.az, "address": n.info.address, "up": n.up,
