@@ -80,8 +80,11 @@ class WriteTxn:
     def meta(self, key: tuple) -> SegMeta:
         m = self.metas.get(key)
         if m is None:
-            m = self.store._segs[key].copy()
-            self.metas[key] = m
+            stored = self.store._segs.get(key)
+            if stored is None:   # a PG not placed on this node (invariant 15): refused
+                raise UnknownSegmentError(f"PG {key[1]} of volume {key[0]!r} is not placed on "
+                                          f"this node")
+            m = self.metas[key] = stored.copy()
         return m
 
 

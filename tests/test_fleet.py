@@ -177,3 +177,61 @@ def test_placement_survives_a_restart(fleet):
         _read_back(client, acked)
     finally:
         client.close()
+
+
+# --- In process: a node's segments, the growth layout (fast, no cluster) -------------------
+
+
+def test_a_node_holds_and_serves_only_the_pgs_placed_on_it(tmp_path):
+    """CreateVolume with ``pgs`` makes only those segments; an Append or read of another
+    PG is refused with UNKNOWN_SEGMENT and stores nothing; asking again adds segments."""
+    from engine.format.volume import VolumeLayout
+    from storage_node import errors as E
+    from storage_node import store as S
+    from tests.storage_client import ChainBuilder
+    from tests.test_storage_node_store import append
+
+    chain = ChainBuilder("v", VolumeLayout(4, 4))
+    st = S.Store(str(tmp_path / "sn"), "sn", map_size=1 << 30)
+    try:
+        assert st.apply_ops([S.CreateVolumeOp("v", 4, 4, 1, pgs=(0, 2))]) == [True]
+        assert sorted(st.segment_keys()) == [("v", 0), ("v", 2)]
+        recs = chain.next_records(40, pages=list(range(16)))   # pages of every PG
+        mine = [r for r in recs if r.pg in (0, 2)]
+        with pytest.raises(E.UnknownSegmentError):
+            append(st, chain, recs)                   # PGs 1 and 3 are not here: all refused
+        assert st.segment("v", 0).scl == 0 and st.segment("v", 0).n_records == 0
+        with pytest.raises(E.UnknownSegmentError):
+            st.segment("v", 1)
+        acks = append(st, chain, mine)
+        assert set(acks) == {r.pg for r in mine}
+        assert st.apply_ops([S.CreateVolumeOp("v", 4, 4, 1, pgs=(1,))]) == [True]
+        assert st.apply_ops([S.CreateVolumeOp("v", 4, 4, 1, pgs=(1,))]) == [False]
+        assert sorted(st.segment_keys()) == [("v", 0), ("v", 1), ("v", 2)]
+        [refused] = st.apply_ops([S.CreateVolumeOp("v", 4, 4, 1, pgs=(7,))])
+        assert isinstance(refused, E.MalformedError)
+    finally:
+        st.close()
+
+
+def test_growth_layout_maps_pages_to_extents_of_pgs():
+    """pg_of with growth: the first extent is the old striping; the next extent starts new
+    PGs; the limit is max PGs x PG pages; bad combinations are refused; the storage
+    volumes row keeps the growth fields (and a clone's fork tails) across a round trip."""
+    from engine.format.volume import VolumeLayout
+    from storage_node.layout import VolumeInfo
+
+    grow = VolumeLayout(pg_count=8, stripe_pages=4, pg_pages=8, stripe_width=2)
+    assert [grow.pg_of(p) for p in range(0, 40, 4)] == [0, 1, 0, 1, 2, 3, 2, 3, 4, 5]
+    assert all(grow.pg_of(p) == VolumeLayout(2, 4).pg_of(p) for p in range(16))
+    assert grow.page_limit == 64 and grow.pg_of(63) == 7 and grow.grows
+    assert VolumeLayout(8, 4).page_limit is None and not VolumeLayout(8, 4).grows
+    for bad in (dict(pg_pages=6, stripe_width=2), dict(pg_pages=8, stripe_width=3),
+                dict(pg_pages=2, stripe_width=2)):
+        with pytest.raises(ValueError):
+            VolumeLayout(pg_count=8, stripe_pages=4, **bad)
+    for info in (VolumeInfo("v", 3, grow, 1),
+                 VolumeInfo("c", 4, grow, 1, parent_id=3, fork_lsn=99,
+                            fork_tails=tuple(range(8))),
+                 VolumeInfo("old", 5, VolumeLayout(8, 64), 2)):
+        assert VolumeInfo.decode(info.name, info.encode()) == info
