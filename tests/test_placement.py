@@ -105,3 +105,30 @@ def test_pgs_on_and_replacement():
     assert pick_replacement(full, "sn1", six, {}) is None
     with pytest.raises(KeyError, match="not placed"):
         placement.members("main", 99)
+
+
+def test_pgcl_counts_only_the_pgs_own_members():
+    """Invariant 15 in the quorum core: a PG's PGCL is the 4th highest SCL among ITS six
+    members; acks of other nodes of the fleet never count for it."""
+    from engine.writer.quorum import QuorumTracker
+
+    placement = _place_many(9, 2)
+    members = {pg: m.members for pg, m in placement.pgs("main").items()}
+    t = QuorumTracker([n for n, _ in fleet_nodes(9)], pg_members=members)
+    t.record_sent(1, 0, True)
+    t.record_sent(2, 1, True)
+    outsiders0 = [n for n, _ in fleet_nodes(9) if n not in members[0]]
+    for n in outsiders0:
+        t.ack(n, 0, 1)
+    assert t.pgcl.get(0, 0) == 0 and t.vdl == 0
+    for n in members[0][:3]:
+        t.ack(n, 0, 1)
+    assert t.vdl == 0
+    t.ack(members[0][3], 0, 1)
+    assert t.vdl == 1
+    outsider1 = next(n for n, _ in fleet_nodes(9) if n not in members[1])
+    for n in list(members[1][:3]) + [outsider1]:
+        t.ack(n, 1, 2)
+    assert t.vdl == 1
+    t.ack(members[1][5], 1, 2)
+    assert t.vdl == 2 and t.segments(1) == members[1]
