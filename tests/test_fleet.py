@@ -239,3 +239,32 @@ def test_growth_layout_maps_pages_to_extents_of_pgs():
                             fork_tails=tuple(range(8))),
                  VolumeInfo("old", 5, VolumeLayout(8, 64), 2)):
         assert VolumeInfo.decode(info.name, info.encode()) == info
+
+
+def test_the_port_plan_of_a_fleet_shares_no_port(tmp_path):
+    """--base-port with 24 storage nodes: every process's port, HTTP port and PostgreSQL
+    port is distinct; the fleet and growth settings land in cluster.json with every PG
+    placed; a fleet does not shrink, and growth flags cannot change an existing volume."""
+    from engine.cluster import launcher
+    from engine.format.cluster_config import ClusterConfig
+
+    base = int(os.environ.get("AURORA_TEST_BASE_PORT", "31000"))
+    dd = launcher.DataDir(str(tmp_path / "dd"))
+    dd.make()
+    plan = launcher.plan_cluster(dd, base_port=base, storage_nodes=24, pg_size_mb=0.5,
+                                 max_pgs=6, stripe_width=2)
+    ports = ([plan.control_port] + [int(n.address.rsplit(":", 1)[1]) for n in plan.config.storage_nodes]
+             + list(plan.instance_ports.values()) + list(plan.metrics_ports.values())
+             + list(plan.pg_ports.values()))
+    assert len(ports) == len(set(ports)), sorted(ports)
+    assert len(plan.config.storage_nodes) == 24
+    plan.config.save(dd.cluster_json)
+    config = ClusterConfig.load(dd.cluster_json)
+    assert (config.pg_count, config.pg_pages, config.stripe_width) == (6, 64, 2)
+    assert sorted(config.placement.pgs("main")) == list(range(6))
+    with pytest.raises(ValueError, match="does not shrink"):
+        launcher.plan_cluster(dd, storage_nodes=9)
+    with pytest.raises(ValueError, match="chosen when a cluster is created"):
+        launcher.plan_cluster(dd, pg_size_mb=1)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        launcher.plan_cluster(launcher.DataDir(str(tmp_path / "other")), storage_nodes=10)

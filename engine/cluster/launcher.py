@@ -31,7 +31,7 @@ unrelated process that reused the pid.
 Port plan with ``--base-port N``: control plane N, db1 N+1 (db2.. N+2..), sn1..sn6
 N+11..N+16; their HTTP ports (Prometheus ``/metrics``, engine/metrics.py) 20 higher: the
 control plane's dashboard and metrics N+20, db1 N+21.., sn1..sn6 N+31..N+36; a fleet's
-sn7..sn24 N+60..N+77 (HTTP N+80..N+97); PostgreSQL
+sn7..sn24 N+100..N+117 (HTTP N+120..N+137); PostgreSQL
 (docs/postgres.md): the cluster endpoint N+40, the reader endpoint N+41, db1 N+42 (db2..
 N+43..). Without it: each process keeps the previous run's ports if they are still free,
 else gets free ports (engine/cluster/ports.py). A replica added later (`replica add`) gets
@@ -70,8 +70,9 @@ assert STORAGE_NODES[0] == ("sn1", "az-a") and STORAGE_NODES[5] == ("sn6", "az-c
 CONTROL_PORT_OFFSET = 0
 INSTANCE_PORT_OFFSET = 1      # db1 -> base+1, db2 -> base+2, ...
 STORAGE_PORT_OFFSET = 11      # sn1 -> base+11, ..., sn6 -> base+16
-FLEET_PORT_OFFSET = 60        # a fleet's sn7 -> base+60, ..., sn24 -> base+77
-FLEET_NODES_MAX = 24          # the port plan's room (sn7..sn24 below the HTTP ports +20)
+FLEET_PORT_OFFSET = 100       # a fleet's sn7 -> base+100, ..., sn24 -> base+117 (above every
+                              # other port of the plan, so instances may use N+60..N+85)
+FLEET_NODES_MAX = 24          # the port plan's room: sn7..sn24 stay below their HTTP ports (+20)
 METRICS_PORT_OFFSET = 20      # each process's HTTP port: its port + 20 (control: dashboard)
 CONTROL_NAME = "control-plane"  # the control plane's key in Plan.metrics_ports
 PG_CLUSTER_PORT_OFFSET = 40   # PostgreSQL: the cluster endpoint's listener (control plane)
