@@ -83,9 +83,19 @@ def process_dict(p) -> dict:
     }
 
 
+def pgs_list(state) -> list[dict]:
+    """The placement as `status --json` shows it: one object per PG (docs/fleet.md)."""
+    return [{"pg": p.pg, "membership_epoch": p.membership_epoch,
+             "members": [{"node": m.node, "az": m.az, "state": m.state, "scl": m.scl}
+                         for m in p.members]} for p in state.pgs]
+
+
 def state_dict(state) -> dict:
     return {
-        "data_dir": state.data_dir, "volume": state.volume,
+        "data_dir": state.data_dir,
+        "volume": {"name": state.volume, "bytes": state.volume_bytes,
+                   "pg_count": state.volume_pg_count},
+        "pgs": pgs_list(state),
         "control": {"address": state.control_address, "pid": state.control_pid,
                     "metrics": state.control_metrics or None},
         "dashboard": state.dashboard or None,
@@ -185,6 +195,15 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def format_placement(state) -> str:
+    """One row per PG: its membership epoch and six members (node, state, SCL)."""
+    rows = [["PG", "EPOCH", *[f"MEMBER {i + 1}" for i in range(6)]]]
+    for p in state.pgs:
+        rows.append([str(p.pg), str(p.membership_epoch),
+                     *[f"{m.node} {m.state} {m.scl}" for m in p.members]])
+    return table(rows)
+
+
 def format_status(state) -> str:
     rows = [["NAME", "ROLE", "AZ", "TIER", "PID", "STATE", "ADDRESS", "SCL / VDL", "RECEIVED", "LAG"]]
     notes = []
@@ -222,6 +241,10 @@ def format_status(state) -> str:
     grid = format_segments(state)
     if grid:
         lines += ["", "SCL of each segment (PG x storage node):", grid]
+    if state.pgs:
+        lines += ["", f"volume {state.volume}: {_bytes(state.volume_bytes)} in "
+                      f"{state.volume_pg_count} PGs; placement (members: state SCL):",
+                  format_placement(state)]
     if notes:
         lines += [""] + notes
     return "\n".join(lines)
@@ -329,7 +352,9 @@ def cmd_up(args) -> int:
         if getattr(args, attr) is not None:
             argv += [flag, str(getattr(args, attr))]
     for flag, value in (("--base-port", args.base_port), ("--intra-az-ms", args.intra_az_ms),
-                        ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas)):
+                        ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas),
+                        ("--storage-nodes", args.storage_nodes), ("--pg-size-mb", args.pg_size_mb),
+                        ("--max-pgs", args.max_pgs), ("--stripe-width", args.stripe_width)):
         if value is not None:
             argv += [flag, str(value)]
     # A fresh process in its own session: Ctrl-C in this terminal reaches only `up`,
@@ -614,6 +639,18 @@ def register(subparsers) -> None:
                    help="one-way delay within an AZ (default 0.25, or the data dir's cluster.json)")
     p.add_argument("--cross-az-ms", type=float, default=None,
                    help="one-way delay across AZs (default 1.0, or the data dir's cluster.json)")
+    p.add_argument("--storage-nodes", type=int, default=None, metavar="N",
+                   help="storage nodes sn1..snN, N/3 per AZ (N >= 6, a multiple of 3; default 6 "
+                        "on a new data dir); each PG is placed on six of them (docs/fleet.md)")
+    p.add_argument("--pg-size-mb", type=float, default=None, metavar="MIB",
+                   help="a PG's capacity; the volume grows by PGs as it fills (new data dir "
+                        "only; default 16, a multiple of 8 KiB)")
+    p.add_argument("--max-pgs", type=int, default=None, metavar="N",
+                   help="the volume's maximum PG count: past it writes get 'volume full' "
+                        "(new data dir only; default 64)")
+    p.add_argument("--stripe-width", type=int, default=None, metavar="N",
+                   help="PGs each extent of the volume is striped over (new data dir only; "
+                        "default 8; --max-pgs must be a multiple)")
     p.add_argument("--replicas", type=int, default=None,
                    help=f"read replicas db2.. (0..{MAX_REPLICAS}; default 1 on a new data dir; "
                         f"an existing data dir brings back the instances it had)")
@@ -638,6 +675,10 @@ def register(subparsers) -> None:
     p.add_argument("--intra-az-ms", type=float, default=None)
     p.add_argument("--cross-az-ms", type=float, default=None)
     p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--storage-nodes", type=int, default=None)
+    p.add_argument("--pg-size-mb", type=float, default=None)
+    p.add_argument("--max-pgs", type=int, default=None)
+    p.add_argument("--stripe-width", type=int, default=None)
     p.add_argument("--failover-after-s", type=float, default=None,
                    help="fail over once the writer's health check has failed this long (default 1.5)")
     p.add_argument("--dashboard-read-only", action="store_true",
