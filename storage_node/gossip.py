@@ -14,7 +14,10 @@ each of its own segments, in random order and within a byte budget per round:
    with FetchRecords (after = own SCL, upto = the end of the hole, ``max_bytes`` bounded),
    verifies them exactly like an Append (checksums, PG membership) and appends them
    through the same durable path at background priority. Its SCL then advances.
-4. Repair (invariant 13): quarantined records are fetched one by one from the peer;
+4. Hydration (storage_node/hydration.py): if the peer no longer keeps the log above this
+   segment's SCL (its log_floor is higher: a new or wiped segment after the peers' GC),
+   the segment first copies every page as of the peer's anchor, then pulls as in 3.
+5. Repair (invariant 13): quarantined records are fetched one by one from the peer;
    quarantined page versions that cannot be rebuilt from the local log (the records
    below them were garbage-collected) are read from the peer as of the GC horizon.
 
@@ -33,6 +36,7 @@ from aurora_pb import storage_pb2 as pb
 from engine.errors import RpcError
 from engine.transport import Channel, Transport, service_of
 from storage_node.errors import StorageError
+from storage_node.hydration import hydrate, needs_hydration
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import AdoptEpochOp, CreateVolumeOp, PutVersionsOp, verify_stored_page
 
@@ -112,6 +116,9 @@ class Gossip:
             if ps.volume_epoch > m.volume_epoch or (
                     ps.volume_epoch == m.volume_epoch and ps.truncations > len(m.truncs)):
                 await self._adopt(stub, peer, key)
+                m = self.store.segment(*key)
+            if needs_hydration(m, ps):
+                await hydrate(self.node, stub, peer, key, self.log)
                 m = self.store.segment(*key)
             # A peer at an older epoch may call records chain-complete that this segment
             # knows are truncated: pulling them would never move the SCL.

@@ -93,6 +93,7 @@ class TruncateOp:
     time_us: int = 0
     prev_vdl: int = 0
     set_writer_vdl: int = 0  # backtrack: the target is durable and the new lowest VDL
+    membership_epoch: int = 0  # the PG's, from the writer (invariant 15; 0: none)
 
 
 @dataclass
@@ -104,6 +105,31 @@ class AdoptEpochOp:
     epoch: int
     truncs: tuple = ()
     reject_stale: bool = False  # True for SegmentState(fence=true) from a writer
+
+
+@dataclass
+class AdoptMembershipOp:
+    """SetMembership from the control plane: adopt a higher membership epoch (invariant 15);
+    a lower one is refused with STALE_MEMBERSHIP."""
+
+    volume: str
+    pg: int
+    membership_epoch: int
+
+
+@dataclass
+class HydrateOp:
+    """The end of a hydration (docs/membership.md): the page versions as of ``anchor`` are
+    stored (PutVersionsOp), so the segment now holds the PG as of ``anchor``, a PG chain
+    record a peer kept: SCL := anchor and log_floor := anchor if the segment's own chain
+    is below it, then the SCL walk takes the records above it that are already here.
+    Dropped if a truncation happened since the pages were fetched (``generation``)."""
+
+    volume: str
+    pg: int
+    generation: int
+    anchor: int
+    gc_horizon: int
 
 
 @dataclass
