@@ -149,6 +149,10 @@ class PutVersionsOp:
     generation: int
     versions: list  # [(page_id, lsn, bytes)]
     clears: list = field(default_factory=list)  # quarantined (page_id, lsn) this repairs
+    #: Quarantined record LSNs that no peer holds any more (they collected them) and that a
+    #: version among ``versions`` at or above them supersedes: their rows leave the
+    #: quarantine; the record stays absent, so a read below that version is refused.
+    superseded: list = field(default_factory=list)
 
 
 @dataclass

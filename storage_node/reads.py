@@ -367,6 +367,21 @@ class Reads:
                 start = pages[-1] + 1
         return m, as_of, out, more
 
+    def page_of_record(self, volume: str, pg: int, lsn: int) -> int | None:
+        """The page a stored (or quarantined) record belongs to, from the page index (None
+        if the index lists it for no page). Linear in the segment's pages: repairs only."""
+        prefix = self._prefix(volume, pg)
+        with self.env.begin() as txn:
+            start = 0
+            while True:
+                pages = self._pages_from(txn, prefix, start, 256)
+                for page_id in pages:
+                    if self._page_lsns(txn, prefix, page_id, lsn - 1, lsn) == [lsn]:
+                        return page_id
+                if len(pages) < 256:
+                    return None
+                start = pages[-1] + 1
+
     def next_stored_above(self, volume: str, pg: int, lsn: int) -> int:
         """The lowest stored, visible LSN > lsn (0 if none): where the hole above the SCL
         ends (gossip fetches only the hole)."""

@@ -465,6 +465,15 @@ class Writes:
                 ctx.txn.delete(prefix + KIND_VERSION + PAGE_LSN.pack(page_id, lsn), db=self.db_quarantine)
                 ctx.quar_del.append((key, KIND_VERSION, (page_id, lsn)))
                 ctx.repairs += 1
+        for lsn in op.superseded:
+            if lsn in self._quar_records.get(key, ()) and \
+                    (key, KIND_RECORD, lsn) not in ctx.quar_del:
+                ctx.txn.delete(prefix + KIND_RECORD + BE64.pack(lsn), db=self.db_quarantine)
+                ctx.quar_del.append((key, KIND_RECORD, lsn))
+                ctx.repairs += 1
+                self.log.warning("repaired quarantined record %s/%d lsn %d: no peer holds it any "
+                                 "more; its page is restored from a peer's version at or above it",
+                                 op.volume, op.pg, lsn)
         return n
 
     def _op_gc_step(self, ctx, op: GcStepOp):
