@@ -29,6 +29,12 @@ is cancelled and reopened with backoff, and every batch written to it and not an
 written again, unless its records are durable by then (VCL passed them): a node that
 missed records fills its gap from its peers by gossip; a retransmit is idempotent on the
 node. Slow nodes never hold a commit back as long as four others ack (outlier tolerance).
+Membership epochs (docs/membership.md, invariants 15 and 16): every request for a PG carries
+the PG's membership epoch from the quorum core's view of it (``tracker.pg_view``); the
+control plane moves it (``set_membership``, InstanceAdmin.SetMembership). A batch refused
+with STALE_MEMBERSHIP (the node knows a newer epoch than this writer) makes the driver
+ask that node's SegmentState for its epochs, adopt the higher ones for the same members
+(the fleet of six keeps its names), stamp the batch again and resend it: no commit fails.
 Refusals come per batch: STALE_EPOCH means a newer writer has taken over: the driver
 becomes fenced and every waiting commit fails with FencedError (invariant 9); EPOCH_AHEAD
 means the node missed a Truncate: it is sent this epoch's truncation set, then the batch
@@ -59,6 +65,7 @@ from aurora_pb import storage_pb2 as pb
 from engine import hooks
 from engine.errors import (
     METADATA_CURRENT_EPOCH,
+    METADATA_CURRENT_MEMBERSHIP,
     ErrorCode,
     FencedError,
     RpcError,
@@ -201,7 +208,9 @@ class StorageDriver:
         for node in self._nodes.values():   # resends of the old epoch: durable or annulled
             node.outbox.clear()
             node.refused.clear()
+        views = self.tracker.membership
         self.tracker = QuorumTracker(self.node_names, start_lsn, pg_tails)
+        self.tracker.membership = dict(views)   # a new volume epoch keeps the PGs' members
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
         self.epoch_floor_lsn = next_lsn - 1
         self.fenced = None
@@ -292,7 +301,8 @@ class StorageDriver:
         request = pb.AppendRequest(
             volume=self.volume, volume_epoch=self.epoch, writer_vdl=self.tracker.vdl,
             sender=self.instance, seq=self._batch_seq,
-            batches=[pb.PgBatch(pg=pg, records=b"".join(self._open[pg])) for pg in pgs])
+            batches=[pb.PgBatch(pg=pg, membership_epoch=self.membership_epoch(pg),
+                                records=b"".join(self._open[pg])) for pg in pgs])
         data = request.SerializeToString()  # once, for all six segments
         batch = _Batch(self._batch_seq, data, pgs, self._open_max_lsn, self._open_records)
         self.stats["batches"] += 1
@@ -429,6 +439,10 @@ class StorageDriver:
 
     def _on_refusal(self, node: _Node, batch: _Batch, exc: RpcError) -> None:
         """One batch refused by ``node`` (nothing of it stored)."""
+        if exc.code == ErrorCode.STALE_MEMBERSHIP:
+            log.info("append to %s refused: %s", node.info.name, exc.detail)
+            self._spawn(self._refresh_membership(node, batch, exc))
+            return
         if exc.code == ErrorCode.STALE_EPOCH:
             self._fence(node, exc)
             for other in self._nodes.values():
@@ -451,6 +465,72 @@ class StorageDriver:
                 node.wake.set()
         asyncio.get_running_loop().call_later(node.backoff_s, again)
         node.backoff_s = min(node.backoff_s * 2, 1.0)
+
+    # --- Membership (docs/membership.md) -----------------------------------------------
+
+    def membership_epoch(self, pg: int) -> int:
+        """The PG's membership epoch, stamped on every request for it (invariant 15)."""
+        return self.tracker.pg_view(pg).epoch
+
+    def set_membership(self, pg: int, epoch: int, members, new_members=None, forget=()) -> int:
+        """Move ``pg`` to membership ``epoch`` (InstanceAdmin.SetMembership): the quorum core
+        counts acks by the new sets from now on (invariant 16). Members must be this
+        volume's nodes: routing a PG to other nodes is the fleet's placement (step 12,
+        part A). Returns the PG's epoch after the call."""
+        if not 0 <= pg < self.layout.pg_count:
+            raise ValueError(f"volume {self.volume!r} has no PG {pg}")
+        unknown = sorted((set(members) | set(new_members or ())) - set(self._nodes))
+        if unknown and self._nodes:
+            raise ValueError(f"PG {pg}: members {unknown} are not storage nodes of this writer")
+        before = self.tracker.pg_view(pg)
+        self.tracker.set_membership(pg, epoch, members, new_members, forget)
+        after = self.tracker.pg_view(pg)
+        if after.epoch != before.epoch:
+            log.info("PG %d: membership epoch %d -> %d (%r%s)", pg, before.epoch, after.epoch,
+                     after, f"; forgetting {', '.join(forget)}" if forget else "")
+            # The PGCL may rise under the new sets only with new acks; nothing moves back
+            # (invariant 5). Commits waiting on acks already counted are released as usual.
+        return after.epoch
+
+    def adopt_membership_epochs(self, epochs: dict[int, int]) -> None:
+        """Adopt higher membership epochs learned from storage (recovery's SegmentState,
+        a STALE_MEMBERSHIP refusal) for the PG's current members."""
+        for pg, epoch in epochs.items():
+            view = self.tracker.pg_view(pg)
+            if epoch > view.epoch:
+                members = view.new_members or view.members
+                self.tracker.set_membership(pg, epoch, members)
+                log.info("PG %d: adopted membership epoch %d from storage", pg, epoch)
+
+    async def _refresh_membership(self, node: _Node, batch: _Batch, exc: RpcError) -> None:
+        """A batch was refused with STALE_MEMBERSHIP: learn the node's epochs for the
+        batch's PGs, adopt the higher ones, stamp the batch again and resend it."""
+        epochs = {}
+        for pg in batch.pgs:
+            try:
+                state = await node.stub.SegmentState(pb.SegmentStateRequest(
+                    volume=self.volume, pg=pg))
+                epochs[pg] = state.membership_epoch
+            except RpcError as err:
+                log.info("membership refresh from %s failed: %s", node.info.name, err)
+        if not epochs:
+            current = int(exc.metadata.get(METADATA_CURRENT_MEMBERSHIP, 0) or 0)
+            epochs = {pg: current for pg in batch.pgs}
+        self.adopt_membership_epochs(epochs)
+        self._restamp(batch)
+        await asyncio.sleep(node.backoff_s)
+        node.backoff_s = min(node.backoff_s * 2, 1.0)
+        if not self._durable(batch):
+            node.outbox.append((batch, True))
+            node.wake.set()
+
+    def _restamp(self, batch: _Batch) -> None:
+        """Serialise the batch again with the PGs' current membership epochs (the same
+        records; every node gets these bytes from now on)."""
+        request = pb.AppendRequest.FromString(batch.request_bytes)
+        for b in request.batches:
+            b.membership_epoch = self.membership_epoch(b.pg)
+        batch.request_bytes = request.SerializeToString()
 
     def _requeue_refused(self, node: _Node) -> None:
         node.send_truncations = False
@@ -534,9 +614,10 @@ class StorageDriver:
         time_us, prev_vdl = self.truncation_history
         for pg in range(self.layout.pg_count):
             try:
-                await node.stub.Truncate(
-                    truncate_request(self.volume, pg, self.epoch, self.truncations, time_us,
-                                     prev_vdl))
+                request = truncate_request(self.volume, pg, self.epoch, self.truncations,
+                                           time_us, prev_vdl)
+                request.membership_epoch = self.membership_epoch(pg)
+                await node.stub.Truncate(request)
             except RpcError as exc:
                 if exc.code != ErrorCode.STALE_EPOCH:
                     raise
@@ -555,7 +636,7 @@ class StorageDriver:
             min_scl = self.tracker.min_scl_for_read(pg) if read_point <= self.tracker.vdl else read_point
         request = pb.ReadPageRequest(volume=self.volume, pg=pg, page_id=page_id,
                                      read_point=read_point, volume_epoch=self.epoch,
-                                     min_scl=min_scl)
+                                     min_scl=min_scl, membership_epoch=self.membership_epoch(pg))
         candidates = sorted(
             self._nodes.values(),
             key=lambda n: (not n.up, self.tracker.node_scl(n.info.name, pg) < min_scl,
@@ -606,6 +687,9 @@ class StorageDriver:
                 return ("absent", None)
             if exc.code == ErrorCode.STALE_EPOCH:
                 self._fence(node, exc)
+            if exc.code == ErrorCode.STALE_MEMBERSHIP:
+                current = int(exc.metadata.get(METADATA_CURRENT_MEMBERSHIP, 0) or 0)
+                self.adopt_membership_epochs({request.pg: current})
             if exc.unreachable:
                 node.up = False
             return ("error", f"{node.info.name}: {exc}")
