@@ -8,6 +8,8 @@ its own module in engine/cluster/:
   `replica add|remove`, shutdown;
 - failover.py: automatic and planned failover by promotion tier, and reconcile;
 - endpoints.py: cluster, reader, instance and custom endpoints;
+- membership.py: self-healing: failed and wiped segments, membership changes of the PGs
+  (docs/membership.md);
 - service.py: the Control gRPC service, a thin layer over ``ControlPlane``;
 - dashboard.py (and dashboard_page.py): the live web page, its fault buttons and the
   control plane's Prometheus metrics, on its HTTP port;
@@ -72,6 +74,7 @@ import signal
 from engine.cluster.dashboard import Dashboard
 from engine.cluster.endpoints import Endpoints
 from engine.cluster.failover import Failover
+from engine.cluster.membership import Membership
 from engine.cluster.launcher import (
     CONTROL_NAME, DataDir, cluster_pids, load_topology, pid_belongs, plan_cluster, read_control,
     resolve_data_dir, stop_pids)
@@ -85,8 +88,9 @@ __all__ = ["ControlPlane", "ActionError", "NotFoundError", "PreconditionError", 
 log = logging.getLogger("aurora_lite.control_plane")
 
 
-class ControlPlane(Supervision, Failover, Endpoints):
-    """Supervisor state and actions (state.py, supervision.py, failover.py, endpoints.py);
+class ControlPlane(Supervision, Failover, Endpoints, Membership):
+    """Supervisor state and actions (state.py, supervision.py, failover.py, endpoints.py,
+    membership.py);
     engine/cluster/service.py's ControlService is its service face."""
 
     async def close_channels(self) -> None:
@@ -138,6 +142,8 @@ async def serve(args) -> int:
     plan.config.save(dd.cluster_json)   # before any process starts
     topology.save(dd)
     from engine.transport.grpc_transport import GrpcTransport   # the process entry point
+    if getattr(args, "segment_failed_after_s", None) is not None:
+        os.environ["AURORA_SEGMENT_FAILED_AFTER_S"] = str(args.segment_failed_after_s)
     cp = ControlPlane(dd, plan, topology, host=args.host, log_level=args.log_level,
                       failover_after_s=getattr(args, "failover_after_s", None) or FAILOVER_AFTER_S,
                       transport=GrpcTransport("control"))
@@ -187,9 +193,10 @@ async def serve(args) -> int:
     supervisor = loop.create_task(cp.supervise())
     watchdog = loop.create_task(cp.watch_writer())
     reconciler = loop.create_task(cp.reconcile())
+    healer = loop.create_task(cp.heal())
     boot = loop.create_task(cp.boot())
     await cp.stopped.wait()
-    for task in (boot, supervisor, watchdog, reconciler):
+    for task in (boot, supervisor, watchdog, reconciler, healer):
         task.cancel()
     for forwarder in forwarders:
         forwarder.close()

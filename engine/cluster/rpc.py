@@ -58,6 +58,23 @@ class ProcessRpc:
         await self._channel(name, address).stub(INSTANCE_ADMIN).Follow(
             database_pb2.FollowRequest(writer_address=writer_address), timeout_s=timeout_s)
 
+    async def set_segment_membership(self, name: str, address: str, volume: str, pg: int,
+                                     epoch: int, members, timeout_s: float) -> int:
+        """Storage.SetMembership: the segment adopts membership ``epoch`` (invariant 15)."""
+        reply = await self._channel(name, address).stub(STORAGE).SetMembership(
+            storage_pb2.SetMembershipRequest(volume=volume, pg=pg, membership_epoch=epoch,
+                                             members=list(members)), timeout_s=timeout_s)
+        return reply.membership_epoch
+
+    async def set_writer_membership(self, name: str, address: str, pg: int, epoch: int,
+                                    members, new_members, forget, timeout_s: float) -> int:
+        """InstanceAdmin.SetMembership: the writer's quorum core moves to ``epoch``."""
+        reply = await self._channel(name, address).stub(INSTANCE_ADMIN).SetMembership(
+            database_pb2.InstanceMembershipRequest(
+                pg=pg, membership_epoch=epoch, members=list(members),
+                new_members=list(new_members or ()), forget=list(forget)), timeout_s=timeout_s)
+        return reply.membership_epoch
+
     async def close(self, name: str) -> None:
         channel = self._channels.pop(name, None)
         if channel is not None:
