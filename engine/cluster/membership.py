@@ -105,6 +105,7 @@ class Membership(ClusterState):
         self._node_status: dict[str, object] = {}
         self._hydration_base: dict[str, tuple[int, float]] = {}   # node -> (bytes, s) at start
         self._forget: set[str] = set()   # wiped members whose old SCLs the writer must drop
+        self._went_down: dict[str, float] = {}   # node -> monotonic time it stopped answering
         self._load_membership()
 
     # --- Persistence -------------------------------------------------------------------
@@ -157,6 +158,8 @@ class Membership(ClusterState):
         fresh = {}
         for p, reply in zip(nodes, replies):
             if reply is None:
+                if p.name not in self.incarnations or self.stopping:
+                    continue   # never seen serving yet (booting): nothing of it to fail
                 since = self._down_since.setdefault(p.name, now)
                 if now - since >= self.segment_failed_after_s and p.name not in self.failed_nodes:
                     self.failed_nodes.add(p.name)
@@ -167,7 +170,9 @@ class Membership(ClusterState):
                                 "repaired in place when it returns (no spare in a fleet of six)",
                                 p.name, now - since)
                 continue
-            self._down_since.pop(p.name, None)
+            since = self._down_since.pop(p.name, None)
+            if since is not None:
+                self._went_down[p.name] = since
             fresh[p.name] = reply
             self._node_status[p.name] = reply
         self._learn_pgs(fresh)
@@ -222,14 +227,20 @@ class Membership(ClusterState):
         if not self.pgs:
             return
         reply = fresh.get(node)
+        # A wiped node is a new process: its counters count from its start, hydration
+        # included (it may be done before this tick saw it).
         self._hydration_base[node] = ((reply.hydrated_bytes, reply.hydration_s)
-                                      if reply is not None else (0, 0.0))
+                                      if reply is not None and reason != "wiped" else (0, 0.0))
         for pg, rec in sorted(self.pgs.items()):
             rec.epoch += 1
             rec.changing = True
             rec.hydrating[node] = self._best_scl(pg, node, fresh)
         self.repairs = [r for r in self.repairs if not (r.node == node and not r.done)]
-        self.repairs.append(Repair(node, reason, time.time(), time.monotonic()))
+        # Time to repair counts from the node's death when the loop saw it (a wipe kills it).
+        went_down = self._went_down.pop(node, None)
+        now = time.monotonic()
+        started = went_down if went_down is not None else now
+        self.repairs.append(Repair(node, reason, time.time() - (now - started), started))
         self.repairs = self.repairs[-REPAIRS_KEPT:]
         self._forget.add(node)
         self._save_membership()
@@ -249,8 +260,8 @@ class Membership(ClusterState):
                 if reply is None or self.incarnations.get(node) != reply.incarnation:
                     continue
                 scl = next((s.scl for s in reply.segments
-                            if s.volume == self.config.volume and s.pg == pg), 0)
-                if scl >= target:
+                            if s.volume == self.config.volume and s.pg == pg), None)
+                if scl is not None and scl >= target:   # it holds the segment, complete to target
                     del rec.hydrating[node]
                     log.info("PG %d: %s holds everything up to %d (SCL %d)", pg, node, target, scl)
             if rec.changing and not rec.hydrating:
