@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from engine.cluster.launcher import DataDir, read_control
-from tests.test_cli_tour import Cli, up
+from tests.test_cli_tour import Cli, readme_tour_commands, up
 
 ENV = {"AURORA_BACKTRACK_WINDOW_S": "0", "AURORA_GC_HORIZON_INTERVAL_S": "0.2"}
 REPAIR_TIMEOUT_S = 90.0
@@ -143,6 +143,8 @@ def test_wiped_node_rebuilt_in_place_under_load(cluster):
     hydrates (its peers collected the log, so gossip alone could not rebuild it), status
     shows six healthy segments per PG again, and every acknowledged put is there."""
     cli = cluster
+    assert readme_tour_commands("Self-healing") == ["node wipe sn4", "status"], (
+        "README's self-healing tour must run what this test runs")
     before = epochs(wait_pgs_known(cli))
     work = Workload(control_address(cli), "wipe").start()
     try:
