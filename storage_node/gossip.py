@@ -263,7 +263,9 @@ class Gossip:
         page_id = await self.node.read_bg(self.store.page_of_record, volume, pg, lsn)
         if page_id is None:
             return
-        read_point = min(max(lsn, ps.log_floor), m.scl, ps.scl)
+        # At or above the peer's GC horizon (capped at both SCLs): the peer serves read
+        # points from its anchor up, and the page's version there is at or above ``lsn``.
+        read_point = min(max(lsn, ps.gc_horizon, m.gc_horizon), m.scl, ps.scl)
         if read_point < lsn or ps.volume_epoch != m.volume_epoch:
             return
         try:
