@@ -137,6 +137,7 @@ class ErrorCode(StrEnum):
     MALFORMED = "MALFORMED"                        # truncated / impossible record or request
     WRONG_PG = "WRONG_PG"                          # a record's page is not in the batch's PG
     UNKNOWN_VOLUME = "UNKNOWN_VOLUME"              # no such volume on this node
+    UNKNOWN_SEGMENT = "UNKNOWN_SEGMENT"            # the volume's PG has no segment on this node
     READ_POINT_ABOVE_SCL = "READ_POINT_ABOVE_SCL"  # segment not complete to the read point
     READ_POINT_BELOW_GC = "READ_POINT_BELOW_GC"    # versions below the GC horizon are gone
     PAGE_NOT_FOUND = "PAGE_NOT_FOUND"              # page never initialised as of the read point

@@ -13,6 +13,8 @@ proto/aurora_pb/storage.proto is the contract; this module mirrors it)::
     MALFORMED             INVALID_ARGUMENT     truncated / impossible record or request
     WRONG_PG              INVALID_ARGUMENT     a record's page is not in the batch's PG
     UNKNOWN_VOLUME        NOT_FOUND            no such volume on this node
+    UNKNOWN_SEGMENT       NOT_FOUND            the PG is not placed on this node (a fleet:
+                                               docs/fleet.md); the node holds no segment of it
     READ_POINT_ABOVE_SCL  OUT_OF_RANGE         segment is not complete up to the read point
     READ_POINT_BELOW_GC   OUT_OF_RANGE         versions below the GC horizon are gone
     PAGE_NOT_FOUND        NOT_FOUND            page was never initialised as of the read point
@@ -48,6 +50,7 @@ BAD_CHECKSUM = ErrorCode.BAD_CHECKSUM
 MALFORMED = ErrorCode.MALFORMED
 WRONG_PG = ErrorCode.WRONG_PG
 UNKNOWN_VOLUME = ErrorCode.UNKNOWN_VOLUME
+UNKNOWN_SEGMENT = ErrorCode.UNKNOWN_SEGMENT
 READ_POINT_ABOVE_SCL = ErrorCode.READ_POINT_ABOVE_SCL
 READ_POINT_BELOW_GC = ErrorCode.READ_POINT_BELOW_GC
 PAGE_NOT_FOUND = ErrorCode.PAGE_NOT_FOUND
@@ -64,6 +67,7 @@ STATUS_OF = {
     MALFORMED: "INVALID_ARGUMENT",
     WRONG_PG: "INVALID_ARGUMENT",
     UNKNOWN_VOLUME: "NOT_FOUND",
+    UNKNOWN_SEGMENT: "NOT_FOUND",
     READ_POINT_ABOVE_SCL: "OUT_OF_RANGE",
     READ_POINT_BELOW_GC: "OUT_OF_RANGE",
     PAGE_NOT_FOUND: "NOT_FOUND",
@@ -130,6 +134,10 @@ class WrongPgError(StorageError):
 
 class UnknownVolumeError(StorageError):
     code = UNKNOWN_VOLUME
+
+
+class UnknownSegmentError(StorageError):
+    code = UNKNOWN_SEGMENT
 
 
 class ReadPointAboveSclError(StorageError):

@@ -6,7 +6,12 @@ volumes and, per segment, its SCL, volume epoch and number of truncation ranges.
 each of its own segments, in random order and within a byte budget per round:
 
 1. Volumes: a volume the peer has and this node does not (it missed CreateVolume) is
-   created locally with the peer's layout and creation epoch.
+   created locally with the peer's layout and creation epoch, if the peer holds every PG
+   of it (six nodes, every PG on all six). In a fleet (docs/fleet.md) a node cannot tell
+   from a peer which PGs are placed on it, so it learns no volume this way.
+
+Only segments both nodes hold are compared (the same (volume, pg)), so gossip runs among
+a PG's members (invariant 15); a round with a peer sharing no segment pulls nothing.
 2. Epochs: if the peer's segment is at a higher volume epoch, or at the same epoch with
    more truncation ranges, the node asks SegmentState and adopts the epoch together with
    the ranges it lacks (AdoptEpochOp). A node that missed a Truncate learns it this way.
@@ -130,7 +135,12 @@ class Gossip:
         return pulled
 
     async def _learn_volumes(self, status: pb.NodeStatusReply) -> None:
+        held: dict[str, int] = {}
+        for s in status.segments:
+            held[s.volume] = held.get(s.volume, 0) + 1
         for v in status.volumes:
+            if held.get(v.volume, 0) < v.pg_count:
+                continue   # the peer holds only some PGs: a fleet's placement, not ours to guess
             if v.parent:
                 # A clone needs its fork tails and inherited set, which only its creator
                 # (engine/writer/backtrack.py) knows: a node that missed CreateVolume does without
@@ -139,8 +149,9 @@ class Gossip:
             try:
                 self.store.volume(v.volume)
             except StorageError:
-                created = await self.node.commit(CreateVolumeOp(v.volume, v.pg_count, v.stripe_pages,
-                                                                v.volume_epoch))
+                created = await self.node.commit(CreateVolumeOp(
+                    v.volume, v.pg_count, v.stripe_pages, v.volume_epoch,
+                    pg_pages=v.pg_pages, stripe_width=v.stripe_width))
                 if created:
                     self.log.info("gossip: learned volume %r from %s (missed its CreateVolume)",
                                   v.volume, status.node_id)

@@ -30,6 +30,9 @@ page's versions in LSN order. Values are little-endian like the record and page 
                                                   37+24n 8*pg_count fork_tails: per PG, the
                                                         parent segment's last record <= fork
                                                         at the fork (start, end, epoch)
+                                                        (a clone only; none otherwise)
+                                                  +0 4  pg_pages       growth (optional: a
+                                                  +4 4  stripe_width   row without is 0, 0)
     segments    0  8  seg                         0  8  scl            invariant 4
                                                   8  8  volume_epoch   invariant 9
                                                   16 8  membership_epoch
@@ -97,6 +100,7 @@ U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
 VOLUME = struct.Struct("<IIIQ")
 VOLUME_CLONE = struct.Struct("<IQBI")
+GROWTH = struct.Struct("<II")      # volumes row, optional tail: pg_pages, stripe_width
 HISTORY = struct.Struct("<QQI")
 META = struct.Struct("<QQQQQQQQQQQI")
 TRUNC = struct.Struct("<QQQ")
@@ -192,22 +196,29 @@ class VolumeInfo:
                 + VOLUME_CLONE.pack(self.parent_id, self.fork_lsn, int(self.dropped),
                                      len(self.inherited))
                 + b"".join(TRUNC.pack(*t) for t in self.inherited)
-                + b"".join(U64.pack(t) for t in self.fork_tails))
+                + b"".join(U64.pack(t) for t in self.fork_tails)
+                + (GROWTH.pack(self.layout.pg_pages, self.layout.stripe_width)
+                   if self.layout.grows else b""))
 
     @classmethod
     def decode(cls, name: str, value: bytes) -> "VolumeInfo":
         vol_id, pg_count, stripe, created = VOLUME.unpack_from(value, 0)
-        parent_id = fork_lsn = dropped = 0
+        parent_id = fork_lsn = dropped = pg_pages = width = 0
         inherited: tuple = ()
         tails: tuple = ()
         if len(value) > VOLUME.size:
             parent_id, fork_lsn, dropped, n = VOLUME_CLONE.unpack_from(value, VOLUME.size)
             inherited = unpack_truncs(value, VOLUME.size + VOLUME_CLONE.size - 4)
             off = VOLUME.size + VOLUME_CLONE.size + n * TRUNC.size
-            tails = tuple(U64.unpack_from(value, off + 8 * i)[0]
-                          for i in range((len(value) - off) // 8))
-        return cls(name, vol_id, VolumeLayout(pg_count, stripe), created, parent_id, fork_lsn,
-                   bool(dropped), inherited, tails)
+            # A clone has one fork tail per PG; rows written before growth end here.
+            n_tails = pg_count if parent_id else 0
+            n_tails = min(n_tails, (len(value) - off) // 8)
+            tails = tuple(U64.unpack_from(value, off + 8 * i)[0] for i in range(n_tails))
+            off += 8 * n_tails
+            if len(value) - off >= GROWTH.size:
+                pg_pages, width = GROWTH.unpack_from(value, off)
+        return cls(name, vol_id, VolumeLayout(pg_count, stripe, pg_pages, width), created,
+                   parent_id, fork_lsn, bool(dropped), inherited, tails)
 
 
 @dataclass

@@ -71,6 +71,9 @@ class CreateVolumeOp:
     parent: str = ""     # a clone of this volume ...
     fork_lsn: int = 0    # ... as of this LSN (a CPL <= the parent's VDL)
     fork_tails: tuple = ()  # per PG: the parent's last record <= fork_lsn (the creator
+    pgs: tuple = ()      # the PGs placed on this node; () = every PG (docs/fleet.md)
+    pg_pages: int = 0    # growth (engine/format/volume.py)
+    stripe_width: int = 0
 
 
 @dataclass
@@ -209,9 +212,10 @@ def verify_and_prepare(layout: VolumeLayout, vol_id: int, pg: int, buf: bytes,
     scan = BatchScan(*summary)
     stripe = layout.stripe_pages
     count = layout.pg_count
+    grows = layout.grows
     # Per distinct page, not per record: a batch touches few pages many times.
     for page_id, lsns in pages.items():
-        if (page_id // stripe) % count != pg:
+        if (layout.pg_of(page_id) if grows else (page_id // stripe) % count) != pg:
             raise WrongPgError(
                 f"record lsn {lsns[0]}: page {page_id} belongs to pg {layout.pg_of(page_id)}, "
                 f"not to the batch's pg {pg}")

@@ -160,6 +160,8 @@ class Reads:
         parent = self._by_id[info.parent_id]
         pg = parent.layout.pg_of(page_id)
         pkey = (parent.name, pg)
+        if not info.fork_tails[pg] and pkey not in self._segs:
+            return None   # the parent had no record of this PG at the fork (growth)
         pprefix = seg_prefix(parent.vol_id, pg)
         pm = self._read_meta(txn, pprefix)
         if pm.scl < info.fork_tails[pg]:

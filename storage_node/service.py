@@ -246,7 +246,8 @@ class StorageService:
                                      len(request.fork_tails))
         created = await self.node.commit(CreateVolumeOp(
             request.volume, request.pg_count, request.stripe_pages or DEFAULT_STRIPE_PAGES,
-            request.volume_epoch, request.parent, request.fork_lsn, tuple(request.fork_tails)))
+            request.volume_epoch, request.parent, request.fork_lsn, tuple(request.fork_tails),
+            tuple(sorted(set(request.pgs))), request.pg_pages, request.stripe_width))
         return pb.CreateVolumeReply(created=created)
 
     @refusals
@@ -298,6 +299,7 @@ def status_reply(node: StorageNode) -> pb.NodeStatusReply:
             writer_vdl=m.writer_vdl, log_floor=m.log_floor))
     by_id = {v.vol_id: v.name for v in store.volumes()}
     volumes = [pb.VolumeInfo(volume=v.name, pg_count=v.layout.pg_count,
+                             pg_pages=v.layout.pg_pages, stripe_width=v.layout.stripe_width,
                              stripe_pages=v.layout.stripe_pages, volume_epoch=v.created_epoch,
                              parent=by_id.get(v.parent_id, ""), fork_lsn=v.fork_lsn,
                              dropped=v.dropped)

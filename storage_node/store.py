@@ -42,7 +42,8 @@ import lmdb
 from engine import materialiser
 from storage_node.chain import Chain
 from storage_node.errors import (
-    EpochAheadError, MalformedError, StaleEpochError, StaleMembershipError, UnknownVolumeError)
+    EpochAheadError, MalformedError, StaleEpochError, StaleMembershipError, UnknownSegmentError,
+    UnknownVolumeError)
 from storage_node.layout import (
     BE64, FORMAT, KIND_RECORD, KIND_RUN, KIND_VERSION, MAX_DBS, PAGE_LSN, PAGE_SIZE, SEG, U32,
     SegMeta, VolumeInfo, lowest_difference, log_key, page_key, seg_prefix)
@@ -231,6 +232,8 @@ class Store(Writes, Chain, LogRuns, PageIndex, Reads, Plans, TimeTravelReads):
         info = self.volume(volume)
         if not 0 <= pg < info.layout.pg_count:
             raise MalformedError(f"volume {volume!r} has no pg {pg} (pg_count {info.layout.pg_count})")
+        if (volume, pg) not in self._segs:
+            raise UnknownSegmentError(f"PG {pg} of volume {volume!r} is not placed on this node")
         return seg_prefix(info.vol_id, pg)
 
     def _read_meta(self, txn, prefix: bytes) -> SegMeta:
@@ -333,7 +336,7 @@ def drop_page_versions(path: str, volume: str, pg: int | None = None) -> int:
     store = Store(path)
     try:
         info = store.volume(volume)
-        pgs = range(info.layout.pg_count) if pg is None else [pg]
+        pgs = sorted(p for v, p in store._segs if v == volume) if pg is None else [pg]
         deleted = 0
         with store.env.begin(write=True) as txn:
             for p in pgs:

@@ -52,7 +52,7 @@ class TimeTravelReads:
     def _find_commit_own(self, info: VolumeInfo, upto_lsn: int, max_time_us: int,
                          after_lsn: int, truncs, forward: bool) -> tuple[int, int]:
         pg = info.layout.pg_of(pagefmt.META_PAGE_ID)
-        prefix = seg_prefix(info.vol_id, pg)
+        prefix = self._prefix(info.name, pg)   # UnknownSegmentError if not placed here
         base = prefix + BE32.pack(pagefmt.META_PAGE_ID)
         with self.env.begin() as txn:
             m = self._read_meta(txn, prefix)

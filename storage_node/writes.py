@@ -50,7 +50,7 @@ from dataclasses import replace
 from engine.format.volume import VolumeLayout
 from storage_node.errors import (
     CorruptError, MalformedError, ReadPointBelowGcError, StaleEpochError, StorageError,
-    UnknownVolumeError)
+    UnknownSegmentError, UnknownVolumeError)
 from storage_node.layout import (
     BE32, BE64, HISTORY, KIND_RECORD, KIND_VERSION, LOG_KEY, PAGE_LSN, TRUNC, U32, U64,
     SegMeta, VolumeInfo, in_truncation, seg_prefix, trunc_epoch)
@@ -85,8 +85,11 @@ class WriteTxn:
     def meta(self, key: tuple) -> SegMeta:
         m = self.metas.get(key)
         if m is None:
-            m = self.store._segs[key].copy()
-            self.metas[key] = m
+            stored = self.store._segs.get(key)
+            if stored is None:   # a PG not placed on this node (invariant 15): refused
+                raise UnknownSegmentError(f"PG {key[1]} of volume {key[0]!r} is not placed on "
+                                          f"this node")
+            m = self.metas[key] = stored.copy()
         return m
 
 
@@ -122,6 +125,15 @@ class Writes:
         # Committed and synced: publish the new state to the in-memory mirrors.
         self._publish(ctx)
         return results
+
+    def _hosts(self, ctx, volume: str, pg: int) -> bool:
+        """True if this node holds a segment of ``volume``'s ``pg`` (committed or in ctx)."""
+        return (volume, pg) in ctx.metas or (volume, pg) in self._segs
+
+    def _volume_epoch(self, ctx, volume: str) -> int:
+        """The highest volume epoch among this node's segments of ``volume``."""
+        return max((ctx.meta(k).volume_epoch for k in list(self._segs) + list(ctx.metas)
+                    if k[0] == volume), default=0)
 
     def _vol_of(self, ctx, name: str) -> VolumeInfo:
         info = ctx.new_volumes.get(name) or self._volumes.get(name)
@@ -179,15 +191,25 @@ class Writes:
             raise MalformedError(f"CreateVolume {op.volume!r}: pg_count and stripe_pages must be >= 1")
         if not op.volume:
             raise MalformedError("CreateVolume: empty volume name")
+        try:
+            layout = VolumeLayout(op.pg_count, op.stripe_pages, op.pg_pages, op.stripe_width)
+        except ValueError as exc:
+            raise MalformedError(f"CreateVolume {op.volume!r}: {exc}") from None
+        # The segments placed on this node (a fleet, docs/fleet.md; invariant 15): only
+        # these get a row, so only these take appends, gossip and GC. () = every PG.
+        hosted = tuple(op.pgs) or tuple(range(op.pg_count))
+        if any(not 0 <= pg < op.pg_count for pg in hosted):
+            raise MalformedError(f"CreateVolume {op.volume!r}: pgs {list(op.pgs)} outside "
+                                 f"0..{op.pg_count - 1}")
         parent = None
         if op.parent:
             parent = self._vol_of(ctx, op.parent)
-            if parent.layout != VolumeLayout(op.pg_count, op.stripe_pages):
+            if parent.layout != layout:
                 raise MalformedError(
                     f"CreateVolume {op.volume!r}: a clone has its parent's layout {parent.layout}")
         existing = ctx.new_volumes.get(op.volume) or self._volumes.get(op.volume)
         if existing is not None:
-            if existing.layout != VolumeLayout(op.pg_count, op.stripe_pages):
+            if existing.layout != layout:
                 raise MalformedError(
                     f"CreateVolume {op.volume!r}: exists with layout {existing.layout}, "
                     f"asked for pg_count={op.pg_count} stripe_pages={op.stripe_pages}")
@@ -196,7 +218,23 @@ class Writes:
                 raise MalformedError(
                     f"CreateVolume {op.volume!r}: a volume of that name already exists "
                     f"(not a clone of {op.parent!r} at LSN {op.fork_lsn})")
-            return False
+            missing = [pg for pg in hosted if not self._hosts(ctx, op.volume, pg)]
+            if not missing or parent is not None:
+                return False
+            fork = existing.fork_lsn
+            if existing.parent_id:
+                # A clone grows too, by PGs its parent had no record of at the fork: they
+                # start complete up to the fork, like its first segments.
+                inherited = [pg for pg in missing if existing.fork_tails[pg]]
+                if inherited:
+                    raise MalformedError(f"CreateVolume {op.volume!r}: PGs {inherited} of a clone "
+                                         f"come with the clone's creation (its parent has records)")
+            epoch = self._volume_epoch(ctx, op.volume) or op.epoch
+            for pg in missing:   # a PG newly placed on this node: an empty segment (growth)
+                ctx.metas[(op.volume, pg)] = SegMeta(scl=fork, volume_epoch=epoch, writer_vdl=fork,
+                                                     max_lsn=fork, log_floor=fork)
+            self.log.info("volume %r: segments of PGs %s added", op.volume, missing)
+            return True
         inherited: tuple = ()
         if parent is not None:
             if op.fork_lsn < 1:
@@ -204,7 +242,11 @@ class Writes:
             if len(op.fork_tails) != op.pg_count or any(t > op.fork_lsn for t in op.fork_tails):
                 raise MalformedError(f"CreateVolume {op.volume!r}: a clone needs one fork tail "
                                      f"<= the fork LSN per PG ({op.pg_count})")
-            metas = [ctx.meta((parent.name, pg)) for pg in range(parent.layout.pg_count)]
+            absent = [pg for pg in hosted if not self._hosts(ctx, parent.name, pg)]
+            if absent:
+                raise MalformedError(f"CreateVolume {op.volume!r}: a clone's segments sit on "
+                                     f"its parent's; PGs {absent} of {parent.name!r} are not here")
+            metas = [ctx.meta((parent.name, pg)) for pg in hosted]
             horizon = max(m.gc_horizon for m in metas)
             if horizon > op.fork_lsn:
                 raise ReadPointBelowGcError(
@@ -217,14 +259,14 @@ class Writes:
         txn = ctx.txn
         vol_id = U32.unpack(txn.get(b"next_vol_id", db=self.db_node))[0]
         txn.put(b"next_vol_id", U32.pack(vol_id + 1), db=self.db_node)
-        info = VolumeInfo(op.volume, vol_id, VolumeLayout(op.pg_count, op.stripe_pages), op.epoch,
+        info = VolumeInfo(op.volume, vol_id, layout, op.epoch,
                           parent.vol_id if parent else 0, op.fork_lsn if parent else 0, False,
                           tuple(sorted(set(inherited))),
                           tuple(op.fork_tails) if parent else ())
         txn.put(op.volume.encode(), info.encode(), db=self.db_volumes)
         ctx.new_volumes[op.volume] = info
         fork = info.fork_lsn
-        for pg in range(op.pg_count):
+        for pg in hosted:
             # A clone's segments start complete up to the fork: its first records link to it.
             ctx.metas[(op.volume, pg)] = SegMeta(scl=fork, volume_epoch=op.epoch, writer_vdl=fork,
                                                  max_lsn=fork, log_floor=fork)
@@ -254,6 +296,9 @@ class Writes:
         for pg, membership_epoch, *_rest in op.batches:
             if not 0 <= pg < info.layout.pg_count:
                 raise MalformedError(f"volume {op.volume!r} has no pg {pg}")
+            if not self._hosts(ctx, op.volume, pg):
+                raise UnknownSegmentError(f"Append: PG {pg} of {op.volume!r} is not placed on "
+                                          f"this node")
             m = ctx.meta((op.volume, pg))
             if op.epoch:
                 self._check_epoch(m, op.epoch, "Append", (op.volume, pg))
@@ -386,7 +431,10 @@ class Writes:
 
     def _op_set_gc_horizon(self, ctx, op: SetGcHorizonOp):
         info = self._vol_of(ctx, op.volume)
-        metas = [ctx.meta((op.volume, pg)) for pg in range(info.layout.pg_count)]
+        metas = [ctx.meta((op.volume, pg)) for pg in range(info.layout.pg_count)
+                 if self._hosts(ctx, op.volume, pg)]
+        if not metas:
+            raise UnknownSegmentError(f"SetGcHorizon: no segment of {op.volume!r} on this node")
         top = max(m.volume_epoch for m in metas)
         if op.epoch < top:
             raise StaleEpochError(

@@ -234,7 +234,7 @@ def test_stale_membership_epoch_is_refused(cluster):
     cli = cluster
     state = wait_pgs_known(cli)
     epoch = epochs(state)[0]
-    volume = state["volume"]
+    volume = state["volume"]["name"]
     address = state["by_name"]["sn1"]["address"]
     with grpc.insecure_channel(address) as ch:
         stub = spb_grpc.StorageStub(ch)

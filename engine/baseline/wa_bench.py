@@ -181,7 +181,7 @@ class CountingDriver(StorageDriver):
             node.info.address, super()._open_stream(node))
 
     async def _write_append(self, node, stream, batch) -> None:
-        data = batch.request_bytes
+        data = batch.bytes_for(self._hosted(node, batch))
         self.ledger.sent_append(node.info.name, self._payload(data), len(data))
         await super()._write_append(node, stream, batch)
 

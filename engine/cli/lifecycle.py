@@ -69,9 +69,20 @@ def process_dict(p) -> dict:
     }
 
 
+def pgs_list(state) -> list[dict]:
+    """The placement as `status --json` shows it: one object per PG (docs/fleet.md)."""
+    return [{"pg": p.pg, "membership_epoch": p.membership_epoch,
+             "transitional": p.transitional, "target_lsn": p.target_lsn,   # docs/membership.md
+             "members": [{"node": m.node, "az": m.az, "state": m.state, "scl": m.scl}
+                         for m in p.members]} for p in state.pgs]
+
+
 def state_dict(state) -> dict:
     return {
-        "data_dir": state.data_dir, "volume": state.volume,
+        "data_dir": state.data_dir,
+        "volume": {"name": state.volume, "bytes": state.volume_bytes,
+                   "pg_count": state.volume_pg_count},
+        "pgs": pgs_list(state),
         "control": {"address": state.control_address, "pid": state.control_pid,
                     "metrics": state.control_metrics or None},
         "dashboard": state.dashboard or None,
@@ -87,10 +98,6 @@ def state_dict(state) -> dict:
                     "extra_node_ms": dict(state.latency.extra_node_ms)},
         "processes": [process_dict(p) for p in state.processes],
         "postgres": postgres_addresses(state.data_dir),
-        "pgs": [{"pg": g.pg, "membership_epoch": g.membership_epoch,
-                 "transitional": g.transitional, "target_lsn": g.target_lsn,
-                 "members": [{"node": m.node, "az": m.az, "state": m.state, "scl": m.scl}
-                             for m in g.members]} for g in state.pgs],
         "repairs": [{"node": r.node, "reason": r.reason, "done": r.done,
                      "seconds": round(r.seconds, 2), "hydrated_bytes": r.hydrated_bytes,
                      "hydration_mb_s": r.hydration_mb_s} for r in state.repairs],
@@ -130,6 +137,15 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def format_placement(state) -> str:
+    """One row per PG: its membership epoch and six members (node, state, SCL)."""
+    rows = [["PG", "EPOCH", *[f"MEMBER {i + 1}" for i in range(6)]]]
+    for p in state.pgs:
+        rows.append([str(p.pg), str(p.membership_epoch),
+                     *[f"{m.node} {m.state} {m.scl}" for m in p.members]])
+    return table(rows)
+
+
 def format_status(state) -> str:
     rows = [["NAME", "ROLE", "AZ", "TIER", "PID", "STATE", "ADDRESS", "SCL / VDL", "RECEIVED", "LAG"]]
     notes = []
@@ -166,6 +182,10 @@ def format_status(state) -> str:
     grid = format_segments(state)
     if grid:
         lines += ["", "SCL of each segment (PG x storage node):", grid]
+    if state.pgs:
+        lines += ["", f"volume {state.volume}: {_bytes(state.volume_bytes)} in "
+                      f"{state.volume_pg_count} PGs; placement (members: state SCL):",
+                  format_placement(state)]
     lines += format_membership(state)
     if notes:
         lines += [""] + notes
@@ -289,6 +309,8 @@ def cmd_up(args) -> int:
         argv.append("--dashboard-read-only")
     for flag, value in (("--base-port", args.base_port), ("--intra-az-ms", args.intra_az_ms),
                         ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas),
+                        ("--storage-nodes", args.storage_nodes), ("--pg-size-mb", args.pg_size_mb),
+                        ("--max-pgs", args.max_pgs), ("--stripe-width", args.stripe_width),
                         ("--segment-failed-after-s", args.segment_failed_after_s)):
         if value is not None:
             argv += [flag, str(value)]
@@ -532,6 +554,18 @@ def register(subparsers) -> None:
                    help="one-way delay within an AZ (default 0.25, or the data dir's cluster.json)")
     p.add_argument("--cross-az-ms", type=float, default=None,
                    help="one-way delay across AZs (default 1.0, or the data dir's cluster.json)")
+    p.add_argument("--storage-nodes", type=int, default=None, metavar="N",
+                   help="storage nodes sn1..snN, N/3 per AZ (N >= 6, a multiple of 3; default 6 "
+                        "on a new data dir); each PG is placed on six of them (docs/fleet.md)")
+    p.add_argument("--pg-size-mb", type=float, default=None, metavar="MIB",
+                   help="a PG's capacity; the volume grows by PGs as it fills (new data dir "
+                        "only; default 16, a multiple of 8 KiB)")
+    p.add_argument("--max-pgs", type=int, default=None, metavar="N",
+                   help="the volume's maximum PG count: past it writes get 'volume full' "
+                        "(new data dir only; default 64)")
+    p.add_argument("--stripe-width", type=int, default=None, metavar="N",
+                   help="PGs each extent of the volume is striped over (new data dir only; "
+                        "default 8; --max-pgs must be a multiple)")
     p.add_argument("--replicas", type=int, default=None,
                    help=f"read replicas db2.. (0..{MAX_REPLICAS}; default 1 on a new data dir; "
                         f"an existing data dir brings back the instances it had)")
@@ -558,6 +592,10 @@ def register(subparsers) -> None:
     p.add_argument("--intra-az-ms", type=float, default=None)
     p.add_argument("--cross-az-ms", type=float, default=None)
     p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--storage-nodes", type=int, default=None)
+    p.add_argument("--pg-size-mb", type=float, default=None)
+    p.add_argument("--max-pgs", type=int, default=None)
+    p.add_argument("--stripe-width", type=int, default=None)
     p.add_argument("--failover-after-s", type=float, default=None,
                    help="fail over once the writer's health check has failed this long (default 1.5)")
     p.add_argument("--segment-failed-after-s", type=float, default=None,

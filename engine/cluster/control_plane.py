@@ -135,7 +135,11 @@ async def serve(args) -> int:
     try:
         topology = load_topology(dd, getattr(args, "replicas", None))
         plan = plan_cluster(dd, base_port=args.base_port, intra_az_ms=args.intra_az_ms,
-                            cross_az_ms=args.cross_az_ms, host=args.host, instances=topology.names)
+                            cross_az_ms=args.cross_az_ms, host=args.host, instances=topology.names,
+                            storage_nodes=getattr(args, "storage_nodes", None),
+                            pg_size_mb=getattr(args, "pg_size_mb", None),
+                            max_pgs=getattr(args, "max_pgs", None),
+                            stripe_width=getattr(args, "stripe_width", None))
     except ValueError as exc:
         log.error("cannot plan the cluster: %s", exc)
         return 1

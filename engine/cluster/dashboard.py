@@ -212,7 +212,9 @@ class Dashboard:
             })
         storage = [n for n in nodes if n["role"] == "storage"]
         reachable = [n for n in storage if n["status"] in ("up", "slowed")]
-        pgs = sorted({int(pg) for n in storage for pg in n["scl"]} | set(pgcl) | set(range(self.cp.config.pg_count)))
+        # Growth (docs/fleet.md): only PGs that exist; a fixed layout shows all of them.
+        every = set() if self.cp.config.layout.grows else set(range(self.cp.config.pg_count))
+        pgs = sorted({int(pg) for n in storage for pg in n["scl"]} | {int(pg) for pg in pgcl} | every)
         pg_rows = []
         for pg in pgs:
             have = [n for n in reachable if str(pg) in n["scl"]]

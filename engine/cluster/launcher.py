@@ -6,7 +6,8 @@ imports no gRPC, so it can be used from a process before gRPC starts.
 Data dir layout (default ``./.aurora-lite``; ``--data-dir`` or $AURORA_LITE_DATA_DIR)::
 
     DATA_DIR/
-      cluster.json     storage nodes (name, AZ, address), volume layout, LAL, latency;
+      cluster.json     storage nodes (name, AZ, address), volume layout, LAL, latency,
+                       the placement (which six nodes hold each PG, docs/fleet.md);
                        written by the control plane BEFORE any process starts
                        (engine/format/cluster_config.py); `net delay` rewrites its latency
       control.json     control plane address and pid, the cluster endpoint, and every
@@ -18,7 +19,8 @@ Data dir layout (default ``./.aurora-lite``; ``--data-dir`` or $AURORA_LITE_DATA
                        `replica add|remove`, `endpoint create|delete`), so the next `up`
                        brings the same instances back with the roles they had
       control.lock     flock held by the running control plane (one per data dir)
-      sn1/ ... sn6/    each storage node's data (LMDB environment)
+      sn1/ ... snN/    each storage node's data (LMDB environment); N = 6 unless
+                       `up --storage-nodes N` (a fleet, docs/fleet.md)
       logs/NAME.log    stdout + stderr of each process (control.log, sn1.log, db1.log, ...)
 
 Processes are always fresh subprocesses (``python -m engine.cli ...``), never a fork of a
@@ -28,7 +30,8 @@ unrelated process that reused the pid.
 
 Port plan with ``--base-port N``: control plane N, db1 N+1 (db2.. N+2..), sn1..sn6
 N+11..N+16; their HTTP ports (Prometheus ``/metrics``, engine/metrics.py) 20 higher: the
-control plane's dashboard and metrics N+20, db1 N+21.., sn1..sn6 N+31..N+36; PostgreSQL
+control plane's dashboard and metrics N+20, db1 N+21.., sn1..sn6 N+31..N+36; a fleet's
+sn7..sn24 N+60..N+77 (HTTP N+80..N+97); PostgreSQL
 (docs/postgres.md): the cluster endpoint N+40, the reader endpoint N+41, db1 N+42 (db2..
 N+43..). Without it: each process keeps the previous run's ports if they are still free,
 else gets free ports (engine/cluster/ports.py). A replica added later (`replica add`) gets
@@ -51,6 +54,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.cluster.ports import free_ports, port_free  # noqa: F401 (re-exported)
+from engine.format.placement import check_fleet_size, fleet_nodes
 from engine.format.volume import AZS, NODES_PER_AZ
 
 DEFAULT_DATA_DIR = ".aurora-lite"
@@ -66,6 +70,8 @@ assert STORAGE_NODES[0] == ("sn1", "az-a") and STORAGE_NODES[5] == ("sn6", "az-c
 CONTROL_PORT_OFFSET = 0
 INSTANCE_PORT_OFFSET = 1      # db1 -> base+1, db2 -> base+2, ...
 STORAGE_PORT_OFFSET = 11      # sn1 -> base+11, ..., sn6 -> base+16
+FLEET_PORT_OFFSET = 60        # a fleet's sn7 -> base+60, ..., sn24 -> base+77
+FLEET_NODES_MAX = 24          # the port plan's room (sn7..sn24 below the HTTP ports +20)
 METRICS_PORT_OFFSET = 20      # each process's HTTP port: its port + 20 (control: dashboard)
 CONTROL_NAME = "control-plane"  # the control plane's key in Plan.metrics_ports
 PG_CLUSTER_PORT_OFFSET = 40   # PostgreSQL: the cluster endpoint's listener (control plane)
@@ -263,13 +269,28 @@ class Plan:
     pg_ports: dict[str, int] = field(default_factory=dict)  # PostgreSQL: dbN, "cluster", "reader"
 
 
+def storage_port_offset(index: int) -> int:
+    """Port offset of the storage node sn<index + 1> (sn1..sn6 as always; a fleet's more)."""
+    if index < len(STORAGE_NODES):
+        return STORAGE_PORT_OFFSET + index
+    return FLEET_PORT_OFFSET + index - len(STORAGE_NODES)
+
+
 def plan_cluster(dd: DataDir, *, base_port: int | None = None,
                  intra_az_ms: float | None = None, cross_az_ms: float | None = None,
-                 host: str = HOST, instances: list[str] | None = None) -> Plan:
+                 host: str = HOST, instances: list[str] | None = None,
+                 storage_nodes: int | None = None, pg_size_mb: float | None = None,
+                 max_pgs: int | None = None, stripe_width: int | None = None) -> Plan:
     """The cluster config and ports for a start of the cluster in ``dd``.
 
-    An existing cluster.json keeps its volume, layout, LAL and latency (flags given here
-    override the latency); only addresses may change. ``instances``: the compute
+    An existing cluster.json keeps its volume, layout, LAL, latency and placement (flags
+    given here override the latency); only addresses may change, and the fleet may grow
+    (``storage_nodes`` above the old count: new nodes take new PGs), never shrink (the
+    segments placed on a node would be lost). ``storage_nodes``: the fleet's size
+    (default 6, or the existing cluster's). ``pg_size_mb``, ``max_pgs``, ``stripe_width``:
+    growth (engine/format/volume.py), for a new data dir only (a volume's layout never
+    changes). Every PG of the volume is placed here, so the
+    file every process reads always has the whole placement. ``instances``: the compute
     instances to plan ports for (default: those of dd's saved topology, or db1 and db2).
     With --base-port, dbN listens on base + N.
     """
@@ -285,12 +306,20 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
     if latency.intra_az_ms < 0 or latency.cross_az_ms < 0:
         raise ValueError("latencies must be >= 0 ms")
 
-    names = [n for n, _ in STORAGE_NODES]
+    n_nodes = storage_nodes or (len(previous.storage_nodes) if previous else len(STORAGE_NODES))
+    check_fleet_size(n_nodes)
+    if n_nodes > FLEET_NODES_MAX:
+        raise ValueError(f"at most {FLEET_NODES_MAX} storage nodes fit the port plan, not {n_nodes}")
+    if previous and n_nodes < len(previous.storage_nodes):
+        raise ValueError(f"this cluster has {len(previous.storage_nodes)} storage nodes; a fleet "
+                         f"does not shrink (segments are placed on every node), asked for {n_nodes}")
+    fleet = fleet_nodes(n_nodes)
+    names = [n for n, _ in fleet]
     inst_names = instances if instances is not None else (Topology.load(dd) or Topology.initial()).names
     if base_port is not None:
-        if not 1024 <= base_port <= 65535 - PG_INSTANCE_PORT_OFFSET - MAX_INSTANCES:
+        if not 1024 <= base_port <= 65535 - FLEET_PORT_OFFSET - FLEET_NODES_MAX - METRICS_PORT_OFFSET:
             raise ValueError(f"--base-port {base_port} is out of range")
-        sn_ports = {n: base_port + STORAGE_PORT_OFFSET + i for i, n in enumerate(names)}
+        sn_ports = {n: base_port + storage_port_offset(i) for i, n in enumerate(names)}
         inst_ports = {n: base_port + INSTANCE_PORT_OFFSET + instance_number(n) - 1 for n in inst_names}
         control_port = base_port + CONTROL_PORT_OFFSET
         metrics_ports = {name: port + METRICS_PORT_OFFSET for name, port in
@@ -331,14 +360,43 @@ def plan_cluster(dd: DataDir, *, base_port: int | None = None,
             metrics_ports[name] = port
         pg_ports = _plan_pg_ports(dd, ["cluster", "reader", *inst_names],
                                   set(chosen.values()) | set(metrics_ports.values()), host)
-    nodes = [NodeInfo(n, az, f"{host}:{sn_ports[n]}") for n, az in STORAGE_NODES]
+    nodes = [NodeInfo(n, az, f"{host}:{sn_ports[n]}") for n, az in fleet]
+    growth = (pg_size_mb, max_pgs, stripe_width)
+    if previous and any(v is not None for v in growth) and _growth_of(
+            pg_size_mb, max_pgs, stripe_width) != (previous.pg_pages, previous.pg_count,
+                                                   previous.stripe_width):
+        raise ValueError("--pg-size-mb, --max-pgs and --stripe-width are chosen when a cluster is "
+                         "created; this data dir's volume keeps its layout")
     if previous:
         config = ClusterConfig(storage_nodes=nodes, volume=previous.volume,
                                pg_count=previous.pg_count, stripe_pages=previous.stripe_pages,
-                               lal=previous.lal, latency=latency)
+                               pg_pages=previous.pg_pages, stripe_width=previous.stripe_width,
+                               lal=previous.lal, latency=latency, placement=previous.placement)
     else:
-        config = ClusterConfig(storage_nodes=nodes, latency=latency)
+        pg_pages, pg_count, width = _growth_of(pg_size_mb, max_pgs, stripe_width)
+        config = ClusterConfig(storage_nodes=nodes, latency=latency, pg_count=pg_count,
+                               pg_pages=pg_pages, stripe_width=width)
+        config.layout   # a ValueError names what does not fit
+    config.memberships()   # place every PG not placed yet (the control plane keeps it)
     return Plan(config, inst_ports, control_port, metrics_ports, pg_ports)
+
+
+def _growth_of(pg_size_mb: float | None, max_pgs: int | None,
+               stripe_width: int | None) -> tuple[int, int, int]:
+    """(pg_pages, pg_count, stripe_width) of a new volume from `up`'s growth flags."""
+    from engine.format.page import PAGE_SIZE
+    from engine.format.volume import (
+        DEFAULT_MAX_PGS, DEFAULT_PG_SIZE_MB, DEFAULT_STRIPE_WIDTH, PG_COUNT_MAX)
+    size_mb = DEFAULT_PG_SIZE_MB if pg_size_mb is None else pg_size_mb
+    pages = size_mb * 1024 * 1024 / PAGE_SIZE
+    if size_mb <= 0 or pages != int(pages):
+        raise ValueError(f"--pg-size-mb {size_mb:g} is not a positive whole number of "
+                         f"{PAGE_SIZE // 1024} KiB pages")
+    pg_count = DEFAULT_MAX_PGS if max_pgs is None else max_pgs
+    if not 1 <= pg_count <= PG_COUNT_MAX:
+        raise ValueError(f"--max-pgs {pg_count} is outside 1..{PG_COUNT_MAX}")
+    width = min(DEFAULT_STRIPE_WIDTH, pg_count) if stripe_width is None else stripe_width
+    return int(pages), pg_count, width
 
 
 def _previous_metrics_ports(dd: DataDir) -> dict[str, int]:

@@ -205,10 +205,21 @@ class Membership(ClusterState):
                     epochs[s.pg] = max(epochs.get(s.pg, 0), s.membership_epoch)
         if not count:
             return
-        members = [n.name for n in self.config.storage_nodes]
+        placed = self.config.memberships()   # the fleet's placement (docs/fleet.md)
         for pg in range(count):
-            self.pgs[pg] = PgRecord(max(1, epochs.get(pg, 0)), list(members))
+            if pg in placed:
+                members = list(placed[pg].members)
+                first = placed[pg].epoch
+            else:
+                members, first = [n.name for n in self.config.storage_nodes][:6], 1
+            self.pgs[pg] = PgRecord(max(first, epochs.get(pg, 0)), members)
         self._save_membership()
+
+    def _exists(self, pg: int, exclude: str, fresh: dict) -> bool:
+        """True if a node other than ``exclude`` reports a segment of ``pg``."""
+        return any(s.volume == self.config.volume and s.pg == pg
+                   for name, reply in {**self._node_status, **fresh}.items() if name != exclude
+                   for s in reply.segments)
 
     def _best_scl(self, pg: int, exclude: str, fresh: dict) -> int:
         best = 0
@@ -232,6 +243,10 @@ class Membership(ClusterState):
         self._hydration_base[node] = ((reply.hydrated_bytes, reply.hydration_s)
                                       if reply is not None and reason != "wiped" else (0, 0.0))
         for pg, rec in sorted(self.pgs.items()):
+            if node not in rec.members:
+                continue   # a fleet: the node holds no segment of this PG
+            if not self._exists(pg, node, fresh):
+                continue   # a growing volume: this PG has no segments yet (docs/fleet.md)
             rec.epoch += 1
             rec.changing = True
             rec.hydrating[node] = self._best_scl(pg, node, fresh)
@@ -332,26 +347,21 @@ class Membership(ClusterState):
     # --- What `status` shows -----------------------------------------------------------
 
     async def collect(self, probe_timeout_s: float = 1.0, probes: bool = True) -> pb.ClusterState:
+        """The placement's ``pgs`` (state.py) with this loop's view laid over them: the
+        membership epoch, a change under way, and members hydrating or failed."""
         state = await super().collect(probe_timeout_s, probes)
-        azs = {p.name: p.az for p in self.storage}
-        for pg, rec in sorted(self.pgs.items()):
-            members = []
-            for name in rec.members:
-                reply = self._node_status.get(name)
-                scl = 0
-                if reply is not None:
-                    scl = next((s.scl for s in reply.segments
-                                if s.volume == self.config.volume and s.pg == pg), 0)
-                if name in self.failed_nodes:
-                    seg_state = "failed"
-                elif name in rec.hydrating:
-                    seg_state = "hydrating"
-                else:
-                    seg_state = "healthy"
-                members.append(pb.PgMember(node=name, az=azs.get(name, ""), state=seg_state, scl=scl))
-            state.pgs.append(pb.PgState(pg=pg, membership_epoch=rec.epoch, members=members,
-                                        transitional=rec.transitional,
-                                        target_lsn=max(rec.hydrating.values(), default=0)))
+        for g in state.pgs:
+            rec = self.pgs.get(g.pg)
+            if rec is None:
+                continue
+            g.membership_epoch = max(g.membership_epoch, rec.epoch)
+            g.transitional = rec.transitional
+            g.target_lsn = max(rec.hydrating.values(), default=0)
+            for m in g.members:
+                if m.node in rec.hydrating:
+                    m.state = "hydrating"
+                elif m.node in self.failed_nodes:
+                    m.state = "failed"
         for r in self.repairs:
             state.repairs.append(pb.RepairRecord(
                 node=r.node, reason=r.reason, started_unix=r.started_unix,

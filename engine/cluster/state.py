@@ -36,6 +36,7 @@ from engine.cluster.launcher import (
     write_json_atomic)
 from engine.cluster.rpc import ProcessRpc
 from engine.errors import RpcError
+from engine.format.page import PAGE_SIZE
 from engine.transport import Transport
 
 log = logging.getLogger("aurora_lite.control_plane")
@@ -271,7 +272,9 @@ class ClusterState:
             live = [p for p in self.procs.values() if p.state == "up"]
             await asyncio.gather(*(self._probe(p, states[p.name], probe_timeout_s) for p in live))
             self._fill_lag(states)
+        pgs, volume_bytes = self.placement_state(states) if probes else ([], 0)
         return pb.ClusterState(
+            pgs=pgs, volume_bytes=volume_bytes, volume_pg_count=len(pgs),
             data_dir=self.dd.root, control_address=self.address, control_pid=os.getpid(),
             cluster_endpoint=self.procs[self.writer].address, writer=self.writer,
             volume=self.config.volume, processes=list(states.values()),
@@ -315,6 +318,38 @@ class ClusterState:
             state.probe_error = str(exc)
         except Exception as exc:  # a malformed reply must not break status
             state.probe_error = repr(exc)
+
+    def placement_state(self, states: dict[str, pb.ProcessState]) -> tuple[list, int]:
+        """([PgState], volume bytes): each PG's members with their state and SCL.
+
+        A member is healthy when its node is up and reported the segment in this probe,
+        failed otherwise (down, unreachable, or the segment missing). Invariant 15: the
+        placement is cluster.json's, which the launcher wrote for every PG.
+        """
+        azs = self.config.node_azs()
+        pgs = []
+        reported = {g.pg for s in states.values() for g in s.segments}
+        for pg, membership in sorted(self.config.memberships().items()):
+            if self.config.layout.grows and pg not in reported:
+                continue   # growth: a PG not created yet (docs/fleet.md)
+            members = []
+            for node in membership.members:
+                s = states.get(node)
+                seg = next((g for g in s.segments if g.pg == pg), None) if s is not None else None
+                healthy = s is not None and s.up and not s.probe_error and seg is not None
+                members.append(pb.PgMember(node=node, az=azs.get(node, ""),
+                                           state="healthy" if healthy else "failed",
+                                           scl=seg.scl if seg is not None else 0))
+            pgs.append(pb.PgState(pg=pg, membership_epoch=membership.epoch, members=members))
+        volume_bytes = 0
+        writer = states.get(self.writer)
+        if writer is not None and writer.status_json:
+            try:
+                pages = int(json.loads(writer.status_json).get("database", {}).get("volume_pages", 0))
+                volume_bytes = pages * PAGE_SIZE
+            except (ValueError, AttributeError, TypeError):
+                pass
+        return pgs, volume_bytes
 
     def _fill_lag(self, states: dict[str, pb.ProcessState]) -> None:
         """lag_lsn: how far each segment is behind the best SCL of its PG (or the

@@ -56,7 +56,11 @@ class Supervision(ClusterState):
 
     def _argv_without_metrics(self, p: Managed) -> list[str]:
         if p.role == "storage":
-            peers = [n.address for n in self.config.storage_nodes if n.name != p.name]
+            # Gossip peers: the nodes sharing a PG with p (invariant 15); on six, all five.
+            shared = {m for membership in self.config.memberships().values()
+                      if p.name in membership.members for m in membership.members}
+            peers = [n.address for n in self.config.storage_nodes
+                     if n.name != p.name and n.name in shared]
             return self.base_argv + [
                 "storage-node", "--node-id", p.name, "--az", p.az, *listen_argv(self.host),
                 "--port", p.port, "--data-dir", self.dd.node_dir(p.name),

@@ -218,6 +218,13 @@ def _allocate_page(plan: MtrPlan) -> int:
     assert page_id >= 1, "META aux0 (next_page_id) must start at 1"
     if page_id > PAGE_ID_MAX:
         raise TooLargeError("volume full: page ids are u32")
+    limit = plan.page_limit()
+    if limit is not None and page_id >= limit:
+        # Growth's maximum PG count (engine/format/volume.py): refused while planning, so
+        # nothing of this MTR was applied or shipped; everything committed stays.
+        raise TooLargeError(f"volume full: it has reached its maximum size ({limit} pages, "
+                            f"{limit * pagefmt.PAGE_SIZE // (1024 * 1024)} MiB: the maximum PG "
+                            f"count); nothing of this request was written")
     plan.change(pagefmt.META_PAGE_ID, RT.SET_AUX, p_set_aux(0, page_id + 1))
     return page_id
 

@@ -78,6 +78,11 @@ class BufferPool:
 
     # --- Inspection ------------------------------------------------------------------------
 
+    @property
+    def sink(self):
+        """The RedoSink pages come from (its ``layout`` says which PG holds a page)."""
+        return self._sink
+
     def __len__(self) -> int:
         return len(self._frames)
 

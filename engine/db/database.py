@@ -410,7 +410,14 @@ class Database:
                 "commit_p50_ms": round(self.commit_latency.quantile(0.5) * 1000, 3),
                 "commit_p99_ms": round(self.commit_latency.quantile(0.99) * 1000, 3),
                 "broken": self.broken, "active_txns": len(self._active),
-                "conflict_keys": len(self._last_write), "tables": self.tables() if self._open else []}
+                "conflict_keys": len(self._last_write), "tables": self.tables() if self._open else [],
+                "volume_pages": self._volume_pages()}
+
+    def _volume_pages(self) -> int:
+        """Page ids allocated so far (META aux0, next_page_id), if META is cached: the
+        volume's size in pages, for `status` (docs/fleet.md)."""
+        meta = self.pool.peek(pagefmt.META_PAGE_ID)
+        return pagefmt.aux(meta, 0) if meta is not None else 0
 
     status = stats
 

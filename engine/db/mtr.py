@@ -66,6 +66,11 @@ class MtrPlan:
         self._pins: dict[int, int] = {}                 # page_id -> pins this plan holds
         self.catalog_changed = False                     # a META catalog cell changed
 
+    def page_limit(self) -> int | None:
+        """First page id the volume's layout refuses (growth's maximum PG count), or None."""
+        layout = getattr(self._pool.sink, "layout", None)
+        return layout.page_limit if layout is not None else None
+
     async def load(self, page_id: int) -> bytearray | None:
         """The page as this plan sees it (its shadow if changed), loading and pinning it."""
         shadow = self._shadows.get(page_id)

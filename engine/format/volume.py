@@ -11,6 +11,20 @@ B+tree split) usually spans several PGs. Each PG is stored as V = 6 segments, on
 storage node, two per availability zone. Tests use small stripes so that many PGs and
 cross-PG MTRs occur.
 
+Growth (storage auto-scaling, docs/fleet.md): with ``pg_pages`` > 0 a PG holds at most
+``pg_pages`` pages, and the volume is a row of extents of ``stripe_width`` PGs each; an
+extent's pages are striped over its PGs exactly as above, and the next extent starts new
+PGs::
+
+    extent_pages   = stripe_width * pg_pages
+    pg_of(page_id) = (page_id // extent_pages) * stripe_width
+                     + (page_id // stripe_pages) % stripe_width
+
+So the first extent (PGs 0..stripe_width-1) is today's layout, and the volume grows by
+whole PGs as its pages do. ``pg_count`` is then the MAXIMUM PG count (a multiple of
+stripe_width): page ids at or above ``page_limit`` = pg_count * pg_pages are refused
+("volume full"), Aurora's 128 TB limit scaled down.
+
 Quorum arithmetic (ARCHITECTURE.md, Invariants): a write is durable at Vw = 4 of V = 6 segments;
 Vr = 3 are enough to read and to recover. Vr + Vw > V makes every read quorum overlap every
 write quorum; 2 * Vw > V makes two write quorums overlap, so two writers cannot both win.
@@ -36,6 +50,10 @@ assert V - NODES_PER_AZ - 1 >= VR
 
 DEFAULT_PG_COUNT = 8
 DEFAULT_STRIPE_PAGES = 64
+# Growth (`up` on a new data dir): 16 MiB PGs striped 8 wide, at most 64 PGs (1 GiB).
+DEFAULT_PG_SIZE_MB = 16
+DEFAULT_STRIPE_WIDTH = 8
+DEFAULT_MAX_PGS = 64
 
 # Bounds on what a request may ask of a storage node (storage_node/validate.py checks
 # them where requests arrive; a request beyond one is refused as MALFORMED and names it).
@@ -50,15 +68,42 @@ TRUNCATION_SET_MAX = 4096      # ranges in one truncation set (Truncate, FindCom
 
 @dataclass(frozen=True)
 class VolumeLayout:
-    """How a volume's pages map to PGs."""
+    """How a volume's pages map to PGs (see the module doc).
+
+    ``pg_pages`` 0: a fixed set of ``pg_count`` PGs, striped (the layout before growth).
+    ``pg_pages`` > 0: growth; ``pg_count`` is the maximum, PGs come in extents of
+    ``stripe_width``.
+    """
 
     pg_count: int = DEFAULT_PG_COUNT
     stripe_pages: int = DEFAULT_STRIPE_PAGES
+    pg_pages: int = 0
+    stripe_width: int = 0
 
     def __post_init__(self) -> None:
         if self.pg_count < 1 or self.stripe_pages < 1:
             raise ValueError(f"pg_count and stripe_pages must be >= 1, got {self}")
+        if self.pg_pages or self.stripe_width:
+            if self.pg_pages < self.stripe_pages or self.pg_pages % self.stripe_pages:
+                raise ValueError(f"a PG's pages ({self.pg_pages}) must be a whole number of "
+                                 f"stripes of {self.stripe_pages} pages")
+            if self.stripe_width < 1 or self.pg_count % self.stripe_width:
+                raise ValueError(f"the maximum PG count ({self.pg_count}) must be a multiple "
+                                 f"of the stripe width ({self.stripe_width})")
+
+    @property
+    def grows(self) -> bool:
+        """True if PGs are added as the volume grows (``pg_pages`` > 0)."""
+        return self.pg_pages > 0
+
+    @property
+    def page_limit(self) -> int | None:
+        """First page id beyond the maximum PG count (None: no limit but page ids')."""
+        return self.pg_count * self.pg_pages if self.pg_pages else None
 
     def pg_of(self, page_id: int) -> int:
         """The PG that stores ``page_id``."""
-        return (page_id // self.stripe_pages) % self.pg_count
+        if not self.pg_pages:
+            return (page_id // self.stripe_pages) % self.pg_count
+        width = self.stripe_width
+        return (page_id // (width * self.pg_pages)) * width + (page_id // self.stripe_pages) % width

@@ -270,7 +270,8 @@ class Replica:
         """A fresh sink, cache and Database at the snapshot; swapped in once open."""
         self.driver.epoch = snapshot.volume_epoch
         self.writer_name = snapshot.writer
-        if snapshot.pg_count and VolumeLayout(snapshot.pg_count, snapshot.stripe_pages) != self.driver.layout:
+        if snapshot.pg_count and (snapshot.pg_count, snapshot.stripe_pages) != (
+                self.driver.layout.pg_count, self.driver.layout.stripe_pages):
             raise RuntimeError("the writer's volume layout differs from this replica's config")
         sink = ReplicaSink(self.driver, snapshot.vdl, {t.pg: t.lsn for t in snapshot.pg_tails})
         db = Database(sink, buffer_pool_pages=self.buffer_pool_pages, read_only=True)

@@ -138,7 +138,7 @@ class ReplicationHub:
             horizon = min(horizon, sub.oldest_read_point)
         tracker = self.driver.tracker
         for pg in range(self.driver.layout.pg_count):
-            scls = [tracker.node_scl(node, pg) for node in tracker.nodes]
+            scls = [tracker.node_scl(node, pg) for node in tracker.segments(pg)]  # invariant 15
             if any(scls):  # a PG no segment has acked since this writer started is skipped
                 horizon = min(horizon, min(scls))
         return horizon

@@ -381,7 +381,8 @@ class Instance:
     def _new_driver(self) -> StorageDriver:
         config, args = self.config, self.args
         return StorageDriver(config.volume, config.storage_nodes, config.layout, epoch=0,
-                             lal=config.lal, instance=self.name, transport=self.transport)
+                             lal=config.lal, instance=self.name, transport=self.transport,
+                             memberships=config.memberships())   # invariant 15
 
     async def start_writer(self) -> None:
         driver = self._new_driver()
@@ -658,7 +659,11 @@ async def drop_volume(driver, volume: str) -> None:
 
 async def serve(args) -> int:
     config = ClusterConfig.load(args.cluster)
-    if getattr(args, "volume", None):
+    if getattr(args, "volume", None) and args.volume != config.volume:
+        # A clone's segments sit on its parent's nodes (they share their bytes), so every
+        # volume of a cluster uses the cluster volume's placement (docs/fleet.md).
+        for membership in config.memberships().values():
+            config.placement.put(args.volume, membership)
         config.volume = args.volume
     from engine.transport.grpc_transport import GrpcTransport   # the process entry point
     from engine.transport.latency import AzLatency

@@ -50,6 +50,7 @@ from aurora_pb import storage_pb2 as pb
 from engine.errors import DatabaseError, OutOfWindowError, RpcError, UnavailableError
 from engine.writer.recovery import gather_per_node, truncate_request
 from engine.format.volume import VR, VW
+from engine.format.page import META_PAGE_ID
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,16 @@ class TimeTravel:
 
     # -- storage queries ---------------------------------------------------------------
 
-    async def _each_node(self, call) -> dict:
-        """{node: reply or RpcError} of ``call(stub)`` on every node (recovery's helper)."""
-        return await gather_per_node(self.driver, lambda _name, stub: call(stub), RPC_TIMEOUT_S)
+    async def _each_node(self, call, names=None) -> dict:
+        """{node: reply or RpcError} of ``call(stub)`` on every node, or on ``names`` (one
+        PG's members, invariant 15) (recovery's helper)."""
+        return await gather_per_node(self.driver, lambda _name, stub: call(stub), RPC_TIMEOUT_S,
+                                     names)
+
+    def _meta_members(self) -> tuple[str, ...]:
+        """The members of the PG that holds the META page, so every COMMIT record and
+        every truncation set (each is written to every PG)."""
+        return self.driver.members(self.driver.layout.pg_of(META_PAGE_ID))
 
     async def find_commit(self, *, upto_lsn: int, max_time_us: int = 0, after_lsn: int = 0,
                           truncs=None, forward: bool = False) -> tuple[int, int]:
@@ -154,7 +162,8 @@ class TimeTravel:
                                        after_lsn=after_lsn, max_time_us=max_time_us,
                                        forward=forward, use_set=truncs is not None,
                                        set=_pb_ranges(truncs or ()))
-        answers = await self._each_node(lambda stub: stub.FindCommit(request, timeout_s=RPC_TIMEOUT_S))
+        answers = await self._each_node(lambda stub: stub.FindCommit(request, timeout_s=RPC_TIMEOUT_S),
+                                        self._meta_members())
         good = [a for a in answers.values() if not isinstance(a, RpcError)]
         if len(good) < VR:
             raise UnavailableError(f"time-travel lookup reached {len(good)} of the {VR} nodes it needs")
@@ -166,7 +175,8 @@ class TimeTravel:
     async def load_history(self) -> list:
         """Every timeline (truncation set) a read quorum of nodes recorded, oldest first."""
         request = pb.VolumeHistoryRequest(volume=self.driver.volume)
-        answers = await self._each_node(lambda stub: stub.VolumeHistory(request, timeout_s=RPC_TIMEOUT_S))
+        answers = await self._each_node(lambda stub: stub.VolumeHistory(request, timeout_s=RPC_TIMEOUT_S),
+                                        self._meta_members())
         good = [a for a in answers.values() if not isinstance(a, RpcError)]
         if len(good) < VR:
             raise UnavailableError(f"volume history reached {len(good)} of the {VR} nodes it needs")
@@ -368,9 +378,9 @@ class TimeTravel:
         async def one_pg(pg):
             return pg, await self._each_node(lambda stub: stub.Truncate(
                 truncate_request(volume, pg, new_epoch, new_set, now_us, driver.vdl, target),
-                timeout_s=RPC_TIMEOUT_S))
+                timeout_s=RPC_TIMEOUT_S), driver.members(pg))
 
-        done = dict(await asyncio.gather(*(one_pg(pg) for pg in range(layout.pg_count))))
+        done = dict(await asyncio.gather(*(one_pg(pg) for pg in sorted(driver.created_pgs))))
         for pg, answers in done.items():
             ok = [n for n, a in answers.items() if not isinstance(a, RpcError)]
             if len(ok) < VW:
@@ -387,8 +397,11 @@ class TimeTravel:
         driver = self.driver
 
         async def one_pg(pg):
+            if pg not in driver.created_pgs:
+                return 0   # growth: a PG never created has no record (docs/fleet.md)
             request = pb.SegmentStateRequest(volume=driver.volume, pg=pg, tail_bound=fork_lsn)
-            answers = await self._each_node(lambda stub: stub.SegmentState(request, timeout_s=RPC_TIMEOUT_S))
+            answers = await self._each_node(lambda stub: stub.SegmentState(request, timeout_s=RPC_TIMEOUT_S),
+                                            driver.members(pg))
             good = [a for a in answers.values() if not isinstance(a, RpcError)]
             if len(good) < VR:
                 raise UnavailableError(f"clone: PG {pg} answered from {len(good)} of the {VR} "
@@ -404,19 +417,33 @@ class TimeTravel:
         for a in states.values():
             if not isinstance(a, RpcError) and any(v.volume == name for v in a.volumes):
                 raise DatabaseError(f"clone {name!r}: a volume of that name already exists")
-        request = pb.CreateVolumeRequest(volume=name, pg_count=driver.layout.pg_count,
-                                         stripe_pages=driver.layout.stripe_pages,
-                                         volume_epoch=1, parent=driver.volume, fork_lsn=fork_lsn,
-                                         fork_tails=await self.fork_tails(fork_lsn))
-        answers = await self._each_node(lambda stub: stub.CreateVolume(request, timeout_s=RPC_TIMEOUT_S))
+        tails = await self.fork_tails(fork_lsn)
+
+        def request(node: str) -> pb.CreateVolumeRequest:
+            # A clone's segments sit with its parent's (they share their bytes): each
+            # node gets the PGs placed on it (invariant 15).
+            return pb.CreateVolumeRequest(volume=name, pg_count=driver.layout.pg_count,
+                                          stripe_pages=driver.layout.stripe_pages,
+                                          pg_pages=driver.layout.pg_pages,
+                                          stripe_width=driver.layout.stripe_width,
+                                          volume_epoch=1, parent=driver.volume, fork_lsn=fork_lsn,
+                                          fork_tails=tails,
+                                          pgs=driver.pgs_on(node)
+                                          if driver.memberships or driver.layout.grows else ())
+        hosts = [n for n in driver.node_names if driver.pgs_on(n)]
+        answers = await gather_per_node(
+            driver, lambda node, stub: stub.CreateVolume(request(node), timeout_s=RPC_TIMEOUT_S),
+            RPC_TIMEOUT_S, hosts)
         ok = [n for n, a in answers.items() if not isinstance(a, RpcError)]
         errors = [a for a in answers.values() if isinstance(a, RpcError)]
-        if len(ok) < VW:
+        short = [pg for pg in sorted(driver.created_pgs)
+                 if sum(n in ok for n in driver.members(pg)) < VW]
+        if short:
             detail = errors[0].detail if errors else ""
             if errors and errors[0].status == "INVALID_ARGUMENT":
                 raise DatabaseError(f"clone {name!r}: {detail}")
-            raise UnavailableError(f"clone {name!r} reached {len(ok)} of the {VW} nodes it "
-                                   f"needs ({detail})")
+            raise UnavailableError(f"clone {name!r}: PGs {short} reached fewer than the {VW} "
+                                   f"nodes each needs ({detail})")
 
 
 async def _answered(reply):

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from engine import hooks
 from engine.errors import InvariantViolation
@@ -65,12 +65,19 @@ class QuorumTracker:
 
     ``start_lsn`` is the durable starting point (0 for a new volume, the recovered VDL
     after recovery): everything at or below it is durable and consistent.
+    ``pg_members`` says which V nodes hold each PG (a fleet, docs/fleet.md); without it
+    every PG is on the V ``nodes``. PGCL counts only a PG's own members (invariant 15).
     """
 
     def __init__(self, nodes: Iterable[str], start_lsn: int = 0,
-                 pg_tails: dict[int, int] | None = None) -> None:
+                 pg_tails: dict[int, int] | None = None,
+                 pg_members: Mapping[int, Iterable[str]] | None = None) -> None:
         self.nodes = tuple(nodes)
-        assert len(self.nodes) == V, f"a PG has {V} segments, got nodes {self.nodes}"
+        self.pg_members = {pg: tuple(m) for pg, m in (pg_members or {}).items()}
+        if not self.pg_members:
+            assert len(self.nodes) == V, f"a PG has {V} segments, got nodes {self.nodes}"
+        for pg, members in self.pg_members.items():
+            assert len(set(members)) == V, f"PG {pg} has {V} segments, got {members}"
         self.scl: dict[tuple[str, int], int] = {}      # (node, pg) -> highest SCL reported
         self.pgcl: dict[int, int] = {}                  # pg -> PG complete LSN
         self.vcl = start_lsn
@@ -117,7 +124,7 @@ class QuorumTracker:
 
     def pg_view(self, pg: int) -> "PgView":
         """The PG's membership: epoch and member set(s) (epoch 0: the tracker's nodes)."""
-        return self.membership.get(pg) or PgView(0, self.nodes, None)
+        return self.membership.get(pg) or PgView(0, self.segments(pg), None)
 
     def write_quorum(self, pg: int, holders: Iterable[str]) -> bool:
         """True if ``holders`` are a write quorum of pg now: Vw of every member set."""
@@ -149,6 +156,10 @@ class QuorumTracker:
     def pending_count(self) -> int:
         """Records sent but not yet at write quorum."""
         return len(self._pending)
+
+    def segments(self, pg: int) -> tuple[str, ...]:
+        """The V nodes that hold ``pg``."""
+        return self.pg_members.get(pg, self.nodes)
 
     def node_scl(self, node: str, pg: int) -> int:
         return self.scl.get((node, pg), 0)
@@ -185,7 +196,7 @@ class QuorumTracker:
     def _quorum_scl(self, pg: int) -> int:
         """The VW-th highest SCL of pg's segments (0 if fewer than VW have reported)."""
         # BEGIN LAB 1: PGCL: the Vw-th highest SCL among the segments of pg (use _PGCL_RANK)
-        scls = sorted((self.scl.get((n, pg), 0) for n in self.nodes), reverse=True)
+        scls = sorted((self.scl.get((n, pg), 0) for n in self.segments(pg)), reverse=True)
         return scls[_PGCL_RANK - 1]
         # END LAB 1
 

@@ -59,6 +59,7 @@ from aurora_pb import storage_pb2 as pb
 from engine.errors import ErrorCode, RpcError, UnavailableError
 from engine.materialiser import scan_batch
 from engine.format.redo import FLAG_CPL
+from engine.format.page import META_PAGE_ID
 from engine.writer.storage_driver import StorageDriver, truncate_request  # noqa: F401 (re-exported)
 from engine.format.volume import VR, VW
 
@@ -110,9 +111,11 @@ def lower_out_of(lsn: int, truncs) -> int:
     # END LAB 4
 
 
-async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float) -> dict:
-    """Run make_call(name, stub) on every node; return {name: reply or RpcError}."""
-    names = driver.node_names
+async def gather_per_node(driver: StorageDriver, make_call, timeout_s: float,
+                          names=None) -> dict:
+    """Run make_call(name, stub) on every node (or on ``names``, e.g. one PG's members:
+    ``driver.members(pg)``, invariant 15); return {name: reply or RpcError}."""
+    names = list(driver.node_names if names is None else names)
 
     async def one(name):
         try:
@@ -142,20 +145,29 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     volume = driver.volume
     layout = driver.layout
     pgs = range(layout.pg_count)
+    created = False
+    if layout.grows:
+        # Growth: only PGs whose segments exist take part (docs/fleet.md).
+        pgs, known = await _existing_pgs(driver, rpc_timeout_s)
+        if not known:
+            if not create_if_missing:
+                raise RecoveryError(f"volume {volume!r} does not exist")
+            await _create_volume(driver, rpc_timeout_s)
+            created = True
+            pgs = [layout.pg_of(META_PAGE_ID)]
 
     # 1. Learn. ----------------------------------------------------------------------
     async def learn(pg):
         return pg, await gather_per_node(
             driver, lambda name, stub: stub.SegmentState(
                 pb.SegmentStateRequest(volume=volume, pg=pg), timeout_s=rpc_timeout_s),
-            rpc_timeout_s)
+            rpc_timeout_s, driver.members(pg))   # the PG's own six (invariant 15)
 
     learned = dict(await asyncio.gather(*(learn(pg) for pg in pgs)))
-    created = False
-    unknown = [n for n, r in learned[0].items()
+    unknown = [] if layout.grows else [n for n, r in learned[0].items()
                if isinstance(r, RpcError) and r.code == ErrorCode.UNKNOWN_VOLUME]
-    known = [n for n, r in learned[0].items() if not isinstance(r, RpcError)]
-    if not known and len(unknown) >= VW:
+    known = [] if layout.grows else [n for n, r in learned[0].items() if not isinstance(r, RpcError)]
+    if not layout.grows and not known and len(unknown) >= VW:
         if not create_if_missing:
             raise RecoveryError(f"volume {volume!r} does not exist")
         await _create_volume(driver, rpc_timeout_s)
@@ -214,7 +226,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
 
     async def fence(pg):
         return pg, await gather_per_node(
-            driver, lambda name, stub: fence_one(pg, stub), rpc_timeout_s)
+            driver, lambda name, stub: fence_one(pg, stub), rpc_timeout_s, driver.members(pg))
 
     fenced = dict(await asyncio.gather(*(fence(pg) for pg in pgs)))
 
@@ -290,7 +302,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
             driver, lambda name, stub: stub.Truncate(
                 truncate_request(volume, pg, new_epoch, new_set, time_us, vdl),
                 timeout_s=rpc_timeout_s),
-            rpc_timeout_s)
+            rpc_timeout_s, driver.members(pg))
 
     truncated = dict(await asyncio.gather(*(truncate(pg) for pg in pgs)))
     for pg, results in truncated.items():
@@ -309,6 +321,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     repaired = await _repair(driver, since, vdl, tails, best_node, rpc_timeout_s)
 
     # 6. Open. -----------------------------------------------------------------------
+    driver.created_pgs = set(pgs)
     driver.reset_for_epoch(start_lsn=vdl, next_lsn=truncate_end + 1, pg_tails=tails)
     result = RecoveryResult(
         epoch=new_epoch, vdl=vdl, vcl=vcl, since=since, truncate_end=truncate_end,
@@ -320,16 +333,58 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
     return result
 
 
-async def _create_volume(driver: StorageDriver, rpc_timeout_s: float) -> None:
-    request = pb.CreateVolumeRequest(volume=driver.volume, pg_count=driver.layout.pg_count,
-                                     stripe_pages=driver.layout.stripe_pages, volume_epoch=1)
-    results = await gather_per_node(
-        driver, lambda name, stub: stub.CreateVolume(request, timeout_s=rpc_timeout_s),
+async def _existing_pgs(driver: StorageDriver, rpc_timeout_s: float) -> tuple[list[int], bool]:
+    """(PGs whose segments exist, whether any node knows the volume), growth only.
+
+    A PG counts as never created when Vr of its members answer NodeStatus without it: then
+    at most V - Vr = 3 segments hold anything of it, so no record of it ever reached a
+    write quorum (Vr + Vw > V). Every other PG is learned as usual, and recovery fails
+    (and is retried) if fewer than Vr of its members answer.
+    """
+    states = await gather_per_node(
+        driver, lambda name, stub: stub.NodeStatus(pb.NodeStatusRequest(), timeout_s=rpc_timeout_s),
         rpc_timeout_s)
+    held: dict[str, set[int]] = {}
+    known = False
+    for name, reply in states.items():
+        if isinstance(reply, RpcError):
+            continue
+        held[name] = {s.pg for s in reply.segments if s.volume == driver.volume}
+        known |= any(v.volume == driver.volume for v in reply.volumes)
+    pgs = []
+    for pg in range(driver.layout.pg_count):
+        without = sum(1 for n in driver.members(pg) if n in held and pg not in held[n])
+        if without < VR:
+            pgs.append(pg)
+    return pgs, known
+
+
+async def _create_volume(driver: StorageDriver, rpc_timeout_s: float) -> None:
+    """Create the volume's segments where they are placed: each node is asked for exactly
+    the PGs placed on it (invariant 15); every PG needs Vw of its members. A growing
+    volume starts with the META page's PG only; the driver creates the others as pages
+    need them."""
+    layout = driver.layout
+    first = [layout.pg_of(META_PAGE_ID)] if layout.grows else list(range(layout.pg_count))
+
+    def placed_on(name: str) -> list[int]:
+        return [pg for pg in first if name in driver.members(pg)]
+
+    def request(name: str) -> pb.CreateVolumeRequest:
+        return pb.CreateVolumeRequest(volume=driver.volume, pg_count=layout.pg_count,
+                                      stripe_pages=layout.stripe_pages, volume_epoch=1,
+                                      pg_pages=layout.pg_pages, stripe_width=layout.stripe_width,
+                                      pgs=placed_on(name) if driver.memberships or layout.grows else ())
+    hosts = [n for n in driver.node_names if placed_on(n)]
+    results = await gather_per_node(
+        driver, lambda name, stub: stub.CreateVolume(request(name), timeout_s=rpc_timeout_s),
+        rpc_timeout_s, hosts)
     ok = [n for n, r in results.items() if not isinstance(r, RpcError)]
-    if len(ok) < VW:
-        raise RecoveryError(f"could create volume {driver.volume!r} on only {len(ok)} nodes "
-                            f"({_describe_errors(results)})")
+    for pg in first:
+        placed = [n for n in driver.members(pg) if n in ok]
+        if len(placed) < VW:
+            raise RecoveryError(f"could create PG {pg} of volume {driver.volume!r} on only "
+                                f"{len(placed)} of its nodes ({_describe_errors(results)})")
     log.info("created volume %s on %s", driver.volume, ", ".join(ok))
 
 
@@ -363,18 +418,24 @@ async def _repair(driver: StorageDriver, since: int, vdl: int, tails: dict[int, 
     best_scl: dict[tuple[str, int], int] = {}      # (node, pg) -> highest SCL acked
     results: dict = {}
     for i in range(max(len(c) for c in chunks.values())):  # the i-th answer of every PG
-        request = pb.AppendRequest(
-            volume=driver.volume, volume_epoch=driver.epoch, writer_vdl=since,
-            batches=[pb.PgBatch(pg=pg, records=c[i]) for pg, c in chunks.items() if i < len(c)],
-            sender=driver.instance)
+        def request(name: str) -> pb.AppendRequest:   # the PGs placed on ``name`` only
+            return pb.AppendRequest(
+                volume=driver.volume, volume_epoch=driver.epoch, writer_vdl=since,
+                batches=[pb.PgBatch(pg=pg, membership_epoch=driver.membership_epoch(pg),
+                                    records=c[i])
+                         for pg, c in chunks.items() if i < len(c) and name in driver.members(pg)],
+                sender=driver.instance)
+        hosts = [n for n in driver.node_names
+                 if any(i < len(c) and n in driver.members(pg) for pg, c in chunks.items())]
         results = await gather_per_node(
-            driver, lambda name, stub: stub.Append(request, timeout_s=rpc_timeout_s), rpc_timeout_s)
+            driver, lambda name, stub: stub.Append(request(name), timeout_s=rpc_timeout_s),
+            rpc_timeout_s, hosts)
         for name, reply in results.items():
             if not isinstance(reply, RpcError):
                 for ack in reply.acks:
                     best_scl[(name, ack.pg)] = max(best_scl.get((name, ack.pg), 0), ack.scl)
     for pg in chunks:
-        complete = sum(1 for name in driver.node_names
+        complete = sum(1 for name in driver.members(pg)
                        if best_scl.get((name, pg), 0) >= tails.get(pg, 0))
         if complete < VW:
             raise RecoveryError(

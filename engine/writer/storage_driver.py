@@ -1,4 +1,4 @@
-"""The storage driver: ships redo to six storage nodes and turns their acks into VDL.
+"""The storage driver: ships redo to each PG's six storage nodes and turns their acks into VDL.
 
 This is the real ``RedoSink`` (engine/db/sink.py). It is the only part of the writer that
 talks to storage, and it never sends a page (invariant 1).
@@ -11,6 +11,21 @@ Write path::
           <-- replies tagged with the batch's seq: per PG SCL
           --> QuorumTracker: PGCL -> VCL -> VDL
           --> CommitQueue releases every commit whose LSN <= VDL (invariant 2)
+
+Boxcars follow placement (docs/fleet.md, invariant 15): each PG lives on six nodes of the
+fleet (``memberships``; without it every PG is on the six ``nodes``). A sealed batch is
+serialised once per PG; a node is sent one Append holding exactly the PG batches it hosts
+(the request header plus those PGs' serialised parts, concatenated: protobuf merges
+repeated fields), so different PGs' batches travel to different node sets, and a node
+hosting none of a batch's PGs is not sent it. A batch has reached write quorum when each
+of its PGs has Vw acks from that PG's members.
+
+Growth (docs/fleet.md): with a growing layout a PG's segments are created when its first
+record is submitted: the driver asks the PG's six members to CreateVolume with just that
+PG (and sends them this epoch's truncation set), and holds the open batch until Vw of
+them have it (one round trip, once per PG; nothing else stops). ``created_pgs`` is what
+recovery found plus what this driver created. A node that missed the creation answers
+UNKNOWN_SEGMENT and is asked again.
 
 Batching without a timer: a sealed batch is "in flight" until Vw = 4 nodes acked it.
 While fewer than ``max_inflight_batches`` (1) are in flight the open batch is sealed and
@@ -59,7 +74,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from aurora_pb import storage_pb2 as pb
 from engine import hooks
@@ -73,6 +88,7 @@ from engine.errors import (
     WriteQuorumUnavailable,
 )
 from engine.format.cluster_config import NodeInfo  # noqa: F401  (re-exported)
+from engine.format.placement import PgMembership
 from engine.writer.quorum import CommitQueue, QuorumTracker
 from engine.format.redo import FLAG_CPL
 from engine.db.sink import LsnAllocator
@@ -124,12 +140,21 @@ class _Node:
 @dataclass
 class _Batch:
     seq: int
-    request_bytes: bytes
+    request_bytes: bytes          # the whole request: every PG batch (what a node hosting all gets)
     pgs: tuple[int, ...]
     max_lsn: int
     records: int
-    acked_nodes: set = field(default_factory=set)
+    header: bytes = b""           # the request without its PG batches
+    parts: dict = field(default_factory=dict)     # pg -> that PG batch, serialised once
+    acked: dict = field(default_factory=dict)     # pg -> members that acked it
     quorum_reached: bool = False
+
+    def bytes_for(self, pgs: tuple[int, ...]) -> bytes:
+        """The Append for a node hosting ``pgs`` of this batch (protobuf concatenation
+        merges repeated fields, so header + parts is one request)."""
+        if pgs == self.pgs:
+            return self.request_bytes
+        return self.header + b"".join(self.parts[pg] for pg in pgs)
 
 
 class StorageDriver:
@@ -139,9 +164,17 @@ class StorageDriver:
                  epoch: int, lal: int, start_lsn: int = 0, next_lsn: int | None = None,
                  pg_tails: dict[int, int] | None = None, instance: str = "writer",
                  max_inflight_batches: int = 1, rpc_timeout_s: float = 5.0,
-                 hedge_after_s: float = 0.05, transport: Transport) -> None:
-        assert len(nodes) == 6, "a volume is stored on six nodes"
+                 hedge_after_s: float = 0.05, transport: Transport,
+                 memberships: Mapping[int, PgMembership] | None = None) -> None:
         assert lal > 0
+        names = [n.name for n in nodes]
+        # Which six nodes hold each PG (invariant 15); None: every PG on the six ``nodes``.
+        self.memberships: dict[int, PgMembership] = dict(memberships or {})
+        if not self.memberships:
+            assert len(nodes) == 6, "without a placement a volume is stored on six nodes"
+        for pg, m in self.memberships.items():
+            unknown = set(m.members) - set(names)
+            assert not unknown, f"PG {pg} is placed on nodes this driver was not given: {unknown}"
         self.volume = volume
         self.layout = layout
         self.epoch = epoch
@@ -152,7 +185,10 @@ class StorageDriver:
         self.hedge_after_s = hedge_after_s
         self.transport = transport
         self.node_infos = list(nodes)
-        self.tracker = QuorumTracker([n.name for n in nodes], start_lsn, pg_tails)
+        self.tracker = QuorumTracker(names, start_lsn, pg_tails, self._pg_members())
+        # PGs whose segments exist; a growing volume starts with none (recovery fills it in).
+        self.created_pgs: set[int] = set() if layout.grows else set(range(layout.pg_count))
+        self._creating: dict[int, None] = {}   # PGs being created (their records wait)
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
         self.commits = CommitQueue()
         self.truncations: list[tuple[int, int, int]] = []  # this epoch's truncation set
@@ -209,7 +245,7 @@ class StorageDriver:
             node.outbox.clear()
             node.refused.clear()
         views = self.tracker.membership
-        self.tracker = QuorumTracker(self.node_names, start_lsn, pg_tails)
+        self.tracker = QuorumTracker(self.node_names, start_lsn, pg_tails, self._pg_members())
         self.tracker.membership = dict(views)   # a new volume epoch keeps the PGs' members
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
         self.epoch_floor_lsn = next_lsn - 1
@@ -222,6 +258,31 @@ class StorageDriver:
     @property
     def node_names(self) -> list[str]:
         return [n.name for n in self.node_infos]
+
+    def members(self, pg: int) -> tuple[str, ...]:
+        """The nodes that hold ``pg`` (invariant 15): its six, or during a membership
+        change the old six and the new members (they get every batch too, invariant 16)."""
+        view = self.tracker.membership.get(pg)
+        if view is not None:
+            extra = tuple(n for n in (view.new_members or ()) if n not in view.members)
+            return tuple(view.members) + extra
+        m = self.memberships.get(pg)
+        return m.members if m is not None else tuple(self.node_names)
+
+    def membership_epoch(self, pg: int) -> int:
+        """``pg``'s membership epoch, stamped on every request for it (invariant 16 of
+        docs/membership.md: the control plane's view once it told one; else the placement's;
+        0 without a placement, as before the fleet)."""
+        view = self.tracker.membership.get(pg)
+        m = self.memberships.get(pg)
+        return max(view.epoch if view is not None else 0, m.epoch if m is not None else 0)
+
+    def pgs_on(self, name: str) -> list[int]:
+        """The created PGs of this volume with a segment on node ``name``."""
+        return [pg for pg in sorted(self.created_pgs) if name in self.members(pg)]
+
+    def _pg_members(self) -> dict[int, tuple[str, ...]]:
+        return {pg: m.members for pg, m in self.memberships.items()}
 
     # --- RedoSink ----------------------------------------------------------------------
 
@@ -255,6 +316,9 @@ class StorageDriver:
     def submit(self, records: list[tuple[int, int, bytes]]) -> None:
         self._check_fenced()
         for pg, lsn, record in records:
+            if pg not in self.created_pgs and pg not in self._creating:
+                self._creating[pg] = None
+                self._spawn(self._create_pg(pg))
             self.tracker.record_sent(lsn, pg, bool(record[37] & FLAG_CPL))
             self._open.setdefault(pg, []).append(record)
             self._open_bytes += len(record)
@@ -290,7 +354,50 @@ class StorageDriver:
 
     # --- Sending -----------------------------------------------------------------------
 
+    async def _create_pg(self, pg: int) -> None:
+        """Create ``pg``'s segments on its members (growth); retried until Vw have it."""
+        backoff_s = 0.05
+        while not self._closed and self.fenced is None:
+            ok = await self._create_segments(self.members(pg), [pg])
+            if len(ok) >= VW:
+                log.info("PG %d of %s created on %s", pg, self.volume, ", ".join(ok))
+                self.created_pgs.add(pg)
+                self._creating.pop(pg, None)
+                self._maybe_seal()
+                return
+            log.warning("PG %d of %s: segments created on only %d of %d nodes; retrying",
+                        pg, self.volume, len(ok), VW)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 1.0)
+
+    async def _create_segments(self, names, pgs: list[int]) -> list[str]:
+        """CreateVolume of ``pgs`` (plus this epoch's truncation set) on ``names``; the
+        nodes that have them now."""
+        layout = self.layout
+        time_us, prev_vdl = self.truncation_history
+
+        async def one(name: str) -> str | None:
+            stub = self._nodes[name].stub
+            try:
+                await stub.CreateVolume(pb.CreateVolumeRequest(
+                    volume=self.volume, pg_count=layout.pg_count, stripe_pages=layout.stripe_pages,
+                    pg_pages=layout.pg_pages, stripe_width=layout.stripe_width,
+                    volume_epoch=max(self.epoch, 1), pgs=pgs))
+                for pg in pgs if self.truncations else ():
+                    await stub.Truncate(truncate_request(self.volume, pg, self.epoch,
+                                                         self.truncations, time_us, prev_vdl))
+                return name
+            except RpcError as exc:
+                if exc.code == ErrorCode.STALE_EPOCH:
+                    self._fence(self._nodes[name], exc)
+                log.debug("creating PGs %s on %s failed: %s", pgs, name, exc)
+                return None
+
+        return [n for n in await asyncio.gather(*(one(n) for n in names)) if n]
+
     def _maybe_seal(self) -> None:
+        if self._creating and any(pg in self._creating for pg in self._open):
+            return   # a new PG's segments are being created: one round trip (growth)
         while self._open and (len(self._inflight) < self.max_inflight_batches
                               or self._open_bytes >= BATCH_BYTES_MAX):
             self._seal_and_send()
@@ -298,13 +405,16 @@ class StorageDriver:
     def _seal_and_send(self) -> None:
         self._batch_seq += 1
         pgs = tuple(sorted(self._open))
-        request = pb.AppendRequest(
+        header = pb.AppendRequest(
             volume=self.volume, volume_epoch=self.epoch, writer_vdl=self.tracker.vdl,
-            sender=self.instance, seq=self._batch_seq,
-            batches=[pb.PgBatch(pg=pg, membership_epoch=self.membership_epoch(pg),
-                                records=b"".join(self._open[pg])) for pg in pgs])
-        data = request.SerializeToString()  # once, for all six segments
-        batch = _Batch(self._batch_seq, data, pgs, self._open_max_lsn, self._open_records)
+            sender=self.instance, seq=self._batch_seq).SerializeToString()
+        # Each PG batch serialised once, for its six segments (see the module doc).
+        parts = {pg: pb.AppendRequest(batches=[pb.PgBatch(
+            pg=pg, membership_epoch=self.membership_epoch(pg),
+            records=b"".join(self._open[pg]))]).SerializeToString() for pg in pgs}
+        data = header + b"".join(parts[pg] for pg in pgs)
+        batch = _Batch(self._batch_seq, data, pgs, self._open_max_lsn, self._open_records,
+                       header, parts, {pg: set() for pg in pgs})
         self.stats["batches"] += 1
         self.stats["records"] += self._open_records
         self.stats["record_bytes"] += self._open_bytes
@@ -313,10 +423,19 @@ class StorageDriver:
         self._open_records = 0
         self._inflight.append(batch)
         for node in self._nodes.values():
+            if not self._hosted(node, batch):
+                continue   # this node holds none of the batch's PGs
             node.outbox.append((batch, False))
             if node.stream is None and len(node.outbox) > 64:
                 self._prune(node)   # a node that is down must not hoard durable batches
             node.wake.set()
+
+    def _hosted(self, node: _Node, batch: _Batch) -> tuple[int, ...]:
+        """The PGs of ``batch`` that ``node`` holds."""
+        if not self.memberships:
+            return batch.pgs
+        name = node.info.name
+        return tuple(pg for pg in batch.pgs if name in self.members(pg))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -339,8 +458,8 @@ class StorageDriver:
         return node.stub.AppendStream()
 
     async def _write_append(self, node: _Node, stream, batch: _Batch) -> None:
-        """Write one batch to ``node``'s stream: the bytes serialised once for all six."""
-        await stream.write(batch.request_bytes)
+        """Write one batch to ``node``'s stream: its PGs' parts, serialised once for all six."""
+        await stream.write(batch.bytes_for(self._hosted(node, batch)))
 
     async def _node_loop(self, node: _Node) -> None:
         """The life of ``node``'s AppendStream: open, write the outbox, reopen on a break
@@ -423,11 +542,12 @@ class StorageDriver:
                 ack_s = time.monotonic() - written
                 self._observe_latency(node, ack_s)
                 node.ack_ewma_s = ack_s if not node.ack_ewma_s else 0.8 * node.ack_ewma_s + 0.2 * ack_s
+                sent_bytes = len(batch.bytes_for(self._hosted(node, batch)))
                 node.rpcs += 1
-                node.bytes_sent += len(batch.request_bytes)
+                node.bytes_sent += sent_bytes
                 node.backoff_s = 0.05
                 self.stats["append_rpcs"] += 1
-                self.stats["append_bytes"] += len(batch.request_bytes)
+                self.stats["append_bytes"] += sent_bytes
                 if not node.up:
                     log.info("storage node %s is answering again", node.info.name)
                 node.up = True
@@ -453,6 +573,9 @@ class StorageDriver:
             node.send_truncations = True
             node.wake.set()
             return
+        if exc.code == ErrorCode.UNKNOWN_SEGMENT:   # it missed a PG's creation: again
+            self._spawn(self._create_segments(
+                [node.info.name], [pg for pg in self._hosted(node, batch) if pg in self.created_pgs]))
         node.failures += 1
         if node.up:
             log.warning("append to %s refused: %s", node.info.name, exc)
@@ -468,10 +591,6 @@ class StorageDriver:
 
     # --- Membership (docs/membership.md) -----------------------------------------------
 
-    def membership_epoch(self, pg: int) -> int:
-        """The PG's membership epoch, stamped on every request for it (invariant 15)."""
-        return self.tracker.pg_view(pg).epoch
-
     def set_membership(self, pg: int, epoch: int, members, new_members=None, forget=()) -> int:
         """Move ``pg`` to membership ``epoch`` (InstanceAdmin.SetMembership): the quorum core
         counts acks by the new sets from now on (invariant 16). Members must be this
@@ -485,6 +604,10 @@ class StorageDriver:
         before = self.tracker.pg_view(pg)
         self.tracker.set_membership(pg, epoch, members, new_members, forget)
         after = self.tracker.pg_view(pg)
+        if after.epoch != before.epoch and new_members is None and self.memberships:
+            # A change completed: the placement follows (routing, recovery, GC).
+            self.memberships[pg] = PgMembership(pg, epoch, tuple(members))
+            self.tracker.pg_members[pg] = tuple(members)
         if after.epoch != before.epoch:
             log.info("PG %d: membership epoch %d -> %d (%r%s)", pg, before.epoch, after.epoch,
                      after, f"; forgetting {', '.join(forget)}" if forget else "")
@@ -497,7 +620,9 @@ class StorageDriver:
         a STALE_MEMBERSHIP refusal) for the PG's current members."""
         for pg, epoch in epochs.items():
             view = self.tracker.pg_view(pg)
-            if epoch > view.epoch:
+            if len(view.members) != len(set(view.members)) or len(view.members) != 6:
+                continue   # a PG not placed yet (a growing volume): nothing to stamp
+            if epoch > self.membership_epoch(pg):
                 members = view.new_members or view.members
                 self.tracker.set_membership(pg, epoch, members)
                 log.info("PG %d: adopted membership epoch %d from storage", pg, epoch)
@@ -525,12 +650,14 @@ class StorageDriver:
             node.wake.set()
 
     def _restamp(self, batch: _Batch) -> None:
-        """Serialise the batch again with the PGs' current membership epochs (the same
-        records; every node gets these bytes from now on)."""
-        request = pb.AppendRequest.FromString(batch.request_bytes)
-        for b in request.batches:
-            b.membership_epoch = self.membership_epoch(b.pg)
-        batch.request_bytes = request.SerializeToString()
+        """Serialise the batch's PG parts again with the PGs' current membership epochs
+        (the same records; every node gets these bytes from now on)."""
+        for pg in batch.pgs:
+            part = pb.AppendRequest.FromString(batch.parts[pg])
+            for b in part.batches:
+                b.membership_epoch = self.membership_epoch(b.pg)
+            batch.parts[pg] = part.SerializeToString()
+        batch.request_bytes = batch.header + b"".join(batch.parts[pg] for pg in batch.pgs)
 
     def _requeue_refused(self, node: _Node) -> None:
         node.send_truncations = False
@@ -560,9 +687,10 @@ class StorageDriver:
         moved = False
         for ack in reply.acks:
             moved |= self.tracker.ack(node.info.name, ack.pg, ack.scl)
-        batch.acked_nodes.add(node.info.name)
-        if len(batch.acked_nodes) >= VW:
-            batch.quorum_reached = True
+        for pg in self._hosted(node, batch):
+            batch.acked[pg].add(node.info.name)
+        if all(len(acked) >= VW for acked in batch.acked.values()):
+            batch.quorum_reached = True   # every PG of the batch at Vw of its own members
         # A batch stops counting as in flight once VW nodes acked it, or once VCL passed
         # its records (a later batch's acks can cover it).
         vcl = self.tracker.vcl
@@ -612,7 +740,7 @@ class StorageDriver:
         (it replaces the node's older set; engine/writer/recovery.py truncate_request)."""
         log.info("node %s is behind epoch %d; sending it the truncation set", node.info.name, self.epoch)
         time_us, prev_vdl = self.truncation_history
-        for pg in range(self.layout.pg_count):
+        for pg in self.pgs_on(node.info.name):
             try:
                 request = truncate_request(self.volume, pg, self.epoch, self.truncations,
                                            time_us, prev_vdl)
@@ -638,7 +766,7 @@ class StorageDriver:
                                      read_point=read_point, volume_epoch=self.epoch,
                                      min_scl=min_scl, membership_epoch=self.membership_epoch(pg))
         candidates = sorted(
-            self._nodes.values(),
+            (self._nodes[name] for name in self.members(pg)),
             key=lambda n: (not n.up, self.tracker.node_scl(n.info.name, pg) < min_scl,
                            n.latency_ewma_s))
         errors: list[str] = []
@@ -715,6 +843,7 @@ class StorageDriver:
             "epoch": self.epoch, "lal": self.lal, "next_lsn": self.allocator.next_lsn,
             "allocation_limit": self.allocation_limit(),
             "inflight_batches": len(self._inflight), "open_records": self._open_records,
+            "created_pgs": sorted(self.created_pgs),
             "waiting_commits": len(self.commits), "fenced": self.fenced is not None,
             "stats": dict(self.stats),
             "nodes": {n.info.name: {"az": n.info.az, "address": n.info.address, "up": n.up,
