@@ -24,7 +24,7 @@ pull can ever link to it. Hydration gives it a base to link to:
    membership change waits for.
 
 While hydrating, the segment's SCL stays below everything it lacks, so it serves no read
-it cannot (invariant 8) and its acks count for no record it does not hold (invariant 5).
+it cannot (invariant 8) and its acks count for no record it does not hold (invariants 5 and 17).
 A truncation during hydration (a recovery or backtrack bumps the segment's generation)
 drops the HydrateOp; the next gossip round starts again. Counters: bytes installed and
 seconds spent (NodeStatus ``hydrated_bytes``, ``hydration_s``: the MB/s of status).

@@ -96,7 +96,7 @@ class TruncateOp:
     time_us: int = 0
     prev_vdl: int = 0
     set_writer_vdl: int = 0  # backtrack: the target is durable and the new lowest VDL
-    membership_epoch: int = 0  # the PG's, from the writer (invariant 15; 0: none)
+    membership_epoch: int = 0  # the PG's, from the writer (invariant 16; 0: none)
 
 
 @dataclass
@@ -112,7 +112,7 @@ class AdoptEpochOp:
 
 @dataclass
 class AdoptMembershipOp:
-    """SetMembership from the control plane: adopt a higher membership epoch (invariant 15);
+    """SetMembership from the control plane: adopt a higher membership epoch (invariant 16);
     a lower one is refused with STALE_MEMBERSHIP."""
 
     volume: str

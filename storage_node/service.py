@@ -19,7 +19,7 @@ lets an exception kill the server.
     Truncate       durable truncation range under a new epoch       TruncateOp
     CreateVolume   segments of a volume (idempotent)                CreateVolumeOp
     SetGcHorizon   PGMRPL for GC (invariant 12)                     SetGcHorizonOp
-    SetMembership  a higher membership epoch (invariant 15)         AdoptMembershipOp
+    SetMembership  a higher membership epoch (invariant 16)         AdoptMembershipOp
     FetchPageVersions  pages as of the GC anchor, for hydration     Store.hydration_pages
     NodeStatus     counters and per-segment state                   in-memory mirrors
     FindCommit     a COMMIT record by time or LSN (time -> LSN)     Store.find_commit

@@ -267,11 +267,11 @@ class Store(Writes, Chain, LogRuns, PageIndex, Reads, Plans, TimeTravelReads):
             return sum(sum(p.values()) for p in self._dirty.values())
 
 
-    # Epoch rules (invariant 9, invariant 15) ----------------------------------------------
+    # Epoch rules (invariant 9, invariant 16) ----------------------------------------------
 
     @staticmethod
     def _check_membership(m: SegMeta, membership_epoch: int, what: str, key: tuple) -> None:
-        """Invariant 15: a request with a membership epoch below the segment's is refused
+        """Invariant 16: a request with a membership epoch below the segment's is refused
         (STALE_MEMBERSHIP); 0 means the caller has no membership view (a peer, a tool)."""
         if membership_epoch and membership_epoch < m.membership_epoch:
             raise StaleMembershipError(

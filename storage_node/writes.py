@@ -28,7 +28,7 @@ State transitions and the functions that make them (all inside ``apply_ops``):
                      (gossip; replaces, never merges)
     SetGcHorizonOp   gc_horizon = max(old, new)                  _op_set_gc_horizon
     AdoptMembershipOp  membership_epoch = max(old, new); a lower  _op_adopt_membership
-                     one is refused (invariant 15)
+                     one is refused (invariant 16)
     HydrateOp        a hydrated segment: SCL and log_floor := the  _op_hydrate
                      anchor its page versions are as of, then the
                      SCL walk (docs/membership.md)

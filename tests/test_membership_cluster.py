@@ -225,7 +225,7 @@ def test_second_failure_during_a_repair(cluster):
 
 def test_stale_membership_epoch_is_refused(cluster):
     """After the repairs above (every PG is past epoch 1), a request that carries a
-    membership epoch below the segment's is refused with STALE_MEMBERSHIP (invariant 15)
+    membership epoch below the segment's is refused with STALE_MEMBERSHIP (invariant 16)
     and the current epoch in the metadata; 0 (no view) and the current epoch are served.
     (An Append with a stale epoch: tests/test_membership_storage.py.)"""
     from aurora_pb import storage_pb2 as spb

@@ -1,4 +1,4 @@
-"""The quorum core during membership changes (invariant 16, docs/membership.md): the
+"""The quorum core during membership changes (invariant 17, docs/membership.md): the
 transitional write quorum (4/6 of the old set AND 4/6 of the new set), the read quorum
 (3/6 of either), a second failure during a change, a wiped member forgotten, and PGCL
 never moving back (invariant 5). Deterministic; the randomised check prints its seed."""

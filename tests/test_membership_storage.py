@@ -1,7 +1,7 @@
 """Membership epochs and hydration on one storage node's store, in-process (no gRPC):
 fast companions of tests/test_membership_cluster.py (docs/membership.md).
 
-- invariant 15: an Append (or read) with a membership epoch below the segment's is
+- invariant 16: an Append (or read) with a membership epoch below the segment's is
   refused with STALE_MEMBERSHIP and stores nothing; 0 is never refused; a higher one is
   adopted; SetMembership refuses going back;
 - hydration: a peer whose log below its GC horizon is gone serves every page as of its

@@ -13,7 +13,7 @@ healing loop (``heal``, every HEAL_TICK_S):
 - a repair starts for a wiped node at once, and for a failed one when it answers again.
   In a fleet of six, where an AZ has no spare node, the repair is in place: every PG moves
   to a TRANSITIONAL membership epoch (old set and new set are the same six names, and the
-  writer forgets the node's SCLs from before: invariant 16), the node hydrates from its
+  writer forgets the node's SCLs from before: invariant 17), the node hydrates from its
   peers (storage_node/hydration.py) and catches up by gossip while writes go on, and each
   PG moves to the next epoch, the new set alone, once the node's SCL reached the target:
   the highest SCL its peers had when the change began (>= the PGCL then);
@@ -22,7 +22,7 @@ healing loop (``heal``, every HEAL_TICK_S):
 - each step is pushed to the writer (InstanceAdmin.SetMembership) and to every segment
   (Storage.SetMembership), and pushed again on later ticks until each acknowledged it (a
   node that was down, a new writer after a failover). Requests with an older epoch are
-  refused by storage (invariant 15) and the writer re-learns the epoch (storage_driver.py).
+  refused by storage (invariant 16) and the writer re-learns the epoch (storage_driver.py).
 
 ``collect`` adds the ``pgs`` of `status` (epoch, members with state healthy | hydrating |
 failed and SCL) and the repairs made (time to six healthy segments, hydration MB/s).

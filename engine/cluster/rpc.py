@@ -60,7 +60,7 @@ class ProcessRpc:
 
     async def set_segment_membership(self, name: str, address: str, volume: str, pg: int,
                                      epoch: int, members, timeout_s: float) -> int:
-        """Storage.SetMembership: the segment adopts membership ``epoch`` (invariant 15)."""
+        """Storage.SetMembership: the segment adopts membership ``epoch`` (invariant 16)."""
         reply = await self._channel(name, address).stub(STORAGE).SetMembership(
             storage_pb2.SetMembershipRequest(volume=volume, pg=pg, membership_epoch=epoch,
                                              members=list(members)), timeout_s=timeout_s)

@@ -24,7 +24,7 @@ an ack raises some PGCL, it pops records from the front while each is at or belo
 PGCL. VCL is then just below the first record still pending (or the newest record sent
 if none is). Each record is pushed once and popped once, so the work per record is O(1).
 
-Membership changes [P18 4.1] (docs/membership.md, invariant 16): each PG has a membership
+Membership changes [P18 4.1] (docs/membership.md, invariant 17): each PG has a membership
 epoch and a member set (six segment names, 2 per AZ). To replace segment F of ABCDEF by G,
 the PG passes through a TRANSITIONAL epoch with two sets, old ABCDEF and new ABCDEG: a
 record is durable when Vw = 4 of the old set AND 4 of the new set hold it (PGCL = the
@@ -91,7 +91,7 @@ class QuorumTracker:
         # seen by a reader at read point VDL; see ReadPage.min_scl).
         self.vdl_tails: dict[int, int] = dict(pg_tails or {})
         # pg -> its membership (membership epoch, member sets); a PG not listed is at
-        # epoch 0 with ``nodes`` as its one set (invariant 16, set_membership).
+        # epoch 0 with ``nodes`` as its one set (invariant 17, set_membership).
         self.membership: dict[int, PgView] = {}
 
     # --- Feeding -----------------------------------------------------------------------
@@ -183,7 +183,7 @@ class QuorumTracker:
 
     def _pgcl(self, pg: int) -> int:
         """PGCL under the PG's membership: the Vw-th highest SCL of its one set, or in a
-        transition the lower of the two sets' (a write needs Vw of BOTH, invariant 16)."""
+        transition the lower of the two sets' (a write needs Vw of BOTH, invariant 17)."""
         view = self.membership.get(pg)
         if view is None:
             return self._quorum_scl(pg)
@@ -230,7 +230,7 @@ class QuorumTracker:
 
 class PgView:
     """A PG's membership as the quorum core sees it: epoch, the member set, and in a
-    transitional epoch the new set beside the old one (invariant 16)."""
+    transitional epoch the new set beside the old one (invariant 17)."""
 
     __slots__ = ("epoch", "members", "new_members")
 

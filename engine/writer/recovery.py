@@ -184,7 +184,7 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
         for r in replies:
             old_epoch = max(old_epoch, r.volume_epoch)
     new_epoch = old_epoch + 1
-    # Membership epochs (docs/membership.md, invariant 15): the highest any segment of the
+    # Membership epochs (docs/membership.md, invariant 16): the highest any segment of the
     # PG reports (at least 1): this writer stamps it on every request for the PG. The
     # control plane tells the writer of a change in progress (InstanceAdmin.SetMembership).
     driver.adopt_membership_epochs({

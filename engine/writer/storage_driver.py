@@ -44,7 +44,7 @@ is cancelled and reopened with backoff, and every batch written to it and not an
 written again, unless its records are durable by then (VCL passed them): a node that
 missed records fills its gap from its peers by gossip; a retransmit is idempotent on the
 node. Slow nodes never hold a commit back as long as four others ack (outlier tolerance).
-Membership epochs (docs/membership.md, invariants 15 and 16): every request for a PG carries
+Membership epochs (docs/membership.md, invariants 16 and 17): every request for a PG carries
 the PG's membership epoch from the quorum core's view of it (``tracker.pg_view``); the
 control plane moves it (``set_membership``, InstanceAdmin.SetMembership). A batch refused
 with STALE_MEMBERSHIP (the node knows a newer epoch than this writer) makes the driver
@@ -261,7 +261,7 @@ class StorageDriver:
 
     def members(self, pg: int) -> tuple[str, ...]:
         """The nodes that hold ``pg`` (invariant 15): its six, or during a membership
-        change the old six and the new members (they get every batch too, invariant 16)."""
+        change the old six and the new members (they get every batch too, invariant 17)."""
         view = self.tracker.membership.get(pg)
         if view is not None:
             extra = tuple(n for n in (view.new_members or ()) if n not in view.members)
@@ -270,7 +270,7 @@ class StorageDriver:
         return m.members if m is not None else tuple(self.node_names)
 
     def membership_epoch(self, pg: int) -> int:
-        """``pg``'s membership epoch, stamped on every request for it (invariant 16 of
+        """``pg``'s membership epoch, stamped on every request for it (invariant 16,
         docs/membership.md: the control plane's view once it told one; else the placement's;
         0 without a placement, as before the fleet)."""
         view = self.tracker.membership.get(pg)
@@ -593,7 +593,7 @@ class StorageDriver:
 
     def set_membership(self, pg: int, epoch: int, members, new_members=None, forget=()) -> int:
         """Move ``pg`` to membership ``epoch`` (InstanceAdmin.SetMembership): the quorum core
-        counts acks by the new sets from now on (invariant 16). Members must be this
+        counts acks by the new sets from now on (invariant 17). Members must be this
         volume's nodes: routing a PG to other nodes is the fleet's placement (step 12,
         part A). Returns the PG's epoch after the call."""
         if not 0 <= pg < self.layout.pg_count:
