@@ -593,9 +593,9 @@ class StorageDriver:
 
     def set_membership(self, pg: int, epoch: int, members, new_members=None, forget=()) -> int:
         """Move ``pg`` to membership ``epoch`` (InstanceAdmin.SetMembership): the quorum core
-        counts acks by the new sets from now on (invariant 17). Members must be this
-        volume's nodes: routing a PG to other nodes is the fleet's placement (step 12,
-        part A). Returns the PG's epoch after the call."""
+        counts acks by the new sets from now on (invariant 17), and during a transition the
+        PG's batches go to the members of both sets (``members``). Members must be storage
+        nodes this driver knows. Returns the PG's epoch after the call."""
         if not 0 <= pg < self.layout.pg_count:
             raise ValueError(f"volume {self.volume!r} has no PG {pg}")
         unknown = sorted((set(members) | set(new_members or ())) - set(self._nodes))
