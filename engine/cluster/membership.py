@@ -186,6 +186,7 @@ class Membership(ClusterState):
                     continue
             if name in self.failed_nodes:
                 await self.start_repair(name, "failed and back", fresh)
+        await self._recreate(fresh)
         await self._progress(fresh)
         await self._push()
 
@@ -265,6 +266,29 @@ class Membership(ClusterState):
         log.warning("%s %s: repair starts in place; PGs move to transitional epochs %s",
                     node, reason, epochs)
 
+    async def _recreate(self, fresh: dict) -> None:
+        """A hydrating node that lacks the segments of its PGs (wiped: its data dir is new)
+        gets them created empty, as the volume's creator did (CreateVolume with the PGs
+        placed on it); gossip then adopts the epoch and truncation set and hydrates them."""
+        volume = self.config.volume
+        info = next((v for name, reply in self._node_status.items() for v in reply.volumes
+                     if v.volume == volume and not v.dropped), None)
+        if info is None:
+            return
+        for node, reply in fresh.items():
+            have = {s.pg for s in reply.segments if s.volume == volume}
+            missing = sorted(pg for pg, rec in self.pgs.items()
+                             if node in rec.hydrating and pg not in have)
+            if not missing:
+                continue
+            p = self.procs[node]
+            try:
+                await self.rpc.create_segments(node, p.address, info, missing, PUSH_TIMEOUT_S)
+                log.info("%s: created its empty segments of PGs %s (they hydrate from peers)",
+                         node, missing)
+            except RpcError as exc:
+                log.info("%s: creating its segments of PGs %s: %s", node, missing, exc)
+
     async def _progress(self, fresh: dict) -> None:
         """Drop members that reached their target; close each PG's change once none is
         left hydrating: the next epoch, the new set alone."""
@@ -318,7 +342,8 @@ class Membership(ClusterState):
                 new = rec.members if rec.transitional else None
                 calls.append(self._tell_writer(writer, pg, rec, new, forget if rec.transitional else ()))
             for p in self.storage:
-                if p.state == "up" and rec.told.get(p.name) != rec.epoch:
+                if p.state == "up" and p.name in rec.members and rec.told.get(p.name) != rec.epoch \
+                        and self._exists(pg, "", {}):
                     calls.append(self._tell_segment(p, pg, rec))
         if calls:
             await asyncio.gather(*calls)
@@ -341,7 +366,8 @@ class Membership(ClusterState):
         except RpcError as exc:
             if exc.code == ErrorCode.STALE_MEMBERSHIP:
                 rec.told[p.name] = epoch   # it knows a newer one: nothing to tell
-            elif exc.code != ErrorCode.UNKNOWN_VOLUME:   # a wiped node before gossip
+            elif exc.code not in (ErrorCode.UNKNOWN_VOLUME, "UNKNOWN_SEGMENT"):
+                # (a wiped node before its segments exist; a PG not created yet)
                 log.info("SetMembership(PG %d, epoch %d) to %s: %s", pg, epoch, p.name, exc)
 
     # --- What `status` shows -----------------------------------------------------------

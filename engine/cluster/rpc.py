@@ -66,6 +66,15 @@ class ProcessRpc:
                                              members=list(members)), timeout_s=timeout_s)
         return reply.membership_epoch
 
+    async def create_segments(self, name: str, address: str, info, pgs, timeout_s: float) -> None:
+        """Storage.CreateVolume for the PGs ``pgs`` of the volume ``info`` (a peer's
+        VolumeInfo): the new, empty segments of a wiped node (docs/membership.md)."""
+        await self._channel(name, address).stub(STORAGE).CreateVolume(
+            storage_pb2.CreateVolumeRequest(
+                volume=info.volume, pg_count=info.pg_count, stripe_pages=info.stripe_pages,
+                volume_epoch=info.volume_epoch, pgs=list(pgs), pg_pages=info.pg_pages,
+                stripe_width=info.stripe_width), timeout_s=timeout_s)
+
     async def set_writer_membership(self, name: str, address: str, pg: int, epoch: int,
                                     members, new_members, forget, timeout_s: float) -> int:
         """InstanceAdmin.SetMembership: the writer's quorum core moves to ``epoch``."""
