@@ -756,7 +756,18 @@ class StorageDriver:
     # --- Reads -------------------------------------------------------------------------
 
     async def read_page(self, page_id: int, read_point: int, min_scl: int | None = None) -> bytes | None:
-        """The page as of read_point from one segment, hedged (invariant 8)."""
+        """The page as of read_point from one segment, hedged (invariant 8). A read refused
+        for a stale membership epoch (invariant 16) is asked again once, with the epoch the
+        refusal told (``_read_one`` adopts it): a replica learns the PG's epoch this way."""
+        epoch_before = self.membership_epoch(self.layout.pg_of(page_id))
+        try:
+            return await self._read_page(page_id, read_point, min_scl)
+        except UnavailableError:
+            if self.membership_epoch(self.layout.pg_of(page_id)) == epoch_before:
+                raise
+            return await self._read_page(page_id, read_point, min_scl)
+
+    async def _read_page(self, page_id: int, read_point: int, min_scl: int | None) -> bytes | None:
         pg = self.layout.pg_of(page_id)
         if min_scl is None:
             # Each PG's tail at the current VDL is >= its tail at any older read point, so a
