@@ -143,6 +143,7 @@ class ErrorCode(StrEnum):
     PAGE_NOT_FOUND = "PAGE_NOT_FOUND"              # page never initialised as of the read point
     CORRUPT = "CORRUPT"                            # stored bytes failed their checksum
     UNBUILDABLE = "UNBUILDABLE"                    # a record passes its CRC but cannot apply
+    STALE_MEMBERSHIP = "STALE_MEMBERSHIP"          # request membership epoch < segment's
     # Database service (engine/instance/server.py sets them, engine/client.py maps them).
     KEY_NOT_FOUND = "KEY_NOT_FOUND"
     TABLE_NOT_FOUND = "TABLE_NOT_FOUND"
@@ -161,6 +162,8 @@ class ErrorCode(StrEnum):
 METADATA_ERROR = "aurora-error"
 #: Trailing-metadata key of the segment's current volume epoch (STALE_EPOCH only).
 METADATA_CURRENT_EPOCH = "aurora-current-epoch"
+#: Trailing-metadata key of the segment's current membership epoch (STALE_MEMBERSHIP only).
+METADATA_CURRENT_MEMBERSHIP = "aurora-current-membership-epoch"
 #: Trailing-metadata key the instance sets when a refused request certainly did nothing.
 METADATA_NOTHING_DONE = "aurora-nothing-done"
 

@@ -24,6 +24,9 @@ proto/aurora_pb/storage.proto is the contract; this module mirrors it)::
                                                cannot apply to it (slot out of range, wrong
                                                page type): that page cannot be built; every
                                                other page is served (docs/storage-node.md)
+    STALE_MEMBERSHIP      FAILED_PRECONDITION  request membership epoch < segment's (the PG
+                                               changed members); metadata
+                                               "aurora-current-membership-epoch" = current
 
 This module does not import grpc. A StorageError is an engine.errors.RpcError: the store
 and the handlers (storage_node/service.py) raise it, and the transport (engine/transport)
@@ -53,6 +56,8 @@ READ_POINT_BELOW_GC = ErrorCode.READ_POINT_BELOW_GC
 PAGE_NOT_FOUND = ErrorCode.PAGE_NOT_FOUND
 CORRUPT = ErrorCode.CORRUPT
 UNBUILDABLE = ErrorCode.UNBUILDABLE
+STALE_MEMBERSHIP = ErrorCode.STALE_MEMBERSHIP
+METADATA_CURRENT_MEMBERSHIP = errors.METADATA_CURRENT_MEMBERSHIP
 
 #: code -> the transport status it travels as.
 STATUS_OF = {
@@ -68,6 +73,7 @@ STATUS_OF = {
     PAGE_NOT_FOUND: "NOT_FOUND",
     CORRUPT: "DATA_LOSS",
     UNBUILDABLE: "DATA_LOSS",
+    STALE_MEMBERSHIP: "FAILED_PRECONDITION",
 }
 
 
@@ -93,6 +99,19 @@ class StaleEpochError(StorageError):
         super().__init__(message)
         self.current_epoch = current_epoch
         self.metadata[METADATA_CURRENT_EPOCH] = str(current_epoch)
+
+
+class StaleMembershipError(StorageError):
+    """The request's membership epoch is older than the segment's: the PG changed members
+    since the sender last looked (docs/membership.md). Not a fencing: the sender fetches
+    the current membership and retries."""
+
+    code = STALE_MEMBERSHIP
+
+    def __init__(self, message: str, current_epoch: int) -> None:
+        super().__init__(message)
+        self.current_epoch = current_epoch
+        self.metadata[METADATA_CURRENT_MEMBERSHIP] = str(current_epoch)
 
 
 class EpochAheadError(StorageError):

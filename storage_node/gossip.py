@@ -19,7 +19,10 @@ a PG's members (invariant 15); a round with a peer sharing no segment pulls noth
    with FetchRecords (after = own SCL, upto = the end of the hole, ``max_bytes`` bounded),
    verifies them exactly like an Append (checksums, PG membership) and appends them
    through the same durable path at background priority. Its SCL then advances.
-4. Repair (invariant 13): quarantined records are fetched one by one from the peer;
+4. Hydration (storage_node/hydration.py): if the peer no longer keeps the log above this
+   segment's SCL (its log_floor is higher: a new or wiped segment after the peers' GC),
+   the segment first copies every page as of the peer's anchor, then pulls as in 3.
+5. Repair (invariant 13): quarantined records are fetched one by one from the peer;
    quarantined page versions that cannot be rebuilt from the local log (the records
    below them were garbage-collected) are read from the peer as of the GC horizon.
 
@@ -38,6 +41,7 @@ from aurora_pb import storage_pb2 as pb
 from engine.errors import RpcError
 from engine.transport import Channel, Transport, service_of
 from storage_node.errors import StorageError
+from storage_node.hydration import hydrate, needs_hydration
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import AdoptEpochOp, CreateVolumeOp, PutVersionsOp, verify_stored_page
 
@@ -117,6 +121,9 @@ class Gossip:
             if ps.volume_epoch > m.volume_epoch or (
                     ps.volume_epoch == m.volume_epoch and ps.truncations > len(m.truncs)):
                 await self._adopt(stub, peer, key)
+                m = self.store.segment(*key)
+            if needs_hydration(m, ps):
+                await hydrate(self.node, stub, peer, key, self.log)
                 m = self.store.segment(*key)
             # A peer at an older epoch may call records chain-complete that this segment
             # knows are truncated: pulling them would never move the SCL.
@@ -220,6 +227,8 @@ class Gossip:
                     volume=volume, pg=pg, after_lsn=lsn - 1, upto_lsn=lsn, volume_epoch=0,
                     sender=self.node.node_id))
                 if not reply.records:
+                    if lsn < ps.log_floor:
+                        await self._supersede(stub, peer, key, lsn, ps)
                     continue
                 op = self.node.verify_append(volume, 0, 0, [(pg, 0, reply.records)], source="repair")
                 if op.batches[0].lsns() != [lsn]:
@@ -233,10 +242,11 @@ class Gossip:
                 if not self.store.needs_peer_page(key, page_id, lsn):
                     continue  # background.py rebuilds it from the local log
                 budget -= 1
-                # As of the GC horizon (capped at the own SCL): the page's last record at or
-                # below it is >= the lost version, and every later record is still here.
-                read_point = min(max(lsn, m.gc_horizon), m.scl)
-                if ps.volume_epoch != m.volume_epoch or ps.scl < read_point:
+                # As of the higher of the two GC horizons (capped at both SCLs): the page's
+                # last record at or below it is >= the lost version, and the peer still
+                # serves it (a read point below its own horizon's anchor is refused).
+                read_point = min(max(lsn, m.gc_horizon, ps.gc_horizon), m.scl, ps.scl)
+                if ps.volume_epoch != m.volume_epoch or read_point < lsn:
                     continue
                 try:
                     reply = await stub.ReadPage(pb.ReadPageRequest(
@@ -253,3 +263,34 @@ class Gossip:
                                                      clears=[(page_id, lsn)]), background=True)
                 self.log.info("repair: page %d of %s/%d (version %d) refetched from %s as of %d",
                               page_id, volume, pg, lsn, peer, reply.page_lsn)
+
+    async def _supersede(self, stub, peer: str, key: tuple, lsn: int, ps) -> None:
+        """A quarantined record no peer holds any more (they collected it below their GC
+        horizon): restore its page from the peer's version as of the peer's GC anchor,
+        which is at or above the record, and take the record out of quarantine (invariant
+        13: nothing bad is served; reads of the page below that version are refused)."""
+        volume, pg = key
+        m = self.store.segment(volume, pg)
+        page_id = await self.node.read_bg(self.store.page_of_record, volume, pg, lsn)
+        if page_id is None:
+            return
+        # At or above the peer's GC horizon (capped at both SCLs): the peer serves read
+        # points from its anchor up, and the page's version there is at or above ``lsn``.
+        read_point = min(max(lsn, ps.gc_horizon, m.gc_horizon), m.scl, ps.scl)
+        if read_point < lsn or ps.volume_epoch != m.volume_epoch:
+            return
+        try:
+            reply = await stub.ReadPage(pb.ReadPageRequest(
+                volume=volume, pg=pg, page_id=page_id, read_point=read_point,
+                volume_epoch=m.volume_epoch))
+        except RpcError as exc:
+            self.log.info("repair: page %d of %s/%d not available from %s: %s", page_id, volume,
+                          pg, peer, exc)
+            return
+        if reply.page_lsn < lsn or not verify_stored_page(page_id, reply.page_lsn, reply.page):
+            return
+        await self.node.commit(PutVersionsOp(volume, pg, m.generation,
+                                             [(page_id, reply.page_lsn, reply.page)],
+                                             superseded=[lsn]), background=True)
+        self.log.info("repair: record %s/%d lsn %d (page %d) superseded by %s's version %d",
+                      volume, pg, lsn, page_id, peer, reply.page_lsn)

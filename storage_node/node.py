@@ -75,6 +75,7 @@ class Tuning:
     scrub_versions: int = 32              # page versions verified per scrub step
     scrub_pause_s: float = 0.05           # pause between scrub steps
     repair_interval_s: float = 0.5
+    hydration_chunk_bytes: int = 4 << 20  # page bytes per FetchPageVersions (docs/membership.md)
 
     @classmethod
     def from_env(cls) -> "Tuning":
@@ -98,6 +99,9 @@ class Counters:
     scrub_errors_found: int = 0
     gossip_records_pulled: int = 0
     gc_records_deleted: int = 0
+    hydrated_bytes: int = 0          # page bytes installed by hydration (docs/membership.md)
+    hydration_s: float = 0.0         # wall time spent hydrating
+    hydrations: int = 0              # segments hydrated
 
 
 class StorageNode:

@@ -96,6 +96,7 @@ class TruncateOp:
     time_us: int = 0
     prev_vdl: int = 0
     set_writer_vdl: int = 0  # backtrack: the target is durable and the new lowest VDL
+    membership_epoch: int = 0  # the PG's, from the writer (invariant 16; 0: none)
 
 
 @dataclass
@@ -107,6 +108,31 @@ class AdoptEpochOp:
     epoch: int
     truncs: tuple = ()
     reject_stale: bool = False  # True for SegmentState(fence=true) from a writer
+
+
+@dataclass
+class AdoptMembershipOp:
+    """SetMembership from the control plane: adopt a higher membership epoch (invariant 16);
+    a lower one is refused with STALE_MEMBERSHIP."""
+
+    volume: str
+    pg: int
+    membership_epoch: int
+
+
+@dataclass
+class HydrateOp:
+    """The end of a hydration (docs/membership.md): the page versions as of ``anchor`` are
+    stored (PutVersionsOp), so the segment now holds the PG as of ``anchor``, a PG chain
+    record a peer kept: SCL := anchor and log_floor := anchor if the segment's own chain
+    is below it, then the SCL walk takes the records above it that are already here.
+    Dropped if a truncation happened since the pages were fetched (``generation``)."""
+
+    volume: str
+    pg: int
+    generation: int
+    anchor: int
+    gc_horizon: int
 
 
 @dataclass
@@ -126,6 +152,10 @@ class PutVersionsOp:
     generation: int
     versions: list  # [(page_id, lsn, bytes)]
     clears: list = field(default_factory=list)  # quarantined (page_id, lsn) this repairs
+    #: Quarantined record LSNs that no peer holds any more (they collected them) and that a
+    #: version among ``versions`` at or above them supersedes: their rows leave the
+    #: quarantine; the record stays absent, so a read below that version is refused.
+    superseded: list = field(default_factory=list)
 
 
 @dataclass

@@ -38,7 +38,7 @@ class Reads:
     """Page materialisation and record reads (mixin of Store; see the module doc)."""
 
     def read_page(self, volume: str, pg: int, page_id: int, read_point: int,
-                  epoch: int, min_scl: int = 0) -> tuple[bytes, int, int]:
+                  epoch: int, min_scl: int = 0, membership_epoch: int = 0) -> tuple[bytes, int, int]:
         """(page bytes, page_lsn, scl): the page as of ``read_point`` (invariant 8).
 
         Newest materialised version <= read point plus the page's later records up to it,
@@ -58,6 +58,7 @@ class Reads:
         with self.env.begin() as txn:
             m = self._read_meta(txn, prefix)
             self._check_epoch(m, epoch, "ReadPage", key)
+            self._check_membership(m, membership_epoch, "ReadPage", key)
             required = min_scl if 0 < min_scl < read_point else read_point
             if required > m.scl:
                 raise ReadPointAboveSclError(
@@ -68,6 +69,8 @@ class Reads:
                 # The horizon is a volume LSN; this PG's last record at or below it (kept by
                 # GC as the chain anchor) is the lowest read point whose pages survive.
                 floor = self._visible_at_or_below(txn, prefix, m, min(m.gc_horizon, m.scl))
+                # A hydrated segment holds no log below its log_floor (docs/membership.md).
+                floor = max(floor, m.log_floor)
                 if read_point < floor:
                     raise ReadPointBelowGcError(
                         f"read point {read_point} is below the GC horizon {m.gc_horizon} of "
@@ -236,7 +239,7 @@ class Reads:
             off += size
 
     def fetch_records(self, volume: str, pg: int, after_lsn: int, upto_lsn: int,
-                      max_bytes: int, epoch: int):
+                      max_bytes: int, epoch: int, membership_epoch: int = 0):
         """Chain-complete, visible records in (after_lsn, upto_lsn], packed.
 
         Returns (records, scl, more, volume_epoch, truncs). ``upto_lsn`` 0 means the SCL;
@@ -250,6 +253,7 @@ class Reads:
             m = self._read_meta(txn, prefix)
             if epoch:
                 self._check_epoch(m, epoch, "FetchRecords", key)
+            self._check_membership(m, membership_epoch, "FetchRecords", key)
             upto = m.scl if upto_lsn == 0 else min(upto_lsn, m.scl)
             bad = [q for q in self._quar_records.get(key, ()) if after_lsn < q <= upto]
             if bad:
@@ -281,7 +285,7 @@ class Reads:
 
     def segment_state(self, volume: str, pg: int, records_since: int = 0,
                       include_records: bool = False, limit: int = STATE_RECORDS_MAX,
-                      tail_bound: int = 0):
+                      tail_bound: int = 0, membership_epoch: int = 0):
         """(SegMeta, [(lsn, prev_volume_lsn, flags)], more, tail_lsn) of a segment, read in
         one snapshot. ``tail_lsn`` is the highest chain-complete, untruncated LSN <=
         tail_bound (0 if tail_bound is 0): recovery stamps the first new record's PG
@@ -293,6 +297,7 @@ class Reads:
         tail = 0
         with self.env.begin() as txn:
             m = self._read_meta(txn, prefix)
+            self._check_membership(m, membership_epoch, "SegmentState", key)
             if tail_bound:
                 bound = min(tail_bound, m.scl)
                 tail = self._visible_at_or_below(txn, prefix, m, bound)
@@ -315,6 +320,69 @@ class Reads:
                     records.append((lsn, U64.unpack_from(run.value, off + REC_PREV_VOL)[0],
                                     run.value[off + REC_FLAGS]))
         return m, records, more, tail
+
+    def hydration_pages(self, volume: str, pg: int, as_of: int, after_page: int, first: bool,
+                        max_bytes: int):
+        """One chunk of a hydration answer (FetchPageVersions, docs/membership.md):
+        (SegMeta, as_of, [(page_id, page_lsn, bytes)], more).
+
+        ``as_of`` 0 picks the anchor: the newest visible record at or below min(GC horizon,
+        SCL), which GC always keeps, so every record of the PG above it is still in this
+        log and a segment that holds every page as of it can pull the rest by gossip. Each
+        page is built as of the anchor like a read (checksums verified, invariant 13);
+        pages with no INIT_PAGE at or below it are left out (their records are above it).
+        """
+        key = (volume, pg)
+        prefix = self._prefix(volume, pg)
+        max_bytes = min(max_bytes or FETCH_BYTES_DEFAULT, FETCH_BYTES_MAX)
+        out = []
+        total = 0
+        more = False
+        with self.env.begin() as txn:
+            m = self._read_meta(txn, prefix)
+            if not as_of:
+                as_of = max(self._visible_at_or_below(txn, prefix, m, min(m.gc_horizon, m.scl)),
+                            m.log_floor)
+            if as_of > m.scl:
+                raise ReadPointAboveSclError(
+                    f"hydration as of {as_of}: segment {volume}/{pg} is complete only to {m.scl}")
+            if as_of < m.log_floor:
+                raise ReadPointBelowGcError(
+                    f"hydration as of {as_of}: segment {volume}/{pg} kept no log below {m.log_floor}")
+            start = 0 if first else after_page + 1
+            while True:
+                pages = self._pages_from(txn, prefix, start, 64)
+                if not pages:
+                    break
+                for page_id in pages:
+                    if total >= max_bytes:
+                        more = True
+                        break
+                    try:
+                        image = self._build_page(txn, key, prefix, m, page_id, as_of)
+                    except PageNotFoundError:
+                        continue
+                    out.append((page_id, pagefmt.page_lsn(image), bytes(image)))
+                    total += len(image)
+                if more or len(pages) < 64:
+                    break
+                start = pages[-1] + 1
+        return m, as_of, out, more
+
+    def page_of_record(self, volume: str, pg: int, lsn: int) -> int | None:
+        """The page a stored (or quarantined) record belongs to, from the page index (None
+        if the index lists it for no page). Linear in the segment's pages: repairs only."""
+        prefix = self._prefix(volume, pg)
+        with self.env.begin() as txn:
+            start = 0
+            while True:
+                pages = self._pages_from(txn, prefix, start, 256)
+                for page_id in pages:
+                    if self._page_lsns(txn, prefix, page_id, lsn - 1, lsn) == [lsn]:
+                        return page_id
+                if len(pages) < 256:
+                    return None
+                start = pages[-1] + 1
 
     def next_stored_above(self, volume: str, pg: int, lsn: int) -> int:
         """The lowest stored, visible LSN > lsn (0 if none): where the hole above the SCL

@@ -19,6 +19,8 @@ lets an exception kill the server.
     Truncate       durable truncation range under a new epoch       TruncateOp
     CreateVolume   segments of a volume (idempotent)                CreateVolumeOp
     SetGcHorizon   PGMRPL for GC (invariant 12)                     SetGcHorizonOp
+    SetMembership  a higher membership epoch (invariant 16)         AdoptMembershipOp
+    FetchPageVersions  pages as of the GC anchor, for hydration     Store.hydration_pages
     NodeStatus     counters and per-segment state                   in-memory mirrors
     FindCommit     a COMMIT record by time or LSN (time -> LSN)     Store.find_commit
     VolumeHistory  the volume's truncation sets (timelines)         Store.history
@@ -40,6 +42,7 @@ from storage_node.errors import StorageError, UnbuildablePageError
 from storage_node.node import StorageNode, node_logger
 from storage_node.store import (
     AdoptEpochOp,
+    AdoptMembershipOp,
     CreateVolumeOp,
     DropVolumeOp,
     SetGcHorizonOp,
@@ -146,7 +149,8 @@ class StorageService:
         try:
             page, page_lsn, scl = await self.node.read(
                 self.store.read_page, request.volume, request.pg, request.page_id,
-                request.read_point, request.volume_epoch, request.min_scl)
+                request.read_point, request.volume_epoch, request.min_scl,
+                request.membership_epoch)
         except FormatError as exc:
             # A stored record passed its checksum but cannot apply (docs/storage-node.md,
             # "Records that cannot apply"): this page is refused, the node serves the rest.
@@ -161,13 +165,15 @@ class StorageService:
     async def SegmentState(self, request: pb.SegmentStateRequest, context) -> pb.SegmentStateReply:
         validate.check_volume_name(request.volume)
         validate.check_pg(request.pg)
-        self.store.segment(request.volume, request.pg)  # UNKNOWN_VOLUME / MALFORMED early
+        m = self.store.segment(request.volume, request.pg)  # UNKNOWN_VOLUME / MALFORMED early
+        self.store._check_membership(m, request.membership_epoch, "SegmentState",
+                                     (request.volume, request.pg))
         if request.fence and request.volume_epoch:
             await self.node.commit(AdoptEpochOp(request.volume, request.pg, request.volume_epoch,
                                                 reject_stale=True))
         m, records, _more, tail = await self.node.read(
             self.store.segment_state, request.volume, request.pg, request.records_since,
-            request.include_records, 65536, request.tail_bound)
+            request.include_records, 65536, request.tail_bound, request.membership_epoch)
         return pb.SegmentStateReply(
             scl=m.scl, volume_epoch=m.volume_epoch, membership_epoch=m.membership_epoch,
             writer_vdl=m.writer_vdl, gc_horizon=m.gc_horizon, max_lsn=m.max_lsn,
@@ -181,7 +187,7 @@ class StorageService:
         validate.check_pg(request.pg)
         records, scl, more, epoch, truncs = await self.node.read(
             self.store.fetch_records, request.volume, request.pg, request.after_lsn,
-            request.upto_lsn, request.max_bytes, request.volume_epoch)
+            request.upto_lsn, request.max_bytes, request.volume_epoch, request.membership_epoch)
         return pb.FetchRecordsReply(records=records, scl=scl, more=more, volume_epoch=epoch,
                                     truncations=_truncs_pb(truncs))
 
@@ -196,7 +202,7 @@ class StorageService:
         scl = await self.node.commit(TruncateOp(request.volume, request.pg, request.start_lsn,
                                                 request.end_lsn, request.volume_epoch, replace,
                                                 request.time_us, request.prev_vdl,
-                                                request.set_writer_vdl))
+                                                request.set_writer_vdl, request.membership_epoch))
         return pb.TruncateReply(scl=scl)
 
     @refusals
@@ -251,6 +257,28 @@ class StorageService:
                                                         request.volume_epoch))
         return pb.SetGcHorizonReply(gc_horizon=horizon)
 
+    @refusals
+    async def SetMembership(self, request: pb.SetMembershipRequest, context) -> pb.SetMembershipReply:
+        validate.check_volume_name(request.volume)
+        validate.check_pg(request.pg)
+        epoch = await self.node.commit(AdoptMembershipOp(request.volume, request.pg,
+                                                         request.membership_epoch))
+        return pb.SetMembershipReply(membership_epoch=epoch)
+
+    @refusals
+    async def FetchPageVersions(self, request: pb.FetchPageVersionsRequest,
+                                context) -> pb.FetchPageVersionsReply:
+        validate.check_volume_name(request.volume)
+        validate.check_pg(request.pg)
+        m, as_of, pages, more = await self.node.read_bg(
+            self.store.hydration_pages, request.volume, request.pg, request.as_of,
+            request.after_page, request.first, request.max_bytes)
+        return pb.FetchPageVersionsReply(
+            pages=[pb.PageImage(page_id=p, page_lsn=lsn, page=b) for p, lsn, b in pages],
+            as_of=as_of, more=more, scl=m.scl, gc_horizon=m.gc_horizon,
+            volume_epoch=m.volume_epoch, truncations=_truncs_pb(m.truncs),
+            membership_epoch=m.membership_epoch)
+
     async def NodeStatus(self, request: pb.NodeStatusRequest, context) -> pb.NodeStatusReply:
         return status_reply(self.node)
 
@@ -268,7 +296,7 @@ def status_reply(node: StorageNode) -> pb.NodeStatusReply:
             volume=volume, pg=pg, scl=m.scl, volume_epoch=m.volume_epoch, max_lsn=m.max_lsn,
             gc_horizon=m.gc_horizon, records=m.n_records, page_versions=m.n_versions,
             truncations=len(m.truncs), membership_epoch=m.membership_epoch,
-            writer_vdl=m.writer_vdl))
+            writer_vdl=m.writer_vdl, log_floor=m.log_floor))
     by_id = {v.vol_id: v.name for v in store.volumes()}
     volumes = [pb.VolumeInfo(volume=v.name, pg_count=v.layout.pg_count,
                              pg_pages=v.layout.pg_pages, stripe_width=v.layout.stripe_width,
@@ -283,4 +311,5 @@ def status_reply(node: StorageNode) -> pb.NodeStatusReply:
         scrub_errors_found=c.scrub_errors_found, scrub_repairs=store.scrub_repairs,
         gossip_records_pulled=c.gossip_records_pulled, append_rpcs=c.append_rpcs,
         segments=segments, volumes=volumes, gc_records_deleted=c.gc_records_deleted,
-        quarantined=quarantined)
+        quarantined=quarantined, incarnation=store.incarnation, hydrated_bytes=c.hydrated_bytes,
+        hydration_s=c.hydration_s, hydrations=c.hydrations)

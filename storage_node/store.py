@@ -42,12 +42,13 @@ import lmdb
 from engine import materialiser
 from storage_node.chain import Chain
 from storage_node.errors import (
-    EpochAheadError, MalformedError, StaleEpochError, UnknownSegmentError, UnknownVolumeError)
+    EpochAheadError, MalformedError, StaleEpochError, StaleMembershipError, UnknownSegmentError,
+    UnknownVolumeError)
 from storage_node.layout import (
     BE64, FORMAT, KIND_RECORD, KIND_RUN, KIND_VERSION, MAX_DBS, PAGE_LSN, PAGE_SIZE, SEG, U32,
     SegMeta, VolumeInfo, lowest_difference, log_key, page_key, seg_prefix)
 from storage_node.ops import (
-    AdoptEpochOp, AppendOp, BatchScan, CreateVolumeOp, DropVolumeOp, FoldIndexOp, GcStepOp,
+    AdoptEpochOp, AdoptMembershipOp, AppendOp, HydrateOp, BatchScan, CreateVolumeOp, DropVolumeOp, FoldIndexOp, GcStepOp,
     PutVersionsOp, QuarantineOp, SetGcHorizonOp, TruncateOp, VerifiedBatch, verify_and_prepare,
     verify_stored_page, verify_stored_record)
 from storage_node.pageindex import (
@@ -66,7 +67,7 @@ __all__ = [
     # re-exported for callers of this module
     "FORMAT", "KIND_RECORD", "KIND_RUN", "KIND_VERSION", "PAGE_SIZE", "SegMeta", "VolumeInfo",
     "lowest_difference", "log_key", "page_key", "seg_prefix",
-    "AdoptEpochOp", "AppendOp", "BatchScan", "CreateVolumeOp", "DropVolumeOp", "FoldIndexOp",
+    "AdoptEpochOp", "AdoptMembershipOp", "AppendOp", "HydrateOp", "BatchScan", "CreateVolumeOp", "DropVolumeOp", "FoldIndexOp",
     "GcStepOp", "PutVersionsOp", "QuarantineOp", "SetGcHorizonOp", "TruncateOp",
     "VerifiedBatch", "verify_and_prepare", "verify_stored_page", "verify_stored_record",
     "FOLD_DELTAS_MAX", "IDX_GROUP_MAX", "decode_delta", "delta_page_lsns", "encode_delta",
@@ -126,6 +127,9 @@ class Store(Writes, Chain, LogRuns, PageIndex, Reads, Plans, TimeTravelReads):
         #: Quarantined versions (key, page_id, lsn) the local log cannot rebuild (GC'd):
         #: gossip refetches these pages from a peer.
         self._peer_pages: set = set()
+        #: A random id made when this data dir was created (NodeStatus.incarnation): a node
+        #: that comes back with another one was wiped (docs/membership.md).
+        self.incarnation = ""
         self.lmdb_bytes_written = 0
         self.write_txns = 0
         self.scrub_repairs = 0
@@ -145,6 +149,11 @@ class Store(Writes, Chain, LogRuns, PageIndex, Reads, Plans, TimeTravelReads):
             elif self.node_id and stored.decode() != self.node_id:
                 raise RuntimeError(
                     f"data dir {self.path} belongs to node {stored.decode()!r}, not {self.node_id!r}")
+            incarnation = txn.get(b"incarnation")
+            if incarnation is None:   # a new data dir (or one from before membership epochs)
+                incarnation = os.urandom(8).hex().encode()
+                txn.put(b"incarnation", incarnation)
+            self.incarnation = bytes(incarnation).decode()
             upgrade_in_place(txn, self.db_log, self.path, self.log)
 
     def _load(self) -> None:
@@ -258,7 +267,17 @@ class Store(Writes, Chain, LogRuns, PageIndex, Reads, Plans, TimeTravelReads):
             return sum(sum(p.values()) for p in self._dirty.values())
 
 
-    # Epoch rules (invariant 9) --------------------------------------------------------------
+    # Epoch rules (invariant 9, invariant 16) ----------------------------------------------
+
+    @staticmethod
+    def _check_membership(m: SegMeta, membership_epoch: int, what: str, key: tuple) -> None:
+        """Invariant 16: a request with a membership epoch below the segment's is refused
+        (STALE_MEMBERSHIP); 0 means the caller has no membership view (a peer, a tool)."""
+        if membership_epoch and membership_epoch < m.membership_epoch:
+            raise StaleMembershipError(
+                f"{what}: membership epoch {membership_epoch} of {key[0]}/{key[1]} is stale; the "
+                f"segment is at membership epoch {m.membership_epoch} (the PG changed members: "
+                f"fetch its membership from the control plane)", m.membership_epoch)
 
     @staticmethod
     def _check_epoch(m: SegMeta, epoch: int, what: str, key: tuple) -> None:

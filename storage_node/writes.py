@@ -27,6 +27,11 @@ State transitions and the functions that make them (all inside ``apply_ops``):
                      truncation set if its epoch is higher
                      (gossip; replaces, never merges)
     SetGcHorizonOp   gc_horizon = max(old, new)                  _op_set_gc_horizon
+    AdoptMembershipOp  membership_epoch = max(old, new); a lower  _op_adopt_membership
+                     one is refused (invariant 16)
+    HydrateOp        a hydrated segment: SCL and log_floor := the  _op_hydrate
+                     anchor its page versions are as of, then the
+                     SCL walk (docs/membership.md)
     PutVersionsOp    versions rows from the coalescer / repair   _op_put_versions
     GcStepOp         delete records and versions no read point   _op_gc_step
                      >= horizon needs (invariant 12)
@@ -50,7 +55,7 @@ from storage_node.layout import (
     BE32, BE64, HISTORY, KIND_RECORD, KIND_VERSION, LOG_KEY, PAGE_LSN, TRUNC, U32, U64,
     SegMeta, VolumeInfo, in_truncation, seg_prefix, trunc_epoch)
 from storage_node.ops import (
-    AdoptEpochOp, AppendOp, CreateVolumeOp, DropVolumeOp, FoldIndexOp, GcStepOp, PutVersionsOp,
+    AdoptEpochOp, AdoptMembershipOp, AppendOp, HydrateOp, CreateVolumeOp, DropVolumeOp, FoldIndexOp, GcStepOp, PutVersionsOp,
     QuarantineOp, SetGcHorizonOp, TruncateOp, verify_stored_page, verify_stored_record)
 from storage_node.runs import decode_run, get_record, run_key_lsn
 
@@ -297,10 +302,7 @@ class Writes:
             m = ctx.meta((op.volume, pg))
             if op.epoch:
                 self._check_epoch(m, op.epoch, "Append", (op.volume, pg))
-                if membership_epoch and membership_epoch < m.membership_epoch:
-                    raise StaleEpochError(
-                        f"Append: membership epoch {membership_epoch} of {op.volume}/{pg} is "
-                        f"stale (segment at {m.membership_epoch})", m.volume_epoch)
+                self._check_membership(m, membership_epoch, "Append", (op.volume, pg))
         touched: dict[int, list] = {}
         for batch in op.batches:
             pg, membership_epoch, buf, run, pages, scan = batch
@@ -371,6 +373,7 @@ class Writes:
             raise StaleEpochError(
                 f"Truncate: epoch {op.epoch} is stale; segment {op.volume}/{op.pg} is at epoch "
                 f"{m.volume_epoch}", m.volume_epoch)
+        self._check_membership(m, op.membership_epoch, "Truncate", key)
         prefix = seg_prefix(info.vol_id, op.pg)
         if op.replace is None:
             if op.end_lsn <= op.start_lsn:
@@ -441,6 +444,43 @@ class Writes:
                 m.gc_horizon = op.horizon
         return max(m.gc_horizon for m in metas)
 
+    def _op_adopt_membership(self, ctx, op: AdoptMembershipOp):
+        info = self._vol_of(ctx, op.volume)
+        if not 0 <= op.pg < info.layout.pg_count:
+            raise MalformedError(f"volume {op.volume!r} has no pg {op.pg}")
+        m = ctx.meta((op.volume, op.pg))
+        self._check_membership(m, op.membership_epoch, "SetMembership", (op.volume, op.pg))
+        if op.membership_epoch > m.membership_epoch:
+            self.log.info("segment %s/%d: membership epoch %d -> %d", op.volume, op.pg,
+                          m.membership_epoch, op.membership_epoch)
+            m.membership_epoch = op.membership_epoch
+        return m.membership_epoch
+
+    def _op_hydrate(self, ctx, op: HydrateOp):
+        info = self._vol_of(ctx, op.volume)
+        key = (op.volume, op.pg)
+        m = ctx.meta(key)
+        if m.generation != op.generation or in_truncation(op.anchor, m.truncs):
+            return m.scl  # a truncation since the fetch: the next gossip round starts again
+        if op.gc_horizon > m.gc_horizon:
+            m.gc_horizon = op.gc_horizon
+        if op.anchor > m.scl:
+            # Every page of the PG is here as of the anchor (its versions were stored by the
+            # PutVersionsOps before this one), so the segment holds the PG's chain up to it;
+            # the log below it stays absent for good (log_floor), as on a peer after GC.
+            self.log.info("segment %s/%d hydrated: SCL %d -> %d (log_floor %d)", op.volume,
+                          op.pg, m.scl, op.anchor, op.anchor)
+            m.scl = op.anchor
+            if op.anchor > m.log_floor:
+                m.log_floor = op.anchor
+            if op.anchor > m.max_lsn:
+                m.max_lsn = op.anchor
+            if op.anchor > m.gc_done:
+                m.gc_done = op.anchor
+            self._advance_scl(ctx, key, seg_prefix(info.vol_id, op.pg))
+            ctx.reset_dirty.add(key)
+        return m.scl
+
     def _put_version(self, ctx, key: tuple, prefix: bytes, m: SegMeta, page_id: int,
                      lsn: int, image: bytes) -> bool:
         assert verify_stored_page(page_id, lsn, image), "a page version must verify before it is stored"
@@ -473,6 +513,15 @@ class Writes:
                 ctx.txn.delete(prefix + KIND_VERSION + PAGE_LSN.pack(page_id, lsn), db=self.db_quarantine)
                 ctx.quar_del.append((key, KIND_VERSION, (page_id, lsn)))
                 ctx.repairs += 1
+        for lsn in op.superseded:
+            if lsn in self._quar_records.get(key, ()) and \
+                    (key, KIND_RECORD, lsn) not in ctx.quar_del:
+                ctx.txn.delete(prefix + KIND_RECORD + BE64.pack(lsn), db=self.db_quarantine)
+                ctx.quar_del.append((key, KIND_RECORD, lsn))
+                ctx.repairs += 1
+                self.log.warning("repaired quarantined record %s/%d lsn %d: no peer holds it any "
+                                 "more; its page is restored from a peer's version at or above it",
+                                 op.volume, op.pg, lsn)
         return n
 
     def _op_gc_step(self, ctx, op: GcStepOp):
@@ -580,6 +629,8 @@ class Writes:
         DropVolumeOp: _op_drop_volume,
         AdoptEpochOp: _op_adopt_epoch,
         SetGcHorizonOp: _op_set_gc_horizon,
+        AdoptMembershipOp: _op_adopt_membership,
+        HydrateOp: _op_hydrate,
         PutVersionsOp: _op_put_versions,
         GcStepOp: _op_gc_step,
         QuarantineOp: _op_quarantine,

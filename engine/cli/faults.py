@@ -1,6 +1,8 @@
 """The fault verbs of `aurora-lite`: break and mend processes, AZs and links on purpose.
 
     aurora-lite node kill|stop|start|pause|resume NAME   one storage node or instance
+    aurora-lite node wipe NAME                           kill a storage node, delete its data,
+                                                         start it empty (it is repaired)
     aurora-lite az down|up AZ                            both storage nodes of an AZ
     aurora-lite net delay (--az AZ | --node SN) --ms N   extra one-way delay into an AZ or node
     aurora-lite net clear                                remove every extra delay
@@ -18,7 +20,7 @@ from engine.cli.common import (
 
 
 EXPECTED_STATE = {"kill": ("down",), "stop": ("down",), "start": ("up",),
-                  "pause": ("paused",), "resume": ("up", "starting")}
+                  "pause": ("paused",), "resume": ("up", "starting"), "wipe": ("up",)}
 
 
 @guarded
@@ -67,12 +69,14 @@ def cmd_net(args) -> int:
 
 def register(subparsers) -> None:
     """Add node, az and net to `aurora-lite`'s subcommands."""
-    p = subparsers.add_parser("node", help="kill|stop|start|pause|resume NAME (storage node or instance)")
+    p = subparsers.add_parser("node", help="kill|stop|start|pause|resume|wipe NAME (storage node or instance)")
     data_dir_arg(p)
-    p.add_argument("action", choices=["kill", "stop", "start", "pause", "resume"],
-                   help="kill=SIGKILL, stop=SIGTERM then SIGKILL, start=launch again, pause=SIGSTOP, resume=SIGCONT")
+    p.add_argument("action", choices=["kill", "stop", "start", "pause", "resume", "wipe"],
+                   help="kill=SIGKILL, stop=SIGTERM then SIGKILL, start=launch again, pause=SIGSTOP, "
+                        "resume=SIGCONT, wipe=SIGKILL a storage node, delete its data dir, start it "
+                        "empty (its segments are rebuilt from its peers: docs/membership.md)")
     p.add_argument("name", help="sn1..sn6, db1, db2, ...")
-    p.add_argument("--wait", type=float, default=60.0, help="start: wait this long for SERVING (default 60)")
+    p.add_argument("--wait", type=float, default=60.0, help="start, wipe: wait this long for SERVING (default 60)")
     p.set_defaults(func=cmd_node)
 
     p = subparsers.add_parser("az", help="down|up AZ: kill or start both storage nodes of an AZ")

@@ -86,6 +86,7 @@ def process_dict(p) -> dict:
 def pgs_list(state) -> list[dict]:
     """The placement as `status --json` shows it: one object per PG (docs/fleet.md)."""
     return [{"pg": p.pg, "membership_epoch": p.membership_epoch,
+             "transitional": p.transitional, "target_lsn": p.target_lsn,   # docs/membership.md
              "members": [{"node": m.node, "az": m.az, "state": m.state, "scl": m.scl}
                          for m in p.members]} for p in state.pgs]
 
@@ -112,6 +113,9 @@ def state_dict(state) -> dict:
         "processes": [process_dict(p) for p in state.processes],
         "postgres": postgres_addresses(state.data_dir),
         "scaling": _scaling(state),
+        "repairs": [{"node": r.node, "reason": r.reason, "done": r.done,
+                     "seconds": round(r.seconds, 2), "hydrated_bytes": r.hydrated_bytes,
+                     "hydration_mb_s": r.hydration_mb_s} for r in state.repairs],
     }
 
 
@@ -245,6 +249,7 @@ def format_status(state) -> str:
         lines += ["", f"volume {state.volume}: {_bytes(state.volume_bytes)} in "
                       f"{state.volume_pg_count} PGs; placement (members: state SCL):",
                   format_placement(state)]
+    lines += format_membership(state)
     if notes:
         lines += [""] + notes
     return "\n".join(lines)
@@ -280,6 +285,26 @@ def format_segments(state) -> str:
             row.append(str(scl) if scl is not None and p.up else "-")
         rows.append(row)
     return table(rows, indent="  ")
+
+
+def format_membership(state) -> list[str]:
+    """PG membership (docs/membership.md): only when a segment is not healthy, or a PG is
+    past its first epoch or a repair was made, so a fresh cluster's status stays short."""
+    unusual = [g for g in state.pgs
+               if g.transitional or any(m.state != "healthy" for m in g.members)]
+    if not unusual and not state.repairs:
+        return []
+    lines = ["", "membership (PG: epoch, members not healthy):"]
+    for g in state.pgs:
+        sick = [f"{m.node} {m.state} (SCL {m.scl})" for m in g.members if m.state != "healthy"]
+        phase = f"transitional, target {g.target_lsn}" if g.transitional else "stable"
+        lines.append(f"  PG {g.pg}: epoch {g.membership_epoch}, {phase}"
+                     + (": " + ", ".join(sick) if sick else ": six healthy segments"))
+    for r in state.repairs:
+        what = (f"done in {r.seconds:.1f} s" if r.done else f"running for {r.seconds:.1f} s")
+        lines.append(f"repair of {r.node} ({r.reason}): {what}; hydrated "
+                     f"{r.hydrated_bytes / 1e6:.2f} MB at {r.hydration_mb_s:.1f} MB/s")
+    return lines
 
 
 def format_up_block(state, args, detached: bool) -> str:
@@ -354,7 +379,8 @@ def cmd_up(args) -> int:
     for flag, value in (("--base-port", args.base_port), ("--intra-az-ms", args.intra_az_ms),
                         ("--cross-az-ms", args.cross_az_ms), ("--replicas", args.replicas),
                         ("--storage-nodes", args.storage_nodes), ("--pg-size-mb", args.pg_size_mb),
-                        ("--max-pgs", args.max_pgs), ("--stripe-width", args.stripe_width)):
+                        ("--max-pgs", args.max_pgs), ("--stripe-width", args.stripe_width),
+                        ("--segment-failed-after-s", args.segment_failed_after_s)):
         if value is not None:
             argv += [flag, str(value)]
     # A fresh process in its own session: Ctrl-C in this terminal reaches only `up`,
@@ -662,6 +688,9 @@ def register(subparsers) -> None:
     p.add_argument("--dashboard-read-only", action="store_true",
                    help="serve the dashboard without its fault buttons (POSTs refused with 403)")
     add_serverless_args(p)
+    p.add_argument("--segment-failed-after-s", type=float, default=None, metavar="SECONDS",
+                   help="declare a storage node's segments failed once it has been unreachable "
+                        "this long (default 5; docs/membership.md)")
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser("down", help="stop the cluster of a data dir")
@@ -681,6 +710,8 @@ def register(subparsers) -> None:
     p.add_argument("--stripe-width", type=int, default=None)
     p.add_argument("--failover-after-s", type=float, default=None,
                    help="fail over once the writer's health check has failed this long (default 1.5)")
+    p.add_argument("--segment-failed-after-s", type=float, default=None,
+                   help="segments of a node unreachable this long are failed (default 5)")
     p.add_argument("--dashboard-read-only", action="store_true",
                    help="the dashboard's fault buttons are off (its POSTs are refused)")
     add_serverless_args(p)

@@ -8,6 +8,8 @@ its own module in engine/cluster/:
   `replica add|remove`, shutdown;
 - failover.py: automatic and planned failover by promotion tier, and reconcile;
 - endpoints.py: cluster, reader, instance and custom endpoints;
+- membership.py: self-healing: failed and wiped segments, membership changes of the PGs
+  (docs/membership.md);
 - service.py: the Control gRPC service, a thin layer over ``ControlPlane``;
 - serverless.py: the scaling loop: serverless capacity and replica auto scaling
   (its decisions are scaling.py's pure functions);
@@ -74,6 +76,7 @@ import signal
 from engine.cluster.dashboard import Dashboard
 from engine.cluster.endpoints import Endpoints
 from engine.cluster.failover import Failover
+from engine.cluster.membership import Membership
 from engine.cluster.launcher import (
     CONTROL_NAME, DataDir, cluster_pids, load_topology, pid_belongs, plan_cluster, read_control,
     resolve_data_dir, stop_pids)
@@ -88,9 +91,9 @@ __all__ = ["ControlPlane", "ActionError", "NotFoundError", "PreconditionError", 
 log = logging.getLogger("aurora_lite.control_plane")
 
 
-class ControlPlane(Supervision, Failover, Endpoints, Scaling):
+class ControlPlane(Supervision, Failover, Endpoints, Scaling, Membership):
     """Supervisor state and actions (state.py, supervision.py, failover.py, endpoints.py,
-    serverless.py);
+    serverless.py, membership.py);
     engine/cluster/service.py's ControlService is its service face."""
 
     async def close_channels(self) -> None:
@@ -148,6 +151,8 @@ async def serve(args) -> int:
     plan.config.save(dd.cluster_json)   # before any process starts
     topology.save(dd)
     from engine.transport.grpc_transport import GrpcTransport   # the process entry point
+    if getattr(args, "segment_failed_after_s", None) is not None:
+        os.environ["AURORA_SEGMENT_FAILED_AFTER_S"] = str(args.segment_failed_after_s)
     cp = ControlPlane(dd, plan, topology, host=args.host, log_level=args.log_level,
                       failover_after_s=getattr(args, "failover_after_s", None) or FAILOVER_AFTER_S,
                       transport=GrpcTransport("control"))
@@ -200,10 +205,11 @@ async def serve(args) -> int:
     supervisor = loop.create_task(cp.supervise())
     watchdog = loop.create_task(cp.watch_writer())
     reconciler = loop.create_task(cp.reconcile())
+    healer = loop.create_task(cp.heal())
     boot = loop.create_task(cp.boot())
     scaler = loop.create_task(cp.scale())
     await cp.stopped.wait()
-    for task in (boot, supervisor, watchdog, reconciler, scaler):
+    for task in (boot, supervisor, watchdog, reconciler, scaler, healer):
         task.cancel()
     for forwarder in forwarders:
         forwarder.close()

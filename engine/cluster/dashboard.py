@@ -27,7 +27,7 @@ when its Host or Origin header is not this dashboard's own address (another site
 cannot drive it from a browser), or when it lacks the cluster's token: a random string
 kept in DATA_DIR/dashboard.token (mode 0600) and embedded in the page.
 
-Not here yet: regions (step 14), membership changes (step 12) and serverless capacity
+Not here yet: regions (step 14), segment replacement on a spare (step 12) and serverless capacity
 (step 15) have not landed; the page says so.
 """
 

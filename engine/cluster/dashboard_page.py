@@ -17,8 +17,9 @@ from __future__ import annotations
 import html
 import json
 
-NOT_YET = ("Not in aurora-lite yet: regions (step 14), membership changes and segment "
-           "repair by replacement (step 12), serverless capacity (step 15).")
+NOT_YET = ("Not in aurora-lite yet: regions (step 14), segment repair by replacement on a "
+           "spare node (step 12; in-place repair of a wiped node works), serverless capacity "
+           "(step 15).")
 
 
 def _e(value) -> str:

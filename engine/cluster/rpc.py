@@ -65,6 +65,32 @@ class ProcessRpc:
         return await self._channel(name, address).stub(INSTANCE_ADMIN).SetCapacity(
             database_pb2.SetCapacityRequest(acu=acu), timeout_s=timeout_s)
 
+    async def set_segment_membership(self, name: str, address: str, volume: str, pg: int,
+                                     epoch: int, members, timeout_s: float) -> int:
+        """Storage.SetMembership: the segment adopts membership ``epoch`` (invariant 16)."""
+        reply = await self._channel(name, address).stub(STORAGE).SetMembership(
+            storage_pb2.SetMembershipRequest(volume=volume, pg=pg, membership_epoch=epoch,
+                                             members=list(members)), timeout_s=timeout_s)
+        return reply.membership_epoch
+
+    async def create_segments(self, name: str, address: str, info, pgs, timeout_s: float) -> None:
+        """Storage.CreateVolume for the PGs ``pgs`` of the volume ``info`` (a peer's
+        VolumeInfo): the new, empty segments of a wiped node (docs/membership.md)."""
+        await self._channel(name, address).stub(STORAGE).CreateVolume(
+            storage_pb2.CreateVolumeRequest(
+                volume=info.volume, pg_count=info.pg_count, stripe_pages=info.stripe_pages,
+                volume_epoch=info.volume_epoch, pgs=list(pgs), pg_pages=info.pg_pages,
+                stripe_width=info.stripe_width), timeout_s=timeout_s)
+
+    async def set_writer_membership(self, name: str, address: str, pg: int, epoch: int,
+                                    members, new_members, forget, timeout_s: float) -> int:
+        """InstanceAdmin.SetMembership: the writer's quorum core moves to ``epoch``."""
+        reply = await self._channel(name, address).stub(INSTANCE_ADMIN).SetMembership(
+            database_pb2.InstanceMembershipRequest(
+                pg=pg, membership_epoch=epoch, members=list(members),
+                new_members=list(new_members or ()), forget=list(forget)), timeout_s=timeout_s)
+        return reply.membership_epoch
+
     async def close(self, name: str) -> None:
         channel = self._channels.pop(name, None)
         if channel is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 
@@ -37,7 +38,7 @@ BOOT_STORAGE_WAIT_S = 30.0   # at boot, wait for the storage nodes before the wr
 KILL_WAIT_S = 5.0            # after SIGKILL, wait for the exit this long
 MAX_EXTRA_DELAY_MS = 60_000  # `net delay --ms` above this is refused
 
-ACTIONS = ("kill", "stop", "start", "pause", "resume")
+ACTIONS = ("kill", "stop", "start", "pause", "resume", "wipe")
 AZ_ACTIONS = ("down", "up")
 
 
@@ -187,6 +188,8 @@ class Supervision(ClusterState):
                 return await self._stop(p, STOP_GRACE_S)
             if action == "pause":
                 return self._pause(p)
+            if action == "wipe":
+                return await self._wipe(p, wait_s or START_WAIT_S)
             return self._resume(p)
 
     async def az_action(self, az: str, action: str, wait_s: float = 0.0) -> str:
@@ -227,6 +230,20 @@ class Supervision(ClusterState):
         os.kill(pid, signal.SIGKILL)
         await self._wait_exit(p, KILL_WAIT_S)
         return f"{p.name} killed (SIGKILL to pid {pid})"
+
+    async def _wipe(self, p: Managed, wait_s: float) -> str:
+        """`node wipe NAME`: SIGKILL a storage node, delete its data dir, start it empty.
+        It comes back with a new incarnation, so the healing loop (membership.py) repairs
+        its segments: they hydrate from its peers under new membership epochs."""
+        if p.role != "storage":
+            raise PreconditionError(f"{p.name} is an instance; only a storage node can be wiped")
+        how = await self._kill(p) if p.alive else f"{p.name} was not running"
+        data_dir = self.dd.node_dir(p.name)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        self.event("wipe", f"{p.name} wiped: data dir {data_dir} deleted")
+        log.warning("%s wiped: data dir %s deleted; starting it empty", p.name, data_dir)
+        started = await self._start(p, wait_s)
+        return f"{how}; data dir {data_dir} deleted; {started}"
 
     async def _stop(self, p: Managed, grace_s: float) -> str:
         if not p.alive:

@@ -691,6 +691,22 @@ class InstanceAdminService:
         except Exception as exc:
             await abort_with(context, exc)
 
+    async def SetMembership(self, request, context):
+        """A membership change step from the control plane (docs/membership.md)."""
+        try:
+            driver = self.inst.driver
+            if driver is None or self.inst.role != "writer":
+                raise errors.UnavailableError(f"{self.inst.name} is not the writer")
+            try:
+                epoch = driver.set_membership(
+                    request.pg, request.membership_epoch, list(request.members),
+                    list(request.new_members) or None, list(request.forget))
+            except ValueError as exc:
+                raise errors.DatabaseError(str(exc)) from None
+            return pb.InstanceMembershipReply(membership_epoch=epoch)
+        except Exception as exc:
+            await abort_with(context, exc)
+
 
 async def list_volumes(driver) -> list:
     """Every volume the reachable storage nodes hold, with bytes from the first node that

@@ -24,6 +24,22 @@ an ack raises some PGCL, it pops records from the front while each is at or belo
 PGCL. VCL is then just below the first record still pending (or the newest record sent
 if none is). Each record is pushed once and popped once, so the work per record is O(1).
 
+Membership changes [P18 4.1] (docs/membership.md, invariant 17): each PG has a membership
+epoch and a member set (six segment names, 2 per AZ). To replace segment F of ABCDEF by G,
+the PG passes through a TRANSITIONAL epoch with two sets, old ABCDEF and new ABCDEG: a
+record is durable when Vw = 4 of the old set AND 4 of the new set hold it (PGCL = the
+lower of the two sets' 4th-highest SCLs), and a read or recovery needs Vr = 3 of either
+set. Once G holds everything up to the PGCL, the PG moves to ABCDEG alone under the next
+epoch. A second failure during a change is one more transition (epoch + 1, the new set
+changed again). A segment that comes back WIPED under its old name (the fleet of six: no
+spare, so it rebuilds in place) is "forgotten": the SCLs it reported before the wipe no
+longer count, since its disk no longer holds them. PGCL never moves back within a volume
+epoch (invariant 5): records already declared durable stay durable; only new records
+need the transitional quorum. Worked example, one PG, old ABCDEF and new ABCDEG::
+
+    SCL  A 10  B 10  C 9  D 8  E 8  F 10  G 0
+    old set ABCDEF: 4th highest = 9 ; new set ABCDEG: 4th highest = 8  ->  PGCL 8
+
 Invariant 5: none of SCL, PGCL, VCL, VDL ever moves backwards within an epoch; an SCL
 lower than one already seen from the same node (a reordered reply) is ignored. The checks
 that guard it raise InvariantViolation (engine/errors.py), not ``assert``, so they hold
@@ -38,7 +54,7 @@ from typing import Any, Iterable, Mapping
 
 from engine import hooks
 from engine.errors import InvariantViolation
-from engine.format.volume import V, VW
+from engine.format.volume import V, VR, VW
 
 # Test-only planted bug (engine/hooks.py): PGCL one segment short of Vw.
 _PGCL_RANK = VW - 1 if hooks.vdl_short_quorum() else VW
@@ -74,6 +90,9 @@ class QuorumTracker:
         # pg -> LSN of the newest record of that PG at or below VDL (the PG's tail as
         # seen by a reader at read point VDL; see ReadPage.min_scl).
         self.vdl_tails: dict[int, int] = dict(pg_tails or {})
+        # pg -> its membership (membership epoch, member sets); a PG not listed is at
+        # epoch 0 with ``nodes`` as its one set (invariant 17, set_membership).
+        self.membership: dict[int, PgView] = {}
 
     # --- Feeding -----------------------------------------------------------------------
 
@@ -85,13 +104,48 @@ class QuorumTracker:
         self.last_sent_lsn = lsn
         self._pending.append((lsn, pg, is_cpl))
 
+    def set_membership(self, pg: int, epoch: int, members: Iterable[str],
+                       new_members: Iterable[str] | None = None,
+                       forget: Iterable[str] = ()) -> None:
+        """The PG moves to membership ``epoch``: ``members`` alone, or the transition
+        ``members`` (old) -> ``new_members`` (new). ``forget``: members whose earlier SCLs
+        no longer count (wiped; they start again from 0). An epoch at or below the PG's
+        current one is ignored (a late or repeated message)."""
+        view = self.membership.get(pg)
+        if view is not None and epoch <= view.epoch:
+            return
+        new = PgView(epoch, tuple(members), None if new_members is None else tuple(new_members))
+        for s in new.sets():
+            if len(s) != V or len(set(s)) != V:
+                raise ValueError(f"PG {pg}: a member set has {V} distinct segments, got {s}")
+        self.membership[pg] = new
+        for name in forget:
+            self.scl.pop((name, pg), None)
+
+    def pg_view(self, pg: int) -> "PgView":
+        """The PG's membership: epoch and member set(s) (epoch 0: the tracker's nodes)."""
+        return self.membership.get(pg) or PgView(0, self.segments(pg), None)
+
+    def write_quorum(self, pg: int, holders: Iterable[str]) -> bool:
+        """True if ``holders`` are a write quorum of pg now: Vw of every member set."""
+        held = set(holders)
+        return all(len(held & set(s)) >= VW for s in self.pg_view(pg).sets())
+
+    def read_quorum(self, pg: int, responders: Iterable[str]) -> bool:
+        """True if ``responders`` are a read (recovery) quorum of pg: Vr of ANY member set."""
+        got = set(responders)
+        return any(len(got & set(s)) >= VR for s in self.pg_view(pg).sets())
+
     def ack(self, node: str, pg: int, scl: int) -> bool:
         """A node reports its SCL for pg. Returns True if VDL moved forward."""
         key = (node, pg)
         if scl <= self.scl.get(key, 0):
             return False  # nothing new, or a reordered older reply (invariant 5)
+        view = self.membership.get(pg)
+        if view is not None and not view.has(node):
+            return False  # no longer (or not yet) a member of pg: its ack counts nowhere
         self.scl[key] = scl
-        new_pgcl = self._quorum_scl(pg)
+        new_pgcl = self._pgcl(pg)
         if new_pgcl <= self.pgcl.get(pg, 0):
             return False
         self.pgcl[pg] = new_pgcl
@@ -120,9 +174,24 @@ class QuorumTracker:
             "vcl": self.vcl, "vdl": self.vdl, "last_sent_lsn": self.last_sent_lsn,
             "pending": len(self._pending), "pgcl": dict(self.pgcl),
             "scl": {f"{n}/{p}": s for (n, p), s in sorted(self.scl.items())},
+            "membership": {pg: {"epoch": v.epoch, "members": list(v.members),
+                                "new_members": None if v.new_members is None else list(v.new_members)}
+                           for pg, v in sorted(self.membership.items())},
         }
 
     # --- Internals ---------------------------------------------------------------------
+
+    def _pgcl(self, pg: int) -> int:
+        """PGCL under the PG's membership: the Vw-th highest SCL of its one set, or in a
+        transition the lower of the two sets' (a write needs Vw of BOTH, invariant 17)."""
+        view = self.membership.get(pg)
+        if view is None:
+            return self._quorum_scl(pg)
+        return min(self._rank_scl(pg, s) for s in view.sets())
+
+    def _rank_scl(self, pg: int, members: tuple) -> int:
+        scls = sorted((self.scl.get((n, pg), 0) for n in members), reverse=True)
+        return scls[_PGCL_RANK - 1]
 
     def _quorum_scl(self, pg: int) -> int:
         """The VW-th highest SCL of pg's segments (0 if fewer than VW have reported)."""
@@ -157,6 +226,34 @@ class QuorumTracker:
                 lsn, pg = drained.popleft()
                 self.vdl_tails[pg] = lsn
         return self.vdl > old_vdl
+
+
+class PgView:
+    """A PG's membership as the quorum core sees it: epoch, the member set, and in a
+    transitional epoch the new set beside the old one (invariant 17)."""
+
+    __slots__ = ("epoch", "members", "new_members")
+
+    def __init__(self, epoch: int, members: tuple, new_members: tuple | None) -> None:
+        self.epoch = epoch
+        self.members = members
+        self.new_members = new_members
+
+    @property
+    def transitional(self) -> bool:
+        return self.new_members is not None
+
+    def sets(self) -> tuple:
+        return (self.members,) if self.new_members is None else (self.members, self.new_members)
+
+    def has(self, name: str) -> bool:
+        return name in self.members or (self.new_members is not None and name in self.new_members)
+
+    def __repr__(self) -> str:
+        if self.new_members is None:
+            return f"PgView(epoch {self.epoch}: {','.join(self.members)})"
+        return (f"PgView(epoch {self.epoch}: {','.join(self.members)} -> "
+                f"{','.join(self.new_members)})")
 
 
 class CommitQueue:

@@ -213,6 +213,12 @@ async def recover(driver: StorageDriver, *, create_if_missing: bool = True,
         for r in replies:
             old_epoch = max(old_epoch, r.volume_epoch)
     new_epoch = old_epoch + 1
+    # Membership epochs (docs/membership.md, invariant 16): the highest any segment of the
+    # PG reports (at least 1): this writer stamps it on every request for the PG. The
+    # control plane tells the writer of a change in progress (InstanceAdmin.SetMembership).
+    driver.adopt_membership_epochs({
+        pg: max([1] + [r.membership_epoch for r in results.values() if not isinstance(r, RpcError)])
+        for pg, results in learned.items()})
     # The current timeline: the truncation set of the highest epoch any segment reports.
     # Every set was written at a write quorum of every PG, so this read quorum sees the
     # newest one that any writer opened with. Sets replace each other whole (a backtrack

@@ -44,6 +44,12 @@ is cancelled and reopened with backoff, and every batch written to it and not an
 written again, unless its records are durable by then (VCL passed them): a node that
 missed records fills its gap from its peers by gossip; a retransmit is idempotent on the
 node. Slow nodes never hold a commit back as long as four others ack (outlier tolerance).
+Membership epochs (docs/membership.md, invariants 16 and 17): every request for a PG carries
+the PG's membership epoch from the quorum core's view of it (``tracker.pg_view``); the
+control plane moves it (``set_membership``, InstanceAdmin.SetMembership). A batch refused
+with STALE_MEMBERSHIP (the node knows a newer epoch than this writer) makes the driver
+ask that node's SegmentState for its epochs, adopt the higher ones for the same members
+(the fleet of six keeps its names), stamp the batch again and resend it: no commit fails.
 Refusals come per batch: STALE_EPOCH means a newer writer has taken over: the driver
 becomes fenced and every waiting commit fails with FencedError (invariant 9); EPOCH_AHEAD
 means the node missed a Truncate: it is sent this epoch's truncation set, then the batch
@@ -74,6 +80,7 @@ from aurora_pb import storage_pb2 as pb
 from engine import hooks
 from engine.errors import (
     METADATA_CURRENT_EPOCH,
+    METADATA_CURRENT_MEMBERSHIP,
     ErrorCode,
     FencedError,
     RpcError,
@@ -237,7 +244,9 @@ class StorageDriver:
         for node in self._nodes.values():   # resends of the old epoch: durable or annulled
             node.outbox.clear()
             node.refused.clear()
+        views = self.tracker.membership
         self.tracker = QuorumTracker(self.node_names, start_lsn, pg_tails, self._pg_members())
+        self.tracker.membership = dict(views)   # a new volume epoch keeps the PGs' members
         self.allocator = LsnAllocator(start_lsn, pg_tails, next_lsn)
         self.epoch_floor_lsn = next_lsn - 1
         self.fenced = None
@@ -251,14 +260,22 @@ class StorageDriver:
         return [n.name for n in self.node_infos]
 
     def members(self, pg: int) -> tuple[str, ...]:
-        """The six nodes that hold ``pg`` (invariant 15)."""
+        """The nodes that hold ``pg`` (invariant 15): its six, or during a membership
+        change the old six and the new members (they get every batch too, invariant 17)."""
+        view = self.tracker.membership.get(pg)
+        if view is not None:
+            extra = tuple(n for n in (view.new_members or ()) if n not in view.members)
+            return tuple(view.members) + extra
         m = self.memberships.get(pg)
         return m.members if m is not None else tuple(self.node_names)
 
     def membership_epoch(self, pg: int) -> int:
-        """``pg``'s membership epoch (0 without a placement, as before the fleet)."""
+        """``pg``'s membership epoch, stamped on every request for it (invariant 16,
+        docs/membership.md: the control plane's view once it told one; else the placement's;
+        0 without a placement, as before the fleet)."""
+        view = self.tracker.membership.get(pg)
         m = self.memberships.get(pg)
-        return m.epoch if m is not None else 0
+        return max(view.epoch if view is not None else 0, m.epoch if m is not None else 0)
 
     def pgs_on(self, name: str) -> list[int]:
         """The created PGs of this volume with a segment on node ``name``."""
@@ -542,6 +559,10 @@ class StorageDriver:
 
     def _on_refusal(self, node: _Node, batch: _Batch, exc: RpcError) -> None:
         """One batch refused by ``node`` (nothing of it stored)."""
+        if exc.code == ErrorCode.STALE_MEMBERSHIP:
+            log.info("append to %s refused: %s", node.info.name, exc.detail)
+            self._spawn(self._refresh_membership(node, batch, exc))
+            return
         if exc.code == ErrorCode.STALE_EPOCH:
             self._fence(node, exc)
             for other in self._nodes.values():
@@ -567,6 +588,76 @@ class StorageDriver:
                 node.wake.set()
         asyncio.get_running_loop().call_later(node.backoff_s, again)
         node.backoff_s = min(node.backoff_s * 2, 1.0)
+
+    # --- Membership (docs/membership.md) -----------------------------------------------
+
+    def set_membership(self, pg: int, epoch: int, members, new_members=None, forget=()) -> int:
+        """Move ``pg`` to membership ``epoch`` (InstanceAdmin.SetMembership): the quorum core
+        counts acks by the new sets from now on (invariant 17), and during a transition the
+        PG's batches go to the members of both sets (``members``). Members must be storage
+        nodes this driver knows. Returns the PG's epoch after the call."""
+        if not 0 <= pg < self.layout.pg_count:
+            raise ValueError(f"volume {self.volume!r} has no PG {pg}")
+        unknown = sorted((set(members) | set(new_members or ())) - set(self._nodes))
+        if unknown and self._nodes:
+            raise ValueError(f"PG {pg}: members {unknown} are not storage nodes of this writer")
+        before = self.tracker.pg_view(pg)
+        self.tracker.set_membership(pg, epoch, members, new_members, forget)
+        after = self.tracker.pg_view(pg)
+        if after.epoch != before.epoch and new_members is None and self.memberships:
+            # A change completed: the placement follows (routing, recovery, GC).
+            self.memberships[pg] = PgMembership(pg, epoch, tuple(members))
+            self.tracker.pg_members[pg] = tuple(members)
+        if after.epoch != before.epoch:
+            log.info("PG %d: membership epoch %d -> %d (%r%s)", pg, before.epoch, after.epoch,
+                     after, f"; forgetting {', '.join(forget)}" if forget else "")
+            # The PGCL may rise under the new sets only with new acks; nothing moves back
+            # (invariant 5). Commits waiting on acks already counted are released as usual.
+        return after.epoch
+
+    def adopt_membership_epochs(self, epochs: dict[int, int]) -> None:
+        """Adopt higher membership epochs learned from storage (recovery's SegmentState,
+        a STALE_MEMBERSHIP refusal) for the PG's current members."""
+        for pg, epoch in epochs.items():
+            view = self.tracker.pg_view(pg)
+            if len(view.members) != len(set(view.members)) or len(view.members) != 6:
+                continue   # a PG not placed yet (a growing volume): nothing to stamp
+            if epoch > self.membership_epoch(pg):
+                members = view.new_members or view.members
+                self.tracker.set_membership(pg, epoch, members)
+                log.info("PG %d: adopted membership epoch %d from storage", pg, epoch)
+
+    async def _refresh_membership(self, node: _Node, batch: _Batch, exc: RpcError) -> None:
+        """A batch was refused with STALE_MEMBERSHIP: learn the node's epochs for the
+        batch's PGs, adopt the higher ones, stamp the batch again and resend it."""
+        epochs = {}
+        for pg in batch.pgs:
+            try:
+                state = await node.stub.SegmentState(pb.SegmentStateRequest(
+                    volume=self.volume, pg=pg))
+                epochs[pg] = state.membership_epoch
+            except RpcError as err:
+                log.info("membership refresh from %s failed: %s", node.info.name, err)
+        if not epochs:
+            current = int(exc.metadata.get(METADATA_CURRENT_MEMBERSHIP, 0) or 0)
+            epochs = {pg: current for pg in batch.pgs}
+        self.adopt_membership_epochs(epochs)
+        self._restamp(batch)
+        await asyncio.sleep(node.backoff_s)
+        node.backoff_s = min(node.backoff_s * 2, 1.0)
+        if not self._durable(batch):
+            node.outbox.append((batch, True))
+            node.wake.set()
+
+    def _restamp(self, batch: _Batch) -> None:
+        """Serialise the batch's PG parts again with the PGs' current membership epochs
+        (the same records; every node gets these bytes from now on)."""
+        for pg in batch.pgs:
+            part = pb.AppendRequest.FromString(batch.parts[pg])
+            for b in part.batches:
+                b.membership_epoch = self.membership_epoch(b.pg)
+            batch.parts[pg] = part.SerializeToString()
+        batch.request_bytes = batch.header + b"".join(batch.parts[pg] for pg in batch.pgs)
 
     def _requeue_refused(self, node: _Node) -> None:
         node.send_truncations = False
@@ -651,9 +742,10 @@ class StorageDriver:
         time_us, prev_vdl = self.truncation_history
         for pg in self.pgs_on(node.info.name):
             try:
-                await node.stub.Truncate(
-                    truncate_request(self.volume, pg, self.epoch, self.truncations, time_us,
-                                     prev_vdl))
+                request = truncate_request(self.volume, pg, self.epoch, self.truncations,
+                                           time_us, prev_vdl)
+                request.membership_epoch = self.membership_epoch(pg)
+                await node.stub.Truncate(request)
             except RpcError as exc:
                 if exc.code != ErrorCode.STALE_EPOCH:
                     raise
@@ -664,7 +756,18 @@ class StorageDriver:
     # --- Reads -------------------------------------------------------------------------
 
     async def read_page(self, page_id: int, read_point: int, min_scl: int | None = None) -> bytes | None:
-        """The page as of read_point from one segment, hedged (invariant 8)."""
+        """The page as of read_point from one segment, hedged (invariant 8). A read refused
+        for a stale membership epoch (invariant 16) is asked again once, with the epoch the
+        refusal told (``_read_one`` adopts it): a replica learns the PG's epoch this way."""
+        epoch_before = self.membership_epoch(self.layout.pg_of(page_id))
+        try:
+            return await self._read_page(page_id, read_point, min_scl)
+        except UnavailableError:
+            if self.membership_epoch(self.layout.pg_of(page_id)) == epoch_before:
+                raise
+            return await self._read_page(page_id, read_point, min_scl)
+
+    async def _read_page(self, page_id: int, read_point: int, min_scl: int | None) -> bytes | None:
         pg = self.layout.pg_of(page_id)
         if min_scl is None:
             # Each PG's tail at the current VDL is >= its tail at any older read point, so a
@@ -672,7 +775,7 @@ class StorageDriver:
             min_scl = self.tracker.min_scl_for_read(pg) if read_point <= self.tracker.vdl else read_point
         request = pb.ReadPageRequest(volume=self.volume, pg=pg, page_id=page_id,
                                      read_point=read_point, volume_epoch=self.epoch,
-                                     min_scl=min_scl)
+                                     min_scl=min_scl, membership_epoch=self.membership_epoch(pg))
         candidates = sorted(
             (self._nodes[name] for name in self.members(pg)),
             key=lambda n: (not n.up, self.tracker.node_scl(n.info.name, pg) < min_scl,
@@ -723,6 +826,9 @@ class StorageDriver:
                 return ("absent", None)
             if exc.code == ErrorCode.STALE_EPOCH:
                 self._fence(node, exc)
+            if exc.code == ErrorCode.STALE_MEMBERSHIP:
+                current = int(exc.metadata.get(METADATA_CURRENT_MEMBERSHIP, 0) or 0)
+                self.adopt_membership_epochs({request.pg: current})
             if exc.unreachable:
                 node.up = False
             return ("error", f"{node.info.name}: {exc}")
