@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pglast import ast, enums
 
 from engine.errors import TableExistsError
-from engine.pg import catalog_views
+from engine.pg import catalog_query
 from engine.pg.expr import (AGGREGATES, Context, compare, evaluate, func_name, output_name,
                             type_name, walk_aggregates)
 from engine.pg.rows import (ENGINE_TABLE, SERIAL_TYPES, Column, TableSchema, catalog_key, coerce,
@@ -689,6 +689,12 @@ async def copy_target(session: Session, stmt: ast.CopyStmt) -> tuple[TableSchema
 
 
 async def select_stmt(session: Session, stmt: ast.SelectStmt, params) -> Result:
+    catalog = catalog_query.uses_catalog(stmt)
+    if catalog and stmt.op == enums.SetOperation.SETOP_UNION:
+        cat = catalog_query.Catalog(await list_schemas(session))
+        targets, rows = catalog_query.set_operation(cat, stmt, params)
+        columns = [(name, _type_of(expr, None, rows, i)) for i, (name, expr) in enumerate(targets)]
+        return Result(f"SELECT {len(rows)}", columns, rows)
     if stmt.op != enums.SetOperation.SETOP_NONE or stmt.withClause or stmt.groupClause \
             or stmt.havingClause or stmt.windowClause or stmt.lockingClause or stmt.intoClause:
         raise not_supported("set operations, WITH, GROUP BY, HAVING, windows, FOR UPDATE, INTO")
@@ -698,16 +704,21 @@ async def select_stmt(session: Session, stmt: ast.SelectStmt, params) -> Result:
         cols = [(f"column{i + 1}", type_of_value(v)) for i, v in enumerate(rows[0])]
         return Result(f"SELECT {len(rows)}", cols, rows)
     from_ = stmt.fromClause or ()
-    if len(from_) > 1 or (from_ and not isinstance(from_[0], ast.RangeVar)):
-        raise not_supported("joins and subqueries in FROM")
+    if not catalog and (len(from_) > 1 or (from_ and not isinstance(from_[0], ast.RangeVar))):
+        raise not_supported("joins and subqueries in FROM (only over the system catalogs)")
     schema = None
-    if from_:
+    star: list[tuple[str, object]] = []
+    if catalog:
+        # pg_catalog / information_schema: joins, subqueries (engine/pg/catalog_query.py).
+        cat = catalog_query.Catalog(await list_schemas(session))
+        contexts = catalog_query.scopes(cat, stmt, params)
+        star = [(c, ast.ColumnRef(fields=(ast.String(sval=alias), ast.String(sval=c))))
+                for alias, c in catalog_query.from_columns(stmt)]
+    elif from_:
         rv = from_[0]
-        if rv.schemaname in ("pg_catalog", "information_schema") or rv.relname.startswith("pg_"):
-            schema, source = await catalog_views.view(session, rv, list_schemas)
-        else:
-            schema = await get_schema(session, _relname(rv))
-            source = [r for _, r in await scan_rows(session, schema, stmt.whereClause, params)]
+        schema = await get_schema(session, _relname(rv))
+        star = [(c.name, ast.ColumnRef(fields=(ast.String(sval=c.name),))) for c in schema.columns]
+        source = [r for _, r in await scan_rows(session, schema, stmt.whereClause, params)]
         contexts = []
         for n, r in enumerate(source):
             if n % 500 == 499:
@@ -723,9 +734,9 @@ async def select_stmt(session: Session, stmt: ast.SelectStmt, params) -> Result:
     targets: list[tuple[str, object]] = []
     for t in stmt.targetList:
         if isinstance(t.val, ast.ColumnRef) and isinstance(t.val.fields[-1], ast.A_Star):
-            if schema is None:
+            if not from_:
                 raise PgError("42601", "SELECT * with no tables specified is not valid")
-            targets += [(c.name, ast.ColumnRef(fields=(ast.String(sval=c.name),))) for c in schema.columns]
+            targets += star
         else:
             targets.append((t.name or output_name(t.val), t.val))
     aggs: list = []
@@ -774,7 +785,10 @@ def _type_of(expr, schema, rows, i) -> int:
         return 20
     if isinstance(expr, ast.TypeCast):
         from engine.pg.rows import TYPES
-        return TYPES[type_name(expr.typeName)[0]][0]
+        try:
+            return TYPES[type_name(expr.typeName)[0]][0]
+        except PgError:
+            pass   # a catalog type (regclass, oid, ...): typed by its values below
     if isinstance(expr, ast.FuncCall) and func_name(expr) in ("sum", "min", "max") and expr.args:
         inner = _col(expr.args[0])
         if schema is not None and inner is not None:
