@@ -57,8 +57,22 @@ Reads are consistent within one call
     READ_OPTIMISTIC_TRIES tries it takes the commit lock, which keeps MTRs out, so a read
     always finishes and never returns a torn result (half a split, half a transaction).
 
-Limits: SCAN_LIMIT_MAX rows per scan, TXN_WRITES_MAX buffered keys per transaction,
-MTR_RECORDS_MAX records per commit (engine/db/mtr.py), key/value sizes in engine/db/btree.py.
+Big transactions (invariant 15)
+    A transaction begun with a larger ``writes_max`` (the SQL front end's, up to
+    TXN_BIG_WRITES_MAX keys) is still ONE transaction with ONE COMMIT record: its writes
+    stay buffered until commit, are planned as one MTR plan (the event loop is let run
+    every PLAN_YIELD_KEYS keys) and emitted in pieces of at most COMMIT_PIECE_RECORDS
+    records, only the last record of the last piece tagged CPL (engine/db/mtr.py). So an
+    abort leaves nothing anywhere, VDL never lands inside it (no reader, replica or
+    recovery sees a part of it), and a crash before its COMMIT record is durable leaves
+    nothing after recovery (the pieces lie above VDL: truncated). The commit lock is held
+    from planning to the last piece, so other commits wait for it, as for one big MTR.
+    Its record count is bounded by LAL (VDL cannot move inside it): a bigger one gets
+    TooLargeError before anything is emitted.
+
+Limits: SCAN_LIMIT_MAX rows per scan, TXN_WRITES_MAX buffered keys per transaction (unless
+begun with a larger ``writes_max``), MTR_RECORDS_MAX records per single-piece commit and LAL
+records per commit in pieces (engine/db/mtr.py), key/value sizes in engine/db/btree.py.
 
 State of a Database: new --bootstrap() (brand-new volume) or open() (existing)--> open.
 A Database with ``read_only`` set refuses writes with ReadOnlyError; a failure while an MTR
@@ -77,12 +91,14 @@ from engine.db import btree
 from engine.format import page as pagefmt
 from engine.db.buffer_pool import BufferPool
 from engine.errors import (
+    CommitRefused,
     ConflictError,
     DatabaseError,
     ReadOnlyError,
     TableNotFound,
     TooLargeError,
     TransactionClosedError,
+    UnavailableError,
     WriteQuorumUnavailable,
 )
 from engine.db.mtr import MtrPlan
@@ -92,7 +108,11 @@ from engine.format.redo import RecordType as RT, commit_payload, p_init_page, p_
 
 SCAN_LIMIT_DEFAULT = 1000        # rows a scan returns unless told otherwise
 SCAN_LIMIT_MAX = 100_000         # most rows one scan call may return
-TXN_WRITES_MAX = 4096            # most distinct keys one transaction may write
+TXN_WRITES_MAX = 4096            # most distinct keys one transaction may write (default)
+TXN_BIG_WRITES_MAX = 80_000      # most keys a transaction begun with a larger writes_max may
+                                 # write (its records must fit in LAL: invariant 15)
+COMMIT_PIECE_RECORDS = 1000      # records per piece of a commit in pieces (engine/db/mtr.py)
+PLAN_YIELD_KEYS = 250            # a commit's planning lets the event loop run this often
 CONFLICT_KEYS_MAX = 100_000      # most (table, key) entries kept for conflict checks
 READ_OPTIMISTIC_TRIES = 3        # lock-free attempts of a read before it takes the lock
 DURABLE_TIMEOUT_S = 30.0         # default wait for VDL to pass a commit
@@ -154,8 +174,10 @@ class Transaction:
     on success and abort on an exception.
     """
 
-    def __init__(self, db: "Database", begin_seq: int, start_lsn: int | None) -> None:
+    def __init__(self, db: "Database", begin_seq: int, start_lsn: int | None,
+                 writes_max: int = TXN_WRITES_MAX) -> None:
         self._db = db
+        self.writes_max = writes_max    # most distinct keys it may write
         self.begin_seq = begin_seq      # order of begin() calls (this Database only)
         self.start_lsn = start_lsn      # allocator's last LSN at begin; None: no conflict check
         self.txn_id: int | None = None  # COMMIT record's txn_id, assigned at commit
@@ -183,8 +205,8 @@ class Transaction:
             self._db._root(table)  # TableNotFound early (once per table); commit checks again
             writes = self._writes[table] = {}
         if key not in writes:
-            if self._n_writes >= TXN_WRITES_MAX:
-                raise TooLargeError(f"transaction writes more than TXN_WRITES_MAX = {TXN_WRITES_MAX} keys")
+            if self._n_writes >= self.writes_max:
+                raise TooLargeError(f"transaction writes more than {self.writes_max} keys")
             self._n_writes += 1
         writes[key] = value
 
@@ -270,6 +292,8 @@ class Database:
         self._next_txn_id = 1                           # txn_id of the next COMMIT record
         self._last_timestamp_us = 0                     # COMMIT timestamps never go back
         self.on_commit = None                           # callable(timestamp_us, lsn) or None
+        self.piece_pause_s = None                       # callable -> seconds between the pieces
+                                                        # of a commit (test hook, engine/hooks.py)
         self._catalog_lsn = 0                           # LSN of the last catalog change
         self._begin_seq = 0
         self._active: dict[int, Transaction] = {}       # begin_seq -> txn, in begin order
@@ -350,17 +374,19 @@ class Database:
 
     # --- Transactions ----------------------------------------------------------------------
 
-    def begin(self, *, conflicts_from_commit: bool = False) -> Transaction:
+    def begin(self, *, conflicts_from_commit: bool = False, writes_max: int = TXN_WRITES_MAX) -> Transaction:
         """Start a transaction (isolation: see the module doc). ``conflicts_from_commit``:
         for a transaction that has read nothing and commits now (a client's write-only
         transaction, docs/decisions.md 11): it begins at its commit, so no commit can come
         between its begin and its own and it checks no conflicts, like the autocommit
         helpers (its writes are tracked for others)."""
         self._meta()
+        if not 0 < writes_max <= TXN_BIG_WRITES_MAX:
+            raise ValueError(f"writes_max must be 1..TXN_BIG_WRITES_MAX = {TXN_BIG_WRITES_MAX}")
         if conflicts_from_commit:
-            return Transaction(self, 0, None)
+            return Transaction(self, 0, None, writes_max)
         self._begin_seq += 1
-        txn = Transaction(self, self._begin_seq, self.sink.allocator.last_volume_lsn)
+        txn = Transaction(self, self._begin_seq, self.sink.allocator.last_volume_lsn, writes_max)
         self._active[txn.begin_seq] = txn
         return txn
 
@@ -517,7 +543,10 @@ class Database:
             self._close(txn, "aborted")
             raise
 
+        big = txn._n_writes > PLAN_YIELD_KEYS
+
         async def build(plan: MtrPlan) -> None:
+            n = 0
             for table in sorted(txn._writes):
                 name = btree.table_key(table)
                 writes = txn._writes[table]
@@ -528,6 +557,9 @@ class Database:
                     else:
                         await btree.put(plan, name, key, value)
                     plan.release_unchanged()
+                    n += 1
+                    if big and n % PLAN_YIELD_KEYS == 0:
+                        await asyncio.sleep(0)   # a big plan lets the instance's other work run
 
         def before() -> None:
             if txn.doomed is not None:
@@ -553,25 +585,44 @@ class Database:
             self._close(txn, "committed")
 
         try:
-            return await self._commit_mtr(build, before, after, timeout_s)
+            return await self._commit_mtr(build, before, after, timeout_s,
+                                          pieces=txn.writes_max > TXN_WRITES_MAX)
         finally:
             if txn.state == "active":
                 self._close(txn, "aborted")
 
-    async def _commit_mtr(self, build, before, after, timeout_s: float | None) -> int:
+    async def _commit_mtr(self, build, before, after, timeout_s: float | None,
+                          pieces: bool = False) -> int:
         """Plan ``build`` plus a COMMIT record as one MTR, emit it, wait until durable."""
         started = time.perf_counter()
+        try:
+            lsn = await self._emit_commit(build, before, after, pieces)
+        except CommitRefused:
+            raise
+        except UnavailableError as exc:
+            # Refused inside the commit lock: the MTR was not submitted (submit() is the
+            # last step and refuses before shipping anything), so nothing of it can become
+            # durable. Only the wait below leaves the outcome unknown.
+            raise CommitRefused(f"commit refused, nothing was written: {exc}") from exc
+        # Invariant 2: the client hears "committed" only once VDL >= the commit record.
+        await self.sink.wait_durable(lsn, self.durable_timeout_s if timeout_s is None else timeout_s)
+        self.commit_latency.observe(time.perf_counter() - started)
+        return lsn
+
+    async def _emit_commit(self, build, before, after, pieces: bool = False) -> int:
+        """Plan and emit ``build`` plus a COMMIT record as one MTR (``pieces``: one plan
+        emitted in pieces, invariant 15); returns the COMMIT record's LSN."""
         async with self._commit_lock:
             self._check_writable()
             if before is not None:
                 before()
-            plan = MtrPlan(self.pool)
+            plan = MtrPlan(self.pool, records_max=getattr(self.sink, "lal", 0) if pieces else 0)
             try:
                 await build(plan)
                 txn_id = self._next_txn_id
                 timestamp_us = max(self._last_timestamp_us, time.time_ns() // 1000)
                 plan.change(META_PAGE_ID, RT.COMMIT, commit_payload(txn_id, timestamp_us))
-                lsn = await self._execute(plan)
+                lsn = await self._execute(plan, COMMIT_PIECE_RECORDS if pieces else 0)
             finally:
                 plan.release()
             self._next_txn_id = txn_id + 1
@@ -583,16 +634,20 @@ class Database:
             self.counters["commits"] += 1
             if after is not None:
                 after(lsn, txn_id)
-        # Invariant 2: the client hears "committed" only once VDL >= the commit record.
-        await self.sink.wait_durable(lsn, self.durable_timeout_s if timeout_s is None else timeout_s)
-        self.commit_latency.observe(time.perf_counter() - started)
         return lsn
 
-    async def _execute(self, plan: MtrPlan) -> int:
+    async def _execute(self, plan: MtrPlan, piece_records: int = 0) -> int:
         """plan.execute, turning a failure after LSNs were allocated into a stop."""
         allocated_before = self.sink.allocator.last_volume_lsn
+
+        def on_piece(lsn: int) -> None:
+            # Readers run between the pieces of a commit in pieces: a catalog change (a
+            # root split) already in the cached META must count as not durable for them
+            # (see "Reads never expose non-durable data").
+            if plan.catalog_changed:
+                self._catalog_lsn = lsn
         try:
-            return await plan.execute(self.sink)
+            return await plan.execute(self.sink, piece_records, self.piece_pause_s, on_piece)
         except BaseException as exc:
             if self.sink.allocator.last_volume_lsn != allocated_before:
                 # Half an MTR may be in the cache: never write again from this instance.

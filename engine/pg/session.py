@@ -12,10 +12,19 @@ Transactions
     Locks live in the writer process only: the SQL front end is the only writer of table
     ``pg`` (the key-value API could bypass them; it has no reason to).
 
-    A transaction that writes more than CHUNK_WRITES keys (COPY, bulk INSERT, pgbench -i's
-    load) is committed in pieces of CHUNK_WRITES keys, since one engine transaction holds
-    at most TXN_WRITES_MAX = 4096 keys (and a big MTR holds the event loop for its whole
-    planning): such a transaction is NOT atomic (docs/postgres.md).
+    Big transactions are atomic up to ATOMIC_WRITES_MAX keys (rows plus index entries):
+    the engine transaction is begun with that larger ``writes_max`` and, at COMMIT, is
+    committed as ONE engine transaction emitted in several MTR pieces with ONE COMMIT
+    record (engine/db/database.py, invariant 15): a ROLLBACK, an error or a crash before
+    the COMMIT record is durable leaves nothing of it. Its writes stay buffered in the
+    writer until COMMIT, and its records must fit in LAL (VDL cannot move inside one
+    commit), so a transaction past ATOMIC_WRITES_MAX keys (pgbench -i's 100,000-row COPY
+    per scale unit) is committed in pieces of ATOMIC_WRITES_MAX keys and is NOT atomic: the
+    client gets a WARNING (docs/postgres.md).
+
+    Commit failures: a commit refused before anything was logged (engine CommitRefused)
+    is "NOT committed" (40001, engine/pg/sqlstate.py); one that failed after its records
+    were shipped (the durability wait) is raised as CommitUnknown (08006, outcome unknown).
 
     A session is bound to the Database it started with: if the instance changes role
     (promoted, stepped down: a new Database object), its next statement gets 57P01 and
@@ -29,12 +38,26 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from engine.pg.sqlstate import PgError
+from engine import errors
+from engine.pg.sqlstate import CommitUnknown, PgError
 
 log = logging.getLogger("aurora.pg")
 
-CHUNK_WRITES = 500      # keys per piece of a big transaction: one MTR of 500 B+tree puts
-                        # keeps the event loop (and the instance's health checks) moving
+ATOMIC_WRITES_MAX = 40_000   # keys one SQL transaction may write and stay atomic (its
+                             # records, ~1-2 per key, must fit in LAL = 100,000)
+STATEMENT_SLACK_KEYS = 1_000  # room past it for the keys of the row being written when
+                             # the limit is crossed (a row plus its index entries)
+
+
+async def commit_engine(txn) -> None:
+    """Commit an engine transaction; a failure after its records were shipped becomes
+    CommitUnknown (outcome unknown), a refusal before stays CommitRefused (not committed)."""
+    try:
+        await txn.commit()
+    except errors.CommitRefused:
+        raise
+    except errors.UnavailableError as exc:
+        raise CommitUnknown(str(exc)) from exc
 
 
 class LockManager:
@@ -98,7 +121,7 @@ class Session:
         self.settings: dict[str, str] = {}
         self.read_only = False          # connected to a replica
         self.database = None            # the engine Database of the first statement
-        self.rows_in_pieces = 0         # rows of the open transaction already committed in pieces
+        self.rows_in_pieces = 0         # keys of the open transaction already committed in pieces
         self.notices: list[str] = []    # WARNINGs for the client, sent before CommandComplete
 
     @property
@@ -116,7 +139,8 @@ class Session:
             elif db is not self.database:
                 raise PgError("57P01", "terminating connection: this instance changed role "
                                        "(failover); reconnect", "FATAL")
-            self.txn = db.begin(conflicts_from_commit=True)
+            self.txn = db.begin(conflicts_from_commit=True,
+                                writes_max=ATOMIC_WRITES_MAX + STATEMENT_SLACK_KEYS)
             self.writes = 0
         return self.txn
 
@@ -126,18 +150,20 @@ class Session:
         await self.backend.locks.acquire(self, key)
 
     async def wrote(self, n: int = 1) -> None:
-        """Count buffered rows; commit a piece when a big transaction fills one."""
+        """Count buffered keys; past ATOMIC_WRITES_MAX, commit what is buffered as a piece
+        (the transaction stops being atomic: the client is warned)."""
         self.writes += n
-        if self.writes >= CHUNK_WRITES:
-            log.info("transaction wrote %d rows: committing this piece (not atomic past %d rows)",
-                     self.writes, CHUNK_WRITES)
+        if self.writes >= ATOMIC_WRITES_MAX:
+            log.warning("transaction wrote %d keys: committing this piece (not atomic past %d keys)",
+                        self.writes, ATOMIC_WRITES_MAX)
             txn, self.txn = self.txn, None
-            await txn.commit()
+            await commit_engine(txn)
             if not self.rows_in_pieces:
                 self.notices.append(
-                    f"this transaction wrote more than {CHUNK_WRITES} rows: it is committed in "
-                    f"pieces of {CHUNK_WRITES} and is not atomic; a ROLLBACK or an error will "
-                    "not undo the pieces already committed (docs/postgres.md)")
+                    f"this transaction wrote more than {ATOMIC_WRITES_MAX} rows and index entries: "
+                    f"it is committed in pieces of {ATOMIC_WRITES_MAX} and is not atomic; a "
+                    "ROLLBACK or an error will not undo the pieces already committed "
+                    "(docs/postgres.md)")
             self.rows_in_pieces += self.writes
 
     async def finish(self, commit: bool) -> None:
@@ -146,12 +172,13 @@ class Session:
         try:
             if txn is not None:
                 if commit and self.writes:
-                    await txn.commit()
+                    await commit_engine(txn)
                 else:
                     txn.abort()
             if self.rows_in_pieces and not commit:
-                self.notices.append(f"{self.rows_in_pieces} rows of this transaction were "
-                                    "already committed in pieces and stay committed")
+                self.notices.append(f"{self.rows_in_pieces} rows and index entries of this "
+                                    "transaction were already committed in pieces and stay "
+                                    "committed")
         finally:
             self.writes = self.rows_in_pieces = 0
             self.backend.locks.release_all(self)
