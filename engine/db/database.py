@@ -111,8 +111,8 @@ SCAN_LIMIT_MAX = 100_000         # most rows one scan call may return
 TXN_WRITES_MAX = 4096            # most distinct keys one transaction may write (default)
 TXN_BIG_WRITES_MAX = 80_000      # most keys a transaction begun with a larger writes_max may
                                  # write (its records must fit in LAL: invariant 15)
-COMMIT_PIECE_RECORDS = 1000      # records per piece of a commit in pieces (engine/db/mtr.py)
-PLAN_YIELD_KEYS = 250            # a commit's planning lets the event loop run this often
+COMMIT_PIECE_RECORDS = 250       # records per piece of a commit in pieces (engine/db/mtr.py)
+PLAN_YIELD_KEYS = 100            # a commit's planning lets the event loop run this often
 CONFLICT_KEYS_MAX = 100_000      # most (table, key) entries kept for conflict checks
 READ_OPTIMISTIC_TRIES = 3        # lock-free attempts of a read before it takes the lock
 DURABLE_TIMEOUT_S = 30.0         # default wait for VDL to pass a commit

@@ -57,12 +57,15 @@ A commit in pieces (``execute(sink, piece_records=N)``, a big transaction: invar
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from engine import materialiser
 from engine.format import page as pagefmt
 from engine.db.buffer_pool import BufferPool
 from engine.errors import TooLargeError
 from engine.format.redo import FLAG_CPL, RecordType, encode_record, with_flags
+
+log = logging.getLogger("aurora.mtr")
 
 #: Most records one MTR (one transaction's commit) may hold.
 MTR_RECORDS_MAX = 1 << 16
@@ -164,6 +167,9 @@ class MtrPlan:
                 # Between pieces: records without a CPL are in the cache and the log, so
                 # VDL cannot pass them until the last piece (invariant 15).
                 delay = pause_s() if pause_s is not None else 0.0
+                if delay > 0:
+                    log.warning("commit in pieces: %d of %d records emitted (up to LSN %d, no "
+                                "CPL yet); pausing %.3f s (test hook)", start, n, cpl, delay)
                 await asyncio.sleep(delay)
             ops = self.ops[start:start + size]
             # --- MTR atomicity: no await from here to finish() ---------------------------
@@ -174,6 +180,8 @@ class MtrPlan:
             if on_piece is not None:
                 on_piece(cpl)
         self._check_cache()
+        if size < n:
+            log.info("commit in %d pieces: %d records, one CPL at LSN %d", -(-n // size), n, cpl)
         return cpl
 
     def _check_cache(self) -> None:

@@ -360,6 +360,10 @@ class Connection:
                     count += await sql.copy_rows(self.session, schema, names, lines)
                 except Exception as exc:  # noqa: BLE001 (reported after CopyDone)
                     error = exc
+                # Clients send a row per message, already buffered: nothing here would
+                # suspend, and a big COPY would hold the instance's event loop (and its
+                # health checks) until COMMIT.
+                await self.session.yield_if_due()
             elif kind == b"c":
                 if error is None and buffered.strip() and buffered.strip() != b"\\.":
                     count += await sql.copy_rows(self.session, schema, names, [buffered.decode()])

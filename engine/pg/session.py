@@ -2,7 +2,7 @@
 
 Transactions
     A SQL transaction is one engine transaction (engine/db/database.py) begun with
-    ``conflicts_from_commit=True``: its writes are buffered and committed as one MTR, and
+    ``conflicts_from_commit=True``: its writes are buffered and committed as one MTR (or pieces, below), and
     it reads the latest committed state merged with its own writes (read committed, like
     PostgreSQL's default). Write-write safety comes from row locks instead of the engine's
     first-committer-wins check: every row a statement inserts, updates or deletes is locked
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from engine import errors
 from engine.pg.sqlstate import CommitUnknown, PgError
@@ -45,6 +46,7 @@ log = logging.getLogger("aurora.pg")
 
 ATOMIC_WRITES_MAX = 40_000   # keys one SQL transaction may write and stay atomic (its
                              # records, ~1-2 per key, must fit in LAL = 100,000)
+YIELD_EVERY_S = 0.01         # a statement over many rows lets the event loop run this often
 STATEMENT_SLACK_KEYS = 1_000  # room past it for the keys of the row being written when
                              # the limit is crossed (a row plus its index entries)
 
@@ -123,6 +125,7 @@ class Session:
         self.database = None            # the engine Database of the first statement
         self.rows_in_pieces = 0         # keys of the open transaction already committed in pieces
         self.notices: list[str] = []    # WARNINGs for the client, sent before CommandComplete
+        self._last_yield = time.perf_counter()
 
     @property
     def status(self) -> bytes:
@@ -143,6 +146,15 @@ class Session:
                                 writes_max=ATOMIC_WRITES_MAX + STATEMENT_SLACK_KEYS)
             self.writes = 0
         return self.txn
+
+    async def yield_if_due(self) -> None:
+        """Let the instance's other tasks (health checks, other sessions) run if this one
+        has run YIELD_EVERY_S without suspending (by wall clock, so a loaded machine does
+        not stretch the stalls): a big COPY or INSERT rarely suspends on its own."""
+        now = time.perf_counter()
+        if now - self._last_yield >= YIELD_EVERY_S:
+            await asyncio.sleep(0)
+            self._last_yield = time.perf_counter()
 
     async def lock(self, key: bytes) -> None:
         if self.read_only:

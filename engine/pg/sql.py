@@ -469,8 +469,7 @@ async def alter_table(session: Session, stmt: ast.AlterTableStmt, params) -> Res
         seen = set()
         txn = session.transaction()
         for n, (_, row) in enumerate(await scan_rows(session, schema, None, [])):
-            if n % 100 == 99:
-                await asyncio.sleep(0)   # a big rewrite lets the instance's other work run
+            await session.yield_if_due()   # a big rewrite lets the instance's other work run
             key = new.key_of(row)
             if key in seen:
                 raise PgError("23505", f'could not create unique index "{name}_pkey": key is duplicated')
@@ -573,7 +572,8 @@ async def insert(session: Session, stmt: ast.InsertStmt, params) -> Result:
             rows.append([_DEFAULT if isinstance(v, ast.SetToDefault) else evaluate(v, ctx) for v in values])
     else:
         rows = (await select_stmt(session, select, params)).rows
-    for values in rows:
+    for n, values in enumerate(rows):
+        await session.yield_if_due()   # a big multi-row INSERT lets the instance's other work run
         await insert_row(session, schema, dict(zip(names, values)))
     return Result(f"INSERT 0 {len(rows)}")
 
@@ -589,7 +589,8 @@ async def update(session: Session, stmt: ast.UpdateStmt, params) -> Result:
             raise not_supported("UPDATE of a part of a column")
         targets.append((schema.index(t.name), col, t.val))
     n = 0
-    for key, _ in await scan_rows(session, schema, stmt.whereClause, params):
+    for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params)):
+        await session.yield_if_due()   # a big UPDATE lets the instance's other work run
         await session.lock(key)
         raw = await session.transaction().get(ENGINE_TABLE, key)   # re-read under the lock
         if raw is None:
@@ -626,7 +627,8 @@ async def delete(session: Session, stmt: ast.DeleteStmt, params) -> Result:
         raise not_supported("DELETE ... USING / RETURNING / WITH")
     schema = await get_schema(session, _relname(stmt.relation))
     n = 0
-    for key, _ in await scan_rows(session, schema, stmt.whereClause, params):
+    for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params)):
+        await session.yield_if_due()   # a big DELETE lets the instance's other work run
         await session.lock(key)
         raw = await session.transaction().get(ENGINE_TABLE, key)
         if raw is None:
@@ -642,8 +644,7 @@ async def delete(session: Session, stmt: ast.DeleteStmt, params) -> Result:
 async def copy_rows(session: Session, schema: TableSchema, names: list[str], lines: list[str]) -> int:
     """Insert COPY text-format lines (tab-separated, \\N = NULL, backslash escapes)."""
     for n, line in enumerate(lines):
-        if n % 100 == 99:
-            await asyncio.sleep(0)   # let the instance's other work run during a big COPY
+        await session.yield_if_due()   # let the instance's other work run during a big COPY
         fields = [None if f == "\\N" else _unescape(f) for f in line.split("\t")]
         if len(fields) != len(names):
             raise PgError("22P04", f"COPY row has {len(fields)} columns, expected {len(names)}")
@@ -721,8 +722,7 @@ async def select_stmt(session: Session, stmt: ast.SelectStmt, params) -> Result:
         source = [r for _, r in await scan_rows(session, schema, stmt.whereClause, params)]
         contexts = []
         for n, r in enumerate(source):
-            if n % 500 == 499:
-                await asyncio.sleep(0)   # a big scan lets the instance's other work run
+            await session.yield_if_due()   # a big scan lets the instance's other work run
             c = _row_ctx(schema, r, params)
             if _matches(stmt.whereClause, c):
                 contexts.append(c)
