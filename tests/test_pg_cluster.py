@@ -157,11 +157,11 @@ def test_psql_pgbench_reader_and_failover(cluster, monkeypatch, tmp_path):
     time.sleep(1.0)   # every process re-reads the fault file within 0.5 s
     log_path = os.path.join(cluster.data_dir, "logs", f"{writer}.log")
     log_size = os.path.getsize(log_path)
+    script = tmp_path / "big_commit.sql"
+    script.write_text(copy_script("big", 3000, "COMMIT"))
     client = subprocess.Popen(["psql", "-X", "-h", host, "-p", port, "-U", "tester", "-d", "aurora",
-                               "-v", "ON_ERROR_STOP=1", "-f", "-"], stdin=subprocess.PIPE,
+                               "-v", "ON_ERROR_STOP=1", "-f", str(script)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client.stdin.write(copy_script("big", 3000, "COMMIT"))
-    client.stdin.close()
     deadline = time.monotonic() + 60
     while True:
         with open(log_path) as f:

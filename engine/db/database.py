@@ -112,7 +112,8 @@ TXN_WRITES_MAX = 4096            # most distinct keys one transaction may write 
 TXN_BIG_WRITES_MAX = 80_000      # most keys a transaction begun with a larger writes_max may
                                  # write (its records must fit in LAL: invariant 15)
 COMMIT_PIECE_RECORDS = 250       # records per piece of a commit in pieces (engine/db/mtr.py)
-PLAN_YIELD_KEYS = 100            # a commit's planning lets the event loop run this often
+PLAN_YIELD_KEYS = 20             # a big commit's planning checks the clock this often and
+PLAN_YIELD_S = 0.005             # lets the event loop run after this much wall time
 CONFLICT_KEYS_MAX = 100_000      # most (table, key) entries kept for conflict checks
 READ_OPTIMISTIC_TRIES = 3        # lock-free attempts of a read before it takes the lock
 DURABLE_TIMEOUT_S = 30.0         # default wait for VDL to pass a commit
@@ -209,6 +210,11 @@ class Transaction:
                 raise TooLargeError(f"transaction writes more than {self.writes_max} keys")
             self._n_writes += 1
         writes[key] = value
+
+    def buffered(self) -> list[tuple[str, bytes, bytes | None]]:
+        """The buffered writes as (table, key, value or None for a delete), in key order."""
+        return [(table, key, self._writes[table][key])
+                for table in sorted(self._writes) for key in sorted(self._writes[table])]
 
     # --- Reads (own writes merged over the tree) ---------------------------------------------
 
@@ -547,6 +553,7 @@ class Database:
 
         async def build(plan: MtrPlan) -> None:
             n = 0
+            last_yield = time.perf_counter()
             for table in sorted(txn._writes):
                 name = btree.table_key(table)
                 writes = txn._writes[table]
@@ -558,8 +565,9 @@ class Database:
                         await btree.put(plan, name, key, value)
                     plan.release_unchanged()
                     n += 1
-                    if big and n % PLAN_YIELD_KEYS == 0:
+                    if big and n % PLAN_YIELD_KEYS == 0 and time.perf_counter() - last_yield >= PLAN_YIELD_S:
                         await asyncio.sleep(0)   # a big plan lets the instance's other work run
+                        last_yield = time.perf_counter()
 
         def before() -> None:
             if txn.doomed is not None:

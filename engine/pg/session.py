@@ -19,8 +19,9 @@ Transactions
     the COMMIT record is durable leaves nothing of it. Its writes stay buffered in the
     writer until COMMIT, and its records must fit in LAL (VDL cannot move inside one
     commit), so a transaction past ATOMIC_WRITES_MAX keys (pgbench -i's 100,000-row COPY
-    per scale unit) is committed in pieces of ATOMIC_WRITES_MAX keys and is NOT atomic: the
-    client gets a WARNING (docs/postgres.md).
+    per scale unit) is committed in pieces and is NOT atomic: the
+    client gets a WARNING (docs/postgres.md): what it buffered is committed in engine
+    transactions of PIECE_KEYS keys, and so is every PIECE_KEYS keys after.
 
     Commit failures: a commit refused before anything was logged (engine CommitRefused)
     is "NOT committed" (40001, engine/pg/sqlstate.py); one that failed after its records
@@ -46,6 +47,7 @@ log = logging.getLogger("aurora.pg")
 
 ATOMIC_WRITES_MAX = 40_000   # keys one SQL transaction may write and stay atomic (its
                              # records, ~1-2 per key, must fit in LAL = 100,000)
+PIECE_KEYS = 500            # keys per piece once a transaction is past ATOMIC_WRITES_MAX
 YIELD_EVERY_S = 0.01         # a statement over many rows lets the event loop run this often
 STATEMENT_SLACK_KEYS = 1_000  # room past it for the keys of the row being written when
                              # the limit is crossed (a row plus its index entries)
@@ -162,21 +164,42 @@ class Session:
         await self.backend.locks.acquire(self, key)
 
     async def wrote(self, n: int = 1) -> None:
-        """Count buffered keys; past ATOMIC_WRITES_MAX, commit what is buffered as a piece
-        (the transaction stops being atomic: the client is warned)."""
+        """Count buffered keys; past ATOMIC_WRITES_MAX, commit what is buffered in pieces
+        of PIECE_KEYS (the transaction stops being atomic: the client is warned), and from
+        then on every PIECE_KEYS keys."""
         self.writes += n
-        if self.writes >= ATOMIC_WRITES_MAX:
-            log.warning("transaction wrote %d keys: committing this piece (not atomic past %d keys)",
-                        self.writes, ATOMIC_WRITES_MAX)
+        if self.writes >= (PIECE_KEYS if self.rows_in_pieces else ATOMIC_WRITES_MAX):
+            if not self.rows_in_pieces:
+                log.warning("transaction wrote %d keys: committing it in pieces (not atomic past "
+                            "%d keys)", self.writes, ATOMIC_WRITES_MAX)
             txn, self.txn = self.txn, None
-            await commit_engine(txn)
+            await self._commit_in_pieces(txn)
             if not self.rows_in_pieces:
                 self.notices.append(
                     f"this transaction wrote more than {ATOMIC_WRITES_MAX} rows and index entries: "
-                    f"it is committed in pieces of {ATOMIC_WRITES_MAX} and is not atomic; a "
+                    f"it is committed in pieces of {PIECE_KEYS} and is not atomic; a "
                     "ROLLBACK or an error will not undo the pieces already committed "
                     "(docs/postgres.md)")
             self.rows_in_pieces += self.writes
+
+    async def _commit_in_pieces(self, txn) -> None:
+        """Commit ``txn``'s writes as engine transactions of at most PIECE_KEYS keys each
+        (small commits, each waited durable, keep the instance responsive: the transaction
+        is not atomic any more anyway)."""
+        writes = txn.buffered()
+        if len(writes) <= PIECE_KEYS:
+            await commit_engine(txn)
+            return
+        txn.abort()
+        db = self.backend.db()
+        for start in range(0, len(writes), PIECE_KEYS):
+            piece = db.begin(conflicts_from_commit=True)
+            for table, key, value in writes[start:start + PIECE_KEYS]:
+                if value is None:
+                    piece.delete(table, key)
+                else:
+                    piece.put(table, key, value)
+            await commit_engine(piece)
 
     async def finish(self, commit: bool) -> None:
         """End the engine transaction (commit or abort) and release the locks."""
