@@ -153,7 +153,7 @@ def test_psql_pgbench_reader_and_failover(cluster, monkeypatch, tmp_path):
     # pieces are in storage (durable on every node: storage is healthy), its COMMIT record
     # is not. After the automatic failover: 0 rows (invariant 15, recovery truncates).
     writer = next(p["name"] for p in cluster.status()["processes"] if p.get("role") == "writer")
-    fault_file.write_text(json.dumps({"commit": {"*": {"piece_pause_ms": 3000}}}))
+    fault_file.write_text(json.dumps({"commit": {"*": {"piece_pause_ms": 1000}}}))
     time.sleep(1.0)   # every process re-reads the fault file within 0.5 s
     log_path = os.path.join(cluster.data_dir, "logs", f"{writer}.log")
     log_size = os.path.getsize(log_path)
