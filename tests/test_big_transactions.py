@@ -138,3 +138,30 @@ def test_commit_refused_before_any_lsn_is_commit_refused():
         assert not isinstance(info.value, CommitRefused)
         assert sink.submits > submits   # it was shipped: the outcome is unknown
     run(main())
+
+
+def test_on_logged_runs_before_durable_and_latest_reads_see_it():
+    """Invariant 16's engine side: ``commit(on_logged=...)`` runs when the COMMIT record is
+    in the log, before VDL reaches it; a ``latest`` read then sees the value (and notes its
+    LSN in read_lsn) while a durable read does not; the commit returns only once durable."""
+    async def main():
+        db, sink = await open_db()
+        sink.ack_delay_s = None     # from now on, acks only when the test says so
+        logged = []
+        txn = db.begin(conflicts_from_commit=True)
+        txn.put("t", b"k", b"new")
+        task = asyncio.ensure_future(txn.commit(on_logged=lambda lsn: logged.append((lsn, sink.vdl))))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert logged and logged[0][1] < logged[0][0] and not task.done()
+        reader = db.begin(conflicts_from_commit=True)
+        assert await reader.get("t", b"k", latest=True) == b"new"
+        # Its page's LSN: above VDL, inside the commit's MTR (VDL >= it means VDL >= the
+        # MTR's CPL, as VDL is always a CPL).
+        assert sink.vdl < reader.read_lsn <= logged[0][0]
+        assert await db.get("t", b"k") is None        # durable read: as of VDL
+        sink.ack_all()
+        assert await task == logged[0][0]
+        await db.wait_durable(reader.read_lsn)
+        assert sink.violations == []
+    run(main())

@@ -396,3 +396,49 @@ def test_psql_describe_commands():
         with connect(server, autocommit=True) as conn:   # joins of user tables stay 0A000
             with pytest.raises(psycopg.errors.FeatureNotSupported):
                 conn.execute("SELECT * FROM accounts a JOIN pg_class c ON c.relname = a.owner")
+
+
+def test_early_lock_release_orders_commits_and_loses_no_update(pg):
+    """Early lock release (invariant 16): a committing transaction's row locks go once its
+    COMMIT record is in the log, before it is durable. With durability slowed to 0.4 s:
+    B's UPDATE of A's row returns while A's COMMIT still waits (it did not wait for A's
+    durability), reads A's value (no lost update), and B's COMMIT is acknowledged only
+    after A's. A read-only B (UPDATE 0 under the lock) also hears COMMIT only after A."""
+    import time
+    sink = pg.db.sink
+    with connect(pg, autocommit=True) as conn:
+        conn.execute("CREATE TABLE elr (k int PRIMARY KEY, n int)")
+        conn.execute("INSERT INTO elr VALUES (1, 0)")
+    done: dict[str, float] = {}
+
+    def a_commit(conn):
+        conn.execute("UPDATE elr SET n = n + 1 WHERE k = 1")
+        conn.commit()
+        done["a_commit"] = time.monotonic()
+
+    sink.ack_delay_s = 0.4
+    try:
+        for read_only in (False, True):
+            a, b = connect(pg), connect(pg)
+            try:
+                t = threading.Thread(target=a_commit, args=(a,))
+                t.start()
+                time.sleep(0.1)    # A's COMMIT is in the log, waiting for its acks
+                if read_only:
+                    cur = b.execute("UPDATE elr SET n = 0 WHERE k = 1 AND n < 0")
+                    assert cur.statusmessage == "UPDATE 0"
+                else:
+                    b.execute("UPDATE elr SET n = n + 10 WHERE k = 1")
+                done["b_update"] = time.monotonic()
+                b.commit()
+                done["b_commit"] = time.monotonic()
+                t.join(30)
+                assert done["b_update"] < done["a_commit"] <= done["b_commit"], done
+            finally:
+                a.close()
+                b.close()
+    finally:
+        sink.ack_delay_s = 0.0
+    with connect(pg, autocommit=True) as conn:
+        assert conn.execute("SELECT n FROM elr WHERE k = 1").fetchone() == (12,)
+        conn.execute("DROP TABLE elr")

@@ -183,6 +183,7 @@ class Transaction:
         self.start_lsn = start_lsn      # allocator's last LSN at begin; None: no conflict check
         self.txn_id: int | None = None  # COMMIT record's txn_id, assigned at commit
         self.commit_lsn: int | None = None
+        self.read_lsn = 0               # highest page LSN a ``latest`` read of it returned
         self.state = "active"           # active -> committed | aborted
         self.doomed: str | None = None  # why commit will raise ConflictError
         self._writes: dict[str, dict[bytes, bytes | None]] = {}
@@ -218,14 +219,21 @@ class Transaction:
 
     # --- Reads (own writes merged over the tree) ---------------------------------------------
 
-    async def get(self, table: str, key: bytes) -> bytes | None:
-        """The value of ``key`` as this transaction sees it, or None."""
+    async def get(self, table: str, key: bytes, latest: bool = False) -> bytes | None:
+        """The value of ``key`` as this transaction sees it, or None.
+
+        ``latest``: the newest committed value in the log, durable or not (no wait for
+        VDL, no snapshot fallback), for a caller that holds a lock the last writer of
+        ``key`` released before its commit was durable (early lock release, invariant 16).
+        ``read_lsn`` then rises to the page LSNs it used: this transaction's own commit will
+        be above them, and a read-only one must wait for VDL to reach them
+        (``Database.wait_durable``) before it reports success."""
         self._check_active()
         key = btree.check_key(key)
         writes = self._writes.get(table)
         if writes is not None and key in writes:
             return writes[key]
-        return await self._db._get(table, key, txn=self)
+        return await self._db._get(table, key, txn=self, latest=latest)
 
     async def scan(self, table: str, start: bytes | None = None, end: bytes | None = None,
                    limit: int = SCAN_LIMIT_DEFAULT) -> list[tuple[bytes, bytes]]:
@@ -246,15 +254,20 @@ class Transaction:
 
     # --- End -------------------------------------------------------------------------------
 
-    async def commit(self, timeout_s: float | None = None) -> int | None:
+    async def commit(self, timeout_s: float | None = None, on_logged=None) -> int | None:
         """Apply the writes as one MTR; return its commit LSN once VDL >= it (invariant 2).
 
         Returns None for a transaction that wrote nothing. Raises ConflictError (first
         committer wins), ReadOnlyError, TableNotFound, TooLargeError (the transaction is
-        then aborted), or WriteQuorumUnavailable if durability times out (outcome unknown).
+        then aborted), or WriteQuorumUnavailable if durability times out (outcome unknown),
+        or CommitRefused if refused before anything was logged.
+
+        ``on_logged(lsn)`` runs once the COMMIT record has its LSN and is in the log (the
+        sink's buffer), BEFORE it is durable: the SQL front end releases its row locks there
+        (invariant 16); the commit is still acknowledged only when durable (invariant 2).
         """
         self._check_active()
-        return await self._db._commit(self, timeout_s)
+        return await self._db._commit(self, timeout_s, on_logged)
 
     def abort(self) -> None:
         """Drop the buffered writes. Nothing reached storage, so there is nothing to undo."""
@@ -298,6 +311,7 @@ class Database:
         self._next_txn_id = 1                           # txn_id of the next COMMIT record
         self._last_timestamp_us = 0                     # COMMIT timestamps never go back
         self.on_commit = None                           # callable(timestamp_us, lsn) or None
+        self._emitting_pieces = False                   # a commit in pieces is being emitted
         self.piece_pause_s = None                       # callable -> seconds between the pieces
                                                         # of a commit (test hook, engine/hooks.py)
         self._catalog_lsn = 0                           # LSN of the last catalog change
@@ -436,6 +450,12 @@ class Database:
         txn.delete(table, key)
         return await self._commit(txn, timeout_s)
 
+    async def wait_durable(self, lsn: int, timeout_s: float | None = None) -> None:
+        """Return once VDL >= lsn: for a read-only transaction that read non-durable data
+        with ``latest`` reads (invariant 16). WriteQuorumUnavailable on timeout."""
+        if lsn > self.sink.vdl:
+            await self.sink.wait_durable(lsn, self.durable_timeout_s if timeout_s is None else timeout_s)
+
     def stats(self) -> dict:
         """Counters for tests, metrics and the service's Status call (JSON-friendly)."""
         return {**self.counters, "buffer_pool": self.pool.stats(), "read_only": self.read_only,
@@ -479,10 +499,11 @@ class Database:
             return root
         return self._root(table)
 
-    async def _get(self, table: str, key: bytes, txn: "Transaction | None" = None) -> bytes | None:
+    async def _get(self, table: str, key: bytes, txn: "Transaction | None" = None,
+                   latest: bool = False) -> bytes | None:
         async def run(view):
             return await btree.get(view, await self._view_root(view, table), key)
-        return await self._read(run, txn)
+        return await self._read(run, txn, latest)
 
     async def _scan(self, table: str, start, end, limit: int,
                     txn: "Transaction | None" = None) -> list[tuple[bytes, bytes]]:
@@ -492,14 +513,21 @@ class Database:
             return await btree.scan(view, await self._view_root(view, table), start, end, limit)
         return await self._read(run, txn)
 
-    async def _read(self, run: Callable[[_ReadView], Awaitable], txn: "Transaction | None" = None):
-        """Run a read consistently (retry, then lock) and wait until what it saw is durable."""
+    async def _read(self, run: Callable[[_ReadView], Awaitable], txn: "Transaction | None" = None,
+                    latest: bool = False):
+        """Run a read consistently (retry, then lock) and wait until what it saw is durable
+        (``latest``: do not wait; note what it saw in ``txn.read_lsn``)."""
         allocator = self.sink.allocator
         for _ in range(READ_OPTIMISTIC_TRIES):
+            if latest and self._emitting_pieces:
+                # Between the pieces of a commit in pieces the cached tree may be
+                # mid-split: a durable read falls back to VDL there, a latest read takes
+                # the commit lock (below), which waits for the last piece.
+                continue
             view = _ReadView(self.pool)
             version = allocator.last_volume_lsn
             result = await run(view)
-            if allocator.last_volume_lsn == version:
+            if allocator.last_volume_lsn == version and not (latest and self._emitting_pieces):
                 break  # no MTR ran while this read awaited: one consistent tree state
             self.counters["read_retries"] += 1
         else:
@@ -509,6 +537,11 @@ class Database:
                 version = allocator.last_volume_lsn
                 result = await run(view)
         seen = max(view.seen_lsn, self._catalog_lsn)
+        if latest:
+            if txn is not None:
+                txn.read_lsn = max(txn.read_lsn, seen)
+            LAST_READ_POINT.set(version)
+            return result
         read_point = None
         if seen > self.sink.vdl:
             self.counters["read_durable_waits"] += 1
@@ -539,7 +572,7 @@ class Database:
             why = f" ({self.broken})" if self.broken else ""
             raise ReadOnlyError(f"database is read-only{why}: writes are refused")
 
-    async def _commit(self, txn: Transaction, timeout_s: float | None) -> int | None:
+    async def _commit(self, txn: Transaction, timeout_s: float | None, on_logged=None) -> int | None:
         try:
             self._check_writable()
             if not txn._writes:
@@ -591,6 +624,8 @@ class Database:
                     self._last_write.pop((table, key), None)
                     self._last_write[(table, key)] = lsn
             self._close(txn, "committed")
+            if on_logged is not None:
+                on_logged(lsn)
 
         try:
             return await self._commit_mtr(build, before, after, timeout_s,
@@ -630,7 +665,11 @@ class Database:
                 txn_id = self._next_txn_id
                 timestamp_us = max(self._last_timestamp_us, time.time_ns() // 1000)
                 plan.change(META_PAGE_ID, RT.COMMIT, commit_payload(txn_id, timestamp_us))
-                lsn = await self._execute(plan, COMMIT_PIECE_RECORDS if pieces else 0)
+                self._emitting_pieces = pieces
+                try:
+                    lsn = await self._execute(plan, COMMIT_PIECE_RECORDS if pieces else 0)
+                finally:
+                    self._emitting_pieces = False
             finally:
                 plan.release()
             self._next_txn_id = txn_id + 1

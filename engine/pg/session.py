@@ -23,6 +23,15 @@ Transactions
     client gets a WARNING (docs/postgres.md): what it buffered is committed in engine
     transactions of PIECE_KEYS keys, and so is every PIECE_KEYS keys after.
 
+    Early lock release (ARCHITECTURE.md invariant 16): a committing transaction releases
+    its row locks as soon as its COMMIT record has an LSN and is in the log, before it is
+    durable; the client still hears COMMIT only when VDL passes it. Whoever takes such a
+    lock reads the row with a ``latest`` read (the newest committed value, durable or not),
+    so its own commit lands at a higher LSN and can never be acknowledged first. A
+    transaction that wrote nothing but read that way waits for VDL to pass what it read
+    before its COMMIT succeeds; an autocommit statement's result is sent only after its
+    implicit commit (engine/pg/protocol.py).
+
     Commit failures: a commit refused before anything was logged (engine CommitRefused)
     is "NOT committed" (40001, engine/pg/sqlstate.py); one that failed after its records
     were shipped (the durability wait) is raised as CommitUnknown (08006, outcome unknown).
@@ -53,11 +62,11 @@ STATEMENT_SLACK_KEYS = 1_000  # room past it for the keys of the row being writt
                              # the limit is crossed (a row plus its index entries)
 
 
-async def commit_engine(txn) -> None:
+async def commit_engine(txn, on_logged=None) -> None:
     """Commit an engine transaction; a failure after its records were shipped becomes
     CommitUnknown (outcome unknown), a refusal before stays CommitRefused (not committed)."""
     try:
-        await txn.commit()
+        await txn.commit(on_logged=on_logged)
     except errors.CommitRefused:
         raise
     except errors.UnavailableError as exc:
@@ -207,9 +216,20 @@ class Session:
         try:
             if txn is not None:
                 if commit and self.writes:
-                    await commit_engine(txn)
+                    # Early lock release (invariant 16): the locks go once the COMMIT
+                    # record is in the log; the client hears COMMIT once it is durable.
+                    await commit_engine(txn, on_logged=lambda lsn: self.backend.locks.release_all(self))
                 else:
+                    read_lsn = txn.read_lsn
                     txn.abort()
+                    if commit and read_lsn:
+                        # Read-only, but it read under a lock what a commit not yet durable
+                        # wrote: it reports success only once that is durable (invariant 16).
+                        self.backend.locks.release_all(self)
+                        try:
+                            await self.backend.db().wait_durable(read_lsn)
+                        except errors.UnavailableError as exc:
+                            raise CommitUnknown(f"what this transaction read is not durable: {exc}") from exc
             if self.rows_in_pieces and not commit:
                 self.notices.append(f"{self.rows_in_pieces} rows and index entries of this "
                                     "transaction were already committed in pieces and stay "

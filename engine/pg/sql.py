@@ -98,12 +98,15 @@ class Backend:
 
 # --- Catalog ------------------------------------------------------------------------------------
 
-async def get_schema(session: Session, name: str, missing_ok: bool = False) -> TableSchema | None:
+async def get_schema(session: Session, name: str, missing_ok: bool = False,
+                     latest: bool = False) -> TableSchema | None:
+    """The table's schema; ``latest`` (under the table's lock): as the last DDL left it,
+    durable or not (its lock may have been released early: invariant 16)."""
     db = session.backend.db()
     if not db.has_table(ENGINE_TABLE):
         raw = None
     else:
-        raw = await session.transaction().get(ENGINE_TABLE, table_key_name(name))
+        raw = await session.transaction().get(ENGINE_TABLE, table_key_name(name), latest)
     if raw is None:
         if missing_ok:
             return None
@@ -130,7 +133,7 @@ async def _new_table_id(session: Session) -> int:
     key = catalog_key(b"N")
     await session.lock(key)
     txn = session.transaction()
-    raw = await txn.get(ENGINE_TABLE, key)
+    raw = await txn.get(ENGINE_TABLE, key, latest=True)   # under its lock: invariant 16
     table_id = int(raw) if raw else 1
     txn.put(ENGINE_TABLE, key, str(table_id + 1).encode())
     return table_id
@@ -354,7 +357,7 @@ async def create_table(session: Session, stmt: ast.CreateStmt, params) -> Result
         raise not_supported("temporary tables")
     name = _relname(stmt.relation)
     await session.lock(table_key_name(name))
-    if await get_schema(session, name, missing_ok=True) is not None:
+    if await get_schema(session, name, missing_ok=True, latest=True) is not None:
         if stmt.if_not_exists:
             return Result("CREATE TABLE")
         raise PgError("42P07", f'relation "{name}" already exists')
@@ -402,7 +405,7 @@ async def _drop_index(session: Session, stmt: ast.DropStmt) -> Result:
         for schema in await list_schemas(session):
             if any(ix["name"] == index_name for ix in schema.indexes):
                 await session.lock(table_key_name(schema.name))
-                schema = await get_schema(session, schema.name)
+                schema = await get_schema(session, schema.name, latest=True)
                 schema.indexes = [ix for ix in schema.indexes if ix["name"] != index_name]
                 await _put_schema(session, schema)   # its entries become unreachable
                 break
@@ -429,7 +432,7 @@ async def drop(session: Session, stmt: ast.DropStmt, params) -> Result:
             raise not_supported(f"schema {names[0]}")
         name = names[-1]
         await session.lock(table_key_name(name))
-        if await get_schema(session, name, missing_ok=True) is None:
+        if await get_schema(session, name, missing_ok=True, latest=True) is None:
             if stmt.missing_ok:
                 continue
             raise PgError("42P01", f'table "{name}" does not exist')
@@ -442,7 +445,7 @@ async def truncate(session: Session, stmt: ast.TruncateStmt, params) -> Result:
     for rv in stmt.relations:
         name = _relname(rv)
         await session.lock(table_key_name(name))
-        schema = await get_schema(session, name)
+        schema = await get_schema(session, name, latest=True)
         schema.table_id = await _new_table_id(session)   # old rows become unreachable
         for index in schema.indexes:
             index["id"] = await _new_table_id(session)
@@ -453,7 +456,7 @@ async def truncate(session: Session, stmt: ast.TruncateStmt, params) -> Result:
 async def alter_table(session: Session, stmt: ast.AlterTableStmt, params) -> Result:
     name = _relname(stmt.relation)
     await session.lock(table_key_name(name))
-    schema = await get_schema(session, name)
+    schema = await get_schema(session, name, latest=True)
     for cmd in stmt.cmds:
         con = cmd.def_
         if cmd.subtype != enums.AlterTableType.AT_AddConstraint or \
@@ -489,7 +492,7 @@ async def create_index(session: Session, stmt: ast.IndexStmt, params) -> Result:
         raise not_supported(f"index method {stmt.accessMethod}")
     name = _relname(stmt.relation)
     await session.lock(table_key_name(name))
-    schema = await get_schema(session, name)
+    schema = await get_schema(session, name, latest=True)
     columns = []
     for elem in stmt.indexParams:
         if elem.name is None:
@@ -536,7 +539,7 @@ async def insert_row(session: Session, schema: TableSchema, given: dict) -> None
     if schema.pk:
         key = schema.key_of(row)
         await session.lock(key)
-        if await session.transaction().get(ENGINE_TABLE, key) is not None:
+        if await session.transaction().get(ENGINE_TABLE, key, latest=True) is not None:
             raise PgError("23505", f'duplicate key value violates unique constraint "{schema.name}_pkey"')
     else:
         if session.read_only:
@@ -592,7 +595,7 @@ async def update(session: Session, stmt: ast.UpdateStmt, params) -> Result:
     for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params)):
         await session.yield_if_due()   # a big UPDATE lets the instance's other work run
         await session.lock(key)
-        raw = await session.transaction().get(ENGINE_TABLE, key)   # re-read under the lock
+        raw = await session.transaction().get(ENGINE_TABLE, key, latest=True)   # under the lock: invariant 16
         if raw is None:
             continue
         row = decode_row(schema, raw)
@@ -611,7 +614,7 @@ async def update(session: Session, stmt: ast.UpdateStmt, params) -> Result:
         written = 0
         if new_key != key:
             await session.lock(new_key)
-            if await session.transaction().get(ENGINE_TABLE, new_key) is not None:
+            if await session.transaction().get(ENGINE_TABLE, new_key, latest=True) is not None:
                 raise PgError("23505", f'duplicate key value violates unique constraint "{schema.name}_pkey"')
             written += remove_row(session, schema, key, row)
             written += put_row(session, schema, new_key, new)
@@ -630,7 +633,7 @@ async def delete(session: Session, stmt: ast.DeleteStmt, params) -> Result:
     for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params)):
         await session.yield_if_due()   # a big DELETE lets the instance's other work run
         await session.lock(key)
-        raw = await session.transaction().get(ENGINE_TABLE, key)
+        raw = await session.transaction().get(ENGINE_TABLE, key, latest=True)
         if raw is None:
             continue
         row = decode_row(schema, raw)
