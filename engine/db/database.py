@@ -236,15 +236,17 @@ class Transaction:
         return await self._db._get(table, key, txn=self, latest=latest)
 
     async def scan(self, table: str, start: bytes | None = None, end: bytes | None = None,
-                   limit: int = SCAN_LIMIT_DEFAULT) -> list[tuple[bytes, bytes]]:
-        """Up to ``limit`` (key, value) with start <= key < end, own writes merged in."""
+                   limit: int = SCAN_LIMIT_DEFAULT, latest: bool = False) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (key, value) with start <= key < end, own writes merged in
+        (``latest``: as ``get``)."""
         self._check_active()
         _check_limit(limit)
         mine = sorted((k, v) for k, v in self._writes.get(table, {}).items()
                       if (start is None or k >= start) and (end is None or k < end))
         tombstones = sum(1 for _, v in mine if v is None)
         # Each tombstone can hide one tree row, so ask for that many more.
-        merged = dict(await self._db._scan(table, start, end, limit + tombstones, txn=self))
+        merged = dict(await self._db._scan(table, start, end, limit + tombstones, txn=self,
+                                           latest=latest))
         for key, value in mine:
             if value is None:
                 merged.pop(key, None)
@@ -311,7 +313,7 @@ class Database:
         self._next_txn_id = 1                           # txn_id of the next COMMIT record
         self._last_timestamp_us = 0                     # COMMIT timestamps never go back
         self.on_commit = None                           # callable(timestamp_us, lsn) or None
-        self._emitting_pieces = False                   # a commit in pieces is being emitted
+        self._emitting_pieces = False                   # between two pieces of a commit in pieces
         self.piece_pause_s = None                       # callable -> seconds between the pieces
                                                         # of a commit (test hook, engine/hooks.py)
         self._catalog_lsn = 0                           # LSN of the last catalog change
@@ -506,12 +508,12 @@ class Database:
         return await self._read(run, txn, latest)
 
     async def _scan(self, table: str, start, end, limit: int,
-                    txn: "Transaction | None" = None) -> list[tuple[bytes, bytes]]:
+                    txn: "Transaction | None" = None, latest: bool = False) -> list[tuple[bytes, bytes]]:
         start = None if start is None else btree.check_key(start)
         end = None if end is None else btree.check_key(end)
         async def run(view):
             return await btree.scan(view, await self._view_root(view, table), start, end, limit)
-        return await self._read(run, txn)
+        return await self._read(run, txn, latest)
 
     async def _read(self, run: Callable[[_ReadView], Awaitable], txn: "Transaction | None" = None,
                     latest: bool = False):
@@ -665,7 +667,6 @@ class Database:
                 txn_id = self._next_txn_id
                 timestamp_us = max(self._last_timestamp_us, time.time_ns() // 1000)
                 plan.change(META_PAGE_ID, RT.COMMIT, commit_payload(txn_id, timestamp_us))
-                self._emitting_pieces = pieces
                 try:
                     lsn = await self._execute(plan, COMMIT_PIECE_RECORDS if pieces else 0)
                 finally:
@@ -687,12 +688,14 @@ class Database:
         """plan.execute, turning a failure after LSNs were allocated into a stop."""
         allocated_before = self.sink.allocator.last_volume_lsn
 
-        def on_piece(lsn: int) -> None:
+        def on_piece(lsn: int, last: bool) -> None:
             # Readers run between the pieces of a commit in pieces: a catalog change (a
             # root split) already in the cached META must count as not durable for them
-            # (see "Reads never expose non-durable data").
+            # (see "Reads never expose non-durable data"), and latest reads wait for the
+            # last piece (_read).
             if plan.catalog_changed:
                 self._catalog_lsn = lsn
+            self._emitting_pieces = not last
         try:
             return await plan.execute(self.sink, piece_records, self.piece_pause_s, on_piece)
         except BaseException as exc:

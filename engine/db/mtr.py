@@ -151,7 +151,7 @@ class MtrPlan:
         ``piece_records`` > 0: emit in pieces of at most that many records, the event loop
         free between them, only the very last record CPL (a commit in pieces, see the module
         doc; the caller holds the commit lock throughout). ``pause_s()``: seconds to sleep
-        between pieces (a test hook: engine/hooks.py commit_piece_pause_s). ``on_piece(lsn)``
+        between pieces (a test hook: engine/hooks.py commit_piece_pause_s). ``on_piece(lsn, last)``
         runs after each piece is emitted, before the event loop runs anything else."""
         n = len(self.ops)
         assert n > 0, "an MTR needs at least one record"
@@ -176,9 +176,10 @@ class MtrPlan:
             mtr = MiniTransaction(sink, self._pool, len(ops))
             for page_id, rtype, payload in ops:
                 mtr.change(page_id, self._pool.peek(page_id), rtype, payload)
-            cpl = mtr.finish(cpl=start + size >= n)
+            last = start + size >= n
+            cpl = mtr.finish(cpl=last)
             if on_piece is not None:
-                on_piece(cpl)
+                on_piece(cpl, last)
         self._check_cache()
         if size < n:
             log.info("commit in %d pieces: %d records, one CPL at LSN %d", -(-n // size), n, cpl)

@@ -235,22 +235,24 @@ def key_range(schema: TableSchema, where, params) -> tuple[bytes, bytes, bool]:
     return start, end, False
 
 
-async def scan_rows(session: Session, schema: TableSchema, where, params):
-    """(key, row) of every row of the table WHERE may match (not yet filtered by WHERE)."""
+async def scan_rows(session: Session, schema: TableSchema, where, params, latest: bool = False):
+    """(key, row) of every row of the table WHERE may match (not yet filtered by WHERE).
+    ``latest``: the candidates of an UPDATE or DELETE, which locks and re-reads each one:
+    newest committed values, durable or not (invariant 16), so it never waits for VDL."""
     start, end, exact = key_range(schema, where, params)
     if not exact and schema.indexes:
-        found = await _index_lookup(session, schema, where, params)
+        found = await _index_lookup(session, schema, where, params, latest)
         if found is not None:
             return found
     txn = session.transaction()
     if exact:
         if start == end:
             return []
-        raw = await txn.get(ENGINE_TABLE, start)
+        raw = await txn.get(ENGINE_TABLE, start, latest)
         return [] if raw is None else [(start, decode_row(schema, raw))]
     out = []
     while start < end:
-        page = await txn.scan(ENGINE_TABLE, start, end, SCAN_PAGE_ROWS)
+        page = await txn.scan(ENGINE_TABLE, start, end, SCAN_PAGE_ROWS, latest)
         out.extend((k, decode_row(schema, v)) for k, v in page)
         if len(page) < SCAN_PAGE_ROWS:
             break
@@ -287,7 +289,7 @@ def remove_row(session: Session, schema: TableSchema, key: bytes, row: list) -> 
     return 1 + len(schema.indexes)
 
 
-async def _index_lookup(session: Session, schema: TableSchema, where, params):
+async def _index_lookup(session: Session, schema: TableSchema, where, params, latest: bool = False):
     """(key, row) of the rows an equality on every column of a secondary index selects, or
     None if no index fits WHERE."""
     eq = {}
@@ -311,11 +313,11 @@ async def _index_lookup(session: Session, schema: TableSchema, where, params):
             prefix = schema.index_prefix(index, values)
             session.backend.counters["index_lookups"] += 1
             txn = session.transaction()
-            entries = await txn.scan(ENGINE_TABLE, prefix, prefix_end_bytes(prefix), 100_000)
+            entries = await txn.scan(ENGINE_TABLE, prefix, prefix_end_bytes(prefix), 100_000, latest)
             out = []
             for entry, _ in entries:
                 key = schema.prefix() + entry[len(prefix):]
-                raw = await txn.get(ENGINE_TABLE, key)
+                raw = await txn.get(ENGINE_TABLE, key, latest)
                 if raw is not None:
                     out.append((key, decode_row(schema, raw)))
             return out
@@ -592,7 +594,7 @@ async def update(session: Session, stmt: ast.UpdateStmt, params) -> Result:
             raise not_supported("UPDATE of a part of a column")
         targets.append((schema.index(t.name), col, t.val))
     n = 0
-    for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params)):
+    for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params, latest=True)):
         await session.yield_if_due()   # a big UPDATE lets the instance's other work run
         await session.lock(key)
         raw = await session.transaction().get(ENGINE_TABLE, key, latest=True)   # under the lock: invariant 16
@@ -630,7 +632,7 @@ async def delete(session: Session, stmt: ast.DeleteStmt, params) -> Result:
         raise not_supported("DELETE ... USING / RETURNING / WITH")
     schema = await get_schema(session, _relname(stmt.relation))
     n = 0
-    for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params)):
+    for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params, latest=True)):
         await session.yield_if_due()   # a big DELETE lets the instance's other work run
         await session.lock(key)
         raw = await session.transaction().get(ENGINE_TABLE, key, latest=True)
