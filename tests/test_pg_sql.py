@@ -400,7 +400,7 @@ def test_psql_describe_commands():
 
 def test_early_lock_release_orders_commits_and_loses_no_update(pg):
     """Early lock release (invariant 16): a committing transaction's row locks go once its
-    COMMIT record is in the log, before it is durable. With durability slowed to 0.4 s:
+    COMMIT record is in the log, before it is durable. With durability slowed to 1 s:
     B's UPDATE of A's row returns while A's COMMIT still waits (it did not wait for A's
     durability), reads A's value (no lost update), and B's COMMIT is acknowledged only
     after A's. A read-only B (UPDATE 0 under the lock) also hears COMMIT only after A."""
@@ -416,7 +416,7 @@ def test_early_lock_release_orders_commits_and_loses_no_update(pg):
         conn.commit()
         done["a_commit"] = time.monotonic()
 
-    sink.ack_delay_s = 0.4
+    sink.ack_delay_s = 1.0
     try:
         for read_only in (False, True):
             a, b = connect(pg), connect(pg)

@@ -218,7 +218,9 @@ class Session:
                 if commit and self.writes:
                     # Early lock release (invariant 16): the locks go once the COMMIT
                     # record is in the log; the client hears COMMIT once it is durable.
-                    await commit_engine(txn, on_logged=lambda lsn: self.backend.locks.release_all(self))
+                    release = (lambda lsn: self.backend.locks.release_all(self)) \
+                        if self.backend.early_lock_release else None
+                    await commit_engine(txn, on_logged=release)
                 else:
                     read_lsn = txn.read_lsn
                     txn.abort()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from engine.pg.sqlstate import PgError, not_supported
 log = logging.getLogger("aurora.pg")
 
 SCAN_PAGE_ROWS = 2000
+EARLY_LOCK_RELEASE_ENV = "AURORA_PG_EARLY_LOCK_RELEASE"
 SEQUENCE_CACHE = 100          # serial values reserved per catalog write (like a sequence's CACHE)
 DEFAULT_SETTINGS = {"server_version": "15.0 (aurora-lite)", "server_encoding": "UTF8",
                     "client_encoding": "UTF8", "datestyle": "ISO, MDY", "timezone": "UTC",
@@ -64,6 +66,9 @@ class Backend:
         self._seq: dict[bytes, tuple[int, int]] = {}   # sequence key -> (next, limit)
         self._last_rowid = 0
         self.counters = {"statements": 0, "errors": 0, "index_lookups": 0}
+        # Early lock release (invariant 16); AURORA_PG_EARLY_LOCK_RELEASE=0 turns it off, to
+        # measure what it brings (bench/bench_pg_compare.py, docs/postgres.md).
+        self.early_lock_release = os.environ.get(EARLY_LOCK_RELEASE_ENV, "1") != "0"
         self.errors_by_sqlstate: dict[str, int] = {}
 
     async def ensure_table(self) -> None:
