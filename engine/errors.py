@@ -99,6 +99,13 @@ class WriteQuorumUnavailable(UnavailableError):
     """Fewer than 4 of 6 segments of some PG acknowledge writes; commits wait."""
 
 
+class CommitRefused(UnavailableError):
+    """A commit was refused before any of its records was logged (no LSN allocated, nothing
+    shipped: e.g. the writer stepped down or is stopping): nothing of the transaction is or
+    can become durable, so running it again is safe. Raised by Database commits in place of
+    the UnavailableError that refused them."""
+
+
 class CommitOutcomeUnknown(UnavailableError):
     """The instance failed (died, was fenced, stepped down) after the commit was sent:
     it may or may not be durable. Never retried for you; read to find out."""

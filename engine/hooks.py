@@ -18,7 +18,10 @@ ONE JSON file that every process of the cluster re-reads when it changes (at mos
         {"src": "db1", "dst": "sn2", "kind": "duplicate", "p": 0.5},
         {"src": "db1", "dst": "sn4", "kind": "reorder", "ms": 20}
       ],
-      "disk": {"sn3": {"delay_ms": 50}}                slow fsync of one storage node
+      "disk": {"sn3": {"delay_ms": 50}},               slow fsync of one storage node
+      "commit": {"db1": {"piece_pause_ms": 500}}       a writer pauses between the pieces of
+                                                       a commit in pieces (engine/db/mtr.py),
+                                                       so a test can kill it mid-commit
     }
 
 ``FaultState`` is that file as one process sees it. The link rules are applied on every
@@ -106,6 +109,7 @@ class FaultState:
         self.names: dict[str, str] = {}
         self.links: list[dict] = []
         self.disk: dict[str, dict] = {}
+        self.commit: dict[str, dict] = {}
         self.check(force=True)
 
     def check(self, force: bool = False) -> None:
@@ -116,9 +120,10 @@ class FaultState:
         if data is _FILE_GONE:  # no file: no faults
             if self.links or self.disk:
                 log.info("fault file %s is gone: no faults", self.path)
-            self.links, self.disk = [], {}
+            self.links, self.disk, self.commit = [], {}, {}
             return
         try:
+            commit = {k: dict(v) for k, v in data.get("commit", {}).items()}
             names = dict(data.get("names", {}))
             links = [dict(r) for r in data.get("links", [])]
             disk = {k: dict(v) for k, v in data.get("disk", {}).items()}
@@ -132,7 +137,9 @@ class FaultState:
         if mine != [r for r in self.links if r.get("src") in (self.me, "*")] or disk != self.disk:
             log.info("injected faults now: links %s, disk %s", mine or "none",
                      disk.get(self.me, "none"))
-        self.names, self.links, self.disk = names, links, disk
+        if commit != self.commit:
+            log.info("injected commit pause now: %s", commit.get(self.me) or commit.get("*") or "none")
+        self.names, self.links, self.disk, self.commit = names, links, disk, commit
 
     def rules_to(self, address: str) -> list[dict]:
         """Link rules for a call from this process to ``address`` (re-reads when due)."""
@@ -147,6 +154,12 @@ class FaultState:
         self.check()
         spec = self.disk.get(self.me) or self.disk.get("*")
         return float(spec.get("delay_ms", 0.0)) / 1000.0 if spec else 0.0
+
+
+    def piece_pause_s(self) -> float:
+        self.check()
+        spec = self.commit.get(self.me) or self.commit.get("*")
+        return float(spec.get("piece_pause_ms", 0.0)) / 1000.0 if spec else 0.0
 
 
 _STATES: dict[str, FaultState] = {}
@@ -180,6 +193,13 @@ def disk_delay_s(me: str) -> float:
         return _installed_disk_delays.get(me, 0.0)
     state = state_for(me)
     return 0.0 if state is None else state.disk_delay_s()
+
+
+def commit_piece_pause_s(me: str) -> float:
+    """Seconds writer ``me`` sleeps between the pieces of a commit in pieces (0 without
+    faults): the fault file's "commit" rule, for tests that kill a writer mid-commit."""
+    state = state_for(me)
+    return 0.0 if state is None else state.piece_pause_s()
 
 
 # --- planted bugs -----------------------------------------------------------------------------

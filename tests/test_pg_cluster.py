@@ -6,6 +6,7 @@ cluster endpoint's unchanged port. docs/postgres.md."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,7 +57,17 @@ def pgbench(address: str, *args, timeout: float = 180) -> str:
     return result.stdout + result.stderr
 
 
-def test_psql_pgbench_reader_and_failover(cluster):
+def copy_script(table: str, rows: int, end: str) -> str:
+    """A psql script: BEGIN, COPY ``rows`` rows into ``table`` from the script, then ``end``."""
+    data = "".join(f"{i}\tv{i}\n" for i in range(rows))
+    return f"BEGIN;\nCOPY {table} (k, v) FROM STDIN;\n{data}\\.\n{end};\n"
+
+
+def test_psql_pgbench_reader_and_failover(cluster, monkeypatch, tmp_path):
+    # The fault file (absent until the last step) lets the last step pause the writer
+    # between the pieces of a big commit (engine/hooks.py) and kill it there.
+    fault_file = tmp_path / "faults.json"
+    monkeypatch.setenv("AURORA_FAULTS_FILE", str(fault_file))
     up(cluster)
     pg = cluster.status()["postgres"]
     assert set(pg) == {"cluster", "reader", "instances"} and sorted(pg["instances"]) == ["db1", "db2"]
@@ -108,6 +119,24 @@ def test_psql_pgbench_reader_and_failover(cluster):
     assert sums[0] == sums[1] == sums[2] == sums[3].split("|")[0], sums
     assert int(sums[3].split("|")[1]) > 0
 
+    # psql's \dt and \d TABLE (pg_catalog joins: engine/pg/catalog_query.py).
+    host, port = pg["cluster"].rsplit(":", 1)
+    described = subprocess.run(["psql", "-X", "-h", host, "-p", port, "-U", "tester", "-d", "aurora",
+                                "-c", "\\dt", "-c", "\\d pgbench_accounts"],
+                               capture_output=True, text=True, timeout=60)
+    assert described.returncode == 0 and described.stderr == "", described.stderr
+    for line in [" public | notes            | table | aurora", " public | pgbench_accounts | table | aurora",
+                 'Table "public.pgbench_accounts"', " aid      | integer       |           | not null | ",
+                 " filler   | character(84) |           |          | ", "Indexes:",
+                 '    "pgbench_accounts_pkey" PRIMARY KEY, btree (aid)']:
+        assert line in described.stdout, described.stdout
+
+    # A big transaction (3,000 rows, one engine transaction in several MTR pieces) is
+    # atomic: ROLLBACK leaves 0 rows.
+    psql(pg["cluster"], "-c", "CREATE TABLE big (k int PRIMARY KEY, v text)")
+    psql(pg["cluster"], "-f", "-", stdin=copy_script("big", 3000, "ROLLBACK"))
+    assert psql(pg["cluster"], "-c", "SELECT count(*) FROM big").stdout.strip() == "0"
+
     # A failover: the cluster endpoint's port stays, and leads to the new writer.
     cluster("failover", timeout=90)
     assert cluster.status()["postgres"]["cluster"] == pg["cluster"]
@@ -119,6 +148,44 @@ def test_psql_pgbench_reader_and_failover(cluster):
         assert time.monotonic() < deadline, result.stderr
         time.sleep(0.5)
     assert psql(pg["cluster"], "-c", "SELECT count(*) FROM notes").stdout.strip() == "4"
+
+    # A big transaction whose writer is killed (SIGKILL) in the middle of its commit: some
+    # pieces are in storage (durable on every node: storage is healthy), its COMMIT record
+    # is not. After the automatic failover: 0 rows (invariant 18, recovery truncates).
+    writer = next(p["name"] for p in cluster.status()["processes"] if p.get("role") == "writer")
+    fault_file.write_text(json.dumps({"commit": {"*": {"piece_pause_ms": 1000}}}))
+    time.sleep(1.0)   # every process re-reads the fault file within 0.5 s
+    log_path = os.path.join(cluster.data_dir, "logs", f"{writer}.log")
+    log_size = os.path.getsize(log_path)
+    script = tmp_path / "big_commit.sql"
+    script.write_text(copy_script("big", 3000, "COMMIT"))
+    client = subprocess.Popen(["psql", "-X", "-h", host, "-p", port, "-U", "tester", "-d", "aurora",
+                               "-v", "ON_ERROR_STOP=1", "-f", str(script)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        with open(log_path) as f:
+            f.seek(log_size)
+            if "commit in pieces:" in f.read():
+                break
+        assert time.monotonic() < deadline, "the big commit never paused between pieces"
+        time.sleep(0.1)
+    out = cluster("node", "kill", writer).stdout
+    assert re.match(rf"^{writer} killed \(SIGKILL to pid \d+\)$", out.strip()), out
+    fault_file.unlink()
+    stdout, stderr = client.communicate(timeout=60)
+    assert client.returncode != 0 and "COMMIT" not in stdout, (stdout, stderr)
+    deadline = time.monotonic() + 60
+    while True:
+        result = psql(pg["cluster"], "-c", "SELECT count(*) FROM big", check=False)
+        if result.returncode == 0:
+            break
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(0.5)
+    assert result.stdout.strip() == "0", result.stdout
+    assert cluster.status()["by_name"][writer]["role"] != "writer"
+    psql(pg["cluster"], "-c", "INSERT INTO notes (body) VALUES ('after the kill')")
+    assert psql(pg["cluster"], "-c", "SELECT count(*) FROM notes").stdout.strip() == "5"
 
 
 def test_sysbench_write_only_and_read_write(cluster):

@@ -226,25 +226,104 @@ def test_copy_from_stdin(pg):
             [("row\t7", 7), ("r9", None)]
 
 
-def test_a_transaction_past_one_piece_warns_that_it_is_not_atomic(pg):
-    """A transaction over CHUNK_WRITES rows is committed in pieces (docs/postgres.md): the
-    client is told so with a WARNING, and a ROLLBACK says which rows stay committed."""
-    from engine.pg.session import CHUNK_WRITES
+def test_big_transaction_is_atomic(pg):
+    """A transaction of thousands of keys (COPY) is ONE engine transaction committed in MTR
+    pieces with one COMMIT record (invariant 18): ROLLBACK leaves 0 rows, an error leaves
+    0 rows, COMMIT makes all of them visible at once, and nobody is warned."""
+    notices = []
+    sink = pg.db.sink
+    with connect(pg, autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        conn.execute("CREATE TABLE bigtx (k int PRIMARY KEY, v text)")
+        conn.execute("CREATE INDEX bigtx_v ON bigtx (v)")   # 2 keys per row: 3,000 keys
+
+        def copy_rows(cur):
+            with cur.copy("COPY bigtx (k, v) FROM STDIN") as copy:
+                for i in range(1500):
+                    copy.write_row((i, f"v{i % 10}"))
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            copy_rows(cur)
+            cur.execute("ROLLBACK")
+        assert conn.execute("SELECT count(*) FROM bigtx").fetchone() == (0,)
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            copy_rows(cur)
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                cur.execute("INSERT INTO bigtx VALUES (5, 'dup')")
+            cur.execute("ROLLBACK")
+        assert conn.execute("SELECT count(*) FROM bigtx").fetchone() == (0,)
+        cpls, submits = len(sink.cpls), sink.submits
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            copy_rows(cur)
+            cur.execute("COMMIT")
+        assert sink.submits - submits >= 3 and len(sink.cpls) - cpls == 1   # pieces, one CPL
+        assert conn.execute("SELECT count(*) FROM bigtx").fetchone() == (1500,)
+        assert conn.execute("SELECT count(*) FROM bigtx WHERE v = 'v3'").fetchone() == (150,)
+        assert notices == [] and sink.violations == []
+        conn.execute("DROP TABLE bigtx")
+
+
+def test_a_transaction_past_the_atomic_limit_warns_that_it_is_not_atomic(pg, monkeypatch):
+    """Past ATOMIC_WRITES_MAX keys (lowered here; 40,000 by default) a transaction is
+    committed in pieces (docs/postgres.md): the client is told so with a WARNING, and a
+    ROLLBACK says which rows stay committed."""
+    from engine.pg import session as session_mod
+    monkeypatch.setattr(session_mod, "ATOMIC_WRITES_MAX", 500)
+    limit = 500
     notices = []
     with connect(pg, autocommit=True) as conn:
         conn.add_notice_handler(lambda d: notices.append((d.severity, d.sqlstate, d.message_primary)))
         conn.execute("CREATE TABLE big (k int PRIMARY KEY)")
         conn.execute("BEGIN")
         conn.execute("INSERT INTO big (k) VALUES " + ", ".join(f"({i})" for i in range(10)))
-        assert notices == []            # a small transaction stays one piece, no warning
-        conn.execute("INSERT INTO big (k) VALUES " + ", ".join(f"({i})" for i in range(10, CHUNK_WRITES + 10)))
+        assert notices == []            # a small transaction stays atomic, no warning
+        conn.execute("INSERT INTO big (k) VALUES " + ", ".join(f"({i})" for i in range(10, limit + 10)))
         assert len(notices) == 1 and notices[0][:2] == ("WARNING", "01000")
         assert "not atomic" in notices[0][2]
         conn.execute("ROLLBACK")
         assert len(notices) == 2 and "already committed in pieces" in notices[1][2]
         kept = conn.execute("SELECT count(*) FROM big").fetchone()[0]
-        assert kept == int(notices[1][2].split()[0]) and kept >= CHUNK_WRITES
+        assert kept == int(notices[1][2].split()[0]) and kept >= limit
         conn.execute("DROP TABLE big")
+
+
+def test_commit_refused_is_40001_not_committed_and_unknown_is_08006(pg):
+    """A COMMIT refused before any of its records was logged (the writer stepped down: its
+    driver refuses) is 40001 and says NOT committed; a COMMIT whose records were shipped
+    but whose durability wait failed is 08006, outcome unknown."""
+    from engine.errors import UnavailableError, WriteQuorumUnavailable
+    sink = pg.db.sink
+    with connect(pg, autocommit=True) as conn:
+        conn.execute("CREATE TABLE outcome (k int PRIMARY KEY)")
+    real_wait_room, real_wait_durable = sink.wait_room, sink.wait_durable
+
+    async def refused(n):
+        raise UnavailableError("writer db1 stepped down: its storage driver is closed")
+
+    async def lost(lsn, timeout_s=None):
+        raise WriteQuorumUnavailable("no write quorum within the timeout")
+    try:
+        with connect(pg) as conn:
+            conn.execute("INSERT INTO outcome VALUES (1)")
+            sink.wait_room = refused
+            with pytest.raises(psycopg.errors.SerializationFailure) as info:
+                conn.commit()
+            assert info.value.sqlstate == "40001" and "NOT committed" in str(info.value)
+            sink.wait_room = real_wait_room
+            conn.rollback()
+            assert conn.execute("SELECT count(*) FROM outcome").fetchone() == (0,)
+            conn.execute("INSERT INTO outcome VALUES (2)")
+            sink.wait_durable = lost
+            with pytest.raises(psycopg.OperationalError) as info:
+                conn.commit()
+            assert info.value.sqlstate == "08006" and "unknown" in str(info.value)
+    finally:
+        sink.wait_room, sink.wait_durable = real_wait_room, real_wait_durable
+    with connect(pg, autocommit=True) as conn:
+        assert conn.execute("SELECT k FROM outcome").fetchall() == [(2,)]   # it did commit
+        conn.execute("DROP TABLE outcome")
 
 
 def test_replica_refuses_writes_with_25006():
@@ -253,3 +332,113 @@ def test_replica_refuses_writes_with_25006():
             assert conn.execute("SELECT 1").fetchone() == (1,)
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                 conn.execute("CREATE TABLE x (k int)")
+
+
+PSQL_DT = """\
+         List of relations
+ Schema |   Name   | Type  | Owner  
+--------+----------+-------+--------
+ public | accounts | table | aurora
+ public | t2       | table | aurora
+(2 rows)
+"""
+PSQL_D_ACCOUNTS = """\
+                                    Table "public.accounts"
+ Column  |         Type          | Collation | Nullable |               Default                
+---------+-----------------------+-----------+----------+--------------------------------------
+ id      | integer               |           | not null | nextval('accounts_id_seq'::regclass)
+ owner   | text                  |           | not null | 
+ balance | bigint                |           |          | 0
+ note    | character varying(20) |           |          | 
+Indexes:
+    "accounts_pkey" PRIMARY KEY, btree (id)
+    "accounts_owner_idx" btree (owner)
+"""
+PSQL_D = """\
+              List of relations
+ Schema |      Name       |   Type   | Owner  
+--------+-----------------+----------+--------
+ public | accounts        | table    | aurora
+ public | accounts_id_seq | sequence | aurora
+ public | t2              | table    | aurora
+(3 rows)
+"""
+
+
+def test_psql_describe_commands():
+    """psql 15's \\dt, \\d and \\d TABLE (their pg_catalog joins, subqueries, regex and
+    UNIONs: engine/pg/catalog_query.py) print what PostgreSQL 15 prints for the same
+    schema (captured from a real PostgreSQL 15 with psql -E; only the owner differs)."""
+    import shutil
+    import subprocess
+    if not shutil.which("psql"):
+        pytest.skip("needs psql (apt-get install postgresql-client; .ci/run installs it)")
+    with InProcessPg() as server:
+        def psql(*commands, check=True):
+            args = ["psql", "-X", "-h", "127.0.0.1", "-p", str(server.port), "-U", "u", "-d", "d"]
+            for c in commands:
+                args += ["-c", c]
+            out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+            assert not check or (out.returncode == 0 and out.stderr == ""), out.stderr
+            return out
+        psql("CREATE TABLE accounts (id serial PRIMARY KEY, owner text NOT NULL, "
+             "balance bigint DEFAULT 0, note varchar(20))",
+             "CREATE INDEX accounts_owner_idx ON accounts (owner)", "CREATE TABLE t2 (a int)")
+        assert psql("\\dt").stdout == PSQL_DT + "\n"
+        assert psql("\\d accounts").stdout == PSQL_D_ACCOUNTS + "\n"
+        assert psql("\\d").stdout == PSQL_D + "\n"
+        assert "t2" in psql("\\d t2").stdout and "a      | integer |" in psql("\\d t2").stdout
+        missing = psql("\\d nothere", check=False)
+        assert 'Did not find any relation named "nothere"' in missing.stderr
+        # The catalog follows DDL: a dropped table leaves \dt.
+        psql("DROP TABLE t2")
+        assert " t2 " not in psql("\\dt").stdout
+        with connect(server, autocommit=True) as conn:   # joins of user tables stay 0A000
+            with pytest.raises(psycopg.errors.FeatureNotSupported):
+                conn.execute("SELECT * FROM accounts a JOIN pg_class c ON c.relname = a.owner")
+
+
+def test_early_lock_release_orders_commits_and_loses_no_update(pg):
+    """Early lock release (invariant 20): a committing transaction's row locks go once its
+    COMMIT record is in the log, before it is durable. With durability slowed to 1 s:
+    B's UPDATE of A's row returns while A's COMMIT still waits (it did not wait for A's
+    durability), reads A's value (no lost update), and B's COMMIT is acknowledged only
+    after A's. A read-only B (UPDATE 0 under the lock) also hears COMMIT only after A."""
+    import time
+    sink = pg.db.sink
+    with connect(pg, autocommit=True) as conn:
+        conn.execute("CREATE TABLE elr (k int PRIMARY KEY, n int)")
+        conn.execute("INSERT INTO elr VALUES (1, 0)")
+    done: dict[str, float] = {}
+
+    def a_commit(conn):
+        conn.execute("UPDATE elr SET n = n + 1 WHERE k = 1")
+        conn.commit()
+        done["a_commit"] = time.monotonic()
+
+    sink.ack_delay_s = 1.0
+    try:
+        for read_only in (False, True):
+            a, b = connect(pg), connect(pg)
+            try:
+                t = threading.Thread(target=a_commit, args=(a,))
+                t.start()
+                time.sleep(0.1)    # A's COMMIT is in the log, waiting for its acks
+                if read_only:
+                    cur = b.execute("UPDATE elr SET n = 0 WHERE k = 1 AND n < 0")
+                    assert cur.statusmessage == "UPDATE 0"
+                else:
+                    b.execute("UPDATE elr SET n = n + 10 WHERE k = 1")
+                done["b_update"] = time.monotonic()
+                b.commit()
+                done["b_commit"] = time.monotonic()
+                t.join(30)
+                assert done["b_update"] < done["a_commit"] <= done["b_commit"], done
+            finally:
+                a.close()
+                b.close()
+    finally:
+        sink.ack_delay_s = 0.0
+    with connect(pg, autocommit=True) as conn:
+        assert conn.execute("SELECT n FROM elr WHERE k = 1").fetchone() == (12,)
+        conn.execute("DROP TABLE elr")

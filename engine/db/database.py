@@ -57,8 +57,22 @@ Reads are consistent within one call
     READ_OPTIMISTIC_TRIES tries it takes the commit lock, which keeps MTRs out, so a read
     always finishes and never returns a torn result (half a split, half a transaction).
 
-Limits: SCAN_LIMIT_MAX rows per scan, TXN_WRITES_MAX buffered keys per transaction,
-MTR_RECORDS_MAX records per commit (engine/db/mtr.py), key/value sizes in engine/db/btree.py.
+Big transactions (invariant 18)
+    A transaction begun with a larger ``writes_max`` (the SQL front end's, up to
+    TXN_BIG_WRITES_MAX keys) is still ONE transaction with ONE COMMIT record: its writes
+    stay buffered until commit, are planned as one MTR plan (the event loop is let run
+    every PLAN_YIELD_KEYS keys) and emitted in pieces of at most COMMIT_PIECE_RECORDS
+    records, only the last record of the last piece tagged CPL (engine/db/mtr.py). So an
+    abort leaves nothing anywhere, VDL never lands inside it (no reader, replica or
+    recovery sees a part of it), and a crash before its COMMIT record is durable leaves
+    nothing after recovery (the pieces lie above VDL: truncated). The commit lock is held
+    from planning to the last piece, so other commits wait for it, as for one big MTR.
+    Its record count is bounded by LAL (VDL cannot move inside it): a bigger one gets
+    TooLargeError before anything is emitted.
+
+Limits: SCAN_LIMIT_MAX rows per scan, TXN_WRITES_MAX buffered keys per transaction (unless
+begun with a larger ``writes_max``), MTR_RECORDS_MAX records per single-piece commit and LAL
+records per commit in pieces (engine/db/mtr.py), key/value sizes in engine/db/btree.py.
 
 State of a Database: new --bootstrap() (brand-new volume) or open() (existing)--> open.
 A Database with ``read_only`` set refuses writes with ReadOnlyError; a failure while an MTR
@@ -77,12 +91,14 @@ from engine.db import btree
 from engine.format import page as pagefmt
 from engine.db.buffer_pool import BufferPool
 from engine.errors import (
+    CommitRefused,
     ConflictError,
     DatabaseError,
     ReadOnlyError,
     TableNotFound,
     TooLargeError,
     TransactionClosedError,
+    UnavailableError,
     WriteQuorumUnavailable,
 )
 from engine.db.mtr import MtrPlan
@@ -92,7 +108,12 @@ from engine.format.redo import RecordType as RT, commit_payload, p_init_page, p_
 
 SCAN_LIMIT_DEFAULT = 1000        # rows a scan returns unless told otherwise
 SCAN_LIMIT_MAX = 100_000         # most rows one scan call may return
-TXN_WRITES_MAX = 4096            # most distinct keys one transaction may write
+TXN_WRITES_MAX = 4096            # most distinct keys one transaction may write (default)
+TXN_BIG_WRITES_MAX = 80_000      # most keys a transaction begun with a larger writes_max may
+                                 # write (its records must fit in LAL: invariant 18)
+COMMIT_PIECE_RECORDS = 250       # records per piece of a commit in pieces (engine/db/mtr.py)
+PLAN_YIELD_KEYS = 20             # a big commit's planning checks the clock this often and
+PLAN_YIELD_S = 0.005             # lets the event loop run after this much wall time
 CONFLICT_KEYS_MAX = 100_000      # most (table, key) entries kept for conflict checks
 READ_OPTIMISTIC_TRIES = 3        # lock-free attempts of a read before it takes the lock
 DURABLE_TIMEOUT_S = 30.0         # default wait for VDL to pass a commit
@@ -154,12 +175,15 @@ class Transaction:
     on success and abort on an exception.
     """
 
-    def __init__(self, db: "Database", begin_seq: int, start_lsn: int | None) -> None:
+    def __init__(self, db: "Database", begin_seq: int, start_lsn: int | None,
+                 writes_max: int = TXN_WRITES_MAX) -> None:
         self._db = db
+        self.writes_max = writes_max    # most distinct keys it may write
         self.begin_seq = begin_seq      # order of begin() calls (this Database only)
         self.start_lsn = start_lsn      # allocator's last LSN at begin; None: no conflict check
         self.txn_id: int | None = None  # COMMIT record's txn_id, assigned at commit
         self.commit_lsn: int | None = None
+        self.read_lsn = 0               # highest page LSN a ``latest`` read of it returned
         self.state = "active"           # active -> committed | aborted
         self.doomed: str | None = None  # why commit will raise ConflictError
         self._writes: dict[str, dict[bytes, bytes | None]] = {}
@@ -183,32 +207,46 @@ class Transaction:
             self._db._root(table)  # TableNotFound early (once per table); commit checks again
             writes = self._writes[table] = {}
         if key not in writes:
-            if self._n_writes >= TXN_WRITES_MAX:
-                raise TooLargeError(f"transaction writes more than TXN_WRITES_MAX = {TXN_WRITES_MAX} keys")
+            if self._n_writes >= self.writes_max:
+                raise TooLargeError(f"transaction writes more than {self.writes_max} keys")
             self._n_writes += 1
         writes[key] = value
 
+    def buffered(self) -> list[tuple[str, bytes, bytes | None]]:
+        """The buffered writes as (table, key, value or None for a delete), in key order."""
+        return [(table, key, self._writes[table][key])
+                for table in sorted(self._writes) for key in sorted(self._writes[table])]
+
     # --- Reads (own writes merged over the tree) ---------------------------------------------
 
-    async def get(self, table: str, key: bytes) -> bytes | None:
-        """The value of ``key`` as this transaction sees it, or None."""
+    async def get(self, table: str, key: bytes, latest: bool = False) -> bytes | None:
+        """The value of ``key`` as this transaction sees it, or None.
+
+        ``latest``: the newest committed value in the log, durable or not (no wait for
+        VDL, no snapshot fallback), for a caller that holds a lock the last writer of
+        ``key`` released before its commit was durable (early lock release, invariant 20).
+        ``read_lsn`` then rises to the page LSNs it used: this transaction's own commit will
+        be above them, and a read-only one must wait for VDL to reach them
+        (``Database.wait_durable``) before it reports success."""
         self._check_active()
         key = btree.check_key(key)
         writes = self._writes.get(table)
         if writes is not None and key in writes:
             return writes[key]
-        return await self._db._get(table, key, txn=self)
+        return await self._db._get(table, key, txn=self, latest=latest)
 
     async def scan(self, table: str, start: bytes | None = None, end: bytes | None = None,
-                   limit: int = SCAN_LIMIT_DEFAULT) -> list[tuple[bytes, bytes]]:
-        """Up to ``limit`` (key, value) with start <= key < end, own writes merged in."""
+                   limit: int = SCAN_LIMIT_DEFAULT, latest: bool = False) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (key, value) with start <= key < end, own writes merged in
+        (``latest``: as ``get``)."""
         self._check_active()
         _check_limit(limit)
         mine = sorted((k, v) for k, v in self._writes.get(table, {}).items()
                       if (start is None or k >= start) and (end is None or k < end))
         tombstones = sum(1 for _, v in mine if v is None)
         # Each tombstone can hide one tree row, so ask for that many more.
-        merged = dict(await self._db._scan(table, start, end, limit + tombstones, txn=self))
+        merged = dict(await self._db._scan(table, start, end, limit + tombstones, txn=self,
+                                           latest=latest))
         for key, value in mine:
             if value is None:
                 merged.pop(key, None)
@@ -218,15 +256,20 @@ class Transaction:
 
     # --- End -------------------------------------------------------------------------------
 
-    async def commit(self, timeout_s: float | None = None) -> int | None:
+    async def commit(self, timeout_s: float | None = None, on_logged=None) -> int | None:
         """Apply the writes as one MTR; return its commit LSN once VDL >= it (invariant 2).
 
         Returns None for a transaction that wrote nothing. Raises ConflictError (first
         committer wins), ReadOnlyError, TableNotFound, TooLargeError (the transaction is
-        then aborted), or WriteQuorumUnavailable if durability times out (outcome unknown).
+        then aborted), or WriteQuorumUnavailable if durability times out (outcome unknown),
+        or CommitRefused if refused before anything was logged.
+
+        ``on_logged(lsn)`` runs once the COMMIT record has its LSN and is in the log (the
+        sink's buffer), BEFORE it is durable: the SQL front end releases its row locks there
+        (invariant 20); the commit is still acknowledged only when durable (invariant 2).
         """
         self._check_active()
-        return await self._db._commit(self, timeout_s)
+        return await self._db._commit(self, timeout_s, on_logged)
 
     def abort(self) -> None:
         """Drop the buffered writes. Nothing reached storage, so there is nothing to undo."""
@@ -270,6 +313,9 @@ class Database:
         self._next_txn_id = 1                           # txn_id of the next COMMIT record
         self._last_timestamp_us = 0                     # COMMIT timestamps never go back
         self.on_commit = None                           # callable(timestamp_us, lsn) or None
+        self._emitting_pieces = False                   # between two pieces of a commit in pieces
+        self.piece_pause_s = None                       # callable -> seconds between the pieces
+                                                        # of a commit (test hook, engine/hooks.py)
         self._catalog_lsn = 0                           # LSN of the last catalog change
         self._begin_seq = 0
         self._active: dict[int, Transaction] = {}       # begin_seq -> txn, in begin order
@@ -350,17 +396,19 @@ class Database:
 
     # --- Transactions ----------------------------------------------------------------------
 
-    def begin(self, *, conflicts_from_commit: bool = False) -> Transaction:
+    def begin(self, *, conflicts_from_commit: bool = False, writes_max: int = TXN_WRITES_MAX) -> Transaction:
         """Start a transaction (isolation: see the module doc). ``conflicts_from_commit``:
         for a transaction that has read nothing and commits now (a client's write-only
         transaction, docs/decisions.md 11): it begins at its commit, so no commit can come
         between its begin and its own and it checks no conflicts, like the autocommit
         helpers (its writes are tracked for others)."""
         self._meta()
+        if not 0 < writes_max <= TXN_BIG_WRITES_MAX:
+            raise ValueError(f"writes_max must be 1..TXN_BIG_WRITES_MAX = {TXN_BIG_WRITES_MAX}")
         if conflicts_from_commit:
-            return Transaction(self, 0, None)
+            return Transaction(self, 0, None, writes_max)
         self._begin_seq += 1
-        txn = Transaction(self, self._begin_seq, self.sink.allocator.last_volume_lsn)
+        txn = Transaction(self, self._begin_seq, self.sink.allocator.last_volume_lsn, writes_max)
         self._active[txn.begin_seq] = txn
         return txn
 
@@ -403,6 +451,12 @@ class Database:
         txn = Transaction(self, 0, None)
         txn.delete(table, key)
         return await self._commit(txn, timeout_s)
+
+    async def wait_durable(self, lsn: int, timeout_s: float | None = None) -> None:
+        """Return once VDL >= lsn: for a read-only transaction that read non-durable data
+        with ``latest`` reads (invariant 20). WriteQuorumUnavailable on timeout."""
+        if lsn > self.sink.vdl:
+            await self.sink.wait_durable(lsn, self.durable_timeout_s if timeout_s is None else timeout_s)
 
     def stats(self) -> dict:
         """Counters for tests, metrics and the service's Status call (JSON-friendly)."""
@@ -454,27 +508,35 @@ class Database:
             return root
         return self._root(table)
 
-    async def _get(self, table: str, key: bytes, txn: "Transaction | None" = None) -> bytes | None:
+    async def _get(self, table: str, key: bytes, txn: "Transaction | None" = None,
+                   latest: bool = False) -> bytes | None:
         async def run(view):
             return await btree.get(view, await self._view_root(view, table), key)
-        return await self._read(run, txn)
+        return await self._read(run, txn, latest)
 
     async def _scan(self, table: str, start, end, limit: int,
-                    txn: "Transaction | None" = None) -> list[tuple[bytes, bytes]]:
+                    txn: "Transaction | None" = None, latest: bool = False) -> list[tuple[bytes, bytes]]:
         start = None if start is None else btree.check_key(start)
         end = None if end is None else btree.check_key(end)
         async def run(view):
             return await btree.scan(view, await self._view_root(view, table), start, end, limit)
-        return await self._read(run, txn)
+        return await self._read(run, txn, latest)
 
-    async def _read(self, run: Callable[[_ReadView], Awaitable], txn: "Transaction | None" = None):
-        """Run a read consistently (retry, then lock) and wait until what it saw is durable."""
+    async def _read(self, run: Callable[[_ReadView], Awaitable], txn: "Transaction | None" = None,
+                    latest: bool = False):
+        """Run a read consistently (retry, then lock) and wait until what it saw is durable
+        (``latest``: do not wait; note what it saw in ``txn.read_lsn``)."""
         allocator = self.sink.allocator
         for _ in range(READ_OPTIMISTIC_TRIES):
+            if latest and self._emitting_pieces:
+                # Between the pieces of a commit in pieces the cached tree may be
+                # mid-split: a durable read falls back to VDL there, a latest read takes
+                # the commit lock (below), which waits for the last piece.
+                continue
             view = _ReadView(self.pool)
             version = allocator.last_volume_lsn
             result = await run(view)
-            if allocator.last_volume_lsn == version:
+            if allocator.last_volume_lsn == version and not (latest and self._emitting_pieces):
                 break  # no MTR ran while this read awaited: one consistent tree state
             self.counters["read_retries"] += 1
         else:
@@ -484,6 +546,11 @@ class Database:
                 version = allocator.last_volume_lsn
                 result = await run(view)
         seen = max(view.seen_lsn, self._catalog_lsn)
+        if latest:
+            if txn is not None:
+                txn.read_lsn = max(txn.read_lsn, seen)
+            LAST_READ_POINT.set(version)
+            return result
         read_point = None
         if seen > self.sink.vdl:
             self.counters["read_durable_waits"] += 1
@@ -514,7 +581,7 @@ class Database:
             why = f" ({self.broken})" if self.broken else ""
             raise ReadOnlyError(f"database is read-only{why}: writes are refused")
 
-    async def _commit(self, txn: Transaction, timeout_s: float | None) -> int | None:
+    async def _commit(self, txn: Transaction, timeout_s: float | None, on_logged=None) -> int | None:
         try:
             self._check_writable()
             if not txn._writes:
@@ -524,7 +591,11 @@ class Database:
             self._close(txn, "aborted")
             raise
 
+        big = txn._n_writes > PLAN_YIELD_KEYS
+
         async def build(plan: MtrPlan) -> None:
+            n = 0
+            last_yield = time.perf_counter()
             for table in sorted(txn._writes):
                 name = btree.table_key(table)
                 writes = txn._writes[table]
@@ -535,6 +606,10 @@ class Database:
                     else:
                         await btree.put(plan, name, key, value)
                     plan.release_unchanged()
+                    n += 1
+                    if big and n % PLAN_YIELD_KEYS == 0 and time.perf_counter() - last_yield >= PLAN_YIELD_S:
+                        await asyncio.sleep(0)   # a big plan lets the instance's other work run
+                        last_yield = time.perf_counter()
 
         def before() -> None:
             if txn.doomed is not None:
@@ -558,27 +633,51 @@ class Database:
                     self._last_write.pop((table, key), None)
                     self._last_write[(table, key)] = lsn
             self._close(txn, "committed")
+            if on_logged is not None:
+                on_logged(lsn)
 
         try:
-            return await self._commit_mtr(build, before, after, timeout_s)
+            return await self._commit_mtr(build, before, after, timeout_s,
+                                          pieces=txn.writes_max > TXN_WRITES_MAX)
         finally:
             if txn.state == "active":
                 self._close(txn, "aborted")
 
-    async def _commit_mtr(self, build, before, after, timeout_s: float | None) -> int:
+    async def _commit_mtr(self, build, before, after, timeout_s: float | None,
+                          pieces: bool = False) -> int:
         """Plan ``build`` plus a COMMIT record as one MTR, emit it, wait until durable."""
         started = time.perf_counter()
+        try:
+            lsn = await self._emit_commit(build, before, after, pieces)
+        except CommitRefused:
+            raise
+        except UnavailableError as exc:
+            # Refused inside the commit lock: the MTR was not submitted (submit() is the
+            # last step and refuses before shipping anything), so nothing of it can become
+            # durable. Only the wait below leaves the outcome unknown.
+            raise CommitRefused(f"commit refused, nothing was written: {exc}") from exc
+        # Invariant 2: the client hears "committed" only once VDL >= the commit record.
+        await self.sink.wait_durable(lsn, self.durable_timeout_s if timeout_s is None else timeout_s)
+        self.commit_latency.observe(time.perf_counter() - started)
+        return lsn
+
+    async def _emit_commit(self, build, before, after, pieces: bool = False) -> int:
+        """Plan and emit ``build`` plus a COMMIT record as one MTR (``pieces``: one plan
+        emitted in pieces, invariant 18); returns the COMMIT record's LSN."""
         async with self._commit_lock:
             self._check_writable()
             if before is not None:
                 before()
-            plan = MtrPlan(self.pool)
+            plan = MtrPlan(self.pool, records_max=getattr(self.sink, "lal", 0) if pieces else 0)
             try:
                 await build(plan)
                 txn_id = self._next_txn_id
                 timestamp_us = max(self._last_timestamp_us, time.time_ns() // 1000)
                 plan.change(META_PAGE_ID, RT.COMMIT, commit_payload(txn_id, timestamp_us))
-                lsn = await self._execute(plan)
+                try:
+                    lsn = await self._execute(plan, COMMIT_PIECE_RECORDS if pieces else 0)
+                finally:
+                    self._emitting_pieces = False
             finally:
                 plan.release()
             self._next_txn_id = txn_id + 1
@@ -590,16 +689,22 @@ class Database:
             self.counters["commits"] += 1
             if after is not None:
                 after(lsn, txn_id)
-        # Invariant 2: the client hears "committed" only once VDL >= the commit record.
-        await self.sink.wait_durable(lsn, self.durable_timeout_s if timeout_s is None else timeout_s)
-        self.commit_latency.observe(time.perf_counter() - started)
         return lsn
 
-    async def _execute(self, plan: MtrPlan) -> int:
+    async def _execute(self, plan: MtrPlan, piece_records: int = 0) -> int:
         """plan.execute, turning a failure after LSNs were allocated into a stop."""
         allocated_before = self.sink.allocator.last_volume_lsn
+
+        def on_piece(lsn: int, last: bool) -> None:
+            # Readers run between the pieces of a commit in pieces: a catalog change (a
+            # root split) already in the cached META must count as not durable for them
+            # (see "Reads never expose non-durable data"), and latest reads wait for the
+            # last piece (_read).
+            if plan.catalog_changed:
+                self._catalog_lsn = lsn
+            self._emitting_pieces = not last
         try:
-            return await plan.execute(self.sink)
+            return await plan.execute(self.sink, piece_records, self.piece_pause_s, on_piece)
         except BaseException as exc:
             if self.sink.allocator.last_volume_lsn != allocated_before:
                 # Half an MTR may be in the cache: never write again from this instance.

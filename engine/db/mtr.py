@@ -38,15 +38,34 @@ and yields the exact record count for wait_room.
 Limits: an MTR holds at most MTR_RECORDS_MAX records and never more than the sink's LAL
 (it could never fit under VDL + LAL); a bigger plan raises TooLargeError before any LSN is
 allocated.
+
+A commit in pieces (``execute(sink, piece_records=N)``, a big transaction: invariant 18)
+    One plan, planned whole first (so nothing is emitted if planning fails), then emitted
+    as several pieces of at most N records, each like phase 3 above (no await inside a
+    piece), with the event loop free between pieces. ONLY the last record of the last
+    piece is tagged CPL: VDL only lands on CPLs, so it can never land between pieces, and
+    storage recovery truncates every piece of a commit whose last record did not become
+    durable; a replica groups records into MTRs by their CPL, so it applies all pieces at
+    once or none. The caller holds the commit lock for all pieces, so no other MTR's
+    records fall between them, and ``wait_room`` reserves room for ALL records at once
+    (VDL cannot move inside the commit, so a commit bigger than LAL could never finish).
+    A failure after the first piece left the plan leaves records without a CPL in the
+    cache: the Database stops writing (engine/db/database.py ``_execute``), and the next
+    writer's recovery truncates them.
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from engine import materialiser
 from engine.format import page as pagefmt
 from engine.db.buffer_pool import BufferPool
 from engine.errors import TooLargeError
 from engine.format.redo import FLAG_CPL, RecordType, encode_record, with_flags
+
+log = logging.getLogger("aurora.mtr")
 
 #: Most records one MTR (one transaction's commit) may hold.
 MTR_RECORDS_MAX = 1 << 16
@@ -59,8 +78,9 @@ class MtrPlan:
     plan loads or changes are pinned in the buffer pool until ``release()``.
     """
 
-    def __init__(self, pool: BufferPool) -> None:
+    def __init__(self, pool: BufferPool, records_max: int = 0) -> None:
         self._pool = pool
+        self.records_max = records_max or MTR_RECORDS_MAX   # most records this plan may hold
         self.ops: list[tuple[int, int, bytes]] = []     # planned records, in order
         self._shadows: dict[int, bytearray] = {}        # page_id -> changed private copy
         self._pins: dict[int, int] = {}                 # page_id -> pins this plan holds
@@ -105,9 +125,9 @@ class MtrPlan:
                 assert self._pool.is_pinned(page_id), (
                     f"plan changes page {page_id} without pinning it: it could be evicted before the MTR runs")
                 shadow = bytearray(real)
-        if len(self.ops) >= MTR_RECORDS_MAX:
+        if len(self.ops) >= self.records_max:
             raise TooLargeError(
-                f"transaction too large: its commit needs more than MTR_RECORDS_MAX = {MTR_RECORDS_MAX} redo records")
+                f"transaction too large: its commit needs more than {self.records_max} redo records")
         prev = 0 if shadow is None else pagefmt.page_lsn(shadow)
         # Dummy LSNs: only the page chain (lsn > page_lsn, backlink == page_lsn) matters here.
         record = encode_record(prev + 1, 0, 0, prev, page_id, rtype, 0, payload)
@@ -130,21 +150,44 @@ class MtrPlan:
         self._pins.clear()
         self._pool.trim()
 
-    async def execute(self, sink) -> int:
-        """Phases 2 and 3: reserve LSN room, then emit and apply the MTR. Returns its CPL."""
+    async def execute(self, sink, piece_records: int = 0, pause_s=None, on_piece=None) -> int:
+        """Phases 2 and 3: reserve LSN room, then emit and apply the MTR. Returns its CPL.
+
+        ``piece_records`` > 0: emit in pieces of at most that many records, the event loop
+        free between them, only the very last record CPL (a commit in pieces, see the module
+        doc; the caller holds the commit lock throughout). ``pause_s()``: seconds to sleep
+        between pieces (a test hook: engine/hooks.py commit_piece_pause_s). ``on_piece(lsn, last)``
+        runs after each piece is emitted, before the event loop runs anything else."""
         n = len(self.ops)
         assert n > 0, "an MTR needs at least one record"
         lal = getattr(sink, "lal", None)
         if lal is not None and n > lal:
             raise TooLargeError(f"transaction too large: its commit needs {n} redo records, "
                                 f"more than the LSN allocation limit LAL = {lal}")
-        await sink.wait_room(n)  # invariant 6: exact bound
-        # --- MTR atomicity: no await from here to finish() -------------------------------
-        mtr = MiniTransaction(sink, self._pool, n)
-        for page_id, rtype, payload in self.ops:
-            mtr.change(page_id, self._pool.peek(page_id), rtype, payload)
-        cpl = mtr.finish()
+        await sink.wait_room(n)  # invariant 6: exact bound, for every piece at once
+        size = piece_records if 0 < piece_records < n else n
+        cpl = 0
+        for start in range(0, n, size):
+            if start:
+                # Between pieces: records without a CPL are in the cache and the log, so
+                # VDL cannot pass them until the last piece (invariant 18).
+                delay = pause_s() if pause_s is not None else 0.0
+                if delay > 0:
+                    log.warning("commit in pieces: %d of %d records emitted (up to LSN %d, no "
+                                "CPL yet); pausing %.3f s (test hook)", start, n, cpl, delay)
+                await asyncio.sleep(delay)
+            ops = self.ops[start:start + size]
+            # --- MTR atomicity: no await from here to finish() ---------------------------
+            mtr = MiniTransaction(sink, self._pool, len(ops))
+            for page_id, rtype, payload in ops:
+                mtr.change(page_id, self._pool.peek(page_id), rtype, payload)
+            last = start + size >= n
+            cpl = mtr.finish(cpl=last)
+            if on_piece is not None:
+                on_piece(cpl, last)
         self._check_cache()
+        if size < n:
+            log.info("commit in %d pieces: %d records, one CPL at LSN %d", -(-n // size), n, cpl)
         return cpl
 
     def _check_cache(self) -> None:
@@ -190,11 +233,13 @@ class MiniTransaction:
         self.records.append((pg, lsn, record))
         return image
 
-    def finish(self) -> int:
-        """Tag the last record CPL, submit the MTR in one call; returns the CPL's LSN."""
+    def finish(self, cpl: bool = True) -> int:
+        """Tag the last record CPL (unless ``cpl`` is False: a piece of a commit in pieces
+        other than its last), submit the records in one call; returns the last LSN."""
         assert not self._finished and self.records, "finish() of an empty or finished MTR"
         self._finished = True
         pg, lsn, record = self.records[-1]
-        self.records[-1] = (pg, lsn, with_flags(record, FLAG_CPL))
+        if cpl:
+            self.records[-1] = (pg, lsn, with_flags(record, FLAG_CPL))
         self._sink.submit(self.records)
         return lsn

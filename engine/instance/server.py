@@ -28,7 +28,7 @@ import time
 
 from aurora_pb import database_pb2 as pb
 from aurora_pb import replication_pb2 as rpb
-from engine import errors
+from engine import errors, hooks
 from engine.errors import METADATA_NOTHING_DONE, ErrorCode, RpcError
 from engine.transport import Transport, service_of
 from engine.writer.backtrack import BacktrackNotStarted, TimeTravel
@@ -84,6 +84,8 @@ async def abort_with(ctx, exc: Exception) -> None:
     if isinstance(exc, NothingDone):
         metadata[NOTHING_DONE_KEY] = "1"
         exc = exc.exc
+    if isinstance(exc, errors.CommitRefused):
+        metadata[NOTHING_DONE_KEY] = "1"   # refused before any record was logged
     for cls, status, code in ERROR_MAP:
         if isinstance(exc, cls):
             break
@@ -420,6 +422,8 @@ class Instance:
         await driver.start()
         self.recovery = await recover_until_open(driver)
         db = Database(driver, buffer_pool_pages=self.pool_pages)
+        if os.environ.get(hooks.FAULTS_FILE_ENV):
+            db.piece_pause_s = lambda: hooks.commit_piece_pause_s(self.name)
         if self.recovery.vdl == 0:
             await db.bootstrap()
         else:

@@ -65,8 +65,16 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+#: What an evaluation hook returns for a node it leaves to ``evaluate``.
+NOT_HANDLED = object()
+
+
 class Context:
-    """What an expression can see: the row's columns (name -> value), the parameters."""
+    """What an expression can see: the row's columns (name -> value), the parameters.
+    ``hook(node, ctx)``, if set, sees every node first and returns its value or
+    NOT_HANDLED (engine/pg/catalog_query.py: qualified names, subqueries, catalog casts)."""
+
+    hook = None
 
     def __init__(self, params: list | None = None, columns: dict | None = None) -> None:
         self.params = params or []
@@ -178,6 +186,10 @@ def func_name(node: ast.FuncCall) -> str:
 
 def evaluate(node, ctx: Context):
     """The value of expression ``node`` for the row in ``ctx``."""
+    if ctx.hook is not None:
+        value = ctx.hook(node, ctx)
+        if value is not NOT_HANDLED:
+            return value
     if isinstance(node, ast.A_Const):
         return const_value(node)
     if isinstance(node, ast.ColumnRef):

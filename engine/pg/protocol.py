@@ -270,17 +270,20 @@ class Connection:
         for stmt in stmts:
             try:
                 if isinstance(stmt, ast.CopyStmt):
-                    await self.copy_in(stmt)
+                    result = sql.Result(await self.copy_in(stmt))
                 else:
                     result = await self.run_statement(stmt, [])
-                    if result.columns is not None:
-                        cols = [(n, oid, 0) for n, oid in result.columns]
-                        self.writer.write(_row_description(cols))
-                        self._data_rows(result.rows, cols)
-                    self._send_notices()
-                    self.writer.write(_msg(b"C", _cstr(result.tag)))
                 if not self.session.in_block:
+                    # The implicit transaction ends BEFORE its result is sent: the client
+                    # hears of a write (or of what a write statement read) only when it
+                    # is durable (invariants 2 and 16).
                     await self._end_implicit(commit=True)
+                if result.columns is not None:
+                    cols = [(n, oid, 0) for n, oid in result.columns]
+                    self.writer.write(_row_description(cols))
+                    self._data_rows(result.rows, cols)
+                self._send_notices()
+                self.writer.write(_msg(b"C", _cstr(result.tag)))
             except Exception as exc:  # noqa: BLE001
                 await self._fail(exc)
                 break
@@ -339,7 +342,9 @@ class Connection:
             return sql.Result("ROLLBACK")
         raise not_supported(f"transaction statement {stmt.kind.name}")
 
-    async def copy_in(self, stmt: ast.CopyStmt) -> None:
+    async def copy_in(self, stmt: ast.CopyStmt) -> str:
+        """Run COPY FROM STDIN (CopyInResponse, then the client's CopyData); returns the
+        command tag, which the caller sends once the implicit transaction (if any) ends."""
         if self.session.failed:
             raise PgError("25P02", "current transaction is aborted, commands ignored until end of transaction block")
         schema, names = await sql.copy_target(self.session, stmt)
@@ -360,6 +365,10 @@ class Connection:
                     count += await sql.copy_rows(self.session, schema, names, lines)
                 except Exception as exc:  # noqa: BLE001 (reported after CopyDone)
                     error = exc
+                # Clients send a row per message, already buffered: nothing here would
+                # suspend, and a big COPY would hold the instance's event loop (and its
+                # health checks) until COMMIT.
+                await self.session.yield_if_due()
             elif kind == b"c":
                 if error is None and buffered.strip() and buffered.strip() != b"\\.":
                     count += await sql.copy_rows(self.session, schema, names, [buffered.decode()])
@@ -372,8 +381,7 @@ class Connection:
                 raise PgError("08P01", f"unexpected message {kind!r} during COPY")
         if error is not None:
             raise error
-        self._send_notices()
-        self.writer.write(_msg(b"C", _cstr(f"COPY {count}")))
+        return f"COPY {count}"
 
     # --- Extended query ----------------------------------------------------------------------------
 
@@ -464,11 +472,13 @@ class Connection:
             self.writer.write(_msg(b"I"))
             return
         if isinstance(stmt, ast.CopyStmt):
-            await self.copy_in(stmt)
-            return
-        result = portal.result
-        if result is None:
-            result = portal.result = await self.run_statement(stmt, portal.params)
+            result = sql.Result(await self.copy_in(stmt))
+        else:
+            result = portal.result
+            if result is None:
+                result = portal.result = await self.run_statement(stmt, portal.params)
+        if not self.session.in_block and not isinstance(stmt, ast.TransactionStmt):
+            await self._end_implicit(commit=True)   # before anything is sent: invariants 2, 16
         if result.columns is not None:
             cols = [(n, oid, f) for (n, oid), f in zip(result.columns, self._formats(portal, len(result.columns)))]
             rows = result.rows[portal.sent:]
@@ -480,8 +490,6 @@ class Connection:
             self._data_rows(rows, cols)
         self._send_notices()
         self.writer.write(_msg(b"C", _cstr(result.tag)))
-        if not self.session.in_block and not isinstance(stmt, ast.TransactionStmt):
-            await self._end_implicit(commit=True)
 
 
 class PgServer:

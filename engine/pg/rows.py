@@ -1,7 +1,7 @@
 """SQL tables on the key-value engine: types, the table catalog, row and key encodings.
 
 Every SQL table lives in ONE engine table, ``pg`` (engine/db/database.py), so a SQL
-transaction of any shape (DDL included) is one engine transaction and one MTR at commit.
+transaction of any shape (DDL included) is one engine transaction (one MTR at commit, or MTR pieces with one COMMIT record).
 Keys start with a 4-byte table id; table id 0 holds the catalog.
 
 Keys (all integers big-endian)

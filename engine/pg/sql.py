@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pglast import ast, enums
 
 from engine.errors import TableExistsError
-from engine.pg import catalog_views
+from engine.pg import catalog_query
 from engine.pg.expr import (AGGREGATES, Context, compare, evaluate, func_name, output_name,
                             type_name, walk_aggregates)
 from engine.pg.rows import (ENGINE_TABLE, SERIAL_TYPES, Column, TableSchema, catalog_key, coerce,
@@ -36,6 +37,7 @@ from engine.pg.sqlstate import PgError, not_supported
 log = logging.getLogger("aurora.pg")
 
 SCAN_PAGE_ROWS = 2000
+EARLY_LOCK_RELEASE_ENV = "AURORA_PG_EARLY_LOCK_RELEASE"
 SEQUENCE_CACHE = 100          # serial values reserved per catalog write (like a sequence's CACHE)
 DEFAULT_SETTINGS = {"server_version": "15.0 (aurora-lite)", "server_encoding": "UTF8",
                     "client_encoding": "UTF8", "datestyle": "ISO, MDY", "timezone": "UTC",
@@ -64,6 +66,9 @@ class Backend:
         self._seq: dict[bytes, tuple[int, int]] = {}   # sequence key -> (next, limit)
         self._last_rowid = 0
         self.counters = {"statements": 0, "errors": 0, "index_lookups": 0}
+        # Early lock release (invariant 20); AURORA_PG_EARLY_LOCK_RELEASE=0 turns it off, to
+        # measure what it brings (bench/bench_pg_compare.py, docs/postgres.md).
+        self.early_lock_release = os.environ.get(EARLY_LOCK_RELEASE_ENV, "1") != "0"
         self.errors_by_sqlstate: dict[str, int] = {}
 
     async def ensure_table(self) -> None:
@@ -98,12 +103,15 @@ class Backend:
 
 # --- Catalog ------------------------------------------------------------------------------------
 
-async def get_schema(session: Session, name: str, missing_ok: bool = False) -> TableSchema | None:
+async def get_schema(session: Session, name: str, missing_ok: bool = False,
+                     latest: bool = False) -> TableSchema | None:
+    """The table's schema; ``latest`` (under the table's lock): as the last DDL left it,
+    durable or not (its lock may have been released early: invariant 20)."""
     db = session.backend.db()
     if not db.has_table(ENGINE_TABLE):
         raw = None
     else:
-        raw = await session.transaction().get(ENGINE_TABLE, table_key_name(name))
+        raw = await session.transaction().get(ENGINE_TABLE, table_key_name(name), latest)
     if raw is None:
         if missing_ok:
             return None
@@ -130,7 +138,7 @@ async def _new_table_id(session: Session) -> int:
     key = catalog_key(b"N")
     await session.lock(key)
     txn = session.transaction()
-    raw = await txn.get(ENGINE_TABLE, key)
+    raw = await txn.get(ENGINE_TABLE, key, latest=True)   # under its lock: invariant 20
     table_id = int(raw) if raw else 1
     txn.put(ENGINE_TABLE, key, str(table_id + 1).encode())
     return table_id
@@ -232,22 +240,24 @@ def key_range(schema: TableSchema, where, params) -> tuple[bytes, bytes, bool]:
     return start, end, False
 
 
-async def scan_rows(session: Session, schema: TableSchema, where, params):
-    """(key, row) of every row of the table WHERE may match (not yet filtered by WHERE)."""
+async def scan_rows(session: Session, schema: TableSchema, where, params, latest: bool = False):
+    """(key, row) of every row of the table WHERE may match (not yet filtered by WHERE).
+    ``latest``: the candidates of an UPDATE or DELETE, which locks and re-reads each one:
+    newest committed values, durable or not (invariant 20), so it never waits for VDL."""
     start, end, exact = key_range(schema, where, params)
     if not exact and schema.indexes:
-        found = await _index_lookup(session, schema, where, params)
+        found = await _index_lookup(session, schema, where, params, latest)
         if found is not None:
             return found
     txn = session.transaction()
     if exact:
         if start == end:
             return []
-        raw = await txn.get(ENGINE_TABLE, start)
+        raw = await txn.get(ENGINE_TABLE, start, latest)
         return [] if raw is None else [(start, decode_row(schema, raw))]
     out = []
     while start < end:
-        page = await txn.scan(ENGINE_TABLE, start, end, SCAN_PAGE_ROWS)
+        page = await txn.scan(ENGINE_TABLE, start, end, SCAN_PAGE_ROWS, latest)
         out.extend((k, decode_row(schema, v)) for k, v in page)
         if len(page) < SCAN_PAGE_ROWS:
             break
@@ -284,7 +294,7 @@ def remove_row(session: Session, schema: TableSchema, key: bytes, row: list) -> 
     return 1 + len(schema.indexes)
 
 
-async def _index_lookup(session: Session, schema: TableSchema, where, params):
+async def _index_lookup(session: Session, schema: TableSchema, where, params, latest: bool = False):
     """(key, row) of the rows an equality on every column of a secondary index selects, or
     None if no index fits WHERE."""
     eq = {}
@@ -308,11 +318,11 @@ async def _index_lookup(session: Session, schema: TableSchema, where, params):
             prefix = schema.index_prefix(index, values)
             session.backend.counters["index_lookups"] += 1
             txn = session.transaction()
-            entries = await txn.scan(ENGINE_TABLE, prefix, prefix_end_bytes(prefix), 100_000)
+            entries = await txn.scan(ENGINE_TABLE, prefix, prefix_end_bytes(prefix), 100_000, latest)
             out = []
             for entry, _ in entries:
                 key = schema.prefix() + entry[len(prefix):]
-                raw = await txn.get(ENGINE_TABLE, key)
+                raw = await txn.get(ENGINE_TABLE, key, latest)
                 if raw is not None:
                     out.append((key, decode_row(schema, raw)))
             return out
@@ -354,7 +364,7 @@ async def create_table(session: Session, stmt: ast.CreateStmt, params) -> Result
         raise not_supported("temporary tables")
     name = _relname(stmt.relation)
     await session.lock(table_key_name(name))
-    if await get_schema(session, name, missing_ok=True) is not None:
+    if await get_schema(session, name, missing_ok=True, latest=True) is not None:
         if stmt.if_not_exists:
             return Result("CREATE TABLE")
         raise PgError("42P07", f'relation "{name}" already exists')
@@ -402,7 +412,7 @@ async def _drop_index(session: Session, stmt: ast.DropStmt) -> Result:
         for schema in await list_schemas(session):
             if any(ix["name"] == index_name for ix in schema.indexes):
                 await session.lock(table_key_name(schema.name))
-                schema = await get_schema(session, schema.name)
+                schema = await get_schema(session, schema.name, latest=True)
                 schema.indexes = [ix for ix in schema.indexes if ix["name"] != index_name]
                 await _put_schema(session, schema)   # its entries become unreachable
                 break
@@ -429,7 +439,7 @@ async def drop(session: Session, stmt: ast.DropStmt, params) -> Result:
             raise not_supported(f"schema {names[0]}")
         name = names[-1]
         await session.lock(table_key_name(name))
-        if await get_schema(session, name, missing_ok=True) is None:
+        if await get_schema(session, name, missing_ok=True, latest=True) is None:
             if stmt.missing_ok:
                 continue
             raise PgError("42P01", f'table "{name}" does not exist')
@@ -442,7 +452,7 @@ async def truncate(session: Session, stmt: ast.TruncateStmt, params) -> Result:
     for rv in stmt.relations:
         name = _relname(rv)
         await session.lock(table_key_name(name))
-        schema = await get_schema(session, name)
+        schema = await get_schema(session, name, latest=True)
         schema.table_id = await _new_table_id(session)   # old rows become unreachable
         for index in schema.indexes:
             index["id"] = await _new_table_id(session)
@@ -453,7 +463,7 @@ async def truncate(session: Session, stmt: ast.TruncateStmt, params) -> Result:
 async def alter_table(session: Session, stmt: ast.AlterTableStmt, params) -> Result:
     name = _relname(stmt.relation)
     await session.lock(table_key_name(name))
-    schema = await get_schema(session, name)
+    schema = await get_schema(session, name, latest=True)
     for cmd in stmt.cmds:
         con = cmd.def_
         if cmd.subtype != enums.AlterTableType.AT_AddConstraint or \
@@ -469,8 +479,7 @@ async def alter_table(session: Session, stmt: ast.AlterTableStmt, params) -> Res
         seen = set()
         txn = session.transaction()
         for n, (_, row) in enumerate(await scan_rows(session, schema, None, [])):
-            if n % 100 == 99:
-                await asyncio.sleep(0)   # a big rewrite lets the instance's other work run
+            await session.yield_if_due()   # a big rewrite lets the instance's other work run
             key = new.key_of(row)
             if key in seen:
                 raise PgError("23505", f'could not create unique index "{name}_pkey": key is duplicated')
@@ -490,7 +499,7 @@ async def create_index(session: Session, stmt: ast.IndexStmt, params) -> Result:
         raise not_supported(f"index method {stmt.accessMethod}")
     name = _relname(stmt.relation)
     await session.lock(table_key_name(name))
-    schema = await get_schema(session, name)
+    schema = await get_schema(session, name, latest=True)
     columns = []
     for elem in stmt.indexParams:
         if elem.name is None:
@@ -537,7 +546,7 @@ async def insert_row(session: Session, schema: TableSchema, given: dict) -> None
     if schema.pk:
         key = schema.key_of(row)
         await session.lock(key)
-        if await session.transaction().get(ENGINE_TABLE, key) is not None:
+        if await session.transaction().get(ENGINE_TABLE, key, latest=True) is not None:
             raise PgError("23505", f'duplicate key value violates unique constraint "{schema.name}_pkey"')
     else:
         if session.read_only:
@@ -573,7 +582,8 @@ async def insert(session: Session, stmt: ast.InsertStmt, params) -> Result:
             rows.append([_DEFAULT if isinstance(v, ast.SetToDefault) else evaluate(v, ctx) for v in values])
     else:
         rows = (await select_stmt(session, select, params)).rows
-    for values in rows:
+    for n, values in enumerate(rows):
+        await session.yield_if_due()   # a big multi-row INSERT lets the instance's other work run
         await insert_row(session, schema, dict(zip(names, values)))
     return Result(f"INSERT 0 {len(rows)}")
 
@@ -589,9 +599,10 @@ async def update(session: Session, stmt: ast.UpdateStmt, params) -> Result:
             raise not_supported("UPDATE of a part of a column")
         targets.append((schema.index(t.name), col, t.val))
     n = 0
-    for key, _ in await scan_rows(session, schema, stmt.whereClause, params):
+    for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params, latest=True)):
+        await session.yield_if_due()   # a big UPDATE lets the instance's other work run
         await session.lock(key)
-        raw = await session.transaction().get(ENGINE_TABLE, key)   # re-read under the lock
+        raw = await session.transaction().get(ENGINE_TABLE, key, latest=True)   # under the lock: invariant 20
         if raw is None:
             continue
         row = decode_row(schema, raw)
@@ -610,7 +621,7 @@ async def update(session: Session, stmt: ast.UpdateStmt, params) -> Result:
         written = 0
         if new_key != key:
             await session.lock(new_key)
-            if await session.transaction().get(ENGINE_TABLE, new_key) is not None:
+            if await session.transaction().get(ENGINE_TABLE, new_key, latest=True) is not None:
                 raise PgError("23505", f'duplicate key value violates unique constraint "{schema.name}_pkey"')
             written += remove_row(session, schema, key, row)
             written += put_row(session, schema, new_key, new)
@@ -626,9 +637,10 @@ async def delete(session: Session, stmt: ast.DeleteStmt, params) -> Result:
         raise not_supported("DELETE ... USING / RETURNING / WITH")
     schema = await get_schema(session, _relname(stmt.relation))
     n = 0
-    for key, _ in await scan_rows(session, schema, stmt.whereClause, params):
+    for i, (key, _) in enumerate(await scan_rows(session, schema, stmt.whereClause, params, latest=True)):
+        await session.yield_if_due()   # a big DELETE lets the instance's other work run
         await session.lock(key)
-        raw = await session.transaction().get(ENGINE_TABLE, key)
+        raw = await session.transaction().get(ENGINE_TABLE, key, latest=True)
         if raw is None:
             continue
         row = decode_row(schema, raw)
@@ -642,8 +654,7 @@ async def delete(session: Session, stmt: ast.DeleteStmt, params) -> Result:
 async def copy_rows(session: Session, schema: TableSchema, names: list[str], lines: list[str]) -> int:
     """Insert COPY text-format lines (tab-separated, \\N = NULL, backslash escapes)."""
     for n, line in enumerate(lines):
-        if n % 100 == 99:
-            await asyncio.sleep(0)   # let the instance's other work run during a big COPY
+        await session.yield_if_due()   # let the instance's other work run during a big COPY
         fields = [None if f == "\\N" else _unescape(f) for f in line.split("\t")]
         if len(fields) != len(names):
             raise PgError("22P04", f"COPY row has {len(fields)} columns, expected {len(names)}")
@@ -689,6 +700,12 @@ async def copy_target(session: Session, stmt: ast.CopyStmt) -> tuple[TableSchema
 
 
 async def select_stmt(session: Session, stmt: ast.SelectStmt, params) -> Result:
+    catalog = catalog_query.uses_catalog(stmt)
+    if catalog and stmt.op == enums.SetOperation.SETOP_UNION:
+        cat = catalog_query.Catalog(await list_schemas(session))
+        targets, rows = catalog_query.set_operation(cat, stmt, params)
+        columns = [(name, _type_of(expr, None, rows, i)) for i, (name, expr) in enumerate(targets)]
+        return Result(f"SELECT {len(rows)}", columns, rows)
     if stmt.op != enums.SetOperation.SETOP_NONE or stmt.withClause or stmt.groupClause \
             or stmt.havingClause or stmt.windowClause or stmt.lockingClause or stmt.intoClause:
         raise not_supported("set operations, WITH, GROUP BY, HAVING, windows, FOR UPDATE, INTO")
@@ -698,20 +715,24 @@ async def select_stmt(session: Session, stmt: ast.SelectStmt, params) -> Result:
         cols = [(f"column{i + 1}", type_of_value(v)) for i, v in enumerate(rows[0])]
         return Result(f"SELECT {len(rows)}", cols, rows)
     from_ = stmt.fromClause or ()
-    if len(from_) > 1 or (from_ and not isinstance(from_[0], ast.RangeVar)):
-        raise not_supported("joins and subqueries in FROM")
+    if not catalog and (len(from_) > 1 or (from_ and not isinstance(from_[0], ast.RangeVar))):
+        raise not_supported("joins and subqueries in FROM (only over the system catalogs)")
     schema = None
-    if from_:
+    star: list[tuple[str, object]] = []
+    if catalog:
+        # pg_catalog / information_schema: joins, subqueries (engine/pg/catalog_query.py).
+        cat = catalog_query.Catalog(await list_schemas(session))
+        contexts = catalog_query.scopes(cat, stmt, params)
+        star = [(c, ast.ColumnRef(fields=(ast.String(sval=alias), ast.String(sval=c))))
+                for alias, c in catalog_query.from_columns(stmt)]
+    elif from_:
         rv = from_[0]
-        if rv.schemaname in ("pg_catalog", "information_schema") or rv.relname.startswith("pg_"):
-            schema, source = await catalog_views.view(session, rv, list_schemas)
-        else:
-            schema = await get_schema(session, _relname(rv))
-            source = [r for _, r in await scan_rows(session, schema, stmt.whereClause, params)]
+        schema = await get_schema(session, _relname(rv))
+        star = [(c.name, ast.ColumnRef(fields=(ast.String(sval=c.name),))) for c in schema.columns]
+        source = [r for _, r in await scan_rows(session, schema, stmt.whereClause, params)]
         contexts = []
         for n, r in enumerate(source):
-            if n % 500 == 499:
-                await asyncio.sleep(0)   # a big scan lets the instance's other work run
+            await session.yield_if_due()   # a big scan lets the instance's other work run
             c = _row_ctx(schema, r, params)
             if _matches(stmt.whereClause, c):
                 contexts.append(c)
@@ -723,9 +744,9 @@ async def select_stmt(session: Session, stmt: ast.SelectStmt, params) -> Result:
     targets: list[tuple[str, object]] = []
     for t in stmt.targetList:
         if isinstance(t.val, ast.ColumnRef) and isinstance(t.val.fields[-1], ast.A_Star):
-            if schema is None:
+            if not from_:
                 raise PgError("42601", "SELECT * with no tables specified is not valid")
-            targets += [(c.name, ast.ColumnRef(fields=(ast.String(sval=c.name),))) for c in schema.columns]
+            targets += star
         else:
             targets.append((t.name or output_name(t.val), t.val))
     aggs: list = []
@@ -774,7 +795,10 @@ def _type_of(expr, schema, rows, i) -> int:
         return 20
     if isinstance(expr, ast.TypeCast):
         from engine.pg.rows import TYPES
-        return TYPES[type_name(expr.typeName)[0]][0]
+        try:
+            return TYPES[type_name(expr.typeName)[0]][0]
+        except PgError:
+            pass   # a catalog type (regclass, oid, ...): typed by its values below
     if isinstance(expr, ast.FuncCall) and func_name(expr) in ("sum", "min", "max") and expr.args:
         inner = _col(expr.args[0])
         if schema is not None and inner is not None:
