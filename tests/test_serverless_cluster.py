@@ -224,7 +224,10 @@ def test_min_zero_pauses_when_idle_and_the_next_connection_resumes_it(sl):
     out = sl("replica", "add", "--serverless", "--min-acu", "0", "--max-acu", "1").stdout
     name = out.split()[0]
     assert name.startswith("db") and "started" in out, out
+    # Auto-paused means stopped: status shows "stopping" while the process exits, so wait
+    # until the pause is complete.
     state = wait_for(f"{name} auto-paused", lambda: (lambda s: s if s["by_name"][name]["autopaused"]
+                                                     and s["by_name"][name]["state"] == "down"
                                                      else None)(sl.status()), timeout_s=PAUSE_AFTER_S + 20)
     p = state["by_name"][name]
     assert p["state"] == "down" and p["exit_reason"] == "auto-paused" and p["pid"] is None, p

@@ -493,12 +493,12 @@ def test_replay_aurora_lite_counts(storage_nodes):
         payload = 153 + 60
         # Serialised AppendRequest (R5): volume "wa-replay" 1 + 1 + 9 = 11; volume_epoch
         # (created at 1, recovery fences at 2) 1 + 1; writer_vdl (the previous commit,
-        # 106/108/110) 1 + 1; the PgBatch for PG 0 (pg and membership_epoch are 0, so
-        # omitted) holds records 1 + 2 + 213 = 216 and is framed 1 + 2 + 216 = 219; sender
-        # "bench" 1 + 1 + 5 = 7; seq (the batch's number on the AppendStream, below 128)
-        # 1 + 1.
-        request = 11 + (1 + varint_len(driver.epoch)) + 2 + 219 + 7 + 2
-        assert driver.epoch == 2 and request == 243
+        # 106/108/110) 1 + 1; the PgBatch for PG 0 (pg 0 is omitted; membership_epoch 1,
+        # invariant 16: 1 + 1) holds records 1 + 2 + 213 = 216 and is framed
+        # 1 + 2 + 2 + 216 = 221; sender "bench" 1 + 1 + 5 = 7; seq (the batch's number on
+        # the AppendStream, below 128) 1 + 1.
+        request = 11 + (1 + varint_len(driver.epoch)) + 2 + 221 + 7 + 2
+        assert driver.epoch == 2 and driver.membership_epoch(0) == 1 and request == 245
         for name in storage_nodes.names():
             assert delta.writes[name] == Tally(requests=3, writes=3, ios=3, payload_bytes=3 * payload,
                                                bytes=3 * request, append_ios=3), name
@@ -510,9 +510,9 @@ def test_replay_aurora_lite_counts(storage_nodes):
             assert s["write_txns"] >= 1 and s["lmdb_bytes_written"] >= 639
         total = delta.total()
         # 3 commits x 6 nodes x 1 I/O = 18 I/Os, i.e. 6 I/Os per transaction;
-        # 18 x 243 = 4374 bytes, i.e. 1458 bytes per transaction.
-        assert (total.ios, total.bytes) == (18, 4374)
-        assert per_txn(total.ios, 3) == 6.0 and per_txn(total.bytes, 3) == 1458.0
+        # 18 x 245 = 4410 bytes, i.e. 1470 bytes per transaction.
+        assert (total.ios, total.bytes) == (18, 4410)
+        assert per_txn(total.ios, 3) == 6.0 and per_txn(total.bytes, 3) == 1470.0
     run(scenario())
 
 
