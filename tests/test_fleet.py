@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
 
@@ -248,11 +249,21 @@ def test_the_port_plan_of_a_fleet_shares_no_port(tmp_path):
     from engine.cluster import launcher
     from engine.format.cluster_config import ClusterConfig
 
-    base = int(os.environ.get("AURORA_TEST_BASE_PORT", "31000"))
     dd = launcher.DataDir(str(tmp_path / "dd"))
     dd.make()
-    plan = launcher.plan_cluster(dd, base_port=base, storage_nodes=24, pg_size_mb=0.5,
-                                 max_pgs=6, stripe_width=2)
+    # Any base whose whole plan is free: a process of another test may still listen on one
+    # of the ~150 ports of a fixed base (plan_cluster refuses it: "ports in use").
+    first = int(os.environ.get("AURORA_TEST_BASE_PORT", "31000"))
+    for base in [first] + random.Random(first).sample(range(20000, 65535 - 200, 200), 20):
+        try:
+            plan = launcher.plan_cluster(dd, base_port=base, storage_nodes=24, pg_size_mb=0.5,
+                                         max_pgs=6, stripe_width=2)
+            break
+        except ValueError as exc:
+            if "ports in use" not in str(exc):
+                raise
+    else:
+        pytest.fail("no --base-port with a free plan among 21 tried")
     ports = ([plan.control_port] + [int(n.address.rsplit(":", 1)[1]) for n in plan.config.storage_nodes]
              + list(plan.instance_ports.values()) + list(plan.metrics_ports.values())
              + list(plan.pg_ports.values()))
