@@ -28,10 +28,10 @@ import asyncio
 import logging
 
 from aurora_pb import database_pb2 as dpb
-from engine.chaos.checkers import TABLE, Put, Transfer, acct
+from engine.chaos.checkers import TABLE, Put, Transfer
 from engine.errors import RpcError
 from engine.sim.timelines import Backtrack, Clone, Timelines
-from engine.sim.workload import _outcome
+from engine.sim.workload import _outcome, run_transfer
 from engine.transport import service_of
 
 log = logging.getLogger(__name__)
@@ -202,18 +202,7 @@ class TimelineEpisodes:
         src, dst = self.rng.sample(range(self.workload.w.accounts), 2)
         tr = Transfer(src, dst, 7, t0=self.now)
         clone.transfers.append(tr)
-        sent = False
-        try:
-            txn = (await db.Begin(dpb.BeginRequest())).txn_id
-            a = int((await db.Get(dpb.GetRequest(table=TABLE, key=acct(src), txn_id=txn))).value)
-            b = int((await db.Get(dpb.GetRequest(table=TABLE, key=acct(dst), txn_id=txn))).value)
-            sent = True
-            reply = await db.Commit(dpb.CommitRequest(txn_id=txn, ops=[
-                dpb.WriteOp(table=TABLE, key=acct(src), value=b"%d" % (a - tr.amount)),
-                dpb.WriteOp(table=TABLE, key=acct(dst), value=b"%d" % (b + tr.amount))]))
-            tr.lsn, tr.outcome = reply.commit_lsn, "ok"
-        except RpcError as exc:
-            tr.outcome, tr.error = _outcome(exc, sent), str(exc)
+        await run_transfer(db, tr)
         tr.t1 = self.now
         self.nemesis.note(f"clone {clone.name} writes: "
                           f"{' '.join(p.outcome for p in clone.puts)} transfer {tr.outcome}")

@@ -72,6 +72,24 @@ class _NodeRecord:
         pass
 
 
+async def run_transfer(db, tr: Transfer) -> None:
+    """One bank transfer as a client transaction on ``db`` (a Database stub): Begin, two
+    Gets, Commit with both writes. Sets ``tr.lsn`` and ``tr.outcome`` "ok", or the outcome
+    of the RpcError (unknown once the Commit was sent) and ``tr.error``."""
+    sent_commit = False
+    try:
+        txn = (await db.Begin(dpb.BeginRequest())).txn_id
+        a = int((await db.Get(dpb.GetRequest(table=TABLE, key=acct(tr.src), txn_id=txn))).value)
+        b = int((await db.Get(dpb.GetRequest(table=TABLE, key=acct(tr.dst), txn_id=txn))).value)
+        sent_commit = True
+        reply = await db.Commit(dpb.CommitRequest(txn_id=txn, ops=[
+            dpb.WriteOp(table=TABLE, key=acct(tr.src), value=b"%d" % (a - tr.amount)),
+            dpb.WriteOp(table=TABLE, key=acct(tr.dst), value=b"%d" % (b + tr.amount))]))
+        tr.lsn, tr.outcome = reply.commit_lsn, "ok"
+    except RpcError as exc:
+        tr.outcome, tr.error = _outcome(exc, sent_commit), str(exc)
+
+
 def _outcome(exc: RpcError, sent_commit: bool) -> str:
     if not sent_commit or exc.code == ErrorCode.CONFLICT or \
             exc.metadata.get(METADATA_NOTHING_DONE) == "1":
@@ -131,20 +149,9 @@ class SimWorkload:
             src, dst = self.rng.sample(range(w.accounts), 2)
             tr = Transfer(src, dst, self.rng.randint(1, 10), t0=self.now)
             w.transfers.append(tr)
-            db = self._writer()
-            sent_commit = False
-            try:
-                txn = (await db.Begin(dpb.BeginRequest())).txn_id
-                a = int((await db.Get(dpb.GetRequest(table=TABLE, key=acct(src), txn_id=txn))).value)
-                b = int((await db.Get(dpb.GetRequest(table=TABLE, key=acct(dst), txn_id=txn))).value)
-                sent_commit = True
-                reply = await db.Commit(dpb.CommitRequest(txn_id=txn, ops=[
-                    dpb.WriteOp(table=TABLE, key=acct(src), value=b"%d" % (a - tr.amount)),
-                    dpb.WriteOp(table=TABLE, key=acct(dst), value=b"%d" % (b + tr.amount))]))
-                tr.lsn, tr.outcome = reply.commit_lsn, "ok"
+            await run_transfer(self._writer(), tr)
+            if tr.outcome == "ok":
                 self.trace.note(self.now, f"ack transfer {src}->{dst} lsn {tr.lsn}")
-            except RpcError as exc:
-                tr.outcome, tr.error = _outcome(exc, sent_commit), str(exc)
             tr.t1 = self.now
             await asyncio.sleep(PAUSE_OK_S if tr.outcome == "ok" else PAUSE_FAIL_S)
 
